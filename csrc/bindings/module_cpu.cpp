@@ -1,0 +1,148 @@
+// sparsenet._C: the CPU kernels, bound with pybind11. Knows nothing of torch: it is handed buffers
+// (anything exposing the Python buffer protocol, numpy arrays in practice) and checks every size,
+// dtype and stride it relies on, raising ValueError/TypeError rather than crashing.
+#include <omp.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <atomic>
+#include <string>
+
+#include "cpu/csr_view.h"
+#include "cpu/dispatch.h"
+
+namespace py = pybind11;
+using sparsenet::CsrView;
+
+namespace {
+
+std::atomic<int> g_num_threads{1};
+
+py::buffer_info vector_info(const py::buffer& b, const char* name) {
+  py::buffer_info info = b.request();
+  if (info.ndim != 1) throw py::value_error(std::string(name) + " must be 1-D");
+  if (info.size > 1 && info.strides[0] != info.itemsize)
+    throw py::value_error(std::string(name) + " must be contiguous");
+  return info;
+}
+
+bool format_is(const py::buffer_info& info, char code, py::ssize_t itemsize) {
+  // Buffer formats may carry a byte-order prefix ('<', '=', '@'); the native one is what we read.
+  std::string f = info.format;
+  if (!f.empty() && (f[0] == '<' || f[0] == '=' || f[0] == '@')) f = f.substr(1);
+  return info.itemsize == itemsize && f.size() == 1 &&
+         (f[0] == code || (code == 'q' && f[0] == 'l' && itemsize == 8) ||
+          (code == 'i' && f[0] == 'l' && itemsize == 4));
+}
+
+// A validated, non-owning view of a packed CSR weight (see csrc/cpu/csr_view.h for the layout).
+// The caller keeps the three buffers alive and unmodified for as long as it uses the handle.
+class CsrHandle {
+ public:
+  CsrHandle(int64_t rows, int64_t cols, const py::buffer& row_ptr, const py::buffer& col_idx,
+            const py::buffer& values) {
+    if (rows < 0 || cols < 0) throw py::value_error("rows and cols must be non-negative");
+    const auto rp = vector_info(row_ptr, "crow_indices");
+    const auto ci = vector_info(col_idx, "col_indices");
+    const auto va = vector_info(values, "values");
+    if (!format_is(rp, 'q', 8)) throw py::type_error("crow_indices must be int64");
+    if (format_is(ci, 'H', 2)) view_.index_bytes = 2;
+    else if (format_is(ci, 'i', 4)) view_.index_bytes = 4;
+    else throw py::type_error("col_indices must be uint16 or int32, got format '" + ci.format + "'");
+    if (!format_is(va, 'f', 4)) throw py::type_error("values must be float32");
+    if (rp.size != rows + 1)
+      throw py::value_error("crow_indices has " + std::to_string(rp.size) + " entries, expected rows + 1 = " +
+                            std::to_string(rows + 1));
+    if (ci.size != va.size)
+      throw py::value_error("col_indices (" + std::to_string(ci.size) + ") and values (" +
+                            std::to_string(va.size) + ") differ in length");
+    view_.rows = rows;
+    view_.cols = cols;
+    view_.nnz = va.size;
+    view_.row_ptr = static_cast<const int64_t*>(rp.ptr);
+    view_.col_idx = ci.ptr;
+    view_.values = static_cast<const float*>(va.ptr);
+    sparsenet::validate_csr(view_);  // throws std::invalid_argument -> ValueError
+  }
+
+  // y = x A^T (+ bias): x is (batch, cols) float32 with unit inner stride, y (batch, rows) likewise.
+  void matmul(const py::buffer& x, const py::buffer& y, const py::object& bias) const {
+    const py::buffer_info xi = x.request();
+    const py::buffer_info yi = y.request(/*writable=*/true);
+    if (!format_is(xi, 'f', 4) || !format_is(yi, 'f', 4)) throw py::type_error("x and out must be float32");
+    if (xi.ndim != 2 || yi.ndim != 2) throw py::value_error("x and out must be 2-D");
+    const int64_t batch = xi.shape[0];
+    if (xi.shape[1] != view_.cols)
+      throw py::value_error("x has " + std::to_string(xi.shape[1]) + " features, the weight expects " +
+                            std::to_string(view_.cols));
+    if (yi.shape[0] != batch || yi.shape[1] != view_.rows)
+      throw py::value_error("out must have shape (" + std::to_string(batch) + ", " + std::to_string(view_.rows) + ")");
+    if ((xi.shape[1] > 1 && xi.strides[1] != 4) || (yi.shape[1] > 1 && yi.strides[1] != 4))
+      throw py::value_error("x and out need unit stride along features");
+    if ((batch > 1 && (xi.strides[0] % 4 != 0 || xi.strides[0] < 4 * xi.shape[1] || yi.strides[0] != 4 * yi.shape[1])) ||
+        xi.strides[0] < 0)
+      throw py::value_error("x rows must not overlap and out must be contiguous");
+    const char* ylo = static_cast<const char*>(yi.ptr);
+    const char* yhi = ylo + 4 * batch * view_.rows;
+    const char* xlo = static_cast<const char*>(xi.ptr);
+    const char* xhi = xlo + (batch > 0 ? xi.strides[0] * (batch - 1) + 4 * view_.cols : 0);
+    if (batch > 0 && view_.rows > 0 && ylo < xhi && xlo < yhi) throw py::value_error("out must not overlap x");
+
+    sparsenet::DenseArgs d;
+    d.x = static_cast<const float*>(xi.ptr);
+    d.batch = batch;
+    d.ldx = batch > 1 ? xi.strides[0] / 4 : view_.cols;
+    d.y = static_cast<float*>(yi.ptr);
+    d.ldy = view_.rows;
+    d.num_threads = g_num_threads.load(std::memory_order_relaxed);
+    if (!bias.is_none()) {
+      const auto bi = vector_info(bias.cast<py::buffer>(), "bias");
+      if (!format_is(bi, 'f', 4)) throw py::type_error("bias must be float32");
+      if (bi.size != view_.rows)
+        throw py::value_error("bias has " + std::to_string(bi.size) + " entries, expected " + std::to_string(view_.rows));
+      d.bias = static_cast<const float*>(bi.ptr);
+    }
+    if (batch == 0 || view_.rows == 0) return;
+    const auto kernel = sparsenet::cpu::csr_matmul_kernel();
+    py::gil_scoped_release nogil;
+    kernel(view_, d);
+  }
+
+  int64_t rows() const { return view_.rows; }
+  int64_t cols() const { return view_.cols; }
+  int64_t nnz() const { return view_.nnz; }
+  int index_bytes() const { return view_.index_bytes; }
+
+ private:
+  CsrView view_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sparsenet CPU kernels (torch-free; see sparsenet/ops for the torch integration)";
+
+  py::class_<CsrHandle>(m, "CsrHandle")
+      .def(py::init<int64_t, int64_t, const py::buffer&, const py::buffer&, const py::buffer&>(),
+           py::arg("rows"), py::arg("cols"), py::arg("crow_indices"), py::arg("col_indices"), py::arg("values"),
+           "Validate a packed CSR weight and return a view of it. The buffers must outlive the handle.")
+      .def("matmul", &CsrHandle::matmul, py::arg("x"), py::arg("out"), py::arg("bias") = py::none(),
+           "out[:] = x @ A.T (+ bias)")
+      .def_property_readonly("rows", &CsrHandle::rows)
+      .def_property_readonly("cols", &CsrHandle::cols)
+      .def_property_readonly("nnz", &CsrHandle::nnz)
+      .def_property_readonly("index_bytes", &CsrHandle::index_bytes);
+
+  m.def("compiled_isas", &sparsenet::cpu::compiled_isas);
+  m.def("supported_isas", &sparsenet::cpu::supported_isas);
+  m.def("active_isa", &sparsenet::cpu::active_isa);
+  m.def("set_isa", &sparsenet::cpu::set_isa, py::arg("name"));
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw py::value_error("num_threads must be >= 1");
+    g_num_threads.store(n);
+  }, py::arg("n"));
+  m.def("get_num_threads", []() { return g_num_threads.load(); });
+  m.def("max_threads", []() { return omp_get_max_threads(); });
+  m.attr("compiler") = SPARSENET_COMPILER;
+  m.attr("openmp_version") = _OPENMP;
+}

@@ -1,0 +1,66 @@
+// Shared helpers for the SIMD kernels: the per-thread scratch panel and the x -> panel transpose.
+//
+// For batch >= kPanelMinBatch the kernels vectorise along the batch: a tile of up to kPanelWidth
+// input rows is transposed into a panel xp[k][W] (W floats per input feature, zero padded), so each
+// non-zero w(r, k) becomes one broadcast and W/vector-width FMAs on a contiguous slice of the panel.
+// The panel (K * W * 4 bytes; 512 KiB for K = 4096) stays in L2 while every row of the weight streams
+// past it once per tile.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+
+namespace sparsenet::cpu {
+
+constexpr int64_t kPanelWidth = 32;
+constexpr int64_t kPanelMinBatch = 4;
+
+// Grows, never shrinks; one per calling thread so concurrent calls from different Python threads
+// never share a panel.
+inline float* scratch_panel(int64_t floats) {
+  struct Buffer {
+    float* data = nullptr;
+    int64_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buf;
+  if (buf.size < floats) {
+    std::free(buf.data);
+    const size_t bytes = ((static_cast<size_t>(floats) * sizeof(float) + 63) / 64) * 64;
+    buf.data = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (!buf.data) {
+      buf.size = 0;
+      throw std::bad_alloc();
+    }
+    buf.size = floats;
+  }
+  return buf.data;
+}
+
+// xp[k * W + j] = x[(b0 + j) * ldx + k] for k in [k0, k1), j < valid; zero for valid <= j < W.
+inline void pack_panel(const float* x, int64_t ldx, int64_t b0, int64_t valid, int64_t W, int64_t k0,
+                       int64_t k1, float* xp) {
+  constexpr int64_t kBlock = 64;
+  for (int64_t kb = k0; kb < k1; kb += kBlock) {
+    const int64_t ke = std::min(k1, kb + kBlock);
+    for (int64_t j = 0; j < valid; ++j) {
+      const float* src = x + (b0 + j) * ldx;
+      for (int64_t k = kb; k < ke; ++k) xp[k * W + j] = src[k];
+    }
+    for (int64_t j = valid; j < W; ++j)
+      for (int64_t k = kb; k < ke; ++k) xp[k * W + j] = 0.f;
+  }
+}
+
+// Writes a block of up to 8 output rows x `valid` batch entries from the row-major scratch tile
+// t[row][W] into y (batch-major, ldy apart), adding the bias.
+inline void store_tile(const float* t, int64_t W, int64_t nrows, int64_t valid, int64_t r0,
+                       int64_t b0, float* y, int64_t ldy, const float* bias) {
+  for (int64_t j = 0; j < valid; ++j) {
+    float* dst = y + (b0 + j) * ldy + r0;
+    for (int64_t i = 0; i < nrows; ++i) dst[i] = t[i * W + j] + (bias ? bias[r0 + i] : 0.f);
+  }
+}
+
+}  // namespace sparsenet::cpu
