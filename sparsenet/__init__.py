@@ -1,0 +1,27 @@
+"""sparsenet: prune PyTorch models and run the pruned layers faster with native sparse kernels."""
+from __future__ import annotations
+
+# torch first: its OpenMP runtime is then the one the native module binds to, so torch and sparsenet
+# share a single thread pool instead of two pools contending for the same cores.
+import torch  # noqa: F401
+
+__version__ = "0.1.0"
+
+from sparsenet import ops  # noqa: E402
+# TEMP until helpers land: from sparsenet import formats, nn; io; pruning
+from sparsenet.ops.runtime import (  # noqa: E402
+    _init_from_environment,
+    available_isas,
+    get_isa,
+    get_num_threads,
+    set_isa,
+    set_num_threads,
+    show_config,
+)
+
+_init_from_environment()
+
+__all__ = [
+    "__version__", "formats", "nn", "ops", "prune", "sparsify", "densify", "SparseLinear", "save", "load",
+    "set_num_threads", "get_num_threads", "set_isa", "get_isa", "available_isas", "show_config",
+]

@@ -1,8 +1,7 @@
 // Portable kernel: plain C++ that any compiler and CPU can run; the reference path the SIMD
 // variants are tested against besides the float64 torch reference.
-#include <omp.h>
-
 #include "cpu/csr_view.h"
+#include "cpu/driver.h"
 
 namespace sparsenet::cpu::fallback {
 
@@ -29,14 +28,10 @@ void rows_kernel(const CsrView& a, const Idx* col, const DenseArgs& d, int64_t r
 template <typename Idx>
 void run(const CsrView& a, const DenseArgs& d) {
   const Idx* col = static_cast<const Idx*>(a.col_idx);
-  const int nt = threads_for(a, d.batch, d.num_threads);
-#pragma omp parallel num_threads(nt)
-  {
-    int64_t r0, r1;
-    balanced_rows(a, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-    rows_kernel(a, col, d, r0, r1);
-  }
+  drive(a, d, 1, false, [&](int64_t r0, int64_t r1) { rows_kernel(a, col, d, r0, r1); },
+        [](const float*, int64_t, int64_t, int64_t, int64_t, int64_t) {});
 }
+
 }  // namespace
 
 void csr_matmul(const CsrView& a, const DenseArgs& d) {

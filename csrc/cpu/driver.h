@@ -1,0 +1,60 @@
+// The threading skeleton every kernel family shares (internal linkage: each ISA file compiles its
+// own copy with its own flags).
+//
+// Work is cut into chunks of rows holding equal numbers of non-zeros (a row is never split), several
+// per thread, handed out dynamically: on a shared machine a thread that loses its core for a while
+// does not hold up the others, which take over its remaining chunks.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+
+#include "cpu/csr_view.h"
+#include "cpu/panel.h"
+
+namespace {
+
+constexpr int kChunksPerThread = 8;
+
+// small(r0, r1): rows [r0, r1) for all batch entries, reading x directly.
+// panel(xp, W, r0, r1, b0, valid): rows [r0, r1) for batch entries [b0, b0 + valid) from a panel
+// of width W (a multiple of `vec`, the kernel's vector width in floats).
+template <typename SmallFn, typename PanelFn>
+void drive(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d, int64_t vec, bool use_panel,
+           SmallFn small, PanelFn panel) {
+  using sparsenet::balanced_rows;
+  const int nt = sparsenet::threads_for(a, d.batch, d.num_threads);
+  const int chunks = static_cast<int>(std::min<int64_t>(std::max<int64_t>(a.rows, 1), int64_t{nt} * kChunksPerThread));
+  if (!use_panel) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int c = 0; c < chunks; ++c) {
+      int64_t r0, r1;
+      balanced_rows(a, c, chunks, &r0, &r1);
+      small(r0, r1);
+    }
+    return;
+  }
+  using sparsenet::cpu::kPanelWidth;
+  float* xp = sparsenet::cpu::scratch_panel(a.cols * kPanelWidth);
+  const int64_t kblocks = std::max<int64_t>(1, std::min<int64_t>(int64_t{nt} * kChunksPerThread, a.cols / 64));
+#pragma omp parallel num_threads(nt)
+  {
+    for (int64_t b0 = 0; b0 < d.batch; b0 += kPanelWidth) {
+      const int64_t valid = std::min(kPanelWidth, d.batch - b0);
+      const int64_t W = (valid + vec - 1) / vec * vec;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t kb = 0; kb < kblocks; ++kb)
+        sparsenet::cpu::pack_panel(d.x, d.ldx, b0, valid, W, a.cols * kb / kblocks, a.cols * (kb + 1) / kblocks, xp);
+      // (implicit barrier: the panel is complete)
+#pragma omp for schedule(dynamic, 1)
+      for (int c = 0; c < chunks; ++c) {
+        int64_t r0, r1;
+        balanced_rows(a, c, chunks, &r0, &r1);
+        panel(xp, W, r0, r1, b0, valid);
+      }
+      // (implicit barrier: nobody overwrites the panel while it is read)
+    }
+  }
+}
+
+}  // namespace

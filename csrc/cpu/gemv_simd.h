@@ -1,0 +1,61 @@
+// Small-batch rows for the SIMD kernels (include only from a file compiled with AVX2 + FMA or more).
+//
+// Each output is a dot product of a row's non-zeros with x gathered through the column indices.
+// Hardware gathers (vgatherdps) measured 1.7x slower here (AMD Zen 4) than building the 8-wide x
+// vector from scalar loads, with the 16-bit indices read four at a time through one 64-bit load; so
+// that is what this does. Internal linkage on purpose: each ISA file gets its own copy, compiled
+// with its own flags.
+#pragma once
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "cpu/csr_view.h"
+
+namespace {
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256 gather8(const float* x, const uint16_t* c) {
+  uint64_t lo, hi;
+  std::memcpy(&lo, c, 8);
+  std::memcpy(&hi, c + 4, 8);
+  return _mm256_setr_ps(x[lo & 0xffff], x[(lo >> 16) & 0xffff], x[(lo >> 32) & 0xffff], x[lo >> 48],
+                        x[hi & 0xffff], x[(hi >> 16) & 0xffff], x[(hi >> 32) & 0xffff], x[hi >> 48]);
+}
+
+inline __m256 gather8(const float* x, const int32_t* c) {
+  return _mm256_setr_ps(x[c[0]], x[c[1]], x[c[2]], x[c[3]], x[c[4]], x[c[5]], x[c[6]], x[c[7]]);
+}
+
+template <typename Idx>
+void small_batch_rows(const sparsenet::CsrView& a, const Idx* col, const sparsenet::DenseArgs& d,
+                      int64_t r0, int64_t r1) {
+  const float* val = a.values;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t begin = a.row_ptr[r], end = a.row_ptr[r + 1];
+    for (int64_t m = 0; m < d.batch; ++m) {
+      const float* x = d.x + m * d.ldx;
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      int64_t k = begin;
+      for (; k + 16 <= end; k += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), gather8(x, col + k), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), gather8(x, col + k + 8), acc1);
+      }
+      if (k + 8 <= end) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), gather8(x, col + k), acc0);
+        k += 8;
+      }
+      float s = hsum256(_mm256_add_ps(acc0, acc1));
+      for (; k < end; ++k) s += val[k] * x[col[k]];
+      d.y[m * d.ldy + r] = s + (d.bias ? d.bias[r] : 0.f);
+    }
+  }
+}
+
+}  // namespace

@@ -1,0 +1,177 @@
+"""sparsify / densify: swap pruned ``nn.Linear`` layers for ``SparseLinear`` and back."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sparsenet.nn.linear import SparseLinear
+
+
+@dataclass
+class LayerRow:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    format: str  # "csr" when swapped, "dense" when left alone
+    bytes_before: int
+    bytes_after: int
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SparsifyReport:
+    """What ``sparsify`` did, per layer. ``print(report)`` shows a table; ``report.rows`` the data."""
+
+    rows: list[LayerRow] = field(default_factory=list)
+    min_sparsity: float = 0.0
+
+    @property
+    def converted(self) -> list[LayerRow]:
+        return [r for r in self.rows if r.format != "dense"]
+
+    @property
+    def skipped(self) -> list[LayerRow]:
+        return [r for r in self.rows if r.format == "dense"]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.rows)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.rows)
+
+    def to_dicts(self) -> list[dict]:
+        return [r.as_dict() for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __str__(self) -> str:
+        if not self.rows:
+            return "sparsify: the model has no nn.Linear layers; nothing was converted."
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"sparsify (min_sparsity={self.min_sparsity:g})")
+        for col in ("layer", "shape", "sparsity", "format", "bytes before", "bytes after", "note"):
+            table.add_column(col, justify="right" if col.startswith(("bytes", "sparsity")) else "left")
+        for r in self.rows:
+            table.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", f"{r.sparsity:.1%}", r.format,
+                          f"{r.bytes_before:,}", f"{r.bytes_after:,}", r.note)
+        ratio = self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+        table.caption = (f"{len(self.converted)} of {len(self.rows)} Linear layers converted; "
+                         f"{self.bytes_before:,} -> {self.bytes_after:,} bytes ({ratio:.1%})")
+        console = Console(width=140, record=True, force_terminal=False)
+        with console.capture() as cap:
+            console.print(table)
+        return cap.get()
+
+
+def _tensor_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _skip_reasons(model: nn.Module) -> dict[str, str]:
+    """Linear layers that must keep their nn.Linear type, with the reason."""
+    reasons: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for child_name, child in module.named_modules():
+                if isinstance(child, nn.Linear):
+                    full = f"{name}.{child_name}" if name else child_name
+                    reasons[full] = "read directly by nn.MultiheadAttention"
+    # A weight shared by several modules (tied embeddings/heads) cannot become one module's CSR.
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        w = _original_weight(module)
+        if w is not None:
+            owners.setdefault(id(w), []).append(name)
+    for names in owners.values():
+        if len(names) > 1:
+            for n in names:
+                reasons[n] = "weight tied to " + ", ".join(o for o in names if o != n)
+    return reasons
+
+
+def _original_weight(module: nn.Module):
+    """The Parameter that owns a layer's weight, seen through parametrizations / prune hooks."""
+    params = getattr(module, "parametrizations", None)
+    if params is not None and "weight" in params:
+        return params["weight"].original
+    if "weight_orig" in module._parameters:
+        return module._parameters["weight_orig"]
+    return module._parameters.get("weight")
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False):
+    """Replace every ``nn.Linear`` with at least ``min_sparsity`` zeros by a ``SparseLinear``.
+
+    Accepts layers pruned by ``sparsenet.prune`` (before or after ``finalize``) or by
+    ``torch.nn.utils.prune`` (``weight_orig`` + ``weight_mask``). Returns ``(model, report)``: the same
+    object when ``inplace=True``, a deep copy otherwise.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)) or not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
+    from sparsenet.pruning import effective_weight_and_mask
+
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = SparsifyReport(min_sparsity=float(min_sparsity))
+    skip = _skip_reasons(model)
+    plan: list[tuple[str, nn.Linear]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        weight, mask = effective_weight_and_mask(module)
+        kept = weight != 0 if mask is None else (mask & (weight != 0))
+        numel = weight.numel()
+        sparsity = 1.0 - kept.sum().item() / numel if numel else 0.0
+        before = _tensor_bytes(weight, module.bias)
+        row = LayerRow(name, tuple(weight.shape), sparsity, "dense", before, before)
+        if type(module).forward is not nn.Linear.forward and name not in skip:
+            skip[name] = f"{type(module).__name__} overrides nn.Linear.forward"
+        if name in skip:
+            row.note = skip[name]
+        elif weight.device.type != "cpu":
+            row.note = f"on {weight.device}: no kernel for it in this build"
+        elif sparsity < min_sparsity:
+            row.note = "below min_sparsity"
+        else:
+            plan.append((name, module))
+            row.format = "csr"
+        report.rows.append(row)
+    rows = {r.name: r for r in report.rows}
+    for name, module in plan:
+        sparse = SparseLinear.from_dense(module)
+        _set_submodule(model, name, sparse)
+        rows[name].bytes_after = _tensor_bytes(sparse.crow_indices, sparse.col_indices, sparse.values, sparse.bias)
+    return model, report
+
+
+def densify(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Turn every ``SparseLinear`` back into an ``nn.Linear`` with the same weights."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    if isinstance(model, SparseLinear):
+        return model.to_dense_linear()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SparseLinear):
+            _set_submodule(model, name, module.to_dense_linear())
+    return model

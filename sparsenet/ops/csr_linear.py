@@ -1,0 +1,77 @@
+"""The ``sparsenet::csr_linear`` custom op: y = x @ W.T + bias with W a packed CSR weight.
+
+Registered through the low-level ``torch.library.Library`` API (define + CPU impl + fake + autograd),
+which dispatches with less Python overhead than the ``torch.library.custom_op`` decorator (measured in
+benchmarks/bench_overhead.py). Being a real op, it shows up as itself in ``torch.compile`` and
+``torch.export`` graphs instead of a dense fallback.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsenet.ops.handles import csr_handle
+
+_lib = torch.library.Library("sparsenet", "DEF")  # noqa: TOR901 (we own this namespace)
+_lib.define(
+    "csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
+    "int in_features) -> Tensor"
+)
+
+
+def _csr_linear_cpu(x, crow_indices, col_indices, values, bias, in_features):
+    handle = csr_handle(crow_indices, col_indices, values, in_features)
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape[0], handle.rows, dtype=torch.float32)
+    handle.matmul(x2.detach().numpy(), out.numpy(), None if bias is None else bias.detach().numpy())
+    return out.reshape(*x.shape[:-1], handle.rows)
+
+
+_lib.impl("csr_linear", _csr_linear_cpu, "CPU")
+
+
+@torch.library.register_fake("sparsenet::csr_linear")
+def _csr_linear_fake(x, crow_indices, col_indices, values, bias, in_features):
+    return x.new_empty(*x.shape[:-1], crow_indices.shape[0] - 1)
+
+
+def _setup_context(ctx, inputs, output):
+    _x, crow, col, values, _bias, in_features = inputs
+    ctx.save_for_backward(crow, col, values)
+    ctx.in_features = in_features
+
+
+def _backward(ctx, grad_out):
+    crow, col, values = ctx.saved_tensors
+    if ctx.needs_input_grad[3]:
+        raise RuntimeError("the sparse weight of a SparseLinear is frozen: set values.requires_grad_(False)")
+    grad_x = grad_bias = None
+    out_features = crow.numel() - 1
+    g2 = grad_out.reshape(-1, out_features)
+    if ctx.needs_input_grad[0]:
+        # dx = dy @ W; torch's CSR matmul is fine for the (rarely hot) backward pass.
+        w = torch.sparse_csr_tensor(crow, col.to(torch.int64), values, (out_features, ctx.in_features))
+        grad_x = torch.mm(g2, w).reshape(*grad_out.shape[:-1], ctx.in_features)
+    if ctx.needs_input_grad[4]:
+        grad_bias = g2.sum(0)
+    return grad_x, None, None, None, grad_bias, None
+
+
+torch.library.register_autograd("sparsenet::csr_linear", _backward, setup_context=_setup_context)
+
+
+def csr_linear(x, crow_indices, col_indices, values, bias, in_features: int) -> torch.Tensor:
+    """Checked entry point: clear errors for what the op itself cannot run, then the op."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"x must be float32, got {x.dtype} (sparsenet kernels run in float32)")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
+    if x.device.type != "cpu" or values.device.type != "cpu":
+        raise ValueError(
+            f"sparsenet has no CUDA kernels in this build: x is on {x.device}, the weight on "
+            f"{values.device}; run the model on the CPU"
+        )
+    return torch.ops.sparsenet.csr_linear(x, crow_indices, col_indices, values, bias, in_features)

@@ -1,0 +1,89 @@
+"""Run-time settings of the native kernels: threads, instruction set, build facts."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sparsenet import _C
+
+_ISA_ENV = "SPARSENET_ISA"
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the sparse kernels use (defaults to ``torch.get_num_threads()`` at import)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_threads must be an int >= 1, got {n!r}")
+    _C.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    return _C.get_num_threads()
+
+
+def available_isas() -> list[str]:
+    """Kernel families this build contains and this CPU can run, best first."""
+    return list(_C.supported_isas())
+
+
+def get_isa() -> str:
+    return _C.active_isa()
+
+
+def set_isa(name: str) -> None:
+    """Force a kernel family ("avx512", "avx2" or "fallback"); the default is the best available."""
+    if name not in _C.compiled_isas():
+        raise ValueError(f"unknown ISA {name!r}; this build has {list(_C.compiled_isas())}")
+    if name not in _C.supported_isas():
+        raise ValueError(f"this CPU cannot run {name!r}; it supports {list(_C.supported_isas())}")
+    _C.set_isa(name)
+
+
+def cuda_built() -> bool:
+    try:
+        import sparsenet._C_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def openmp_libraries() -> list[str]:
+    """OpenMP runtimes mapped into this process (Linux). One means torch and sparsenet share a pool."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sorted({line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line})
+    except OSError:
+        return []
+
+
+def config() -> dict:
+    from sparsenet import __version__
+
+    return {
+        "sparsenet": __version__,
+        "torch": torch.__version__,
+        "compiler": _C.compiler,
+        "openmp": _C.openmp_version,
+        "openmp_runtime": openmp_libraries(),
+        "isa": get_isa(),
+        "isa_available": available_isas(),
+        "isa_compiled": list(_C.compiled_isas()),
+        "num_threads": get_num_threads(),
+        "cuda_built": cuda_built(),
+    }
+
+
+def show_config() -> None:
+    """Print version, compiler, ISA in use, threads and whether CUDA kernels were built."""
+    for key, value in config().items():
+        print(f"{key:>15}: {value}")
+
+
+def _init_from_environment() -> None:
+    _C.set_num_threads(max(1, torch.get_num_threads()))
+    isa = os.environ.get(_ISA_ENV)
+    if isa:
+        try:
+            set_isa(isa)
+        except ValueError as e:
+            raise ImportError(f"{_ISA_ENV}={isa!r}: {e}") from None

@@ -1,0 +1,33 @@
+"""Decide what to remove: criteria score weights, structures group them, scopes count them.
+
+``prune(model, ...)`` keeps a bool mask beside each weight (a parametrization) until
+``Pruner.finalize()`` writes the zeros. ``effective_weight_and_mask`` and ``remove_pruning`` let
+later stages read or bake masks from sparsenet or from torch.nn.utils.prune alike.
+"""
+
+from .criteria import Layer, ScoreContext, available_criteria, get_criterion, register_criterion
+from .layers import PRUNABLE_TYPES, find_prunable_layers
+from .masks import WeightMask, effective_weight_and_mask, find_weight_mask, remove_pruning
+from .pruner import Pruner, prune
+from .report import PruningReport
+from .scope import available_scopes
+from .structures import available_structures
+
+__all__ = [
+    "Layer",
+    "PRUNABLE_TYPES",
+    "Pruner",
+    "PruningReport",
+    "ScoreContext",
+    "WeightMask",
+    "available_criteria",
+    "available_scopes",
+    "available_structures",
+    "effective_weight_and_mask",
+    "find_prunable_layers",
+    "find_weight_mask",
+    "get_criterion",
+    "register_criterion",
+    "prune",
+    "remove_pruning",
+]

@@ -1,0 +1,113 @@
+"""Masks beside the weights: sparsenet's parametrization, and reading torch.nn.utils.prune's.
+
+sparsenet keeps a layer's keep-mask as a ``torch.nn.utils.parametrize`` parametrization on
+``weight``: ``layer.weight`` reads masked, the dense original stays trainable in
+``layer.parametrizations.weight.original``, and gradients reach only kept weights. Later stages
+(``sparsify``, reconstruction) read either that or torch's ``weight_orig``/``weight_mask`` through
+:func:`effective_weight_and_mask`, so they never depend on which mechanism pruned the layer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils import prune as torch_prune
+
+
+class WeightMask(nn.Module):
+    """Parametrization that zeroes the weights where ``mask`` is False."""
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        # A persistent buffer: the mask follows .to(device) and appears in state_dict.
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        # where(), not weight * mask: a NaN/inf under a pruned position must still read as 0.
+        return torch.where(self.mask, weight, weight.new_zeros(()))
+
+
+def _weight_parametrizations(module: nn.Module) -> list[nn.Module]:
+    if not parametrize.is_parametrized(module, "weight"):
+        return []
+    return list(module.parametrizations["weight"])
+
+
+def find_weight_mask(module: nn.Module) -> Optional[WeightMask]:
+    """sparsenet's mask parametrization on ``module.weight``, if any."""
+    for p in _weight_parametrizations(module):
+        if isinstance(p, WeightMask):
+            return p
+    return None
+
+
+def has_foreign_parametrization(module: nn.Module) -> bool:
+    """True when ``weight`` carries a parametrization that is not sparsenet's mask."""
+    return any(not isinstance(p, WeightMask) for p in _weight_parametrizations(module))
+
+
+def is_torch_pruned(module: nn.Module) -> bool:
+    """True when torch.nn.utils.prune has a live pruning hook on ``module.weight``."""
+    return any(
+        isinstance(h, torch_prune.BasePruningMethod) and h._tensor_name == "weight"
+        for h in module._forward_pre_hooks.values()
+    )
+
+
+def set_weight_mask(module: nn.Module, mask: Tensor) -> None:
+    """Mask ``module.weight`` with ``mask``: update sparsenet's mask in place, or add one.
+
+    Updating in place keeps the buffer's identity, so anything already holding the mask
+    (a Pruner, an optimizer hook) sees the new one.
+    """
+    existing = find_weight_mask(module)
+    if existing is not None:
+        existing.mask.copy_(mask)
+    else:
+        parametrize.register_parametrization(module, "weight", WeightMask(mask))
+
+
+def effective_weight_and_mask(module: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+    """The weight as the layer uses it (masked, detached) and its bool keep-mask.
+
+    Works for sparsenet's parametrization and for torch.nn.utils.prune's ``weight_orig`` /
+    ``weight_mask``; returns ``(weight, None)`` for a layer that is not pruned. The weight is
+    computed fresh from the original and the mask (torch's cached ``module.weight`` can be stale
+    after an optimizer step); the returned mask must not be modified.
+    """
+    with torch.no_grad():
+        ours = find_weight_mask(module)
+        if ours is not None:
+            return module.weight.detach(), ours.mask
+        if is_torch_pruned(module):
+            keep = module.weight_mask != 0
+            orig = module.weight_orig.detach()
+            return torch.where(keep, orig, orig.new_zeros(())), keep
+        return module.weight.detach(), None
+
+
+def remove_pruning(module: nn.Module) -> bool:
+    """Bake the mask into a plain ``weight`` Parameter and drop the pruning machinery.
+
+    Handles sparsenet's parametrization and torch.nn.utils.prune. The Parameter object is kept
+    (its data is overwritten), so optimizers that hold it keep working. Returns whether the
+    layer was pruned. Raises if sparsenet's mask shares ``weight`` with another
+    parametrization, since baking would silently bake that one too.
+    """
+    if find_weight_mask(module) is not None:
+        if has_foreign_parametrization(module):
+            raise ValueError(
+                "weight has other parametrizations besides sparsenet's mask; "
+                "remove them first (baking would fold them into the weight)"
+            )
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        return True
+    if is_torch_pruned(module):
+        torch_prune.remove(module, "weight")
+        return True
+    return False
