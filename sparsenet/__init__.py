@@ -7,8 +7,9 @@ import torch  # noqa: F401
 
 __version__ = "0.1.0"
 
-from sparsenet import ops  # noqa: E402
-# TEMP until helpers land: from sparsenet import formats, nn; io; pruning
+from sparsenet import formats, nn, ops, pruning  # noqa: E402
+from sparsenet.io import load, save  # noqa: E402
+from sparsenet.nn import SparseLinear, densify, sparsify  # noqa: E402
 from sparsenet.ops.runtime import (  # noqa: E402
     _init_from_environment,
     available_isas,
@@ -18,10 +19,11 @@ from sparsenet.ops.runtime import (  # noqa: E402
     set_num_threads,
     show_config,
 )
+from sparsenet.pruning import prune  # noqa: E402
 
 _init_from_environment()
 
 __all__ = [
-    "__version__", "formats", "nn", "ops", "prune", "sparsify", "densify", "SparseLinear", "save", "load",
+    "__version__", "formats", "nn", "ops", "pruning", "prune", "sparsify", "densify", "SparseLinear", "save", "load",
     "set_num_threads", "get_num_threads", "set_isa", "get_isa", "available_isas", "show_config",
 ]

@@ -36,7 +36,11 @@ bool format_is(const py::buffer_info& info, char code, py::ssize_t itemsize) {
 }
 
 // A validated, non-owning view of a packed CSR weight (see csrc/cpu/csr_view.h for the layout).
-// The caller keeps the three buffers alive and unmodified for as long as it uses the handle.
+// It holds no reference to the buffers (so caching it never pins memory); instead every matmul is
+// handed the three buffers again and checks, in O(1), that they are the very buffers it validated
+// (same addresses, sizes and types), so a freed or swapped buffer is an error, never a wild read.
+// Modifying the validated memory in place is the one thing it cannot see: the Python side checks
+// torch's version counters for that (sparsenet/ops/handles.py).
 class CsrHandle {
  public:
   CsrHandle(int64_t rows, int64_t cols, const py::buffer& row_ptr, const py::buffer& col_idx,
@@ -66,7 +70,11 @@ class CsrHandle {
   }
 
   // y = x A^T (+ bias): x is (batch, cols) float32 with unit inner stride, y (batch, rows) likewise.
-  void matmul(const py::buffer& x, const py::buffer& y, const py::object& bias) const {
+  void matmul(const py::buffer& row_ptr, const py::buffer& col_idx, const py::buffer& values,
+              const py::buffer& x, const py::buffer& y, const py::object& bias) const {
+    check_same(row_ptr, view_.row_ptr, view_.rows + 1, 8, "crow_indices");
+    check_same(col_idx, view_.col_idx, view_.nnz, view_.index_bytes, "col_indices");
+    check_same(values, view_.values, view_.nnz, 4, "values");
     const py::buffer_info xi = x.request();
     const py::buffer_info yi = y.request(/*writable=*/true);
     if (!format_is(xi, 'f', 4) || !format_is(yi, 'f', 4)) throw py::type_error("x and out must be float32");
@@ -114,6 +122,12 @@ class CsrHandle {
   int index_bytes() const { return view_.index_bytes; }
 
  private:
+  static void check_same(const py::buffer& b, const void* ptr, int64_t size, int64_t itemsize, const char* name) {
+    const py::buffer_info info = b.request();
+    if ((size > 0 && info.ptr != ptr) || info.size != size || info.itemsize != itemsize || info.ndim != 1)
+      throw py::value_error(std::string(name) + " is not the buffer this handle validated");
+  }
+
   CsrView view_;
 };
 
@@ -125,9 +139,10 @@ PYBIND11_MODULE(_C, m) {
   py::class_<CsrHandle>(m, "CsrHandle")
       .def(py::init<int64_t, int64_t, const py::buffer&, const py::buffer&, const py::buffer&>(),
            py::arg("rows"), py::arg("cols"), py::arg("crow_indices"), py::arg("col_indices"), py::arg("values"),
-           "Validate a packed CSR weight and return a view of it. The buffers must outlive the handle.")
-      .def("matmul", &CsrHandle::matmul, py::arg("x"), py::arg("out"), py::arg("bias") = py::none(),
-           "out[:] = x @ A.T (+ bias)")
+           "Validate a packed CSR weight once; matmul is then handed the same buffers on every call.")
+      .def("matmul", &CsrHandle::matmul, py::arg("crow_indices"), py::arg("col_indices"), py::arg("values"),
+           py::arg("x"), py::arg("out"), py::arg("bias") = py::none(),
+           "out[:] = x @ A.T (+ bias); the first three must be the buffers the handle was built from")
       .def_property_readonly("rows", &CsrHandle::rows)
       .def_property_readonly("cols", &CsrHandle::cols)
       .def_property_readonly("nnz", &CsrHandle::nnz)

@@ -116,6 +116,20 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _copy_model(model: nn.Module) -> nn.Module:
+    """deepcopy that also works after a forward of a torch.nn.utils.prune'd model.
+
+    torch's pruning hooks leave ``module.weight`` as a non-leaf tensor attribute, which deepcopy
+    refuses; the copy gets a detached clone instead (the hook recomputes it on the next forward).
+    """
+    memo: dict = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False):
     """Replace every ``nn.Linear`` with at least ``min_sparsity`` zeros by a ``SparseLinear``.
 
@@ -130,7 +144,7 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False)
     from sparsenet.pruning import effective_weight_and_mask
 
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy_model(model)
     report = SparsifyReport(min_sparsity=float(min_sparsity))
     skip = _skip_reasons(model)
     plan: list[tuple[str, nn.Linear]] = []
@@ -158,7 +172,10 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False)
     rows = {r.name: r for r in report.rows}
     for name, module in plan:
         sparse = SparseLinear.from_dense(module)
-        _set_submodule(model, name, sparse)
+        if name:
+            _set_submodule(model, name, sparse)
+        else:  # the model is itself a single Linear
+            model = sparse
         rows[name].bytes_after = _tensor_bytes(sparse.crow_indices, sparse.col_indices, sparse.values, sparse.bias)
     return model, report
 
@@ -168,7 +185,7 @@ def densify(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy_model(model)
     if isinstance(model, SparseLinear):
         return model.to_dense_linear()
     for name, module in list(model.named_modules()):

@@ -7,6 +7,8 @@ benchmarks/bench_overhead.py). Being a real op, it shows up as itself in ``torch
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from sparsenet.ops.handles import csr_handle
@@ -14,6 +16,12 @@ from sparsenet.ops.handles import csr_handle
 _lib = torch.library.Library("sparsenet", "DEF")  # noqa: TOR901 (we own this namespace)
 _lib.define(
     "csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
+    "int in_features) -> Tensor"
+)
+# dx = dy @ W for the backward pass, an op of its own so that compiled graphs (which trace the
+# backward with fake tensors) never see torch's CSR constructor.
+_lib.define(
+    "csr_linear_grad_input(Tensor grad_out, Tensor crow_indices, Tensor col_indices, Tensor values, "
     "int in_features) -> Tensor"
 )
 
@@ -24,7 +32,10 @@ def _csr_linear_cpu(x, crow_indices, col_indices, values, bias, in_features):
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
         x2 = x2.contiguous()
     out = torch.empty(x2.shape[0], handle.rows, dtype=torch.float32)
-    handle.matmul(x2.detach().numpy(), out.numpy(), None if bias is None else bias.detach().numpy())
+    handle.matmul(
+        crow_indices.numpy(), col_indices.numpy(), values.detach().numpy(),
+        x2.detach().numpy(), out.numpy(), None if bias is None else bias.detach().numpy(),
+    )
     return out.reshape(*x.shape[:-1], handle.rows)
 
 
@@ -34,6 +45,26 @@ _lib.impl("csr_linear", _csr_linear_cpu, "CPU")
 @torch.library.register_fake("sparsenet::csr_linear")
 def _csr_linear_fake(x, crow_indices, col_indices, values, bias, in_features):
     return x.new_empty(*x.shape[:-1], crow_indices.shape[0] - 1)
+
+
+def _grad_input_cpu(grad_out, crow_indices, col_indices, values, in_features):
+    out_features = crow_indices.numel() - 1
+    g2 = grad_out.reshape(-1, out_features)
+    with warnings.catch_warnings():  # torch flags its CSR support as beta on every construction
+        warnings.simplefilter("ignore", UserWarning)
+        # Structure already validated by the forward's handle; torch's CSR matmul is fine for the
+        # (rarely hot) backward pass.
+        w = torch.sparse_csr_tensor(crow_indices, col_indices.to(torch.int64), values.detach(),
+                                    (out_features, in_features), check_invariants=False)
+        return torch.mm(g2, w).reshape(*grad_out.shape[:-1], in_features)
+
+
+_lib.impl("csr_linear_grad_input", _grad_input_cpu, "CPU")
+
+
+@torch.library.register_fake("sparsenet::csr_linear_grad_input")
+def _grad_input_fake(grad_out, crow_indices, col_indices, values, in_features):
+    return grad_out.new_empty(*grad_out.shape[:-1], in_features)
 
 
 def _setup_context(ctx, inputs, output):
@@ -47,14 +78,10 @@ def _backward(ctx, grad_out):
     if ctx.needs_input_grad[3]:
         raise RuntimeError("the sparse weight of a SparseLinear is frozen: set values.requires_grad_(False)")
     grad_x = grad_bias = None
-    out_features = crow.numel() - 1
-    g2 = grad_out.reshape(-1, out_features)
     if ctx.needs_input_grad[0]:
-        # dx = dy @ W; torch's CSR matmul is fine for the (rarely hot) backward pass.
-        w = torch.sparse_csr_tensor(crow, col.to(torch.int64), values, (out_features, ctx.in_features))
-        grad_x = torch.mm(g2, w).reshape(*grad_out.shape[:-1], ctx.in_features)
+        grad_x = torch.ops.sparsenet.csr_linear_grad_input(grad_out, crow, col, values, ctx.in_features)
     if ctx.needs_input_grad[4]:
-        grad_bias = g2.sum(0)
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
     return grad_x, None, None, None, grad_bias, None
 
 

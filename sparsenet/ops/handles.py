@@ -1,8 +1,9 @@
 """Validated native handles for packed CSR weights, built once per weight and reused on every call.
 
 The native handle (``sparsenet._C.CsrHandle``) is a *view*: C++ validates the packed buffers once
-(sizes, monotone row pointers, sorted in-range column indices) and then reads them by pointer. This
-module keeps that safe. A handle is reused only while
+(sizes, monotone row pointers, sorted in-range column indices), and each call hands it the same
+buffers again, which it checks are the ones it validated. It holds no reference to them, so this
+cache never keeps a weight alive. A handle is reused only while
 
 * the three tensors it was built from are still alive (weak references), so their memory cannot have
   been freed and reused, and

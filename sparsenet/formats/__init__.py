@@ -1,0 +1,4 @@
+"""Compact storage formats for sparse weights (pure data + torch; no kernels)."""
+from sparsenet.formats.csr import CSR, PackedCSR
+
+__all__ = ["CSR", "PackedCSR"]

@@ -1,0 +1,145 @@
+"""sparsify / densify on whole models: which layers swap, the report, and unchanged outputs."""
+import pytest
+import torch
+from torch import nn
+
+import sparsenet
+from sparsenet.nn import SparseLinear
+
+
+def zero_fraction(module, frac, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                m.weight[torch.rand(m.weight.shape, generator=g) < frac] = 0
+    return module
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 5))
+
+
+def test_swaps_sparse_layers_and_keeps_outputs():
+    model = zero_fraction(mlp(), 0.8)
+    x = torch.randn(7, 20)
+    sparse, report = sparsenet.sparsify(model, min_sparsity=0.5)
+    assert sparse is not model and all(isinstance(m, nn.Linear) for m in model if not isinstance(m, nn.ReLU))
+    assert [type(m).__name__ for m in sparse] == ["SparseLinear", "ReLU", "SparseLinear", "ReLU", "SparseLinear"]
+    assert torch.allclose(sparse(x), model(x), rtol=1e-5, atol=1e-6)
+    assert len(report.converted) == 3 and report.bytes_after < report.bytes_before
+    rows = report.to_dicts()
+    assert {"name", "shape", "sparsity", "format", "bytes_before", "bytes_after"} <= set(rows[0])
+    assert all(0.7 < r["sparsity"] < 0.9 for r in rows)
+    text = str(report)
+    assert "csr" in text and "0" in text and "3 of 3" in text
+
+
+def test_min_sparsity_threshold_and_inplace():
+    model = mlp()
+    zero_fraction(model[0], 0.9)
+    same, report = sparsenet.sparsify(model, min_sparsity=0.5, inplace=True)
+    assert same is model
+    assert isinstance(model[0], SparseLinear) and isinstance(model[2], nn.Linear)
+    assert [r.note for r in report.skipped] == ["below min_sparsity", "below min_sparsity"]
+
+
+def test_accepts_sparsenet_and_torch_pruned_layers_without_removing_masks():
+    model = mlp()
+    sparsenet.prune(model, 0.75, progress=False)  # parametrized, not finalized
+    x = torch.randn(3, 20)
+    expected = model(x)
+    sparse, report = sparsenet.sparsify(model)
+    assert len(report.converted) == 3
+    assert torch.allclose(sparse(x), expected, rtol=1e-5, atol=1e-6)
+
+    model2 = mlp()
+    for m in model2:
+        if isinstance(m, nn.Linear):
+            torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.6)
+    expected2 = model2(x)
+    sparse2, report2 = sparsenet.sparsify(model2, min_sparsity=0.5)
+    assert len(report2.converted) == 3
+    assert torch.allclose(sparse2(x), expected2, rtol=1e-5, atol=1e-6)
+
+
+class WithAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.proj = nn.Linear(16, 16)
+        self.embed = nn.Embedding(10, 16)
+        self.head = nn.Linear(16, 10, bias=False)
+        self.head.weight = self.embed.weight  # tied
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        h, _ = self.attn(h, h, h)
+        return self.head(self.proj(h))
+
+
+def test_leaves_attention_projections_and_tied_weights_alone():
+    model = WithAttention()
+    with torch.no_grad():
+        for p in model.parameters():
+            p[torch.rand_like(p) < 0.8] = 0
+    tokens = torch.randint(0, 10, (2, 5))
+    sparse, report = sparsenet.sparsify(model, min_sparsity=0.5)
+    notes = {r.name: r.note for r in report.rows}
+    assert "nn.MultiheadAttention" in notes["attn.out_proj"]
+    assert notes["head"].startswith("weight tied to")
+    assert isinstance(sparse.proj, SparseLinear)
+    assert type(sparse.attn.out_proj) is not SparseLinear and type(sparse.head) is nn.Linear
+    assert torch.allclose(sparse(tokens), model(tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_hugging_face_bert_from_config():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    sparsenet.prune(model, 0.8, exclude=["pooler"], progress=False).finalize()
+    ids = torch.randint(0, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    sparse, report = sparsenet.sparsify(model, min_sparsity=0.5)
+    assert len(report.converted) == 2 * 6  # q, k, v, attention output, intermediate, output per layer
+    assert sum(isinstance(m, SparseLinear) for m in sparse.modules()) == 12
+    with torch.no_grad():
+        got = sparse(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_densify_round_trip():
+    model = zero_fraction(mlp(), 0.8)
+    sparse, _ = sparsenet.sparsify(model)
+    dense = sparsenet.densify(sparse)
+    assert all(type(m) is nn.Linear for m in dense if not isinstance(m, nn.ReLU))
+    for a, b in zip(dense.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    assert isinstance(sparse[0], SparseLinear)  # not in place by default
+    single, _ = sparsenet.sparsify(zero_fraction(nn.Linear(8, 8), 0.9))
+    assert isinstance(single, SparseLinear)
+    assert type(sparsenet.densify(single)) is nn.Linear
+
+
+def test_model_without_linear_layers_gives_empty_report():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    same, report = sparsenet.sparsify(model)
+    assert len(report) == 0 and "no nn.Linear layers" in str(report)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "0.5", None, float("nan")])
+def test_bad_min_sparsity(bad):
+    with pytest.raises(ValueError, match="min_sparsity"):
+        sparsenet.sparsify(mlp(), min_sparsity=bad)
+
+
+def test_bad_model_type():
+    with pytest.raises(TypeError, match="nn.Module"):
+        sparsenet.sparsify("model")
+    with pytest.raises(TypeError, match="nn.Module"):
+        sparsenet.densify(42)

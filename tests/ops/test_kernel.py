@@ -1,0 +1,199 @@
+"""Native CSR x dense kernels against a float64 dense reference, on every ISA this CPU runs."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from sparsenet import _C
+
+from csr_testing import pack, random_sparse
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+DENSITIES = [0.0, 0.01, 0.5, 0.9, 0.99, 1.0]
+BATCHES = [1, 2, 3, 4, 5, 8, 17, 31, 32, 33, 64, 100, 300]
+
+
+def run_kernel(w, x, bias=None):
+    crow, col, values = pack(w)
+    handle = _C.CsrHandle(w.shape[0], w.shape[1], crow.numpy(), col.numpy(), values.numpy())
+    out = torch.full((x.shape[0], w.shape[0]), float("nan"))
+    handle.matmul(crow.numpy(), col.numpy(), values.numpy(), x.numpy(), out.numpy(), None if bias is None else bias.numpy())
+    return out
+
+
+def reference(w, x, bias=None):
+    y = x.double() @ w.double().T
+    return y if bias is None else y + bias.double()
+
+
+def assert_close(out, ref):
+    scale = ref.abs().max().clamp_min(1.0)
+    err = (out.double() - ref).abs().max() / scale
+    assert err < 1e-5, f"max error {err:.2e} relative to {scale:.2e}"
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+def test_densities_and_batches(isa, threads, density):
+    g = torch.Generator().manual_seed(int(density * 1000))
+    w = random_sparse(45, 77, density, g, empty_rows=(0, 13))
+    bias = torch.randn(45, generator=g)
+    for batch in BATCHES:
+        x = torch.randn(batch, 77, generator=g)
+        assert_close(run_kernel(w, x, bias), reference(w, x, bias))
+        assert_close(run_kernel(w, x), reference(w, x))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 300), (300, 1), (7, 9), (129, 257), (64, 4096)])
+def test_odd_shapes(isa, threads, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    w = random_sparse(*shape, 0.3, g)
+    for batch in (1, 3, 9, 40):
+        x = torch.randn(batch, shape[1], generator=g)
+        assert_close(run_kernel(w, x), reference(w, x))
+
+
+def test_long_rows_and_heavy_imbalance(isa, threads):
+    # One dense row among empty ones: balancing by non-zeros must not drop or repeat rows.
+    g = torch.Generator().manual_seed(3)
+    w = torch.zeros(200, 1000)
+    w[17] = torch.randn(1000, generator=g)
+    w[150, ::3] = 1.0
+    for batch in (1, 6, 70):
+        x = torch.randn(batch, 1000, generator=g)
+        assert_close(run_kernel(w, x), reference(w, x))
+
+
+@pytest.mark.parametrize("cols", [65536, 65537])
+def test_index_width(isa, cols):
+    # 16-bit column indices up to 65536 columns, 32-bit beyond; the largest index must be reachable.
+    g = torch.Generator().manual_seed(cols)
+    w = torch.zeros(3, cols)
+    w[0, cols - 1] = 2.0
+    w[1, 0] = -1.0
+    w[2, torch.randint(0, cols, (50,), generator=g)] = 0.5
+    crow, col, values = pack(w)
+    assert col.dtype == (torch.uint16 if cols <= 65536 else torch.int32)
+    for batch in (1, 5):
+        x = torch.randn(batch, cols, generator=g)
+        assert_close(run_kernel(w, x), reference(w, x))
+
+
+def test_strided_rows_of_x(isa):
+    # x rows may be farther apart than the feature count (a column slice of a wider tensor).
+    g = torch.Generator().manual_seed(5)
+    w = random_sparse(20, 30, 0.4, g)
+    wide = torch.randn(9, 50, generator=g)
+    x = wide[:, 10:40]
+    crow, col, values = pack(w)
+    handle = _C.CsrHandle(20, 30, crow.numpy(), col.numpy(), values.numpy())
+    out = torch.empty(9, 20)
+    handle.matmul(crow.numpy(), col.numpy(), values.numpy(), x.numpy(), out.numpy(), None)
+    assert_close(out, reference(w, x))
+
+
+def test_threads_agree_bitwise_per_row():
+    # Each output element is computed by exactly one thread, so results do not depend on threads.
+    g = torch.Generator().manual_seed(9)
+    w = random_sparse(500, 600, 0.2, g)
+    x = torch.randn(40, 600, generator=g)
+    outs = []
+    for n in (1, 2):
+        _C.set_num_threads(n)
+        outs.append(run_kernel(w, x))
+    assert torch.equal(outs[0], outs[1])
+
+
+# ---- the binding never trusts what it is handed ------------------------------------------------
+
+
+def good_parts():
+    crow = np.array([0, 2, 2, 3], dtype=np.int64)
+    col = np.array([0, 4, 1], dtype=np.uint16)
+    values = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    return crow, col, values
+
+
+def test_valid_handle_properties():
+    h = _C.CsrHandle(3, 5, *good_parts())
+    assert (h.rows, h.cols, h.nnz, h.index_bytes) == (3, 5, 3, 2)
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda c, i, v: (c[:-1], i, v), ValueError, "rows \\+ 1"),
+        (lambda c, i, v: (np.array([1, 2, 2, 3], np.int64), i, v), ValueError, "crow_indices\\[0\\]"),
+        (lambda c, i, v: (np.array([0, 2, 1, 3], np.int64), i, v), ValueError, "non-decreasing"),
+        (lambda c, i, v: (np.array([0, 2, 2, 2], np.int64), i, v), ValueError, "does not match nnz"),
+        (lambda c, i, v: (c, np.array([0, 5, 1], np.uint16), v), ValueError, "out of range"),
+        (lambda c, i, v: (c, np.array([4, 0, 1], np.uint16), v), ValueError, "strictly increasing"),
+        (lambda c, i, v: (c, np.array([0, 0, 1], np.uint16), v), ValueError, "strictly increasing"),
+        (lambda c, i, v: (c, i, v[:2]), ValueError, "differ in length"),
+        (lambda c, i, v: (c, i.astype(np.int64), v), TypeError, "uint16 or int32"),
+        (lambda c, i, v: (c, i, v.astype(np.float64)), TypeError, "float32"),
+        (lambda c, i, v: (c.astype(np.int32), i, v), TypeError, "int64"),
+        (lambda c, i, v: (c, np.array([0, 4, 1, 9], np.uint16)[[0, 1, 2]], v.reshape(3, 1)), ValueError, "1-D"),
+        (lambda c, i, v: (c, np.array([0, 9, 4, 9, 1], np.uint16)[::2], v), ValueError, "contiguous"),
+        (lambda c, i, v: (c, np.array([0, -3, 1], np.int32), v), ValueError, "out of range"),
+    ],
+)
+def test_malformed_csr_raises(mutate, error, match):
+    with pytest.raises(error, match=match):
+        _C.CsrHandle(3, 5, *mutate(*good_parts()))
+
+
+def test_negative_or_oversized_dimensions_raise():
+    crow, col, values = good_parts()
+    with pytest.raises(ValueError):
+        _C.CsrHandle(-1, 5, crow, col, values)
+    with pytest.raises(ValueError, match="uint16"):
+        _C.CsrHandle(3, 70000, crow, col, values)
+
+
+def test_matmul_checks_its_arguments():
+    parts = good_parts()
+    h = _C.CsrHandle(3, 5, *parts)
+    mm = lambda *args: h.matmul(*parts, *args)  # noqa: E731
+    x = np.ones((2, 5), np.float32)
+    out = np.empty((2, 3), np.float32)
+    with pytest.raises(ValueError, match="features"):
+        mm(np.ones((2, 4), np.float32), out)
+    with pytest.raises(TypeError, match="float32"):
+        mm(x.astype(np.float64), out)
+    with pytest.raises(ValueError, match="shape"):
+        mm(x, np.empty((2, 4), np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        mm(np.ones(5, np.float32), out)
+    with pytest.raises(ValueError, match="bias"):
+        mm(x, out, np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="overlap"):
+        buf = np.zeros((2, 5), np.float32)
+        mm(buf, buf[:, :3])
+    with pytest.raises(ValueError, match="unit stride"):
+        mm(np.ones((2, 10), np.float32)[:, ::2], out)
+    mm(x, out, np.zeros(3, np.float32))
+    assert np.allclose(out, [[3.0, 0.0, 3.0]] * 2)
+
+
+
+
+def test_matmul_refuses_buffers_it_did_not_validate():
+    # The handle keeps no reference to its buffers: a call must hand it back the very same ones.
+    crow, col, values = good_parts()
+    h = _C.CsrHandle(3, 5, crow, col, values)
+    x, out = np.ones((1, 5), np.float32), np.empty((1, 3), np.float32)
+    with pytest.raises(ValueError, match="col_indices is not the buffer"):
+        h.matmul(crow, col.copy(), values, x, out)
+    with pytest.raises(ValueError, match="values is not the buffer"):
+        h.matmul(crow, col, values[:2], x, out)
+    with pytest.raises(ValueError, match="crow_indices is not the buffer"):
+        h.matmul(crow.copy(), col, values, x, out)
+    h.matmul(crow, col, values, x, out)
+    assert np.allclose(out, [[3.0, 0.0, 3.0]])
+
+
+def test_isa_selection_errors():
+    with pytest.raises(ValueError, match="not compiled"):
+        _C.set_isa("sse9")

@@ -1,0 +1,386 @@
+"""sparsenet.save / sparsenet.load: round trips, size, tied tensors, and every kind of bad file."""
+import io as _io
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import sparsenet.io as sio
+from sparsenet.formats import CSR
+from sparsenet.nn import SparseLinear
+
+
+class Net(nn.Module):
+    def __init__(self, hidden=256):
+        super().__init__()
+        self.fc1 = nn.Linear(128, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.fc2 = nn.Linear(hidden, 64)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))
+
+
+def pruned(linear, sparsity, seed):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(linear.weight.shape, generator=g) >= sparsity
+    return SparseLinear.from_csr(CSR.from_dense(linear.weight.detach() * keep), linear.bias.detach())
+
+
+def sparse_net(seed=0, sparsity=0.9, hidden=256):
+    torch.manual_seed(seed)
+    net = Net(hidden)
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 1.5)
+        net.step.fill_(seed + 7)
+    net.fc1 = pruned(net.fc1, sparsity, seed)
+    net.fc2 = pruned(net.fc2, sparsity, seed + 1)
+    return net
+
+
+def skeleton(hidden=256):
+    net = Net(hidden)
+    net.fc1 = SparseLinear(128, hidden)
+    net.fc2 = SparseLinear(hidden, 64)
+    return net
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_tensors(a, b):
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return False
+        if x.dtype == torch.uint16:  # few ops exist for uint16 in older torch
+            x, y = x.to(torch.int32), y.to(torch.int32)
+        if not torch.equal(x, y):
+            return False
+    return True
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    model = sparse_net()
+    path = tmp_path / "model.sn"
+    sio.save(model, path)
+    return model, path
+
+
+# ---- round trips ---------------------------------------------------------------------------------
+
+def test_round_trip_identical_outputs(saved):
+    model, path = saved
+    loaded = sio.load(path, skeleton())
+    assert same_tensors(snapshot(model), snapshot(loaded))
+    x = torch.randn(5, 128)
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_load_into_skeleton_with_different_nnz(saved):
+    model, path = saved
+    skel = sparse_net(seed=3, sparsity=0.5)
+    assert skel.fc1.nnz != model.fc1.nnz
+    loaded = sio.load(path, skel)
+    assert loaded is skel
+    assert loaded.fc1.nnz == model.fc1.nnz and loaded.fc2.nnz == model.fc2.nnz
+    x = torch.randn(4, 128)
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_metadata_contents(saved):
+    model, path = saved
+    meta = sio.read_metadata(path)
+    assert meta["format"] == "sparsenet"
+    assert meta["file_format_version"] == sio.FILE_FORMAT_VERSION == 1
+    import sparsenet
+
+    assert meta["sparsenet_version"] == sparsenet.__version__
+    by_name = {m["name"]: m for m in meta["modules"]}
+    assert by_name["fc1"] == {"name": "fc1", "type": "SparseLinear", "format": "csr", "version": 1,
+                              "shape": [256, 128], "nnz": model.fc1.nnz, "index_dtype": "uint16"}
+    assert by_name["fc2"]["shape"] == [64, 256]
+    assert meta["dtype_views"] == {"fc1.col_indices": "uint16", "fc2.col_indices": "uint16"}
+
+
+def test_file_much_smaller_than_dense_state_dict(tmp_path):
+    torch.manual_seed(0)
+    dense = Net()
+    buf = _io.BytesIO()
+    torch.save(dense.state_dict(), buf)
+    model = sparse_net(sparsity=0.9)
+    path = tmp_path / "m.sn"
+    report = sio.save(model, path)
+    ratio = path.stat().st_size / buf.getbuffer().nbytes
+    print(f"\nsaved {path.stat().st_size:,} bytes vs torch.save(dense) {buf.getbuffer().nbytes:,}: ratio {ratio:.3f}")
+    print(report)
+    assert ratio < 0.5
+    assert report.ratio < 0.5
+    assert report == sio.size_report(model)
+    assert report.stored_bytes < path.stat().st_size < report.stored_bytes + 4096  # header is small
+
+
+def test_dense_module_round_trip(tmp_path):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    model(torch.randn(4, 8))
+    path = tmp_path / "dense.sn"
+    sio.save(model, path)
+    assert sio.read_metadata(path)["modules"] == []
+    torch.manual_seed(2)
+    skel = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    sio.load(str(path), skel)
+    assert same_tensors(snapshot(model), snapshot(skel))
+
+
+def test_sparsify_round_trip(tmp_path):
+    import sparsenet.nn as snn
+
+    def make(seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8))
+        with torch.no_grad():
+            for layer in (m[0], m[2]):
+                layer.weight[torch.rand(layer.weight.shape) < 0.8] = 0
+        return snn.sparsify(m, min_sparsity=0.5)[0]
+
+    model, path = make(0), tmp_path / "s.sn"
+    sio.save(model, path)
+    loaded = sio.load(path, make(1))
+    x = torch.randn(3, 32)
+    assert torch.equal(model(x), loaded(x))
+
+
+class Tied(nn.Module):
+    def __init__(self, tie=True):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        if tie:
+            self.head.weight = self.emb.weight
+
+
+def test_tied_weights_stored_once(tmp_path):
+    torch.manual_seed(0)
+    model, path = Tied(), tmp_path / "tied.sn"
+    sio.save(model, path)
+    meta = sio.read_metadata(path)
+    assert meta["aliases"] == {"head.weight": "emb.weight"}
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == {"emb.weight"}
+
+    tied = sio.load(path, Tied())
+    assert tied.head.weight is tied.emb.weight
+    assert torch.equal(tied.emb.weight, model.emb.weight)
+    untied = sio.load(path, Tied(tie=False))
+    assert torch.equal(untied.head.weight, model.emb.weight)
+    assert torch.equal(untied.emb.weight, model.emb.weight)
+
+
+def test_overlapping_views_are_copied(tmp_path):
+    model = nn.Module()
+    model.register_buffer("whole", torch.arange(10.0))
+    model.register_buffer("part", model.whole[2:5])
+    model.register_buffer("empty_a", torch.zeros(0))
+    model.register_buffer("empty_b", torch.zeros(0))
+    path = tmp_path / "views.sn"
+    sio.save(model, path)
+    assert sio.read_metadata(path)["aliases"] == {}
+    skel = nn.Module()
+    for name, n in (("whole", 10), ("part", 3), ("empty_a", 0), ("empty_b", 0)):
+        skel.register_buffer(name, torch.zeros(n))
+    sio.load(path, skel)
+    assert torch.equal(skel.part, torch.tensor([2.0, 3.0, 4.0]))
+    assert torch.equal(skel.whole, torch.arange(10.0))
+
+
+def test_save_is_atomic_and_refuses_broken_layers(tmp_path):
+    model = sparse_net()
+    with torch.no_grad():
+        model.fc1.values[0] = float("nan")
+    path = tmp_path / "bad.sn"
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        sio.save(model, path)
+    assert list(tmp_path.iterdir()) == []
+    sio.save(sparse_net(), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.sn"]  # no temporary file left behind
+
+
+def test_type_errors():
+    with pytest.raises(TypeError, match="nn.Module"):
+        sio.save({"a": torch.ones(1)}, "x.sn")
+    with pytest.raises(TypeError, match="nn.Module"):
+        sio.load("x.sn", {"a": torch.ones(1)})
+
+
+# ---- bad files: ValueError, and the skeleton is untouched ------------------------------------------
+
+def rewrite(src, dst, mutate, fix_checksums=True):
+    """Re-save ``src`` as ``dst`` after ``mutate(tensors, header)`` edits its stored tensors/metadata."""
+    with safe_open(str(src), framework="pt") as f:
+        header = json.loads(f.metadata()["sparsenet"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    mutate(tensors, header)
+    if fix_checksums:
+        header["crc32"] = {k: sio._checksum(t) for k, t in tensors.items()}
+    save_file(tensors, str(dst), metadata={"sparsenet": json.dumps(header)})
+    return dst
+
+
+def edit_bytes(edit):
+    def make(src, dst):
+        dst.write_bytes(edit(src.read_bytes()))
+        return dst
+    return make
+
+
+def edit_file(mutate, fix_checksums=True):
+    return lambda src, dst: rewrite(src, dst, mutate, fix_checksums)
+
+
+def setitem(path, value):
+    def mutate(tensors, header):
+        target = header
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return mutate
+
+
+def flip_last_byte(b):
+    return b[:-1] + bytes([b[-1] ^ 0x40])
+
+
+def corrupt_header(b):
+    return b[:8] + b"#" * 8 + b[16:]
+
+
+def tensors_only(src, dst):
+    with safe_open(str(src), framework="pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(dst))
+    return dst
+
+
+def foreign_metadata(value):
+    def make(src, dst):
+        with safe_open(str(src), framework="pt") as f:
+            save_file({k: f.get_tensor(k) for k in f.keys()}, str(dst), metadata={"sparsenet": value})
+        return dst
+    return make
+
+
+def col_out_of_range(tensors, header):
+    tensors["fc1.col_indices"][3] = 1000  # stored as int16; the layer has 128 columns
+
+
+def nan_value(tensors, header):
+    tensors["fc2.values"][5] = float("nan")
+
+
+def drop(name):
+    def mutate(tensors, header):
+        del tensors[name]
+    return mutate
+
+
+def add_extra(tensors, header):
+    tensors["extra"] = torch.ones(2)
+
+
+def reshape_norm(tensors, header):
+    tensors["norm.weight"] = tensors["norm.weight"][:-1].contiguous()
+
+
+def retype(name, dtype):
+    def mutate(tensors, header):
+        tensors[name] = tensors[name].to(dtype)
+    return mutate
+
+
+def describe_wrong_nnz(tensors, header):
+    header["modules"][0]["nnz"] += 1
+
+
+def short_crow(tensors, header):
+    tensors["fc1.crow_indices"] = tensors["fc1.crow_indices"][:-1].contiguous()
+
+
+def bad_alias(tensors, header):
+    header["aliases"] = {"ghost": "nowhere"}
+
+
+def uncover_checksum(tensors, header):
+    header["crc32"].pop("norm.bias")
+
+
+BAD_FILES = {
+    "missing": (lambda src, dst: dst, "no such file"),
+    "empty": (edit_bytes(lambda b: b""), "not a readable safetensors file"),
+    "truncated": (edit_bytes(lambda b: b[:-7]), "not a readable safetensors file"),
+    "truncated_header": (edit_bytes(lambda b: b[:40]), "not a readable safetensors file"),
+    "corrupted_header": (edit_bytes(corrupt_header), "not a readable safetensors file"),
+    "corrupted_data": (edit_bytes(flip_last_byte), "fails its checksum"),
+    "no_metadata": (tensors_only, "without sparsenet metadata"),
+    "metadata_not_json": (foreign_metadata("{not json"), "not valid JSON"),
+    "metadata_foreign": (foreign_metadata('{"format": "something else"}'), "not sparsenet's"),
+    "metadata_incomplete": (edit_file(setitem(["aliases"], None)), "lacks a valid 'aliases'"),
+    "future_file_format": (edit_file(setitem(["file_format_version"], 2)), "file format 2.*upgrade"),
+    "future_csr_version": (edit_file(setitem(["modules", 0, "version"], 2)), "format version 2.*upgrade"),
+    "unknown_format": (edit_file(setitem(["modules", 0, "format"], "bsr")), "'bsr', which this sparsenet cannot read"),
+    "missing_tensor": (edit_file(drop("fc2.bias")), "missing from the file: fc2.bias"),
+    "unexpected_tensor": (edit_file(add_extra), "not in the model: extra"),
+    "wrong_dense_shape": (edit_file(reshape_norm), r"'norm.weight' has shape \(255,\)"),
+    "wrong_int_dtype": (edit_file(retype("step", torch.int32)), "'step' is torch.int32, the model expects torch.int64"),
+    "csr_col_out_of_range": (edit_file(col_out_of_range), r"'fc1'.*col_indices\[3\] = 1000 is out of range"),
+    "csr_nan_value": (edit_file(nan_value), "'fc2'.*NaN/Inf"),
+    "csr_crow_length": (edit_file(short_crow), r"'fc1'.*crow_indices has 256 entries"),
+    "csr_crow_dtype": (edit_file(retype("fc1.crow_indices", torch.int32)), "'fc1'.*must be int64"),
+    "csr_values_dtype": (edit_file(retype("fc1.values", torch.float64)), "'fc1'.*must be float32"),
+    "csr_described_wrongly": (edit_file(describe_wrong_nnz), "is described as"),
+    "sparse_modules_differ": (edit_file(setitem(["modules"], [])), "sparse modules"),
+    "bad_alias": (edit_file(bad_alias), "invalid alias 'ghost'"),
+    "bad_dtype_view": (edit_file(setitem(["dtype_views", "fc1.col_indices"], "uint7")), "invalid dtype view"),
+    "checksums_incomplete": (edit_file(uncover_checksum, fix_checksums=False), "checksums do not list"),
+    "checksum_mismatch": (edit_file(nan_value, fix_checksums=False), "fails its checksum"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_file_raises_and_leaves_skeleton_untouched(saved, tmp_path, case):
+    _, good = saved
+    make, match = BAD_FILES[case]
+    bad = make(good, tmp_path / f"{case}.sn")
+    skel = sparse_net(seed=5, sparsity=0.5)
+    before = snapshot(skel)
+    with pytest.raises(ValueError, match=match):
+        sio.load(bad, skel)
+    assert same_tensors(before, snapshot(skel))
+
+
+def test_wrong_architecture_skeleton(saved):
+    _, path = saved
+    skel = skeleton(hidden=128)
+    before = snapshot(skel)
+    with pytest.raises(ValueError, match="'fc1'"):
+        sio.load(path, skel)
+    assert same_tensors(before, snapshot(skel))
+
+
+def test_dense_skeleton_for_sparse_file(saved):
+    _, path = saved
+    with pytest.raises(ValueError, match="missing from the file: fc1.weight"):
+        sio.load(path, Net())
+
+
+def test_read_metadata_rejects_bad_files(saved, tmp_path):
+    _, good = saved
+    with pytest.raises(ValueError, match="file format 2"):
+        sio.read_metadata(rewrite(good, tmp_path / "f.sn", setitem(["file_format_version"], 2)))
