@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from sparsenet.formats import CSR, PackedCSR
-from sparsenet.ops import csr_linear
+from sparsenet.ops.csr_linear import PreparedCSR, _needs_autograd, csr_linear
 
 
 def _index_dtype(in_features: int) -> torch.dtype:
@@ -21,6 +21,9 @@ class SparseLinear(nn.Module):
     Gradients flow to the input and the bias; the sparse weight is frozen.
     """
 
+    # Built with inference mode off, even inside an inference_mode block: inference tensors carry no
+    # version counter, which the op needs to notice in-place changes to the structure.
+    @torch.inference_mode(False)
     def __init__(self, in_features: int, out_features: int, nnz: int = 0, bias: bool = True) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features), ("nnz", nnz)):
@@ -41,6 +44,7 @@ class SparseLinear(nn.Module):
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
+    @torch.inference_mode(False)
     def from_packed(cls, packed: PackedCSR, bias: torch.Tensor | None = None) -> "SparseLinear":
         out_features, in_features = packed.shape
         layer = cls(in_features, out_features, nnz=0, bias=bias is not None)
@@ -108,13 +112,36 @@ class SparseLinear(nn.Module):
         return self.nnz / total if total else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return csr_linear(x, self.crow_indices, self.col_indices, self.values, self.bias, self.in_features)
+        if torch.compiler.is_compiling():
+            return csr_linear(x, self.crow_indices, self.col_indices, self.values, self.bias, self.in_features)
+        # Straight from the registries: nn.Module.__getattr__ costs ~0.6 us per name at batch 1.
+        buffers, params = self._buffers, self._parameters
+        crow, col, values, bias = buffers["crow_indices"], buffers["col_indices"], params["values"], params["bias"]
+        if not isinstance(x, torch.Tensor) or _needs_autograd(x, bias):
+            return csr_linear(x, crow, col, values, bias, self.in_features)
+        # Eager inference: the prepared fast path (see PreparedCSR), rebuilt when the tensors change.
+        prepared = self.__dict__.get("_prepared")
+        if prepared is None or not prepared.matches(crow, col, values, bias):
+            if values.device.type != "cpu" or x.device.type != "cpu" or crow.is_inference() or col.is_inference():
+                # Errors for other devices, and inference tensors (no version counters) are
+                # re-validated on every call: both belong to the checked op path.
+                return csr_linear(x, crow, col, values, bias, self.in_features)
+            prepared = self.__dict__["_prepared"] = PreparedCSR(crow, col, values, bias, self.in_features)
+        return prepared(x)
+
+    def __getstate__(self):
+        # The prepared fast path holds a native handle: rebuilt on demand, never copied or pickled.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_prepared", None)
+        return state
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, density={self.density:.4f}, nnz={self.nnz}, format=csr")
 
     # ---- state_dict with a different number of non-zeros ------------------------------------------
+    @torch.inference_mode(False)
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         keys = {n: prefix + n for n in ("crow_indices", "col_indices", "values")}

@@ -30,7 +30,14 @@ def _evict(key: _Key) -> None:
 
 
 def csr_handle(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, in_features: int) -> _C.CsrHandle:
-    """The native handle for this packed CSR weight, validated once and cached."""
+    """The native handle for this packed CSR weight, validated once and cached.
+
+    Inference tensors (made under ``torch.inference_mode``) carry no version counter, so an in-place
+    change could not be noticed: their handles are rebuilt, and so re-validated, on every call.
+    ``SparseLinear`` always makes normal tensors, even when built under inference mode.
+    """
+    if crow.is_inference() or col.is_inference():
+        return _validated(crow, col, values, in_features)
     key = (crow.data_ptr(), col.data_ptr(), values.data_ptr(), crow.numel(), values.numel(), col.dtype, in_features)
     entry = _cache.get(key)
     if entry is not None:
@@ -46,7 +53,7 @@ def csr_handle(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, in_f
     return _build(key, crow, col, values, in_features)
 
 
-def _build(key: _Key, crow, col, values, in_features) -> _C.CsrHandle:
+def _validated(crow, col, values, in_features) -> _C.CsrHandle:
     for name, t in (("crow_indices", crow), ("col_indices", col), ("values", values)):
         if t.device.type != "cpu":
             raise ValueError(f"{name} must be on the CPU, got {t.device}")
@@ -54,9 +61,13 @@ def _build(key: _Key, crow, col, values, in_features) -> _C.CsrHandle:
             raise ValueError(f"{name} must be contiguous")
     if values.dtype != torch.float32:
         raise TypeError(f"values must be float32, got {values.dtype}")
-    handle = _C.CsrHandle(
+    return _C.CsrHandle(
         crow.numel() - 1, in_features, crow.detach().numpy(), col.detach().numpy(), values.detach().numpy()
     )
+
+
+def _build(key: _Key, crow, col, values, in_features) -> _C.CsrHandle:
+    handle = _validated(crow, col, values, in_features)
     evict = lambda _ref, key=key: _evict(key)  # noqa: E731  (any of the three dying drops the entry)
     _cache[key] = (
         weakref.ref(crow, evict),

@@ -246,3 +246,65 @@ def test_torch_export_keeps_the_op():
     assert targets.count("sparsenet.csr_linear.default") == 2, targets
     assert not any("aten.linear" in t or "aten.mm" in t or "addmm" in t for t in targets), targets
     assert torch.equal(ep.module()(x), model(x))
+
+
+def test_built_under_inference_mode_still_tracks_in_place_changes():
+    with torch.inference_mode():
+        sp = SparseLinear.from_dense(pruned_linear(10, 5, seed=7))
+        x = torch.randn(2, 10)
+        y = sp(x)
+    assert not sp.col_indices.is_inference() and not sp.values.is_inference()
+    assert torch.equal(sp(x.clone()), y)
+    with torch.no_grad():
+        sp.col_indices.fill_(100)
+    with pytest.raises(ValueError, match="out of range"):
+        sp(x.clone())
+
+
+def test_op_on_inference_tensors_is_validated_every_call():
+    lin = pruned_linear(10, 5, seed=8)
+    packed = SparseLinear.from_dense(lin).to_packed()
+    with torch.inference_mode():
+        crow, col, values = packed.crow_indices.clone(), packed.col_indices.clone(), packed.values.clone()
+        x = torch.randn(3, 10)
+        y = torch.ops.sparsenet.csr_linear(x, crow, col, values, None, 10)
+        assert rel_err(y, x @ lin.weight.detach().T) < 1e-5
+        col.fill_(50)
+        with pytest.raises(ValueError, match="out of range"):
+            torch.ops.sparsenet.csr_linear(x, crow, col, values, None, 10)
+
+
+def test_eager_fast_path_notices_every_kind_of_change():
+    lin = pruned_linear(12, 6, seed=9)
+    sp = SparseLinear.from_dense(lin)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        assert rel_err(sp(x), lin(x)) < 1e-5
+        sp.values.mul_(2)  # in place, same memory: seen without re-preparing
+        lin.weight.mul_(2)
+        lin.bias.zero_()
+        sp.bias.zero_()
+        assert rel_err(sp(x), lin(x)) < 1e-5
+        sp.values.data = sp.values.data * 0.5  # new storage behind the same Parameter
+        lin.weight.mul_(0.5)
+        assert rel_err(sp(x), lin(x)) < 1e-5
+        sp.bias = None
+        assert rel_err(sp(x), x @ lin.weight.T) < 1e-5
+        sp.col_indices.fill_(99)  # structure changed in place: re-validated, refused
+        with pytest.raises(ValueError, match="out of range"):
+            sp(x)
+
+
+def test_deepcopy_and_pickle_after_forward():
+    import io
+
+    sp = SparseLinear.from_dense(pruned_linear(8, 4, seed=10))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        y = sp(x)
+        twin = copy.deepcopy(sp)
+        assert torch.equal(twin(x), y)
+        buf = io.BytesIO()
+        torch.save(sp, buf)
+        buf.seek(0)
+        assert torch.equal(torch.load(buf, weights_only=False)(x), y)

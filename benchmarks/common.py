@@ -1,0 +1,127 @@
+"""Shared set-up for the Linear-layer benchmarks: weight sets that exceed the last-level cache,
+the three contenders as callables with the same input and output layout, and the machine's limits.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import sparsenet
+from sparsenet.nn import SparseLinear
+
+SHAPES = [(4096, 4096), (1536, 384), (384, 1536)]  # (out_features, in_features)
+SPARSITIES = [0.5, 0.7, 0.9, 0.95]
+BATCHES = [1, 8, 64, 256]
+LLC_BYTES = 32 * 2**20  # this machine's L3; rotation sets hold at least 2x this per method
+MAX_COPIES = 400
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    sparsenet.set_num_threads(n)
+
+
+def _copies(bytes_per_copy: int) -> int:
+    return max(2, min(MAX_COPIES, math.ceil(2 * LLC_BYTES / max(bytes_per_copy, 1))))
+
+
+def _tensor_bytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+class Rotation:
+    """Cycles through several copies of a layer so each call reads its weights from DRAM."""
+
+    def __init__(self, items):
+        self.items = items
+        self.i = 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.items[self.i]
+
+
+@dataclass
+class Contenders:
+    dense: Rotation
+    torch_csr: Rotation
+    sparsenet: Rotation
+    nnz: int
+    sparse_bytes: int  # bytes one sparsenet call reads for its weight (values + indices + row pointers)
+    dense_bytes: int
+
+
+def make_contenders(out_features: int, in_features: int, sparsity: float, seed: int = 0) -> Contenders:
+    """Independent random weights per copy (same sparsity), so no copy is served from cache."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(out_features, in_features, generator=g)
+    keep = torch.rand(out_features, in_features, generator=g) >= sparsity
+    pruned = base * keep
+    sparse0 = SparseLinear.from_dense(_linear(pruned))
+    sparse_bytes = _tensor_bytes(sparse0.crow_indices, sparse0.col_indices, sparse0.values)
+    dense_bytes = _tensor_bytes(pruned)
+    dense, tcsr, ours = [], [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's "CSR support is in beta"
+        for i in range(_copies(dense_bytes)):
+            # Permuting rows keeps the sparsity and the per-row work but makes a distinct copy.
+            dense.append(pruned[torch.randperm(out_features, generator=g)].contiguous())
+        for i in range(_copies(_tensor_bytes(pruned.to_sparse_csr().values()) * 3)):
+            tcsr.append(pruned[torch.randperm(out_features, generator=g)].to_sparse_csr())
+    for i in range(_copies(sparse_bytes)):
+        ours.append(SparseLinear.from_dense(_linear(pruned[torch.randperm(out_features, generator=g)])))
+    return Contenders(Rotation(dense), Rotation(tcsr), Rotation(ours), sparse0.nnz, sparse_bytes, dense_bytes)
+
+
+def _linear(weight: torch.Tensor) -> torch.nn.Linear:
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return layer
+
+
+def callables(c: Contenders, x: torch.Tensor) -> dict:
+    """y = x W^T as each contender computes it, every transpose and layout change included."""
+
+    def dense():
+        return F.linear(x, c.dense.next())
+
+    def torch_csr():
+        # torch's fastest CSR path here (F.linear on a CSR weight is ~10x slower).
+        return torch.sparse.mm(c.torch_csr.next(), x.t()).t().contiguous()
+
+    def ours():
+        return c.sparsenet.next()(x)
+
+    return {"dense": dense, "torch.sparse": torch_csr, "sparsenet": ours}
+
+
+def read_bandwidth(seconds: float = 0.3) -> float:
+    """Bytes/s a streaming read of 256 MiB achieves with the current threads (torch.sum)."""
+    buf = torch.ones(64 * 2**20)
+    buf.sum()
+    best = math.inf
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return buf.numel() * 4 / best
+
+
+def peak_flops(seconds: float = 0.5) -> float:
+    """FLOP/s of a large dense float32 GEMM (the practical compute ceiling with these threads)."""
+    a, b = torch.randn(1024, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = math.inf
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 1024 * 2048 * 2048 / best
