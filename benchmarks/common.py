@@ -55,6 +55,11 @@ class Contenders:
     sparse_bytes: int  # bytes one sparsenet call reads for its weight (values + indices + row pointers)
     dense_bytes: int
 
+    @property
+    def copies(self) -> int:
+        """Calls that touch every copy once: the warm-up each contender needs (first calls prepare)."""
+        return max(len(self.dense.items), len(self.torch_csr.items), len(self.sparsenet.items))
+
 
 def make_contenders(out_features: int, in_features: int, sparsity: float, seed: int = 0) -> Contenders:
     """Independent random weights per copy (same sparsity), so no copy is served from cache."""

@@ -36,4 +36,4 @@ def test_linear(benchmark, shape, sparsity, batch, method):
     fn = callables(c, x)[method]
     benchmark.extra_info.update(nnz=c.nnz, sparse_bytes=c.sparse_bytes, threads=THREADS)
     with torch.inference_mode():
-        benchmark.pedantic(fn, rounds=30, iterations=1, warmup_rounds=3)
+        benchmark.pedantic(fn, rounds=30, iterations=1, warmup_rounds=c.copies)

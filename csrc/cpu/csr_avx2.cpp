@@ -65,7 +65,7 @@ template <typename Idx>
 void run(const CsrView& a, const DenseArgs& d) {
   const Idx* col = static_cast<const Idx*>(a.col_idx);
   drive(
-      a, d, 8, d.batch >= sparsenet::cpu::kPanelMinBatch,
+      a, d, 8, 32, d.batch >= sparsenet::cpu::kPanelMinBatch,
       [&](int64_t r0, int64_t r1) { small_batch_rows(a, col, d, r0, r1); },
       [&](const float* xp, int64_t W, int64_t r0, int64_t r1, int64_t b0, int64_t valid) {
         panel_dispatch(a, col, xp, W, r0, r1, b0, valid, d);

@@ -8,6 +8,10 @@
 #include "cpu/driver.h"
 #include "cpu/panel.h"
 
+#ifndef SPARSENET_AVX512_PANEL
+#define SPARSENET_AVX512_PANEL 32  // 64 measured no faster (the panel then fills L2)
+#endif
+
 namespace sparsenet::cpu::avx512 {
 
 namespace {
@@ -54,11 +58,15 @@ template <typename Idx>
 void run(const CsrView& a, const DenseArgs& d) {
   const Idx* col = static_cast<const Idx*>(a.col_idx);
   drive(
-      a, d, 16, d.batch >= sparsenet::cpu::kPanelMinBatch,
+      a, d, 16, SPARSENET_AVX512_PANEL, d.batch >= sparsenet::cpu::kPanelMinBatch,
       [&](int64_t r0, int64_t r1) { avx2::small_batch(a, d, r0, r1); },
       [&](const float* xp, int64_t W, int64_t r0, int64_t r1, int64_t b0, int64_t valid) {
-        if (W == 16) panel_rows<Idx, 1>(a, col, xp, r0, r1, b0, valid, d);
-          else panel_rows<Idx, 2>(a, col, xp, r0, r1, b0, valid, d);
+        switch (W) {
+          case 16: panel_rows<Idx, 1>(a, col, xp, r0, r1, b0, valid, d); break;
+          case 32: panel_rows<Idx, 2>(a, col, xp, r0, r1, b0, valid, d); break;
+          case 48: panel_rows<Idx, 3>(a, col, xp, r0, r1, b0, valid, d); break;
+          default: panel_rows<Idx, 4>(a, col, xp, r0, r1, b0, valid, d); break;
+        }
       });
 }
 

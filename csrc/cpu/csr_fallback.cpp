@@ -28,7 +28,7 @@ void rows_kernel(const CsrView& a, const Idx* col, const DenseArgs& d, int64_t r
 template <typename Idx>
 void run(const CsrView& a, const DenseArgs& d) {
   const Idx* col = static_cast<const Idx*>(a.col_idx);
-  drive(a, d, 1, false, [&](int64_t r0, int64_t r1) { rows_kernel(a, col, d, r0, r1); },
+  drive(a, d, 1, 1, false, [&](int64_t r0, int64_t r1) { rows_kernel(a, col, d, r0, r1); },
         [](const float*, int64_t, int64_t, int64_t, int64_t, int64_t) {});
 }
 

@@ -58,10 +58,12 @@ inline void balanced_rows(const CsrView& a, int part, int parts, int64_t* begin,
   *end = row_at(part + 1);
 }
 
-// Threads worth waking for this much work: tiny products run on the calling thread only.
+// Threads worth waking for this much work. Waking a sleeping pool thread costs tens of microseconds
+// on a VM (measured: a 384x1536 layer at 90% sparsity, batch 1, ran 1.5x slower on 2 threads than
+// on 1), so products below ~100 us of single-thread work run on the calling thread only.
 inline int threads_for(const CsrView& a, int64_t batch, int requested) {
   const int64_t work = (a.nnz + a.rows) * batch;
-  if (requested <= 1 || work < 24576) return 1;
+  if (requested <= 1 || work < 131072) return 1;
   return requested;
 }
 

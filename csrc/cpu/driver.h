@@ -18,10 +18,10 @@ constexpr int kChunksPerThread = 8;
 
 // small(r0, r1): rows [r0, r1) for all batch entries, reading x directly.
 // panel(xp, W, r0, r1, b0, valid): rows [r0, r1) for batch entries [b0, b0 + valid) from a panel
-// of width W (a multiple of `vec`, the kernel's vector width in floats).
+// of width W (a multiple of `vec`, the kernel's vector width in floats, at most `max_width`).
 template <typename SmallFn, typename PanelFn>
-void drive(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d, int64_t vec, bool use_panel,
-           SmallFn small, PanelFn panel) {
+void drive(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d, int64_t vec, int64_t max_width,
+           bool use_panel, SmallFn small, PanelFn panel) {
   using sparsenet::balanced_rows;
   const int nt = sparsenet::threads_for(a, d.batch, d.num_threads);
   const int chunks = static_cast<int>(std::min<int64_t>(std::max<int64_t>(a.rows, 1), int64_t{nt} * kChunksPerThread));
@@ -34,13 +34,12 @@ void drive(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d, int64_t v
     }
     return;
   }
-  using sparsenet::cpu::kPanelWidth;
-  float* xp = sparsenet::cpu::scratch_panel(a.cols * kPanelWidth);
+  float* xp = sparsenet::cpu::scratch_panel(a.cols * max_width);
   const int64_t kblocks = std::max<int64_t>(1, std::min<int64_t>(int64_t{nt} * kChunksPerThread, a.cols / 64));
 #pragma omp parallel num_threads(nt)
   {
-    for (int64_t b0 = 0; b0 < d.batch; b0 += kPanelWidth) {
-      const int64_t valid = std::min(kPanelWidth, d.batch - b0);
+    for (int64_t b0 = 0; b0 < d.batch; b0 += max_width) {
+      const int64_t valid = std::min(max_width, d.batch - b0);
       const int64_t W = (valid + vec - 1) / vec * vec;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t kb = 0; kb < kblocks; ++kb)

@@ -1,6 +1,6 @@
 // Shared helpers for the SIMD kernels: the per-thread scratch panel and the x -> panel transpose.
 //
-// For batch >= kPanelMinBatch the kernels vectorise along the batch: a tile of up to kPanelWidth
+// For batch >= kPanelMinBatch the kernels vectorise along the batch: a tile of up to W (32 or 64)
 // input rows is transposed into a panel xp[k][W] (W floats per input feature, zero padded), so each
 // non-zero w(r, k) becomes one broadcast and W/vector-width FMAs on a contiguous slice of the panel.
 // The panel (K * W * 4 bytes; 512 KiB for K = 4096) stays in L2 while every row of the weight streams
@@ -13,7 +13,6 @@
 
 namespace sparsenet::cpu {
 
-constexpr int64_t kPanelWidth = 32;
 constexpr int64_t kPanelMinBatch = 4;
 
 // Grows, never shrinks; one per calling thread so concurrent calls from different Python threads
