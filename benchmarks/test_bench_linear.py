@@ -1,6 +1,6 @@
 """pytest-benchmark suite: dense F.linear vs torch.sparse CSR vs sparsenet, per shape/sparsity/batch.
 
-    python -m pytest benchmarks/ --benchmark-only --benchmark-group-by=param:shape,param:sparsity,param:batch
+    pytest benchmarks/ --benchmark-only --benchmark-group-by=param:shape,param:sparsity,param:batch
 
 Weights rotate through enough copies to exceed the L3 cache (see common.py), threads are equal for
 all three (SPARSENET_BENCH_THREADS, default 2). Ratios across separate benchmark runs are noisy on a

@@ -105,18 +105,21 @@ def test_bad_options_fail_clearly(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_console_script_info():
+def test_console_script_info(tmp_path):
     # The script sits beside this interpreter in a venv, even one that was not activated.
     beside = Path(sys.executable).with_name("sparsenet")
     exe = str(beside) if beside.exists() else shutil.which("sparsenet")
     assert exe is not None, "the sparsenet console script is not installed"
-    proc = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for key in ("sparsenet", "torch", "isa", "num_threads"):
         assert key in proc.stdout
 
 
-def test_module_entry_point_help():
-    proc = subprocess.run([sys.executable, "-m", "sparsenet.cli", "--help"], capture_output=True, text=True, timeout=60)
+def test_module_entry_point_help(tmp_path):
+    # cwd away from the checkout: "-m" puts the current directory first on the import path, and the
+    # source tree there has no compiled module unless the install is editable.
+    proc = subprocess.run([sys.executable, "-m", "sparsenet.cli", "--help"], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
     assert proc.returncode == 0
     assert "demo" in proc.stdout and "info" in proc.stdout

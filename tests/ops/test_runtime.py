@@ -1,6 +1,7 @@
 """Run-time configuration: threads, ISA override, one OpenMP runtime shared with torch."""
 import os
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -46,8 +47,10 @@ def test_one_openmp_runtime_shared_with_torch():
 
 
 def run_python(code, **env):
+    # Run outside the checkout: "python -c" puts the current directory first on the import path,
+    # and the source tree has no compiled module unless the install is editable.
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+                          env={**os.environ, **env}, timeout=120, cwd=tempfile.gettempdir())
 
 
 def test_isa_environment_override():
