@@ -5,6 +5,7 @@
 #include "cpu/driver.h"
 #include "cpu/gemv_simd.h"
 #include "cpu/panel.h"
+#include "cpu/simd_tile.h"
 
 namespace sparsenet::cpu::avx2 {
 
@@ -46,7 +47,7 @@ void panel_rows(const CsrView& a, const Idx* col, const float* xp, int64_t r0, i
     const int64_t nr = std::min<int64_t>(8, r1 - rg);
     for (int64_t i = 0; i < nr; ++i)
       panel_row<Idx, NV>(col, a.values, a.row_ptr[rg + i], a.row_ptr[rg + i + 1], xp, tile + i * W);
-    store_tile(tile, W, nr, valid, rg, b0, d.y, d.ldy, d.bias);
+    store_tile_simd(tile, W, nr, valid, rg, b0, d.y, d.ldy, d.bias);
   }
 }
 
@@ -69,7 +70,8 @@ void run(const CsrView& a, const DenseArgs& d) {
       [&](int64_t r0, int64_t r1) { small_batch_rows(a, col, d, r0, r1); },
       [&](const float* xp, int64_t W, int64_t r0, int64_t r1, int64_t b0, int64_t valid) {
         panel_dispatch(a, col, xp, W, r0, r1, b0, valid, d);
-      });
+      },
+      pack_panel_simd);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include "cpu/csr_view.h"
 #include "cpu/driver.h"
 #include "cpu/panel.h"
+#include "cpu/simd_tile.h"
 
 #ifndef SPARSENET_AVX512_PANEL
 #define SPARSENET_AVX512_PANEL 32  // 64 measured no faster (the panel then fills L2)
@@ -50,7 +51,7 @@ void panel_rows(const CsrView& a, const Idx* col, const float* xp, int64_t r0, i
     const int64_t nr = std::min<int64_t>(8, r1 - rg);
     for (int64_t i = 0; i < nr; ++i)
       panel_row<Idx, NV>(col, a.values, a.row_ptr[rg + i], a.row_ptr[rg + i + 1], xp, tile + i * W);
-    store_tile(tile, W, nr, valid, rg, b0, d.y, d.ldy, d.bias);
+    store_tile_simd(tile, W, nr, valid, rg, b0, d.y, d.ldy, d.bias);
   }
 }
 
@@ -67,7 +68,8 @@ void run(const CsrView& a, const DenseArgs& d) {
           case 48: panel_rows<Idx, 3>(a, col, xp, r0, r1, b0, valid, d); break;
           default: panel_rows<Idx, 4>(a, col, xp, r0, r1, b0, valid, d); break;
         }
-      });
+      },
+      pack_panel_simd);
 }
 
 }  // namespace

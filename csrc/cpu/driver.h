@@ -19,9 +19,10 @@ constexpr int kChunksPerThread = 8;
 // small(r0, r1): rows [r0, r1) for all batch entries, reading x directly.
 // panel(xp, W, r0, r1, b0, valid): rows [r0, r1) for batch entries [b0, b0 + valid) from a panel
 // of width W (a multiple of `vec`, the kernel's vector width in floats, at most `max_width`).
-template <typename SmallFn, typename PanelFn>
+// pack: the x -> panel transpose (sparsenet::cpu::pack_panel or a SIMD version of it).
+template <typename SmallFn, typename PanelFn, typename PackFn = decltype(&sparsenet::cpu::pack_panel)>
 void drive(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d, int64_t vec, int64_t max_width,
-           bool use_panel, SmallFn small, PanelFn panel) {
+           bool use_panel, SmallFn small, PanelFn panel, PackFn pack = &sparsenet::cpu::pack_panel) {
   using sparsenet::balanced_rows;
   const int nt = sparsenet::threads_for(a, d.batch, d.num_threads);
   const int chunks = static_cast<int>(std::min<int64_t>(std::max<int64_t>(a.rows, 1), int64_t{nt} * kChunksPerThread));
@@ -43,7 +44,7 @@ void drive(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d, int64_t v
       const int64_t W = (valid + vec - 1) / vec * vec;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t kb = 0; kb < kblocks; ++kb)
-        sparsenet::cpu::pack_panel(d.x, d.ldx, b0, valid, W, a.cols * kb / kblocks, a.cols * (kb + 1) / kblocks, xp);
+        pack(d.x, d.ldx, b0, valid, W, a.cols * kb / kblocks, a.cols * (kb + 1) / kblocks, xp);
       // (implicit barrier: the panel is complete)
 #pragma omp for schedule(dynamic, 1)
       for (int c = 0; c < chunks; ++c) {

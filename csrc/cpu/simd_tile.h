@@ -1,0 +1,66 @@
+// AVX2 8x8 transposes for the two layout changes around the panel kernels: x rows -> panel
+// (pack) and the row-major accumulator tile -> batch-major y (store). Include only from files
+// compiled with AVX2 or more; internal linkage so each ISA file keeps its own copy.
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/panel.h"
+
+namespace {
+
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// Same contract as sparsenet::cpu::pack_panel; W is a multiple of 8.
+inline void pack_panel_simd(const float* x, int64_t ldx, int64_t b0, int64_t valid, int64_t W, int64_t k0,
+                            int64_t k1, float* xp) {
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) {
+    for (int64_t jb = 0; jb < W; jb += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = jb + i < valid ? _mm256_loadu_ps(x + (b0 + jb + i) * ldx + k) : _mm256_setzero_ps();
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_store_ps(xp + (k + i) * W + jb, r[i]);
+    }
+  }
+  if (k < k1) sparsenet::cpu::pack_panel(x, ldx, b0, valid, W, k, k1, xp);
+}
+
+// Same contract as sparsenet::cpu::store_tile; full blocks of 8 rows go through the transpose.
+inline void store_tile_simd(const float* t, int64_t W, int64_t nrows, int64_t valid, int64_t r0, int64_t b0,
+                            float* y, int64_t ldy, const float* bias) {
+  if (nrows != 8) {
+    sparsenet::cpu::store_tile(t, W, nrows, valid, r0, b0, y, ldy, bias);
+    return;
+  }
+  const __m256 b = bias ? _mm256_loadu_ps(bias + r0) : _mm256_setzero_ps();
+  for (int64_t jb = 0; jb < valid; jb += 8) {
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_load_ps(t + i * W + jb);
+    transpose8(r);
+    const int64_t n = std::min<int64_t>(8, valid - jb);
+    for (int64_t j = 0; j < n; ++j) _mm256_storeu_ps(y + (b0 + jb + j) * ldy + r0, _mm256_add_ps(r[j], b));
+  }
+}
+
+}  // namespace
