@@ -58,12 +58,17 @@ inline void balanced_rows(const CsrView& a, int part, int parts, int64_t* begin,
   *end = row_at(part + 1);
 }
 
-// Threads worth waking for this much work. Waking a sleeping pool thread costs tens of microseconds
-// on a VM (measured: a 384x1536 layer at 90% sparsity, batch 1, ran 1.5x slower on 2 threads than
-// on 1), so products below ~100 us of single-thread work run on the calling thread only.
+#ifndef SPARSENET_MIN_PARALLEL_WORK
+#define SPARSENET_MIN_PARALLEL_WORK 24576
+#endif
+
+// Threads worth waking for this much work: below ~10 us of single-thread work (about 25k non-zero
+// multiply-adds) the fork/join costs more than the second thread saves. With a warm pool (layers
+// run back to back) two threads win from there on: measured on 384x1536 / 1536x384 at 90-95%
+// sparsity, batch 1 (benchmarks/speedup_table.py), against a threshold five times higher.
 inline int threads_for(const CsrView& a, int64_t batch, int requested) {
   const int64_t work = (a.nnz + a.rows) * batch;
-  if (requested <= 1 || work < 131072) return 1;
+  if (requested <= 1 || work < SPARSENET_MIN_PARALLEL_WORK) return 1;
   return requested;
 }
 
