@@ -76,11 +76,6 @@ void run(const CsrView& a, const DenseArgs& d) {
 
 }  // namespace
 
-void small_batch(const CsrView& a, const DenseArgs& d, int64_t r0, int64_t r1) {
-  if (a.index_bytes == 2) small_batch_rows(a, static_cast<const uint16_t*>(a.col_idx), d, r0, r1);
-  else small_batch_rows(a, static_cast<const int32_t*>(a.col_idx), d, r0, r1);
-}
-
 void csr_matmul(const CsrView& a, const DenseArgs& d) {
   if (a.index_bytes == 2) run<uint16_t>(a, d);
   else run<int32_t>(a, d);

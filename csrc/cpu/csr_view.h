@@ -75,11 +75,7 @@ inline int threads_for(const CsrView& a, int64_t batch, int requested) {
 namespace cpu {
 namespace fallback { void csr_matmul(const CsrView&, const DenseArgs&); }
 #ifdef SPARSENET_BUILD_AVX2
-namespace avx2 {
-void csr_matmul(const CsrView&, const DenseArgs&);
-// Rows [r0, r1) for a small batch (no panel); the AVX-512 family reuses it (see csr_avx512.cpp).
-void small_batch(const CsrView&, const DenseArgs&, int64_t r0, int64_t r1);
-}  // namespace avx2
+namespace avx2 { void csr_matmul(const CsrView&, const DenseArgs&); }
 #endif
 #ifdef SPARSENET_BUILD_AVX512
 namespace avx512 { void csr_matmul(const CsrView&, const DenseArgs&); }
