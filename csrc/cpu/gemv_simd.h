@@ -60,8 +60,17 @@ void small_batch_rows(const sparsenet::CsrView& a, const Idx* col, const sparsen
         acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), gather8(x, col + k), acc0);
         k += 8;
       }
+      if (k < end && k + 8 <= a.nnz) {
+        // Tail of 1-7: one masked step instead of a scalar loop (a large share of the time at 90%
+        // sparsity, ~400 non-zeros a row). The 8 indices read may run into the next row; they are
+        // valid columns all the same, and their values are masked to zero.
+        const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(end - k)), lanes);
+        acc1 = _mm256_fmadd_ps(_mm256_maskload_ps(val + k, live), gather8(x, col + k), acc1);
+        k = end;
+      }
       float s = hsum256(_mm256_add_ps(acc0, acc1));
-      for (; k < end; ++k) s += val[k] * x[col[k]];
+      for (; k < end; ++k) s += val[k] * x[col[k]];  // only at the very end of the arrays
       d.y[m * d.ldy + r] = s + (d.bias ? d.bias[r] : 0.f);
     }
   }
