@@ -138,7 +138,26 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 
 # ---- CSR ------------------------------------------------------------------------------------------
 
-class CSR:
+class _CSRSizes:
+    """Sizes both CSR forms report the same way (they share the three tensor names)."""
+
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        """nnz / (rows * cols); 0.0 for an empty shape (nothing is stored)."""
+        return _density(self.nnz, self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.crow_indices, self.col_indices, self.values)
+
+
+class CSR(_CSRSizes):
     """A 2-D sparse matrix in CSR form, named and typed like ``torch.sparse_csr_tensor``.
 
     ``crow_indices`` and ``col_indices`` are int32 or int64 (the same dtype), ``values`` float32 or
@@ -238,18 +257,6 @@ class CSR:
         return PackedCSR.from_csr(self)
 
     # ---- properties ------------------------------------------------------------------------------
-    @property
-    def nnz(self) -> int:
-        return self.values.numel()
-
-    @property
-    def density(self) -> float:
-        """nnz / (rows * cols); 0.0 for an empty shape (nothing is stored)."""
-        return _density(self.nnz, self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.crow_indices, self.col_indices, self.values)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -266,7 +273,7 @@ class CSR:
 
 # ---- PackedCSR ------------------------------------------------------------------------------------
 
-class PackedCSR:
+class PackedCSR(_CSRSizes):
     """The layout the native kernels read and files store; see the module docstring for the contract."""
 
     FORMAT = "csr"
@@ -328,18 +335,6 @@ class PackedCSR:
         return self.to_csr().to_dense()
 
     # ---- properties ------------------------------------------------------------------------------
-    @property
-    def nnz(self) -> int:
-        return self.values.numel()
-
-    @property
-    def density(self) -> float:
-        """nnz / (rows * cols); 0.0 for an empty shape (nothing is stored)."""
-        return _density(self.nnz, self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.crow_indices, self.col_indices, self.values)
 
     @property
     def index_dtype(self) -> torch.dtype:
