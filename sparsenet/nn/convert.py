@@ -163,6 +163,8 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False)
             row.note = skip[name]
         elif weight.device.type != "cpu":
             row.note = f"on {weight.device}: no kernel for it in this build"
+        elif weight.dtype != torch.float32:
+            row.note = f"{str(weight.dtype).removeprefix('torch.')}: the kernels run float32 only"
         elif sparsity < min_sparsity:
             row.note = "below min_sparsity"
         else:

@@ -143,3 +143,12 @@ def test_bad_model_type():
         sparsenet.sparsify("model")
     with pytest.raises(TypeError, match="nn.Module"):
         sparsenet.densify(42)
+
+
+def test_non_float32_layers_stay_dense_with_a_reason():
+    model = zero_fraction(mlp(), 0.9)
+    model[2].double()
+    sparse, report = sparsenet.sparsify(model)
+    notes = {r.name: r.note for r in report.rows}
+    assert notes["2"] == "float64: the kernels run float32 only"
+    assert type(sparse[2]) is nn.Linear and isinstance(sparse[0], SparseLinear)
