@@ -70,16 +70,16 @@ def make_contenders(out_features: int, in_features: int, sparsity: float, seed: 
     sparse0 = SparseLinear.from_dense(_linear(pruned))
     sparse_bytes = _tensor_bytes(sparse0.crow_indices, sparse0.col_indices, sparse0.values)
     dense_bytes = _tensor_bytes(pruned)
-    dense, tcsr, ours = [], [], []
+    # Copy i of every contender holds the same weights (rows permuted by perms[i]), so copy 0 of
+    # each can be checked against the others (check_agreement).
+    torch_csr_bytes = 12 * sparse0.nnz + 8 * (out_features + 1)  # int64 indices + float32 values
+    counts = (_copies(dense_bytes), _copies(torch_csr_bytes), _copies(sparse_bytes))
+    perms = [torch.arange(out_features)] + [torch.randperm(out_features, generator=g) for _ in range(max(counts) - 1)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's "CSR support is in beta"
-        for i in range(_copies(dense_bytes)):
-            # Permuting rows keeps the sparsity and the per-row work but makes a distinct copy.
-            dense.append(pruned[torch.randperm(out_features, generator=g)].contiguous())
-        for i in range(_copies(_tensor_bytes(pruned.to_sparse_csr().values()) * 3)):
-            tcsr.append(pruned[torch.randperm(out_features, generator=g)].to_sparse_csr())
-    for i in range(_copies(sparse_bytes)):
-        ours.append(SparseLinear.from_dense(_linear(pruned[torch.randperm(out_features, generator=g)])))
+        dense = [pruned[p].contiguous() for p in perms[: counts[0]]]
+        tcsr = [pruned[p].to_sparse_csr() for p in perms[: counts[1]]]
+    ours = [SparseLinear.from_dense(_linear(pruned[p])) for p in perms[: counts[2]]]
     return Contenders(Rotation(dense), Rotation(tcsr), Rotation(ours), sparse0.nnz, sparse_bytes, dense_bytes)
 
 
@@ -104,6 +104,19 @@ def callables(c: Contenders, x: torch.Tensor) -> dict:
         return c.sparsenet.next()(x)
 
     return {"dense": dense, "torch.sparse": torch_csr, "sparsenet": ours}
+
+
+def check_agreement(c: Contenders, x: torch.Tensor, tolerance: float = 1e-4) -> float:
+    """Max relative difference of torch.sparse and sparsenet from dense on copy 0; raises if too big."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ref = F.linear(x, c.dense.items[0]).double()
+        outs = (torch.sparse.mm(c.torch_csr.items[0], x.t()).t(), c.sparsenet.items[0](x))
+    scale = ref.abs().max().clamp_min(1e-12)
+    err = max(((o.double() - ref).abs().max() / scale).item() for o in outs)
+    if err > tolerance:
+        raise AssertionError(f"contenders disagree: max relative error {err:.2e}")
+    return err
 
 
 def read_bandwidth(seconds: float = 0.3) -> float:

@@ -23,7 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import BATCHES, SHAPES, SPARSITIES, callables, make_contenders, peak_flops, read_bandwidth, set_threads  # noqa: E402
+from common import (  # noqa: E402
+    BATCHES, SHAPES, SPARSITIES, callables, check_agreement, make_contenders, peak_flops, read_bandwidth, set_threads,
+)
 
 import sparsenet  # noqa: E402
 
@@ -53,6 +55,7 @@ def run(shapes, sparsities, batches, rounds: int, threads: int):
                 c = make_contenders(*shape, sparsity)
                 for batch in batches:
                     x = torch.randn(batch, shape[1])
+                    err = check_agreement(c, x)
                     fns = callables(c, x)
                     bw = read_bandwidth(0.15)
                     t = measure(fns, rounds, c.copies)
@@ -66,7 +69,7 @@ def run(shapes, sparsities, batches, rounds: int, threads: int):
                                      vs_torch_sparse=t["torch.sparse"] / t["sparsenet"],
                                      torch_sparse_vs_dense=t["dense"] / t["torch.sparse"],
                                      limit=limit, bound=bound, of_limit=t["dense"] / t["sparsenet"] / limit,
-                                     bandwidth_gbs=bw / 1e9, peak_gflops=peak / 1e9))
+                                     bandwidth_gbs=bw / 1e9, peak_gflops=peak / 1e9, max_rel_err=err))
                 del c
     return rows
 
@@ -91,7 +94,8 @@ def print_table(rows, markdown: bool) -> None:
             table.add_row(*c)
         Console(width=160).print(table)
     bw = statistics.median(r["bandwidth_gbs"] for r in rows)
-    print(f"\nread bandwidth (torch.sum over 256 MiB, same threads, median of the run): {bw:.1f} GB/s; "
+    print(f"\noutputs agree: max relative error vs dense {max(r['max_rel_err'] for r in rows):.1e} (all cells)")
+    print(f"read bandwidth (torch.sum over 256 MiB, same threads, median of the run): {bw:.1f} GB/s; "
           f"practical FLOP peak (1024x2048x2048 sgemm): {rows[0]['peak_gflops']:.0f} GFLOP/s")
 
 

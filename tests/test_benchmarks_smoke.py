@@ -1,0 +1,52 @@
+"""The benchmark scripts stay runnable: a tiny speedup table end to end (speed is not checked here)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name):
+    """Import benchmarks/<name>.py under its own name (the scripts import each other that way)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture
+def small_rotation(monkeypatch):
+    common = load("common")
+    monkeypatch.setattr(common, "MAX_COPIES", 3)
+    yield common
+    sys.modules.pop("common", None)
+    sys.modules.pop("speedup_table", None)
+
+
+def test_speedup_table_runs_and_checks_agreement(small_rotation, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    table = load("speedup_table")
+    try:
+        table.main(["--shapes", "40x70", "--sparsities", "0.9", "--batches", "1,5", "--rounds", "2", "--threads", "1"])
+    finally:
+        table.set_threads(threads)
+    out = capsys.readouterr().out
+    assert "outputs agree" in out and "40x70" in out and "limit" in out
+
+
+def test_contenders_compute_the_same_layer(small_rotation):
+    import torch
+
+    c = small_rotation.make_contenders(33, 20, 0.7)
+    assert small_rotation.check_agreement(c, torch.randn(4, 20)) < 1e-5
+    fns = small_rotation.callables(c, torch.randn(3, 20))
+    assert {k: tuple(f().shape) for k, f in fns.items()} == {k: (3, 33) for k in fns}
