@@ -128,31 +128,37 @@ class PreparedCSR:
     unchanged structure (version counters); anything else makes the module prepare a new one.
     """
 
-    __slots__ = ("tensors", "ptrs", "versions", "arrays", "bias_array", "handle", "in_features")
+    __slots__ = ("crow", "col", "values", "bias", "ptrs", "versions", "arrays", "bias_array", "handle",
+                 "in_features", "out_features")
 
     def __init__(self, crow, col, values, bias, in_features: int) -> None:
-        self.tensors = (crow, col, values, bias)
-        self.ptrs = tuple(t.data_ptr() for t in self.tensors if t is not None)
+        self.crow, self.col, self.values, self.bias = crow, col, values, bias
+        self.ptrs = self._ptrs(crow, col, values, bias)
         self.versions = (crow._version, col._version)
         self.handle = csr_handle(crow, col, values, in_features)
         self.arrays = (_np(crow), _np(col), _np(values))
         self.bias_array = None if bias is None else _np(bias)
         self.in_features = in_features
+        self.out_features = self.handle.rows
+
+    @staticmethod
+    def _ptrs(crow, col, values, bias):
+        return (crow.data_ptr(), col.data_ptr(), values.data_ptr(), 0 if bias is None else bias.data_ptr())
 
     def matches(self, crow, col, values, bias) -> bool:
-        c, i, v, b = self.tensors
         return (
-            crow is c and col is i and values is v and bias is b
-            and self.ptrs == tuple(t.data_ptr() for t in (crow, col, values, bias) if t is not None)
+            crow is self.crow and col is self.col and values is self.values and bias is self.bias
+            and self.ptrs == self._ptrs(crow, col, values, bias)
             and self.versions == (crow._version, col._version)
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.tensors[2], self.in_features)
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        nd = x.dim()
+        if x.dtype is not torch.float32 or not x.is_cpu or nd == 0 or x.shape[-1] != self.in_features:
+            _check_input(x, self.values, self.in_features)  # raises the precise error
+        x2 = x if nd == 2 else x.reshape(-1, self.in_features)
         if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < self.in_features):
             x2 = x2.contiguous()
-        out = torch.empty(x2.shape[0], self.handle.rows, dtype=torch.float32)
+        out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
         self.handle.matmul(*self.arrays, _np(x2), out.numpy(), self.bias_array)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.handle.rows)
-
+        return out if nd == 2 else out.reshape(*x.shape[:-1], self.out_features)

@@ -308,3 +308,16 @@ def test_deepcopy_and_pickle_after_forward():
         torch.save(sp, buf)
         buf.seek(0)
         assert torch.equal(torch.load(buf, weights_only=False)(x), y)
+
+
+def test_float64_default_dtype_does_not_leak_into_outputs():
+    sp = SparseLinear.from_dense(pruned_linear(6, 3, seed=11))
+    x = torch.randn(2, 6)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.no_grad():
+            y = sp(x)
+    finally:
+        torch.set_default_dtype(before)
+    assert y.dtype == torch.float32
