@@ -11,14 +11,19 @@ from .masks import WeightMask, effective_weight_and_mask, find_weight_mask, remo
 from .pruner import Pruner, prune
 from .report import PruningReport
 from .scope import available_scopes
-from .structures import available_structures
+from .structures import NM, Block, Channel, Structure, Unstructured, available_structures
 
 __all__ = [
+    "Block",
+    "Channel",
     "Layer",
+    "NM",
     "PRUNABLE_TYPES",
     "Pruner",
     "PruningReport",
     "ScoreContext",
+    "Structure",
+    "Unstructured",
     "WeightMask",
     "available_criteria",
     "available_scopes",

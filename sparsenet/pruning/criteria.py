@@ -3,15 +3,22 @@
 A criterion is any callable ``(layer, ctx) -> Tensor`` that returns one score per weight (same
 shape as ``layer.weight``); lower scores are pruned first. Criteria only score: they never pick
 counts or shapes, so every criterion works with every structure and scope.
+
+A criterion that needs data first (activations, gradients) also has ``prepare(ctx)``: it runs
+once, before any layer is scored, reads ``ctx.model`` / ``ctx.layers`` / ``ctx.calib`` /
+``ctx.loss_fn`` and leaves what it computed in ``ctx.stats``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
+
+from ..calibration import capture_input_sq_norms, check_calib
+from .gradients import LossFn, taylor_scores
 
 
 @dataclass(frozen=True)
@@ -34,19 +41,41 @@ class ScoreContext:
 
     # None draws from the global RNG, so torch.manual_seed still applies.
     generator: Optional[torch.Generator] = None
+    model: Optional[nn.Module] = None
+    layers: Mapping[str, nn.Module] = field(default_factory=dict)
+    calib: Optional[Iterable] = None
+    loss_fn: Optional[LossFn] = None
+    stats: dict[str, Any] = field(default_factory=dict)  # what prepare() computed
+
+    def require_calib(self, criterion: str) -> Iterable:
+        if self.calib is None:
+            raise ValueError(
+                f"criterion {criterion!r} needs calibration data: pass calib=[batches] "
+                "(tensors, (inputs, targets) pairs or dicts of keyword arguments)"
+            )
+        check_calib(self.calib)
+        if self.model is None:
+            raise ValueError(f"criterion {criterion!r} needs ctx.model to run calib through")
+        return self.calib
 
 
 Criterion = Callable[[Layer, ScoreContext], Tensor]
+Prepare = Callable[[ScoreContext], None]
 
 _CRITERIA: dict[str, Criterion] = {}
 
 
-def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
-    """Decorator that makes ``fn`` available as ``criterion=name``."""
+def register_criterion(
+    name: str, prepare: Optional[Prepare] = None
+) -> Callable[[Criterion], Criterion]:
+    """Decorator that makes ``fn`` available as ``criterion=name``; ``prepare`` becomes
+    ``fn.prepare`` (run once per pruning call, before scoring)."""
 
     def deco(fn: Criterion) -> Criterion:
         if name in _CRITERIA:
             raise ValueError(f"criterion {name!r} is already registered")
+        if prepare is not None:
+            fn.prepare = prepare
         _CRITERIA[name] = fn
         return fn
 
@@ -70,6 +99,8 @@ def get_criterion(criterion: str | Criterion) -> Criterion:
 
 @register_criterion("magnitude")
 def magnitude(layer: Layer, ctx: ScoreContext) -> Tensor:
+    """|w|. Per weight, L1 and L2 magnitude rank identically; for groups (channels, blocks)
+    the structure's ``norm`` ("l1" or "l2") picks how the |w| of a group combine."""
     # Raw |w|, not normalised per layer: global scope must compare magnitudes across layers.
     return layer.weight.abs()
 
@@ -79,3 +110,48 @@ def random(layer: Layer, ctx: ScoreContext) -> Tensor:
     # Draw on CPU so one seeded generator gives the same masks on any device.
     scores = torch.rand(layer.weight.shape, generator=ctx.generator, dtype=torch.float32)
     return scores.to(layer.weight.device)
+
+
+def _prepare_wanda(ctx: ScoreContext) -> None:
+    calib = ctx.require_calib("wanda")
+    ctx.stats["input_sq_norms"] = capture_input_sq_norms(ctx.model, ctx.layers, calib)
+
+
+def _input_norms_per_weight(module: nn.Module, sq_norms: Tensor) -> Tensor:
+    """||X_j||_2 broadcast to the weight's shape (input feature / channel j of each weight)."""
+    norms = sq_norms.sqrt()
+    if isinstance(module, nn.Conv2d):
+        out_ch, in_per_group = module.weight.shape[:2]
+        g = module.groups
+        # Output channel o of group k reads input channels k*in_per_group ... (k+1)*in_per_group.
+        per_out = norms.view(g, 1, in_per_group).expand(g, out_ch // g, in_per_group)
+        return per_out.reshape(out_ch, in_per_group, 1, 1)
+    return norms.unsqueeze(0)
+
+
+@register_criterion("wanda", prepare=_prepare_wanda)
+def wanda(layer: Layer, ctx: ScoreContext) -> Tensor:
+    """Activation-aware (Wanda): ``|W_ij| * ||X_j||_2`` over the calibration inputs of the layer.
+
+    Needs ``calib``; see :func:`sparsenet.calibration.capture_input_sq_norms` for what X_j is
+    (padding tokens excluded; per input channel for Conv2d).
+    """
+    # At least float32: half-precision products of |w| and large norms overflow.
+    dtype = torch.promote_types(layer.weight.dtype, torch.float32)
+    sq = ctx.stats["input_sq_norms"][layer.name].to(layer.weight.device, dtype)
+    return layer.weight.abs().to(dtype) * _input_norms_per_weight(layer.module, sq)
+
+
+def _prepare_taylor(ctx: ScoreContext) -> None:
+    calib = ctx.require_calib("taylor")
+    ctx.stats["taylor"] = taylor_scores(ctx.model, ctx.layers, calib, ctx.loss_fn)
+
+
+@register_criterion("taylor", prepare=_prepare_taylor)
+def taylor(layer: Layer, ctx: ScoreContext) -> Tensor:
+    """First-order Taylor: ``sum over calibration batches of |w * dL/dw|``.
+
+    Needs ``calib``; the loss is ``loss_fn(output, batch)`` or cross-entropy against the
+    batch's targets (see :func:`sparsenet.pruning.gradients.taylor_scores`).
+    """
+    return ctx.stats["taylor"][layer.name]

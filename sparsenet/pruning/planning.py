@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .criteria import Criterion, Layer, ScoreContext
@@ -34,7 +35,7 @@ class _Planner:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.old: dict[str, Optional[Tensor]] = {}
 
-    def unit_scores(self, name: str, module: nn.Module) -> Tensor:
+    def scores(self, name: str, module: nn.Module) -> Tensor:
         weight, old = effective_weight_and_mask(module)
         with torch.no_grad():
             scores = self.criterion(Layer(name, module, weight, old), self.ctx)
@@ -49,15 +50,37 @@ class _Planner:
         if torch.isnan(scores).any():
             raise ValueError(f"criterion returned NaN scores for layer {name!r}")
         if old is not None:
-            # Already-pruned weights rank first, so the new mask is a subset of the old one.
-            scores = scores.masked_fill(~old, float("-inf"))
+            # Already-pruned weights rank first (the structure says how they enter a group
+            # score), and the new mask is intersected with the old one below.
+            fill = getattr(self.structure, "pruned_score", float("-inf"))
+            scores = scores.masked_fill(~old, fill)
         self.shapes[name], self.old[name] = tuple(weight.shape), old
-        return self.structure.units(scores)
+        return scores
+
+    def unit_scores(self, name: str, module: nn.Module) -> Tensor:
+        return self.structure.units(self.scores(name, module))
+
+    def unit_size(self, name: str) -> int:
+        size = getattr(self.structure, "unit_size", None)
+        return size(self.shapes[name]) if size is not None else 1
 
     def mask(self, name: str, units: Tensor, n_remove: int) -> Tensor:
         keep = self.structure.expand(lowest_k(units, n_remove), self.shapes[name])
+        return self._with_old(name, keep)
+
+    def fixed_mask(self, name: str, module: nn.Module) -> Tensor:
+        return self._with_old(name, self.structure.keep(self.scores(name, module)))
+
+    def _with_old(self, name: str, keep: Tensor) -> Tensor:
         old = self.old[name]
         return keep & old if old is not None else keep
+
+
+def _weight_shape(module: nn.Module) -> tuple[int, ...]:
+    # The stored original, not module.weight: reading a parametrized weight computes it.
+    if parametrize.is_parametrized(module, "weight"):
+        return tuple(module.parametrizations["weight"].original.shape)
+    return tuple(module.weight.shape)
 
 
 def plan_masks(
@@ -69,8 +92,22 @@ def plan_masks(
     ctx: ScoreContext,
     progress: Optional[bool] = None,
 ) -> dict[str, Tensor]:
-    """Bool keep-mask (weight-shaped) for each layer, in ``layers`` order."""
+    """Bool keep-mask (weight-shaped) for each layer, in ``layers`` order.
+
+    Order of work: every layer's shape is checked against the structure, then the criterion's
+    ``prepare`` (calibration passes) runs once, then layers are scored -- cheap errors first.
+    """
+    check = getattr(structure, "check", None)
+    for name, module in layers.items():
+        if check is not None:
+            check(name, _weight_shape(module))
+    if not ctx.layers:
+        ctx.layers = layers
+    prepare = getattr(criterion, "prepare", None)
+    if prepare is not None:
+        prepare(ctx)
     planner = _Planner(criterion, structure, ctx)
+    fixed = getattr(structure, "fixed_sparsity", None) is not None
     items = tqdm(
         layers.items(),
         total=len(layers),
@@ -79,13 +116,18 @@ def plan_masks(
         disable=_bar_disabled(progress, len(layers)),
     )
     with items:
+        if fixed:
+            # The structure fixes every group's count itself: no scope, one layer at a time.
+            return {name: planner.fixed_mask(name, module) for name, module in items}
         if not scope.needs_all_scores:
             # Decide each layer as soon as it is scored: only one layer's scores live at a time.
             masks = {}
             for name, module in items:
                 units = planner.unit_scores(name, module)
-                masks[name] = planner.mask(name, units, scope.allocate([units], sparsity)[0])
+                k = scope.allocate([units], sparsity, [planner.unit_size(name)])[0]
+                masks[name] = planner.mask(name, units, k)
             return masks
         units = {name: planner.unit_scores(name, module) for name, module in items}
-    counts = scope.allocate(list(units.values()), sparsity)
+    sizes = [planner.unit_size(name) for name in units]
+    counts = scope.allocate(list(units.values()), sparsity, sizes)
     return {name: planner.mask(name, u, k) for (name, u), k in zip(units.items(), counts)}

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .criteria import Criterion, ScoreContext, get_criterion
+from .gradients import LossFn
 from .layers import find_prunable_layers
 from .masks import find_weight_mask, remove_pruning, set_weight_mask
 from .planning import plan_masks
 from .report import PruningReport
 from .scope import get_scope
-from .structures import get_structure
+from .structures import Structure, get_structure
 
 
 class Pruner:
@@ -33,7 +34,7 @@ class Pruner:
         *,
         sparsity: float,
         criterion: str | Criterion,
-        structure: str,
+        structure: str | Structure,
         scope: str,
         seed: Optional[int],
     ) -> None:
@@ -74,6 +75,21 @@ def _check_sparsity(sparsity: object) -> float:
     if not (0.0 <= value < 1.0) or math.isnan(value):
         raise ValueError(f"sparsity must be a float in [0, 1), got {sparsity!r}")
     return value
+
+
+def _resolve_sparsity(sparsity: object, structure: Structure) -> float:
+    """The requested sparsity, or the one an N:M structure fixes (a different request raises)."""
+    fixed = getattr(structure, "fixed_sparsity", None)
+    if fixed is None:
+        if sparsity is None:
+            raise ValueError(f"sparsity is required for structure {structure.name!r}")
+        return _check_sparsity(sparsity)
+    if sparsity is not None and abs(_check_sparsity(sparsity) - fixed) > 1e-9:
+        raise ValueError(
+            f"structure {structure.name!r} fixes sparsity at {fixed:g}; sparsity={sparsity!r} "
+            "conflicts with it (leave sparsity out)"
+        )
+    return fixed
 
 
 def _check_exclude(exclude: object) -> tuple[str, ...]:
@@ -117,13 +133,16 @@ def _apply(layers: dict[str, nn.Module], masks: dict[str, Tensor]) -> dict[str, 
 
 def prune(
     model: nn.Module,
-    sparsity: float,
+    sparsity: Optional[float] = None,
     criterion: str | Criterion = "magnitude",
     scope: str = "layer",
     exclude: Optional[Sequence[str]] = None,
     seed: Optional[int] = None,
     *,
-    structure: str = "unstructured",
+    structure: str | Structure = "unstructured",
+    block: Optional[tuple[int, int]] = None,
+    calib: Optional[Iterable] = None,
+    loss_fn: Optional[LossFn] = None,
     progress: Optional[bool] = None,
 ) -> Pruner:
     """Mask the weights of every ``nn.Linear`` / ``nn.Conv2d`` in ``model`` (in place).
@@ -131,17 +150,29 @@ def prune(
     Args:
         model: the model; modified in place only after every check and mask has succeeded.
         sparsity: fraction of weights to remove, in [0, 1). ``scope="layer"`` removes exactly
-            ``round(sparsity * numel)`` from each layer; ``scope="global"`` removes exactly
-            ``round(sparsity * total)`` across the selected layers, ranking raw scores together.
-        criterion: a registered name (``"magnitude"``: |w|; ``"random"``) or a callable
-            ``(Layer, ScoreContext) -> scores``. Lowest scores go first; ties go to the earlier
+            ``round(sparsity * numel)`` from each layer (to within one unit for structures);
+            ``scope="global"`` removes ``round(sparsity * total)`` across the selected layers,
+            ranking raw scores together. Leave it out for N:M, which fixes its own.
+        criterion: a registered name (``"magnitude"``: |w|; ``"random"``; ``"wanda"``:
+            |w| times the input's L2 norm per input feature; ``"taylor"``: |w * dL/dw| summed
+            over calibration batches) or a callable ``(Layer, ScoreContext) -> scores``,
+            optionally with ``.prepare(ctx)``. Lowest scores go first; ties go to the earlier
             layer, then the lower flat index, so masks are deterministic.
         scope: ``"layer"`` or ``"global"``.
         exclude: qualified module names or fnmatch globs (``["classifier", "*.out_proj"]``);
             excluding a module excludes everything under it. A pattern matching nothing raises.
             Layers inside ``nn.MultiheadAttention`` are always skipped.
         seed: seeds the ``"random"`` criterion; ``None`` uses torch's global RNG.
-        structure: ``"unstructured"`` (more structures will follow).
+        structure: ``"unstructured"``; ``"N:M"`` such as ``"2:4"`` (N of every M consecutive
+            weights along a row kept); ``"block"`` (r x c tiles kept or removed whole);
+            ``"channel"`` (whole output rows / filters); or a structure object such as
+            ``Channel(norm="l2")`` or ``Block(4, 4)``. See :mod:`sparsenet.pruning.structures`.
+        block: ``(r, c)`` for ``structure="block"``; default 16x16.
+        calib: calibration batches for ``"wanda"`` and ``"taylor"``: a re-iterable of tensors,
+            ``(inputs, targets)`` pairs or dicts of keyword arguments
+            (see :mod:`sparsenet.calibration`).
+        loss_fn: ``loss_fn(output, batch) -> scalar`` for ``"taylor"``; default cross-entropy
+            against the batch's targets.
         progress: show a tqdm bar over layers; ``None`` shows it for more than a few layers.
 
     Already-pruned layers (sparsenet's masks) are re-scored on their masked weights and the new
@@ -151,16 +182,18 @@ def prune(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    value = _check_sparsity(sparsity)
+    structure_obj = get_structure(structure, block)
+    value = _resolve_sparsity(sparsity, structure_obj)
     criterion_fn = get_criterion(criterion)
     scope_obj = get_scope(scope)
-    structure_obj = get_structure(structure)
     patterns = _check_exclude(exclude)
     seed = _check_seed(seed)
     layers = find_prunable_layers(model, patterns)
 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    ctx = ScoreContext(generator=generator)
+    ctx = ScoreContext(
+        generator=generator, model=model, layers=layers, calib=calib, loss_fn=loss_fn
+    )
     masks = plan_masks(layers, value, criterion_fn, structure_obj, scope_obj, ctx, progress)
     live = _apply(layers, masks)
     return Pruner(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
+import torch
 from torch import Tensor
 
 from .ranking import split_lowest_k
@@ -18,33 +19,65 @@ class Scope(Protocol):
     name: str
     needs_all_scores: bool
 
-    def allocate(self, unit_scores: Sequence[Tensor], sparsity: float) -> list[int]:
-        """Units to remove from each layer."""
+    def allocate(
+        self, unit_scores: Sequence[Tensor], sparsity: float, unit_sizes: Sequence[int]
+    ) -> list[int]:
+        """Units to remove from each layer; ``unit_sizes[i]``: weights per unit of layer i."""
 
 
 class LayerScope:
-    """Each layer loses exactly ``round(sparsity * units)``."""
+    """Each layer loses exactly ``round(sparsity * units)`` (units of one layer are equal)."""
 
     name = "layer"
     needs_all_scores = False
 
-    def allocate(self, unit_scores: Sequence[Tensor], sparsity: float) -> list[int]:
+    def allocate(
+        self, unit_scores: Sequence[Tensor], sparsity: float, unit_sizes: Sequence[int]
+    ) -> list[int]:
         return [round(sparsity * s.numel()) for s in unit_scores]
 
 
 class GlobalScope:
-    """All layers together lose exactly ``round(sparsity * total units)``, lowest scores first.
+    """All layers together lose ``round(sparsity * total weights)``, lowest unit scores first.
 
-    Scores are compared raw across layers, so a criterion's scale decides how sparsity spreads;
-    a layer may lose all its units (per-layer floors come with sparsity allocation).
+    Exact when all units have the same size (weights, blocks); with units of different sizes
+    (channels of different widths) removal stops at the unit that lands closest to the target,
+    so the total is within half of one unit. Scores are compared raw across layers, so a
+    criterion's scale decides how sparsity spreads; a layer may lose all its units (per-layer
+    floors come with sparsity allocation).
     """
 
     name = "global"
     needs_all_scores = True
 
-    def allocate(self, unit_scores: Sequence[Tensor], sparsity: float) -> list[int]:
-        total = sum(s.numel() for s in unit_scores)
-        return split_lowest_k(unit_scores, round(sparsity * total))
+    def allocate(
+        self, unit_scores: Sequence[Tensor], sparsity: float, unit_sizes: Sequence[int]
+    ) -> list[int]:
+        if len(set(unit_sizes)) <= 1:
+            total = sum(s.numel() for s in unit_scores)
+            return split_lowest_k(unit_scores, round(sparsity * total))
+        return _weighted_lowest(unit_scores, unit_sizes, sparsity)
+
+
+def _weighted_lowest(
+    unit_scores: Sequence[Tensor], unit_sizes: Sequence[int], sparsity: float
+) -> list[int]:
+    """Units per layer among the lowest-scored prefix whose weight total is nearest the target.
+
+    A full stable sort is fine here: only structured units (a few per row or block) reach it.
+    """
+    flat = torch.cat([s.reshape(-1).double().cpu() for s in unit_scores])
+    owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(unit_scores)])
+    sizes = torch.tensor(unit_sizes, dtype=torch.float64)[owner]
+    order = torch.sort(flat, stable=True).indices  # ties: earlier layer, then lower index
+    removed = torch.cumsum(sizes[order], 0)
+    target = round(sparsity * float(sizes.sum()))
+    k = int(torch.searchsorted(removed, torch.tensor([float(target)]), right=True))
+    # removed[k-1] <= target < removed[k]: take unit k too if that lands strictly closer.
+    below = float(removed[k - 1]) if k else 0.0
+    if k < len(removed) and float(removed[k]) - target < target - below:
+        k += 1
+    return torch.bincount(owner[order[:k]], minlength=len(unit_scores)).tolist()
 
 
 _SCOPES: dict[str, Scope] = {s.name: s for s in (LayerScope(), GlobalScope())}

@@ -31,7 +31,7 @@ def assert_untouched(model, before):
         ({"sparsity": True}, ValueError, "sparsity"),
         ({"sparsity": 0.5, "criterion": "magnitud"}, ValueError, "known criteria: magnitude"),
         ({"sparsity": 0.5, "scope": "model"}, ValueError, "known scopes: global, layer"),
-        ({"sparsity": 0.5, "structure": "2:4"}, ValueError, "known structures: unstructured"),
+        ({"sparsity": 0.5, "structure": "diagonal"}, ValueError, "known structures: unstructured"),
         ({"sparsity": 0.5, "exclude": ["head.9"]}, ValueError, r"match no module: \['head.9'\]"),
         ({"sparsity": 0.5, "exclude": [3]}, TypeError, "exclude"),
         ({"sparsity": 0.5, "seed": 1.5}, TypeError, "seed"),

@@ -1,0 +1,18 @@
+"""Feed models calibration data and watch them: one data protocol, forward-hook statistics.
+
+``calib`` is any re-iterable (a list, a DataLoader) whose batches are tensors, ``(inputs,
+targets)`` pairs, or dicts of keyword arguments (as a Hugging Face tokenizer returns). Pruning
+criteria and reconstruction read calibration data only through this package.
+"""
+
+from .capture import capture_input_sq_norms, eval_mode
+from .data import Batch, check_calib, iter_batches, split_batch
+
+__all__ = [
+    "Batch",
+    "capture_input_sq_norms",
+    "check_calib",
+    "eval_mode",
+    "iter_batches",
+    "split_batch",
+]

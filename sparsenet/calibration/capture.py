@@ -1,0 +1,91 @@
+"""Forward-hook capture of per-layer input statistics.
+
+Each hook reduces its layer's input to a small statistic the moment it sees it and keeps
+nothing else, so one layer's activation is the most that is ever held beyond what the forward
+pass itself holds; all layers are watched in the same pass, so ``calib`` is read once.
+Hooks are always removed and training flags restored, even when a batch raises.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .data import iter_batches
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` for the block, then each module's own ``training`` flag back."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def model_device(model: nn.Module) -> Optional[torch.device]:
+    for p in model.parameters():
+        return p.device
+    return None
+
+
+def _token_rows(x: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """Linear input as (tokens, features), with padding tokens (mask == 0) dropped.
+
+    The mask applies only where the input's leading dims are the mask's (batch, seq) shape;
+    inputs that already pooled the sequence (a classifier on [CLS]) keep every row.
+    """
+    if attention_mask is not None and tuple(x.shape[:-1]) == tuple(attention_mask.shape):
+        x = x[attention_mask.to(x.device) != 0]
+    return x.reshape(-1, x.shape[-1])
+
+
+def _sq_norm(module: nn.Module, x: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    # float32 accumulation: bf16/fp16 activations squared and summed over many tokens overflow
+    # or lose every small term.
+    if isinstance(module, nn.Conv2d):
+        # Per input channel over batch and all pixels; attention masks do not apply to images.
+        return x.float().pow(2).sum(dim=(0, 2, 3)) if x.dim() == 4 else x.float().pow(2).sum((1, 2))
+    return _token_rows(x, attention_mask).float().pow(2).sum(dim=0)
+
+
+def capture_input_sq_norms(
+    model: nn.Module, layers: Mapping[str, nn.Module], calib: Iterable
+) -> dict[str, Tensor]:
+    """Squared L2 norm of each layer's input per input feature, summed over all of ``calib``.
+
+    ``nn.Linear``: shape ``(in_features,)``, ``sum over tokens of x[t, j]**2`` (padding tokens
+    excluded when the batch has an ``attention_mask``). ``nn.Conv2d``: shape ``(in_channels,)``,
+    ``x[b, c, h, w]**2`` summed over batch and pixels -- each input value counted once, not once
+    per kernel tap, so it matches the unfolded (im2col) column norms up to border effects and
+    stride. Runs the model in eval mode under ``no_grad``; a layer never reached raises.
+    """
+    sums: dict[str, Tensor] = {}
+    state: dict[str, Optional[Tensor]] = {"attention_mask": None}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            s = _sq_norm(module, args[0].detach(), state["attention_mask"])
+            sums[name] = s if name not in sums else sums[name] + s
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    try:
+        with eval_mode(model), torch.no_grad():
+            for batch in iter_batches(calib, model_device(model)):
+                state["attention_mask"] = batch.kwargs.get("attention_mask")
+                model(*batch.args, **batch.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in layers if n not in sums]
+    if missing:
+        raise ValueError(f"calibration forward never reached layers {missing}")
+    return sums

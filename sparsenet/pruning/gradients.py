@@ -1,0 +1,93 @@
+"""Gradient pass for the Taylor criterion: sum over calibration batches of |w * dL/dw|.
+
+Gradients are taken with ``torch.autograd.grad`` on the layers' underlying weights, so no
+``.grad`` is left on the model and ``requires_grad`` flags are restored afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..calibration import Batch, eval_mode, iter_batches
+from ..calibration.capture import model_device
+from .masks import effective_weight_and_mask, find_weight_mask
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+def _logits(output: Any) -> Tensor:
+    # Hugging Face models return an object with .logits; many models return a tuple.
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
+def default_loss(output: Any, batch: Batch) -> Tensor:
+    """Cross-entropy of the output's logits against the batch's targets (``-100`` ignored)."""
+    if batch.targets is None:
+        raise ValueError(
+            "the default loss (cross-entropy) needs targets, but a calib batch has none; pass "
+            "(inputs, targets) batches, a 'labels' entry, or loss_fn=callable(output, batch)"
+        )
+    logits, targets = _logits(output), batch.targets
+    classes = logits.shape[-1]
+    if targets.shape == logits.shape:  # class probabilities
+        return F.cross_entropy(logits.reshape(-1, classes), targets.reshape(-1, classes))
+    return F.cross_entropy(logits.reshape(-1, classes), targets.reshape(-1))
+
+
+def _underlying(module: nn.Module) -> nn.Parameter:
+    if find_weight_mask(module) is not None:
+        return module.parametrizations["weight"].original
+    return module.weight
+
+
+def taylor_scores(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    calib: Iterable,
+    loss_fn: Optional[LossFn] = None,
+) -> dict[str, Tensor]:
+    """Weight-shaped ``sum_b |w * dL_b/dw|`` per layer, ``L_b`` the loss of calibration batch b.
+
+    ``loss_fn(output, batch)`` gets the batch as it is in ``calib`` (on the model's device);
+    without it, :func:`default_loss`. Summing per-batch magnitudes (not the magnitude of the
+    summed gradient) keeps weights whose gradients cancel across batches from looking idle.
+    Raises ValueError on a non-scalar loss or a NaN/Inf gradient.
+    """
+    weights = {name: _underlying(m) for name, m in layers.items()}
+    flags = {name: w.requires_grad for name, w in weights.items()}
+    acc: dict[str, Tensor] = {}
+    try:
+        for w in weights.values():
+            w.requires_grad_(True)
+        with eval_mode(model):
+            for i, batch in enumerate(iter_batches(calib, model_device(model))):
+                output = model(*batch.args, **batch.kwargs)
+                if loss_fn is None:
+                    loss = default_loss(output, batch)
+                else:
+                    loss = loss_fn(output, batch.raw)
+                if not isinstance(loss, Tensor) or loss.numel() != 1:
+                    raise ValueError(f"loss_fn must return a scalar tensor, got {loss!r:.80}")
+                grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+                for (name, module), g in zip(layers.items(), grads):
+                    if g is None:
+                        raise ValueError(f"layer {name!r} gets no gradient from the loss")
+                    if not torch.isfinite(g).all():
+                        raise ValueError(
+                            f"NaN or Inf gradient for layer {name!r} on calibration batch #{i}"
+                        )
+                    w, _ = effective_weight_and_mask(module)
+                    s = (w * g).abs().to(torch.promote_types(w.dtype, torch.float32))
+                    acc[name] = s if name not in acc else acc[name] + s
+    finally:
+        for name, w in weights.items():
+            w.requires_grad_(flags[name])
+    return acc
