@@ -1,12 +1,29 @@
-"""The ``sparsenet`` command: ``sparsenet demo`` and ``sparsenet info``.
+"""The ``sparsenet`` command: ``sparsenet demo``, ``sparsenet prune`` and ``sparsenet info``.
 
 Subcommands (``sparsenet COMMAND ...``) so more can join later. torch and sparsenet are imported only
 inside the commands, so ``--help`` and option errors answer at once.
+
+``sparsenet prune`` choices, and why:
+
+* Models come from code (``pkg.module:factory``, optionally with ``--weights``), from TorchScript, or
+  from a ``torch.save`` pickle only with ``--trust-pickle``: unpickling runs code from the file.
+* TorchScript: parametrizations cannot be registered on ScriptModules, so masks are computed on eager
+  stand-ins sharing the scripted weights and then written into them as zeros; the output is the
+  scripted model's state_dict (load it into ``torch.jit.load(original)`` with ``sparsenet.load``).
+  Scripted code does not run Python hooks, so only data-free criteria (magnitude, random) apply.
+* ``--calib`` is a safetensors file, so calibration data never needs pickle either: ``inputs``
+  [N, ...] with optional ``targets`` [N, ...], or any other set of [N, ...] tensors passed as keyword
+  arguments; rows are cut into batches of ``--calib-batch``. The first batch also measures each
+  layer's output positions, so the report's FLOPs are per sample; without it they are per position.
+* Option errors exit with 2 (argparse); a failure while loading or pruning prints one
+  ``error:`` line and exits with 1; the output file is written only after everything succeeded.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -75,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-bench", action="store_true", help="skip the timing part")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_cmd_demo)
+
+    _add_prune_parser(sub)
 
     info = sub.add_parser("info", help="print versions, ISA in use, threads and build facts",
                           description="Print sparsenet.show_config().")
@@ -171,15 +190,331 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class CommandError(Exception):
+    """A failure a user can fix (bad file, unknown factory): printed as one line, exit status 1."""
+
+
+# ---- sparsenet prune ---------------------------------------------------------------------------
+
+# Literal rather than read from the registry, so --help does not import torch.
+CRITERIA = ("magnitude", "random", "wanda", "taylor")
+DATA_CRITERIA = ("wanda", "taylor")
+_NM_SPEC = re.compile(r"^(\d+):(\d+)$")
+_BLOCK_SPEC = re.compile(r"^(\d+)[xX](\d+)$")
+
+
+def _structure(text: str) -> str:
+    if text in ("unstructured", "channel", "block"):
+        return text
+    match = _NM_SPEC.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"must be unstructured, channel, block or N:M such as 2:4, got {text!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m:
+        raise argparse.ArgumentTypeError(f"N:M needs 1 <= N < M, got {text!r}")
+    return text
+
+
+def _block(text: str) -> tuple[int, int]:
+    match = _BLOCK_SPEC.match(text)
+    if match is None or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise argparse.ArgumentTypeError(f"must be RxC with positive integers, such as 16x16, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _add_prune_parser(sub) -> None:
+    prune = sub.add_parser(
+        "prune", help="prune a model and save it with sparsenet.save",
+        description="Prune every nn.Linear / nn.Conv2d of a model, print a per-layer report (sparsity, "
+                    "parameters, FLOPs) and save the finalized model with sparsenet.save.",
+        epilog="MODEL is pkg.module:factory or path/to/file.py:factory (a zero-argument callable returning "
+               "an nn.Module; the current directory is importable), or a TorchScript file, or, with "
+               "--trust-pickle, a torch.save pickle of a whole module. CALIB is a safetensors file: either "
+               "'inputs' [N, ...] with optional 'targets' [N, ...] (batches are model(inputs)), or any other "
+               "set of [N, ...] tensors passed as keyword arguments (model(input_ids=..., attention_mask=...); "
+               "a 'labels' entry is the target). Rows are cut into batches of --calib-batch.",
+    )
+    prune.add_argument("--model", required=True, metavar="MODEL", help="what to prune (see below)")
+    prune.add_argument("--weights", metavar="FILE", help="safetensors weights for a factory model: a "
+                       "sparsenet.save file or a plain state_dict")
+    prune.add_argument("--trust-pickle", action="store_true",
+                       help="allow MODEL to be a torch.save pickle (unpickling runs code from the file)")
+    prune.add_argument("--sparsity", type=_sparsity, help="fraction of weights to remove, in [0, 1); "
+                       "required except for N:M, which fixes its own")
+    prune.add_argument("--criterion", choices=CRITERIA, default="magnitude", help="importance score "
+                       "(default magnitude; wanda and taylor need --calib)")
+    prune.add_argument("--structure", type=_structure, default="unstructured", metavar="STRUCTURE",
+                       help="unstructured (default), channel, block or N:M such as 2:4")
+    prune.add_argument("--block", type=_block, metavar="RxC", help="block shape for --structure block "
+                       "(default 16x16)")
+    prune.add_argument("--scope", choices=("layer", "global"), default="layer",
+                       help="same sparsity in every layer, or one ranking across layers (default layer)")
+    prune.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
+                       help="module names or globs to leave dense (and everything under them)")
+    prune.add_argument("--calib", metavar="CALIB", help="calibration data (safetensors, see below)")
+    prune.add_argument("--calib-batch", type=_int_at_least(1), default=8, metavar="ROWS",
+                       help="calibration rows per batch (default 8)")
+    prune.add_argument("--seed", type=_int_at_least(0), help="seed for --criterion random")
+    prune.add_argument("-o", "--output", required=True, metavar="OUT", help="where to save the pruned model")
+    prune.add_argument("--sparsify", action="store_true",
+                       help="convert pruned nn.Linear layers to SparseLinear before saving")
+    prune.add_argument("--min-sparsity", type=_sparsity, help="with --sparsify: convert only "
+                       "layers at least this sparse (default 0.5; below it CSR is no smaller than dense)")
+    prune.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    prune.set_defaults(func=_cmd_prune, check=_check_prune_args, subparser=prune)
+
+
+def _check_prune_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    nm = _NM_SPEC.match(args.structure) is not None
+    if args.sparsity is None and not nm:
+        parser.error(f"--sparsity is required for --structure {args.structure}")
+    if nm and args.sparsity is not None:
+        n, m = map(int, args.structure.split(":"))
+        if abs(args.sparsity - (m - n) / m) > 1e-9:
+            parser.error(f"--structure {args.structure} fixes the sparsity at {(m - n) / m:g}; "
+                         f"--sparsity {args.sparsity:g} conflicts with it (leave it out)")
+    if args.block is not None and args.structure != "block":
+        parser.error("--block applies only to --structure block")
+    if args.criterion in DATA_CRITERIA and args.calib is None:
+        parser.error(f"--criterion {args.criterion} needs calibration data: pass --calib CALIB")
+    if args.min_sparsity is not None and not args.sparsify:
+        parser.error("--min-sparsity applies only with --sparsify")
+
+
+def _import_factory(spec: str):
+    """``pkg.module:factory`` or ``path/to/file.py:factory`` -> the callable."""
+    import importlib
+    import importlib.util
+
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr.isidentifier():
+        raise CommandError(f"--model {spec!r} is neither a file nor pkg.module:factory")
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise CommandError(f"--model {spec!r}: no such file {module_name!r}")
+            mod_spec = importlib.util.spec_from_file_location(
+                f"_sparsenet_model_{abs(hash(os.path.abspath(module_name)))}", module_name)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            # A console script's sys.path starts at the script's folder; users expect their own
+            # working directory to be importable, as with `python -m`.
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.append(os.getcwd())
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise CommandError(f"--model {spec!r}: cannot import {module_name!r} ({e})") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise CommandError(f"--model {spec!r}: {module_name!r} has no callable {attr!r}")
+    return factory
+
+
+def _is_torchscript(path: str) -> bool:
+    """TorchScript archives hold compiled code (``code/``, ``constants.pkl``); torch.save zips do not."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def _load_model(args: argparse.Namespace):
+    """(model, is_torchscript) from --model / --weights / --trust-pickle."""
+    import torch
+    from torch import nn
+
+    if os.path.isfile(args.model):
+        if args.weights is not None:
+            raise CommandError("--weights applies only to a factory model; a model file carries its weights")
+        with open(args.model, "rb") as f:
+            head = f.read(9)
+        if _is_torchscript(args.model):
+            return torch.jit.load(args.model, map_location="cpu"), True
+        if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+            raise CommandError(f"{args.model!r} holds weights only: pass --model pkg.module:factory "
+                               f"--weights {args.model}")
+        if not args.trust_pickle:
+            raise CommandError(f"{args.model!r} is not TorchScript; loading it as a torch.save pickle would run "
+                               "code stored in the file. Pass --trust-pickle only if you trust its source")
+        try:
+            model = torch.load(args.model, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CommandError(f"cannot load {args.model!r} as a torch.save pickle ({e})") from e
+        if not isinstance(model, nn.Module):
+            raise CommandError(f"{args.model!r} holds a {type(model).__name__}, not an nn.Module")
+        return model, False
+
+    model = _import_factory(args.model)()
+    if not isinstance(model, nn.Module):
+        raise CommandError(f"--model {args.model!r} returned a {type(model).__name__}, not an nn.Module")
+    if args.weights is not None:
+        _load_weights(model, args.weights)
+    return model, False
+
+
+def _load_weights(model, path: str) -> None:
+    """A sparsenet.save file (sparse layers made dense again) or a plain safetensors state_dict."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import sparsenet
+    from sparsenet.io import read_metadata
+    from sparsenet.nn import SparseLinear
+    from sparsenet.nn.convert import _set_submodule
+
+    if not os.path.isfile(path):
+        raise CommandError(f"--weights {path!r}: no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            is_sparsenet = "sparsenet" in (f.metadata() or {})
+    except Exception as e:
+        raise CommandError(f"--weights {path!r} is not a readable safetensors file ({e})") from e
+    try:
+        if not is_sparsenet:
+            model.load_state_dict(load_file(path), strict=True)
+            return
+        # Layers saved as SparseLinear get a SparseLinear shell to load into, then turn dense,
+        # so a sparsified file re-prunes like any other.
+        for entry in read_metadata(path)["modules"]:
+            layer = model.get_submodule(entry["name"])
+            shell = SparseLinear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            _set_submodule(model, entry["name"], shell)
+        sparsenet.load(path, model)
+        sparsenet.densify(model, inplace=True)
+    except (ValueError, RuntimeError, AttributeError) as e:
+        raise CommandError(f"--weights {path!r} does not fit the model: {e}") from e
+
+
+def _load_calib(path: str, rows: int) -> list:
+    """Batches in sparsenet's calibration protocol from a safetensors file (layout: see the epilog)."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise CommandError(f"--calib {path!r}: no such file")
+    try:
+        tensors = load_file(path)
+    except Exception as e:
+        raise CommandError(f"--calib {path!r} is not a readable safetensors file ({e})") from e
+    if not tensors:
+        raise CommandError(f"--calib {path!r} holds no tensors")
+    lengths = {name: t.shape[0] if t.dim() else None for name, t in tensors.items()}
+    if len(set(lengths.values())) != 1 or None in lengths.values():
+        raise CommandError(f"--calib {path!r}: every tensor needs the same number of rows, got {lengths}")
+    n = next(iter(lengths.values()))
+    if n == 0:
+        raise CommandError(f"--calib {path!r} holds no rows")
+    if "inputs" in tensors:
+        extra = set(tensors) - {"inputs", "targets"}
+        if extra:
+            raise CommandError(f"--calib {path!r}: next to 'inputs' only 'targets' is allowed, got {sorted(extra)}")
+        inputs, targets = tensors["inputs"], tensors.get("targets")
+        return [inputs[i:i + rows] if targets is None else (inputs[i:i + rows], targets[i:i + rows])
+                for i in range(0, n, rows)]
+    return [{k: t[i:i + rows] for k, t in tensors.items()} for i in range(0, n, rows)]
+
+
+def _script_layers(script):
+    """Eager nn.Linear / nn.Conv2d stand-ins sharing a TorchScript module's weights, for scoring.
+
+    Parametrizations cannot be registered on ScriptModules, so the masks are computed on these
+    stand-ins (nested like the original, so names and --exclude match) and then written into the
+    scripted weights as zeros.
+    """
+    from torch import nn
+
+    root, originals = nn.Module(), {}
+    for name, sub in script.named_modules():
+        kind = getattr(sub, "original_name", None)
+        if kind not in ("Linear", "Conv2d") or not name:
+            continue
+        weight, bias = sub.weight, getattr(sub, "bias", None)
+        if kind == "Linear":
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        else:
+            groups = int(getattr(sub, "groups", 1))
+            layer = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                              groups=groups, bias=bias is not None, device="meta")
+        layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, layer)
+        originals[name] = sub
+    if not originals:
+        raise CommandError("the TorchScript model has no Linear / Conv2d submodules to prune")
+    return root, originals
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    import torch
+
+    import sparsenet
+    from sparsenet.pruning.flops import output_positions
+
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):  # fail before the slow part, not after it
+        raise CommandError(f"-o {args.output!r}: folder {out_dir!r} does not exist")
+    model, scripted = _load_model(args)
+    if scripted and args.criterion in DATA_CRITERIA:
+        raise CommandError(f"--criterion {args.criterion} runs the model with hooks, which TorchScript code does "
+                           "not call; use magnitude or random, or pass the eager model as pkg.module:factory")
+    if scripted and args.sparsify:
+        raise CommandError("--sparsify cannot put SparseLinear layers into a TorchScript model; "
+                           "prune the eager model (pkg.module:factory) to sparsify it")
+    calib = _load_calib(args.calib, args.calib_batch) if args.calib is not None else None
+    target, originals = _script_layers(model) if scripted else (model, None)
+    try:
+        pruner = sparsenet.prune(
+            target, args.sparsity, criterion=args.criterion, scope=args.scope, exclude=args.exclude,
+            seed=args.seed, structure=args.structure, block=args.block, calib=calib,
+            progress=not args.no_progress,
+        )
+        report = pruner.report()
+        if calib is not None:  # FLOPs per sample need the layers' real output sizes
+            report = report.with_positions(output_positions(model, pruner.layers, calib[0]))
+    except (ValueError, TypeError, RuntimeError) as e:  # bad settings or data that does not fit the model
+        raise CommandError(str(e)) from e
+    if scripted:
+        with torch.no_grad():
+            for name, mask in pruner.masks.items():
+                originals[name].weight.masked_fill_(~mask, 0)
+    else:
+        pruner.finalize()
+
+    console = _console()
+    console.print(report)
+    if args.sparsify:
+        model, sparsify_report = sparsenet.sparsify(
+            model, min_sparsity=0.5 if args.min_sparsity is None else args.min_sparsity, inplace=True)
+        print(str(sparsify_report).rstrip("\n"))
+    size = sparsenet.save(model, args.output)
+    console.print(f"saved {args.output}: {size}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the console script; returns the exit status (2 for bad options)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "check", None) is not None:  # checks that span several options
+            args.check(args.subparser, args)
     except SystemExit as e:  # argparse exits on --help (0) and on bad options (2, message on stderr)
         return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
+    except CommandError as e:
+        print(f"sparsenet {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -50,3 +50,14 @@ def test_contenders_compute_the_same_layer(small_rotation):
     assert small_rotation.check_agreement(c, torch.randn(4, 20)) < 1e-5
     fns = small_rotation.callables(c, torch.randn(3, 20))
     assert {k: tuple(f().shape) for k, f in fns.items()} == {k: (3, 33) for k in fns}
+
+
+def test_pruning_pipeline_runs_on_a_tiny_model():
+    pytest.importorskip("transformers")
+    pipeline = load("pruning_pipeline")
+    try:
+        code = pipeline.main(["--layers", "1", "--hidden", "32", "--ffn", "64", "--heads", "2", "--seqs", "2",
+                              "--seq-len", "8", "--calib-batch", "1", "--criteria", "wanda"])
+    finally:
+        sys.modules.pop("pruning_pipeline", None)
+    assert code in (0, None)

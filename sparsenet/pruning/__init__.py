@@ -1,26 +1,35 @@
 """Decide what to remove: criteria score weights, structures group them, scopes count them.
 
 ``prune(model, ...)`` keeps a bool mask beside each weight (a parametrization) until
-``Pruner.finalize()`` writes the zeros. ``effective_weight_and_mask`` and ``remove_pruning`` let
-later stages read or bake masks from sparsenet or from torch.nn.utils.prune alike.
+``Pruner.finalize()`` writes the zeros; with ``schedule=`` (see :mod:`.schedules`) the
+sparsity rises gradually as the training loop calls ``Pruner.step()``.
+``effective_weight_and_mask`` and ``remove_pruning`` let later stages read or bake masks from
+sparsenet or from torch.nn.utils.prune alike.
 """
 
 from .criteria import Layer, ScoreContext, available_criteria, get_criterion, register_criterion
+from .flops import output_positions
 from .layers import PRUNABLE_TYPES, find_prunable_layers
 from .masks import WeightMask, effective_weight_and_mask, find_weight_mask, remove_pruning
 from .pruner import Pruner, prune
 from .report import PruningReport
+from .schedules import CubicSchedule, CustomSchedule, LinearSchedule, PruningStep, Schedule
 from .scope import available_scopes
 from .structures import NM, Block, Channel, Structure, Unstructured, available_structures
 
 __all__ = [
     "Block",
     "Channel",
+    "CubicSchedule",
+    "CustomSchedule",
     "Layer",
+    "LinearSchedule",
     "NM",
     "PRUNABLE_TYPES",
     "Pruner",
     "PruningReport",
+    "PruningStep",
+    "Schedule",
     "ScoreContext",
     "Structure",
     "Unstructured",
@@ -32,6 +41,7 @@ __all__ = [
     "find_prunable_layers",
     "find_weight_mask",
     "get_criterion",
+    "output_positions",
     "register_criterion",
     "prune",
     "remove_pruning",

@@ -4,26 +4,80 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .criteria import Criterion, ScoreContext, get_criterion
+from .flops import output_positions
 from .gradients import LossFn
 from .layers import find_prunable_layers
-from .masks import find_weight_mask, remove_pruning, set_weight_mask
+from .masks import effective_weight_and_mask, find_weight_mask, remove_pruning, set_weight_mask
 from .planning import plan_masks
 from .report import PruningReport
-from .scope import get_scope
+from .schedules import PruningStep, Schedule
+from .scope import Scope, get_scope
 from .structures import Structure, get_structure
 
 
+PRUNER_STATE_VERSION = 1
+
+
+@dataclass
+class _Recipe:
+    """Everything needed to plan masks again at another sparsity (gradual pruning)."""
+
+    model: nn.Module
+    layers: dict[str, nn.Module]
+    criterion: Criterion
+    structure: Structure
+    scope: Scope
+    seed: Optional[int]
+    calib: Optional[Iterable]
+    loss_fn: Optional[LossFn]
+    progress: Optional[bool]
+
+    def plan(self, sparsity: float) -> dict[str, Tensor]:
+        # A fresh generator per plan: with a seed, "random" scores are the same at every step,
+        # so masks of a gradual run nest instead of reshuffling.
+        generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        ctx = ScoreContext(
+            generator=generator,
+            model=self.model,
+            layers=self.layers,
+            calib=self.calib,
+            loss_fn=self.loss_fn,
+        )
+        return plan_masks(
+            self.layers, sparsity, self.criterion, self.structure, self.scope, ctx, self.progress
+        )
+
+
+def _describe(obj: object) -> str:
+    """A stable name for settings comparison (no memory addresses)."""
+    if isinstance(obj, str):
+        return obj
+    if hasattr(obj, "__qualname__"):  # functions and classes: their repr holds an address
+        return obj.__qualname__
+    if type(obj).__repr__ is not object.__repr__:
+        return repr(obj)
+    return type(obj).__qualname__
+
+
 class Pruner:
-    """Handle on one pruning of a model: its masks, a report, and ``finalize``.
+    """Handle on one pruning of a model: its masks, a report, ``step`` and ``finalize``.
 
     ``masks`` are the live buffers of the layers' parametrizations (bool, weight-shaped, True =
     kept); do not modify them. After ``finalize`` they remain as a record of what was removed.
+
+    Pruned weights read exactly zero through any optimizer step: the parametrization computes
+    ``layer.weight`` from the mask on every read, and ``finalize`` bakes that read. The stored
+    originals under a False mask may still move (momentum, Adam's running averages); nothing
+    reads them (masks only ever shrink), so no optimizer hook is installed -- a global
+    ``register_optimizer_step_post_hook`` would run after every optimizer in the process,
+    including ones that never touch this model.
     """
 
     def __init__(
@@ -37,24 +91,137 @@ class Pruner:
         structure: str | Structure,
         scope: str,
         seed: Optional[int],
+        schedule: Optional[Schedule] = None,
+        recipe: Optional[_Recipe] = None,
     ) -> None:
         self.model = model
         self.layers = layers
         self._masks = masks
-        # Settings are kept so later schedules (pruner.step()) can re-run the same recipe.
+        # Settings are kept so pruner.step() can re-run the same recipe.
         self.sparsity, self.criterion, self.structure = sparsity, criterion, structure
         self.scope, self.seed = scope, seed
+        self.schedule, self._recipe = schedule, recipe
+        self.step_count = 0
         self.finalized = False
 
     @property
     def masks(self) -> dict[str, Tensor]:
         return dict(self._masks)
 
-    def report(self) -> PruningReport:
-        return PruningReport.from_masks(self._masks, self.layers)
+    @property
+    def target(self) -> float:
+        """The sparsity in force now: the schedule's at ``step_count``, else ``sparsity``."""
+        if self.schedule is None:
+            return self.sparsity
+        return self.schedule.sparsity_at(self.step_count, self.sparsity)
+
+    def report(self, example=None) -> PruningReport:
+        """Per-layer and total sparsity, parameters and FLOPs. FLOPs are per output position unless
+        ``example`` (one batch in the calibration protocol) is given: then per sample."""
+        report = PruningReport.from_masks(self._masks, self.layers)
+        if example is None:
+            return report
+        return report.with_positions(output_positions(self.model, self.layers, example))
+
+    def step(self) -> PruningStep:
+        """Advance the schedule by one step (call once per optimizer step, after it).
+
+        At an update step the masks are re-planned at the schedule's sparsity with the same
+        criterion, structure and scope; already-pruned weights stay pruned. Nothing changes
+        (and the step counter does not move) if planning raises.
+        """
+        if self.finalized:
+            raise RuntimeError("step() after finalize(): the masks are already baked in")
+        if self.schedule is None:
+            raise RuntimeError("step() needs a schedule: prune(..., schedule=CubicSchedule(...))")
+        t = self.step_count + 1
+        result = self._update(t) if self.schedule.is_update(t) else None
+        self.step_count = t
+        if result is None:
+            result = PruningStep(t, self.target, False, t >= self.schedule.end)
+        return result
+
+    def _update(self, t: int) -> PruningStep:
+        schedule, target = self.schedule, self.schedule.sparsity_at(t, self.sparsity)
+        planned = self._recipe.plan(target)
+        if schedule.soft and t < schedule.end:
+            shrunk = _shrink(self.layers, planned, schedule.shrink)
+            return PruningStep(t, target, True, False, shrunk=shrunk)
+        before = {name: mask.clone() for name, mask in self._masks.items()}
+        self._masks = _apply(self.layers, planned)
+        newly = {n: int((before[n] & ~m).sum()) for n, m in self._masks.items()}
+        return PruningStep(t, target, True, t >= schedule.end, newly_pruned=newly)
+
+    def _settings(self) -> dict:
+        return {
+            "sparsity": self.sparsity,
+            "criterion": _describe(self.criterion),
+            "structure": _describe(self.structure),
+            "scope": self.scope,
+            "seed": self.seed,
+            "layers": list(self.layers),
+            "schedule": None if self.schedule is None else self.schedule.config(),
+        }
+
+    def state_dict(self) -> dict:
+        """Where a run stands: format version, step, settings and kept counts per layer.
+
+        The masks themselves are not here: they are buffers of the model's parametrizations,
+        so they (and the soft schedule's shrunk weights) travel in ``model.state_dict()``.
+        The counts let :meth:`load_state_dict` check that the model's state was loaded too.
+        """
+        return {
+            "format_version": PRUNER_STATE_VERSION,
+            "step": self.step_count,
+            "finalized": self.finalized,
+            "settings": self._settings(),
+            "kept": {name: int(mask.sum()) for name, mask in self._masks.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume a run: build the pruner with the same ``prune(...)`` call, load the model's
+        ``state_dict`` (masks and weights), then this.
+
+        Everything is checked before anything changes: the format version (a newer one is
+        refused), the settings (must equal this pruner's), and the kept counts per layer -- a
+        cheap guard against forgetting the model's state, not a proof that it was loaded.
+        """
+        if not isinstance(state, dict) or "format_version" not in state:
+            raise ValueError("not a Pruner state_dict (no format_version)")
+        version = state["format_version"]
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"bad Pruner state format version {version!r}")
+        if version > PRUNER_STATE_VERSION:
+            raise ValueError(
+                f"Pruner state format version {version} is newer than this sparsenet reads "
+                f"({PRUNER_STATE_VERSION}); upgrade sparsenet"
+            )
+        if self.finalized or state.get("finalized"):
+            raise RuntimeError("cannot resume a finalized pruning run")
+        ours, theirs = self._settings(), state.get("settings", {})
+        diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        if diff:
+            raise ValueError(
+                f"Pruner state was saved with other settings ({', '.join(diff)}); "
+                "build the pruner with the same prune(...) arguments"
+            )
+        kept = {name: int(mask.sum()) for name, mask in self._masks.items()}
+        if kept != state.get("kept"):
+            raise ValueError(
+                "the model's masks differ from the saved run's; load the model's state_dict "
+                "(which holds the masks) before the pruner's"
+            )
+        step = state.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"bad step in Pruner state: {step!r}")
+        self.step_count = step
 
     def finalize(self) -> nn.Module:
-        """Write the zeros into plain ``weight`` Parameters and remove the parametrizations."""
+        """Write the zeros into plain ``weight`` Parameters and remove the parametrizations.
+
+        Do it after training: from here on nothing keeps the zeros, so an optimizer with
+        momentum would move them again.
+        """
         for module in self.layers.values():
             remove_pruning(module)
         self.finalized = True
@@ -62,10 +229,27 @@ class Pruner:
 
     def __repr__(self) -> str:
         state = "finalized" if self.finalized else "masked"
+        sched = ""
+        if self.schedule is not None:
+            sched = f", schedule={self.schedule!r}, step={self.step_count}"
         return (
             f"Pruner({len(self.layers)} layers, sparsity={self.sparsity}, "
-            f"criterion={self.criterion!r}, scope={self.scope!r}, {state})"
+            f"criterion={self.criterion!r}, scope={self.scope!r}{sched}, {state})"
         )
+
+
+def _shrink(
+    layers: dict[str, nn.Module], planned: dict[str, Tensor], factor: float
+) -> dict[str, int]:
+    """Soft pruning: scale the stored weights the plan would prune by ``factor``, in place."""
+    counts = {}
+    with torch.no_grad():
+        for name, module in layers.items():
+            pruned = ~planned[name]
+            original = module.parametrizations["weight"].original
+            original.mul_(1.0 - (1.0 - factor) * pruned.to(original.dtype))
+            counts[name] = int(pruned.sum())
+    return counts
 
 
 def _check_sparsity(sparsity: object) -> float:
@@ -144,6 +328,7 @@ def prune(
     calib: Optional[Iterable] = None,
     loss_fn: Optional[LossFn] = None,
     progress: Optional[bool] = None,
+    schedule: Optional[Schedule] = None,
 ) -> Pruner:
     """Mask the weights of every ``nn.Linear`` / ``nn.Conv2d`` in ``model`` (in place).
 
@@ -174,6 +359,11 @@ def prune(
         loss_fn: ``loss_fn(output, batch) -> scalar`` for ``"taylor"``; default cross-entropy
             against the batch's targets.
         progress: show a tqdm bar over layers; ``None`` shows it for more than a few layers.
+        schedule: prune gradually: a :class:`~sparsenet.pruning.CubicSchedule`,
+            ``LinearSchedule`` or ``CustomSchedule``. The masks start at the schedule's sparsity
+            at step 0 and ``pruner.step()`` raises it towards ``sparsity`` (see
+            :mod:`sparsenet.pruning.schedules` for how steps count and ``soft``). The pruner
+            keeps ``calib`` for the re-scoring. Not with N:M, whose sparsity is fixed.
 
     Already-pruned layers (sparsenet's masks) are re-scored on their masked weights and the new
     mask is a subset of the old one, so ``sparsity`` is the layer's total, not an increment;
@@ -189,14 +379,33 @@ def prune(
     patterns = _check_exclude(exclude)
     seed = _check_seed(seed)
     layers = find_prunable_layers(model, patterns)
+    if schedule is not None:
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a sparsenet.pruning Schedule, got {schedule!r}")
+        if getattr(structure_obj, "fixed_sparsity", None) is not None:
+            raise ValueError(
+                f"structure {structure_obj.name!r} fixes its sparsity; a schedule cannot raise it"
+            )
+        schedule.check_final(value)
 
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    ctx = ScoreContext(
-        generator=generator, model=model, layers=layers, calib=calib, loss_fn=loss_fn
+    recipe = _Recipe(
+        model, layers, criterion_fn, structure_obj, scope_obj, seed, calib, loss_fn, progress
     )
-    masks = plan_masks(layers, value, criterion_fn, structure_obj, scope_obj, ctx, progress)
-    live = _apply(layers, masks)
+    start = value if schedule is None else schedule.sparsity_at(0, value)
+    planned = recipe.plan(start)
+    if schedule is not None and schedule.soft:
+        # Soft: nothing is masked before the schedule's end; the plan's weights shrink instead.
+        # A layer pruned before keeps its mask (pruned weights are never regrown).
+        current = {n: effective_weight_and_mask(m)[1] for n, m in layers.items()}
+        keep = {
+            n: torch.ones_like(planned[n]) if c is None else c.clone() for n, c in current.items()
+        }
+        live = _apply(layers, keep)
+        _shrink(layers, planned, schedule.shrink)
+    else:
+        live = _apply(layers, planned)
     return Pruner(
         model, layers, live,
         sparsity=value, criterion=criterion, structure=structure, scope=scope, seed=seed,
+        schedule=schedule, recipe=recipe,
     )
