@@ -60,13 +60,42 @@ def taylor_scores(
     without it, :func:`default_loss`. Summing per-batch magnitudes (not the magnitude of the
     summed gradient) keeps weights whose gradients cancel across batches from looking idle.
     Raises ValueError on a non-scalar loss or a NaN/Inf gradient.
+
+    Memory: each weight's gradient is folded into its accumulator by a post-accumulate hook and
+    freed at once, so no full set of gradients ever sits beside the accumulators; parameters that
+    are not scored do not get gradients at all. The model's ``.grad`` and ``requires_grad`` are
+    as they were afterwards.
     """
     weights = {name: _underlying(m) for name, m in layers.items()}
-    flags = {name: w.requires_grad for name, w in weights.items()}
-    acc: dict[str, Tensor] = {}
+    scored = {id(w) for w in weights.values()}
+    params = list(model.parameters())
+    flags = [(p, p.requires_grad, p.grad) for p in params] + [
+        (w, w.requires_grad, w.grad) for w in weights.values() if all(w is not p for p in params)
+    ]
+    acc = {name: torch.zeros(w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device)
+           for name, w in weights.items()}
+    reached: set[str] = set()
+    bad: list[str] = []
+
+    def fold(name: str, module: nn.Module):
+        def hook(param: Tensor) -> None:
+            g, param.grad = param.grad, None
+            reached.add(name)
+            if not torch.isfinite(g).all():
+                bad.append(name)
+                return
+            w, _ = effective_weight_and_mask(module)
+            acc[name].add_((w * g).abs())
+
+        return hook
+
+    handles = []
     try:
-        for w in weights.values():
-            w.requires_grad_(True)
+        for p, _, _ in flags:
+            p.grad = None
+            p.requires_grad_(id(p) in scored)
+        # (hooks only attach to tensors that require grad, hence after the flags)
+        handles = [weights[name].register_post_accumulate_grad_hook(fold(name, m)) for name, m in layers.items()]
         with eval_mode(model):
             for i, batch in enumerate(iter_batches(calib, model_device(model))):
                 output = model(*batch.args, **batch.kwargs)
@@ -76,18 +105,18 @@ def taylor_scores(
                     loss = loss_fn(output, batch.raw)
                 if not isinstance(loss, Tensor) or loss.numel() != 1:
                     raise ValueError(f"loss_fn must return a scalar tensor, got {loss!r:.80}")
-                grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
-                for (name, module), g in zip(layers.items(), grads):
-                    if g is None:
-                        raise ValueError(f"layer {name!r} gets no gradient from the loss")
-                    if not torch.isfinite(g).all():
-                        raise ValueError(
-                            f"NaN or Inf gradient for layer {name!r} on calibration batch #{i}"
-                        )
-                    w, _ = effective_weight_and_mask(module)
-                    s = (w * g).abs().to(torch.promote_types(w.dtype, torch.float32))
-                    acc[name] = s if name not in acc else acc[name] + s
+                reached.clear()
+                loss.backward()
+                if bad:  # name the first such layer in model order (backward visits them last first)
+                    first = next(name for name in layers if name in bad)
+                    raise ValueError(f"NaN or Inf gradient for layer {first!r} on calibration batch #{i}")
+                missing = [name for name in layers if name not in reached]
+                if missing:
+                    raise ValueError(f"layer {missing[0]!r} gets no gradient from the loss")
     finally:
-        for name, w in weights.items():
-            w.requires_grad_(flags[name])
+        for h in handles:
+            h.remove()
+        for p, flag, grad in flags:
+            p.requires_grad_(flag)
+            p.grad = grad
     return acc
