@@ -5,12 +5,13 @@ targets)`` pairs, or dicts of keyword arguments (as a Hugging Face tokenizer ret
 criteria and reconstruction read calibration data only through this package.
 """
 
-from .capture import capture_input_sq_norms, eval_mode
+from .capture import capture_input_sq_norms, capture_output_abs_means, eval_mode
 from .data import Batch, check_calib, iter_batches, split_batch
 
 __all__ = [
     "Batch",
     "capture_input_sq_norms",
+    "capture_output_abs_means",
     "check_calib",
     "eval_mode",
     "iter_batches",

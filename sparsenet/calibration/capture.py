@@ -1,4 +1,4 @@
-"""Forward-hook capture of per-layer input statistics.
+"""Forward-hook capture of per-layer input and output statistics.
 
 Each hook reduces its layer's input to a small statistic the moment it sees it and keeps
 nothing else, so one layer's activation is the most that is ever held beyond what the forward
@@ -76,7 +76,15 @@ def capture_input_sq_norms(
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    _run_with_hooks(model, layers, calib, state, sums, lambda n, m: m.register_forward_pre_hook(make_hook(n)))
+    return sums
+
+
+def _run_with_hooks(model, layers, calib, state, sums, register) -> None:
+    """One pass over ``calib`` (eval mode, no grad) with ``register(name, module)`` hooks on every
+    layer, always removed; ``state["attention_mask"]`` follows the batch. Raises if a layer's
+    hook never filled ``sums``."""
+    handles = [register(n, m) for n, m in layers.items()]
     try:
         with eval_mode(model), torch.no_grad():
             for batch in iter_batches(calib, model_device(model)):
@@ -88,4 +96,47 @@ def capture_input_sq_norms(
     missing = [n for n in layers if n not in sums]
     if missing:
         raise ValueError(f"calibration forward never reached layers {missing}")
-    return sums
+
+
+def _abs_sum_and_count(
+    module: nn.Module, y: Tensor, attention_mask: Optional[Tensor]
+) -> tuple[Tensor, int]:
+    """Sum of |y| per output channel/feature and how many values each sum holds."""
+    y = y.float().abs()  # float32 accumulation, as for the input norms
+    if isinstance(module, nn.Conv2d):
+        # Channels on dim 0 of an unbatched (C, H, W) output, else on dim 1; every pixel counts.
+        if y.dim() == 3:
+            return y.sum(dim=(1, 2)), y[0].numel()
+        return y.sum(dim=(0, 2, 3)), y.shape[0] * y[0, 0].numel()
+    rows = _token_rows(y, attention_mask)
+    return rows.sum(dim=0), rows.shape[0]
+
+
+def capture_output_abs_means(
+    model: nn.Module, layers: Mapping[str, nn.Module], calib: Iterable
+) -> dict[str, Tensor]:
+    """Mean absolute output of each layer per output feature/channel, over all of ``calib``.
+
+    ``nn.Linear``: shape ``(out_features,)``, mean over tokens of ``|y[t, o]|`` (padding tokens
+    excluded when the batch has an ``attention_mask``). ``nn.Conv2d``: shape ``(out_channels,)``,
+    mean of ``|y[b, o, h, w]|`` over batch and pixels. The output is the layer's own (bias
+    included, current masks applied). One forward pass in eval mode under ``no_grad``; a layer
+    never reached raises, as does a layer whose every token was padding.
+    """
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    state: dict[str, Optional[Tensor]] = {"attention_mask": None}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            s, c = _abs_sum_and_count(module, output.detach(), state["attention_mask"])
+            sums[name] = s if name not in sums else sums[name] + s
+            counts[name] = counts.get(name, 0) + c
+
+        return hook
+
+    _run_with_hooks(model, layers, calib, state, sums, lambda n, m: m.register_forward_hook(make_hook(n)))
+    empty = [n for n in layers if counts[n] == 0]
+    if empty:
+        raise ValueError(f"layers {empty} saw only padding tokens in the calibration data")
+    return {n: sums[n] / counts[n] for n in layers}

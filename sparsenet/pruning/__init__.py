@@ -3,14 +3,16 @@
 ``prune(model, ...)`` keeps a bool mask beside each weight (a parametrization) until
 ``Pruner.finalize()`` writes the zeros; with ``schedule=`` (see :mod:`.schedules`) the
 sparsity rises gradually as the training loop calls ``Pruner.step()``.
-``effective_weight_and_mask`` and ``remove_pruning`` let later stages read or bake masks from
-sparsenet or from torch.nn.utils.prune alike.
+``import_torch_pruning`` / ``export_to_torch_pruning`` hand masks to and from
+torch.nn.utils.prune; ``effective_weight_and_mask`` and ``remove_pruning`` let later stages
+read or bake masks from sparsenet or from torch.nn.utils.prune alike.
 """
 
 from .criteria import Layer, ScoreContext, available_criteria, get_criterion, register_criterion
 from .flops import output_positions
+from .interop import export_to_torch_pruning, import_torch_pruning
 from .layers import PRUNABLE_TYPES, find_prunable_layers
-from .masks import WeightMask, effective_weight_and_mask, find_weight_mask, remove_pruning
+from .masks import MASK_FORMAT_VERSION, WeightMask, effective_weight_and_mask, find_weight_mask, remove_pruning
 from .pruner import Pruner, prune
 from .report import PruningReport
 from .schedules import CubicSchedule, CustomSchedule, LinearSchedule, PruningStep, Schedule
@@ -23,6 +25,7 @@ __all__ = [
     "CubicSchedule",
     "CustomSchedule",
     "Layer",
+    "MASK_FORMAT_VERSION",
     "LinearSchedule",
     "NM",
     "PRUNABLE_TYPES",
@@ -38,9 +41,11 @@ __all__ = [
     "available_scopes",
     "available_structures",
     "effective_weight_and_mask",
+    "export_to_torch_pruning",
     "find_prunable_layers",
     "find_weight_mask",
     "get_criterion",
+    "import_torch_pruning",
     "output_positions",
     "register_criterion",
     "prune",

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ..calibration import capture_input_sq_norms, check_calib
+from ..calibration import capture_input_sq_norms, capture_output_abs_means, check_calib
 from .gradients import LossFn, taylor_scores
 
 
@@ -155,3 +155,24 @@ def taylor(layer: Layer, ctx: ScoreContext) -> Tensor:
     batch's targets (see :func:`sparsenet.pruning.gradients.taylor_scores`).
     """
     return ctx.stats["taylor"][layer.name]
+
+
+def _prepare_activation(ctx: ScoreContext) -> None:
+    calib = ctx.require_calib("activation")
+    ctx.stats["output_abs_means"] = capture_output_abs_means(ctx.model, ctx.layers, calib)
+
+
+@register_criterion("activation", prepare=_prepare_activation)
+def activation(layer: Layer, ctx: ScoreContext) -> Tensor:
+    """Mean absolute output activation of each output channel/neuron over ``calib``.
+
+    Every weight of output row o scores that row's mean |y_o| (see
+    :func:`sparsenet.calibration.capture_output_abs_means`: padding tokens excluded; Conv2d over
+    batch and pixels), so ``structure="channel"`` ranks channels by it; other structures see it
+    broadcast. Needs ``calib``.
+    """
+    means = ctx.stats["output_abs_means"][layer.name].to(layer.weight.device)
+    shape = layer.weight.shape
+    view = means.view(shape[0], *([1] * (len(shape) - 1)))
+    # A real copy, not a stride-0 view: planning may fill pruned positions in place.
+    return view.expand(shape).clone()

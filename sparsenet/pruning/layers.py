@@ -88,7 +88,8 @@ def find_prunable_layers(
         if is_torch_pruned(module):
             raise ValueError(
                 f"layer {name!r} is pruned with torch.nn.utils.prune; call "
-                "sparsenet.pruning.remove_pruning(layer) first or exclude it"
+                "sparsenet.pruning.import_torch_pruning(model) to continue from its masks, "
+                "sparsenet.pruning.remove_pruning(layer) to bake them, or exclude the layer"
             )
         if has_foreign_parametrization(module):
             raise ValueError(

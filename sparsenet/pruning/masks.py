@@ -17,8 +17,19 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 
+MASK_FORMAT_VERSION = 1
+
+
 class WeightMask(nn.Module):
-    """Parametrization that zeroes the weights where ``mask`` is False."""
+    """Parametrization that zeroes the weights where ``mask`` is False.
+
+    The mask is stored in ``state_dict`` as ``<layer>.parametrizations.weight.0.mask``. Its layout
+    version is ``_version``, which torch itself writes into ``state_dict._metadata`` for this
+    module; loading a state_dict written by a newer layout is refused rather than misread.
+    """
+
+    # torch's per-module version mechanism: saved as state_dict._metadata[prefix]["version"].
+    _version = MASK_FORMAT_VERSION
 
     def __init__(self, mask: Tensor) -> None:
         super().__init__()
@@ -30,6 +41,23 @@ class WeightMask(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         # where(), not weight * mask: a NaN/inf under a pruned position must still read as 0.
         return torch.where(self.mask, weight, weight.new_zeros(()))
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # No version (a hand-built or safetensors state_dict carries no metadata): layout 1.
+        version = local_metadata.get("version")
+        if version is not None and version > self._version:
+            # Reported through error_msgs so torch raises its usual RuntimeError naming the
+            # model; the mask is left as it was instead of being filled from an unknown layout.
+            error_msgs.append(
+                f"mask store at {prefix!r} has format version {version}, newer than this "
+                f"sparsenet reads ({self._version}); upgrade sparsenet to load it"
+            )
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 def _weight_parametrizations(module: nn.Module) -> list[nn.Module]:

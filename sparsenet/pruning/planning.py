@@ -91,8 +91,12 @@ def plan_masks(
     scope: Scope,
     ctx: ScoreContext,
     progress: Optional[bool] = None,
+    limits: Optional[dict[str, tuple[float, float]]] = None,
 ) -> dict[str, Tensor]:
     """Bool keep-mask (weight-shaped) for each layer, in ``layers`` order.
+
+    ``limits`` (from :func:`~sparsenet.pruning.allocation.resolve_limits`): per-layer
+    (floor, cap); layer scope reads the floor as that layer's sparsity.
 
     Order of work: every layer's shape is checked against the structure, then the criterion's
     ``prepare`` (calibration passes) runs once, then layers are scored -- cheap errors first.
@@ -124,10 +128,15 @@ def plan_masks(
             masks = {}
             for name, module in items:
                 units = planner.unit_scores(name, module)
-                k = scope.allocate([units], sparsity, [planner.unit_size(name)])[0]
+                own = limits[name][0] if limits is not None else sparsity
+                k = scope.allocate([units], own, [planner.unit_size(name)])[0]
                 masks[name] = planner.mask(name, units, k)
             return masks
         units = {name: planner.unit_scores(name, module) for name, module in items}
     sizes = [planner.unit_size(name) for name in units]
-    counts = scope.allocate(list(units.values()), sparsity, sizes)
+    if limits is None:
+        counts = scope.allocate(list(units.values()), sparsity, sizes)
+    else:
+        bounds = [limits[name] for name in units]
+        counts = scope.allocate(list(units.values()), sparsity, sizes, bounds, list(units))
     return {name: planner.mask(name, u, k) for (name, u), k in zip(units.items(), counts)}

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .criteria import Criterion, ScoreContext, get_criterion
 from .flops import output_positions
 from .gradients import LossFn
+from .allocation import Bounds, Overrides, check_bounds, resolve_limits
 from .layers import find_prunable_layers
 from .masks import effective_weight_and_mask, find_weight_mask, remove_pruning, set_weight_mask
 from .planning import plan_masks
@@ -38,6 +39,8 @@ class _Recipe:
     calib: Optional[Iterable]
     loss_fn: Optional[LossFn]
     progress: Optional[bool]
+    limits: Optional[dict[str, Bounds]] = None  # per-layer (floor, cap) at the final sparsity
+    final: float = 0.0
 
     def plan(self, sparsity: float) -> dict[str, Tensor]:
         # A fresh generator per plan: with a seed, "random" scores are the same at every step,
@@ -50,8 +53,15 @@ class _Recipe:
             calib=self.calib,
             loss_fn=self.loss_fn,
         )
+        limits = self.limits
+        if limits is not None and self.final > 0 and sparsity != self.final:
+            # Before a schedule's end, floors (and layer-scope sparsities) scale with the total,
+            # so they stay feasible and hold exactly at the final step; caps hold throughout.
+            f = sparsity / self.final
+            limits = {n: (lo * f, hi) for n, (lo, hi) in limits.items()}
         return plan_masks(
-            self.layers, sparsity, self.criterion, self.structure, self.scope, ctx, self.progress
+            self.layers, sparsity, self.criterion, self.structure, self.scope, ctx,
+            self.progress, limits,
         )
 
 
@@ -64,6 +74,12 @@ def _describe(obj: object) -> str:
     if type(obj).__repr__ is not object.__repr__:
         return repr(obj)
     return type(obj).__qualname__
+
+
+def _describe_overrides(overrides: object) -> Optional[object]:
+    if overrides is None or not isinstance(overrides, dict):
+        return None if overrides is None else _describe(overrides)
+    return {_describe(k): v for k, v in overrides.items()}
 
 
 class Pruner:
@@ -93,6 +109,7 @@ class Pruner:
         seed: Optional[int],
         schedule: Optional[Schedule] = None,
         recipe: Optional[_Recipe] = None,
+        allocation: Optional[dict] = None,
     ) -> None:
         self.model = model
         self.layers = layers
@@ -101,6 +118,7 @@ class Pruner:
         self.sparsity, self.criterion, self.structure = sparsity, criterion, structure
         self.scope, self.seed = scope, seed
         self.schedule, self._recipe = schedule, recipe
+        self._allocation = allocation or {}  # overrides / min / max, for settings comparison
         self.step_count = 0
         self.finalized = False
 
@@ -161,6 +179,8 @@ class Pruner:
             "seed": self.seed,
             "layers": list(self.layers),
             "schedule": None if self.schedule is None else self.schedule.config(),
+            # Absent keys read as None, so states saved before these options still load.
+            **{k: v for k, v in self._allocation.items() if v is not None},
         }
 
     def state_dict(self) -> dict:
@@ -329,6 +349,9 @@ def prune(
     loss_fn: Optional[LossFn] = None,
     progress: Optional[bool] = None,
     schedule: Optional[Schedule] = None,
+    overrides: Optional[Overrides] = None,
+    min_sparsity: Optional[float] = None,
+    max_sparsity: Optional[float] = None,
 ) -> Pruner:
     """Mask the weights of every ``nn.Linear`` / ``nn.Conv2d`` in ``model`` (in place).
 
@@ -340,7 +363,8 @@ def prune(
             ranking raw scores together. Leave it out for N:M, which fixes its own.
         criterion: a registered name (``"magnitude"``: |w|; ``"random"``; ``"wanda"``:
             |w| times the input's L2 norm per input feature; ``"taylor"``: |w * dL/dw| summed
-            over calibration batches) or a callable ``(Layer, ScoreContext) -> scores``,
+            over calibration batches; ``"activation"``: mean |output| of each output channel /
+            neuron over ``calib``, for ``structure="channel"``) or a callable ``(Layer, ScoreContext) -> scores``,
             optionally with ``.prepare(ctx)``. Lowest scores go first; ties go to the earlier
             layer, then the lower flat index, so masks are deterministic.
         scope: ``"layer"`` or ``"global"``.
@@ -353,7 +377,7 @@ def prune(
             ``"channel"`` (whole output rows / filters); or a structure object such as
             ``Channel(norm="l2")`` or ``Block(4, 4)``. See :mod:`sparsenet.pruning.structures`.
         block: ``(r, c)`` for ``structure="block"``; default 16x16.
-        calib: calibration batches for ``"wanda"`` and ``"taylor"``: a re-iterable of tensors,
+        calib: calibration batches for ``"wanda"``, ``"taylor"`` and ``"activation"``: a re-iterable of tensors,
             ``(inputs, targets)`` pairs or dicts of keyword arguments
             (see :mod:`sparsenet.calibration`).
         loss_fn: ``loss_fn(output, batch) -> scalar`` for ``"taylor"``; default cross-entropy
@@ -364,11 +388,23 @@ def prune(
             at step 0 and ``pruner.step()`` raises it towards ``sparsity`` (see
             :mod:`sparsenet.pruning.schedules` for how steps count and ``soft``). The pruner
             keeps ``calib`` for the re-scoring. Not with N:M, whose sparsity is fixed.
+            Before the end, per-layer sparsities and floors scale with the schedule's total.
+        overrides: per-layer settings: a dict keyed by layer name, fnmatch glob or module
+            type, or a callable ``(name, module) -> setting or None``. A setting is a float
+            (layer scope: the layer's sparsity; global: pins the layer at it), a
+            ``(floor, cap)`` pair (global scope), or ``None`` / ``0`` (skip, like ``exclude``).
+            Precedence: exclude > exact name > glob > type. A key matching no layer raises.
+            With N:M only skipping is allowed. See :mod:`sparsenet.pruning.allocation`.
+        min_sparsity, max_sparsity: ``scope="global"`` only: every layer loses at least
+            ``round(min_sparsity * units)`` and at most ``round(max_sparsity * units)`` units
+            (weights; blocks or channels for those structures) while the total is still met
+            exactly; infeasible bounds raise ValueError. The rest follows the global ranking.
 
     Already-pruned layers (sparsenet's masks) are re-scored on their masked weights and the new
     mask is a subset of the old one, so ``sparsity`` is the layer's total, not an increment;
     a layer that is already sparser keeps its mask. Layers pruned with torch.nn.utils.prune
-    raise: call :func:`remove_pruning` on them first.
+    raise: call :func:`import_torch_pruning` (continue from their masks) or
+    :func:`remove_pruning` (bake them) first.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -379,6 +415,16 @@ def prune(
     patterns = _check_exclude(exclude)
     seed = _check_seed(seed)
     layers = find_prunable_layers(model, patterns)
+    fixed = getattr(structure_obj, "fixed_sparsity", None) is not None
+    bounded = min_sparsity is not None or max_sparsity is not None
+    if bounded and (scope_obj.name != "global" or fixed):
+        raise ValueError("min_sparsity / max_sparsity need scope='global' and a structure "
+                         "without a fixed sparsity (not N:M)")
+    limits = None
+    if bounded or overrides is not None:
+        default = check_bounds(min_sparsity, max_sparsity)
+        limits = resolve_limits(layers, overrides, scope_obj.name, value, default, fixed)
+        layers = {name: module for name, module in layers.items() if name in limits}
     if schedule is not None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a sparsenet.pruning Schedule, got {schedule!r}")
@@ -389,7 +435,8 @@ def prune(
         schedule.check_final(value)
 
     recipe = _Recipe(
-        model, layers, criterion_fn, structure_obj, scope_obj, seed, calib, loss_fn, progress
+        model, layers, criterion_fn, structure_obj, scope_obj, seed, calib, loss_fn, progress,
+        limits, value,
     )
     start = value if schedule is None else schedule.sparsity_at(0, value)
     planned = recipe.plan(start)
@@ -408,4 +455,9 @@ def prune(
         model, layers, live,
         sparsity=value, criterion=criterion, structure=structure, scope=scope, seed=seed,
         schedule=schedule, recipe=recipe,
+        allocation={
+            "overrides": _describe_overrides(overrides),
+            "min_sparsity": min_sparsity,
+            "max_sparsity": max_sparsity,
+        },
     )

@@ -7,11 +7,14 @@ drop one layer at a time (layer), which bounds memory on large models.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
+from .allocation import (
+    Bounds, bounded_lowest, bounded_split_lowest, check_feasible, unit_bounds,
+)
 from .ranking import split_lowest_k
 
 
@@ -51,8 +54,29 @@ class GlobalScope:
     needs_all_scores = True
 
     def allocate(
-        self, unit_scores: Sequence[Tensor], sparsity: float, unit_sizes: Sequence[int]
+        self,
+        unit_scores: Sequence[Tensor],
+        sparsity: float,
+        unit_sizes: Sequence[int],
+        limits: Optional[Sequence[Bounds]] = None,
+        names: Optional[Sequence[str]] = None,
     ) -> list[int]:
+        """``limits[i]``: (floor, cap) fractions of layer i's units; layer i then loses between
+        round(floor * units) and round(cap * units) units, wherever the ranking puts the rest."""
+        n_units = [s.numel() for s in unit_scores]
+        if limits is not None and any(lo > 0.0 or hi < 1.0 for lo, hi in limits):
+            floors, caps = unit_bounds(limits, n_units)
+            names = list(names) if names is not None else list(range(len(n_units)))
+            if len(set(unit_sizes)) <= 1:  # counted in units, exactly as without limits
+                k = round(sparsity * sum(n_units))
+                unit = "weight" if set(unit_sizes) <= {1} else "unit"
+                check_feasible(floors, caps, k, names, unit)
+                return bounded_split_lowest(unit_scores, k, floors, caps)
+            # Units of different widths: feasibility in weights; total within half a unit.
+            target = round(sparsity * sum(n * size for n, size in zip(n_units, unit_sizes)))
+            weights = lambda c: [x * s for x, s in zip(c, unit_sizes)]  # noqa: E731
+            check_feasible(weights(floors), weights(caps), target, names, "weight")
+            return bounded_lowest(unit_scores, unit_sizes, target, floors, caps)
         if len(set(unit_sizes)) <= 1:
             total = sum(s.numel() for s in unit_scores)
             return split_lowest_k(unit_scores, round(sparsity * total))
