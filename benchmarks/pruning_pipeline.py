@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--seqs", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--calib-batch", type=int, default=8)
+    p.add_argument("--calib-batch", type=int, default=4)  # Taylor's peak grows with it (BENCHMARKS.md)
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--criterion", help=argparse.SUPPRESS)  # set in the worker subprocesses
     return p
