@@ -13,9 +13,10 @@ from torch import Tensor, nn
 from .criteria import Criterion, ScoreContext, get_criterion
 from .flops import output_positions
 from .gradients import LossFn
-from .allocation import Bounds, Overrides, check_bounds, resolve_limits
+from .allocation import Bounds, Overrides, _is_skip, _raw_settings, check_bounds, resolve_limits
 from .layers import find_prunable_layers
 from .masks import effective_weight_and_mask, find_weight_mask, remove_pruning, set_weight_mask
+from .nonuniform import owl_sparsities, search_sparsities
 from .planning import plan_masks
 from .report import PruningReport
 from .schedules import PruningStep, Schedule
@@ -118,7 +119,8 @@ class Pruner:
         self.sparsity, self.criterion, self.structure = sparsity, criterion, structure
         self.scope, self.seed = scope, seed
         self.schedule, self._recipe = schedule, recipe
-        self._allocation = allocation or {}  # overrides / min / max, for settings comparison
+        # allocation / overrides / min / max, for settings comparison
+        self._allocation = allocation or {}
         self.step_count = 0
         self.finalized = False
 
@@ -314,6 +316,50 @@ def _check_seed(seed: object) -> Optional[int]:
     raise TypeError(f"seed must be an int or None, got {seed!r}")
 
 
+ALLOCATIONS = ("uniform", "owl", "search")
+
+
+def _check_allocation(
+    allocation: object, scope: str, fixed: bool, calib: object, overrides: object,
+    layers: dict[str, nn.Module],
+) -> None:
+    """Non-uniform allocation decides every layer's sparsity itself: layer scope, a free
+    sparsity, data to measure with, and no per-layer floats competing with it."""
+    if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
+    if allocation == "uniform":
+        return
+    what = f"allocation={allocation!r}"
+    if scope != "layer":
+        raise ValueError(f"{what} sets per-layer sparsities, so it needs scope='layer'")
+    if fixed:
+        raise ValueError(f"{what} needs a structure without a fixed sparsity (not N:M)")
+    if calib is None:
+        raise ValueError(f"{what} needs calibration data: pass calib=[batches]")
+    pinned = [n for n, v in _raw_settings(layers, overrides).items() if not _is_skip(v)]
+    if pinned:
+        raise ValueError(
+            f"{what} decides every layer's sparsity, but overrides set {pinned}; overrides may "
+            "only skip layers (None or 0) here -- or pass owl_sparsities(...) as overrides"
+        )
+
+
+def _allocate(
+    allocation: str, model: nn.Module, layers: dict[str, nn.Module], calib: Iterable,
+    sparsity: float, criterion: Criterion, structure: Structure,
+    loss_fn: Optional[LossFn], progress: Optional[bool],
+) -> dict[str, Bounds]:
+    """Layer-scope limits (sparsity, sparsity) per layer from a non-uniform allocator."""
+    if allocation == "owl":
+        per_layer = owl_sparsities(model, layers, calib, sparsity)
+    else:
+        per_layer = search_sparsities(
+            model, layers, calib, sparsity, criterion=criterion, structure=structure,
+            loss_fn=loss_fn, progress=progress,
+        )
+    return {name: (s, s) for name, s in per_layer.items()}
+
+
 def _apply(layers: dict[str, nn.Module], masks: dict[str, Tensor]) -> dict[str, Tensor]:
     """Install masks; on any failure undo the ones already installed, so no layer is half-done."""
     undo = []
@@ -352,6 +398,7 @@ def prune(
     overrides: Optional[Overrides] = None,
     min_sparsity: Optional[float] = None,
     max_sparsity: Optional[float] = None,
+    allocation: str = "uniform",
 ) -> Pruner:
     """Mask the weights of every ``nn.Linear`` / ``nn.Conv2d`` in ``model`` (in place).
 
@@ -399,6 +446,14 @@ def prune(
             ``round(min_sparsity * units)`` and at most ``round(max_sparsity * units)`` units
             (weights; blocks or channels for those structures) while the total is still met
             exactly; infeasible bounds raise ValueError. The rest follows the global ranking.
+        allocation: how ``scope="layer"`` spreads ``sparsity`` over the layers. ``"uniform"``:
+            every layer at ``sparsity``. ``"owl"``: outlier-rich layers pruned less
+            (:func:`~sparsenet.pruning.owl_sparsities`, per layer, default ``lam`` / ``m``);
+            ``"search"``: each layer's sensitivity measured on ``calib`` with this criterion
+            and structure (:func:`~sparsenet.pruning.search_sparsities`). Both keep the
+            parameter-weighted mean at ``sparsity`` (to within rounding per layer) and need
+            ``calib``; not with N:M, and ``overrides`` may then only skip layers. For other
+            settings (OWL per block, other levels) pass their result as ``overrides``.
 
     Already-pruned layers (sparsenet's masks) are re-scored on their masked weights and the new
     mask is a subset of the old one, so ``sparsity`` is the layer's total, not an increment;
@@ -420,6 +475,7 @@ def prune(
     if bounded and (scope_obj.name != "global" or fixed):
         raise ValueError("min_sparsity / max_sparsity need scope='global' and a structure "
                          "without a fixed sparsity (not N:M)")
+    _check_allocation(allocation, scope_obj.name, fixed, calib, overrides, layers)
     limits = None
     if bounded or overrides is not None:
         default = check_bounds(min_sparsity, max_sparsity)
@@ -433,6 +489,10 @@ def prune(
                 f"structure {structure_obj.name!r} fixes its sparsity; a schedule cannot raise it"
             )
         schedule.check_final(value)
+    if allocation != "uniform":
+        limits = _allocate(
+            allocation, model, layers, calib, value, criterion_fn, structure_obj, loss_fn, progress
+        )
 
     recipe = _Recipe(
         model, layers, criterion_fn, structure_obj, scope_obj, seed, calib, loss_fn, progress,
@@ -456,6 +516,7 @@ def prune(
         sparsity=value, criterion=criterion, structure=structure, scope=scope, seed=seed,
         schedule=schedule, recipe=recipe,
         allocation={
+            "allocation": None if allocation == "uniform" else allocation,
             "overrides": _describe_overrides(overrides),
             "min_sparsity": min_sparsity,
             "max_sparsity": max_sparsity,

@@ -1,0 +1,274 @@
+"""The front door: ``sparsenet.reconstruct(model, calib, sparsity=...)``."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from ..calibration.data import check_calib
+from ..pruning.layers import PRUNABLE_TYPES, find_prunable_layers
+from ..pruning.masks import find_weight_mask, remove_pruning
+from ..pruning.structures import get_structure
+from .blockwise import holdout_split
+from .layerwise import METHODS, LayerResult, dense_weight
+from .solvers import DEFAULT_DAMP
+from .stages import find_stages, probe
+from .walk import StageResult, WalkSettings, walk
+
+ALLOCATIONS = ("uniform", "owl", "search")
+
+
+@dataclass
+class ReconstructionResult:
+    """What :func:`reconstruct` did: per-layer solves and per-stage fits; ``finalize()`` bakes.
+
+    The model keeps sparsenet's mask parametrizations (like :func:`sparsenet.prune`), so it can
+    be fine-tuned with the masks held, passed to :func:`sparsenet.sparsify` as is, or baked
+    into plain weights with :meth:`finalize`.
+    """
+
+    model: nn.Module
+    layers: list[LayerResult]
+    stages: list[StageResult]
+    modules: dict[str, nn.Module]
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        return {n: find_weight_mask(m).mask for n, m in self.modules.items()}
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the reconstructed layers' weights that are zero (masked out)."""
+        masks = self.masks.values()
+        total = sum(m.numel() for m in masks)
+        return 1.0 - sum(int(m.sum()) for m in masks) / max(total, 1)
+
+    def finalize(self) -> nn.Module:
+        for module in self.modules.values():
+            remove_pruning(module)
+        return self.model
+
+    def table(self) -> Table:
+        fits = {s.name: s.fit for s in self.stages}
+        table = Table(title=f"reconstruction: {len(self.layers)} layers, sparsity {self.sparsity:.1%}")
+        for col in ("layer", "shape", "sparsity", "method", "layer error"):
+            table.add_column(col, justify="left" if col in ("layer", "method") else "right")
+        for r in self.layers:
+            table.add_row(r.name, "x".join(map(str, r.shape)), f"{r.sparsity:.1%}", r.method, f"{r.error:.4f}")
+        fitted = [(n, f) for n, f in fits.items() if f is not None]
+        if fitted:
+            table.caption = "block fits (held-out relative error, before -> after, epochs): " + "; ".join(
+                f"{n}: {f.before:.4f} -> {f.after:.4f} ({f.epochs})" for n, f in fitted
+            )
+        return table
+
+    def __str__(self) -> str:
+        buf = io.StringIO()
+        Console(file=buf, width=120, force_terminal=False).print(self.table())
+        return buf.getvalue()
+
+    def __rich__(self) -> Table:
+        return self.table()
+
+
+def _positive_int(value: object, what: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{what} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _positive_float(value: object, what: str, allow_zero: bool = False) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    x = float(value) if ok else math.nan
+    if not ok or not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
+        raise ValueError(f"{what} must be a {'non-negative' if allow_zero else 'positive'} float, got {value!r}")
+    return x
+
+
+def _sparsities(model, layers, calib, sparsity, structure, allocation) -> dict[str, float]:
+    if allocation == "uniform":
+        return {n: sparsity for n in layers}
+    from ..pruning import nonuniform
+
+    if getattr(structure, "fixed_sparsity", None) is not None:
+        raise ValueError(f"allocation={allocation!r} cannot vary a fixed-sparsity structure ({structure.name})")
+    if allocation == "owl":
+        groups = nonuniform.block_groups(layers)
+        return nonuniform.owl_sparsities(model, layers, calib, sparsity, groups=groups)
+    return nonuniform.search_sparsities(model, layers, calib, sparsity, structure=structure)
+
+
+class _Rollback:
+    """Put the model back exactly as it was if reconstruction fails part-way.
+
+    ``dense`` is a deep copy taken before anything changed; it also serves as the dense
+    reference, so its masks are opened (all True) and the originals kept here.
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
+        self.model, self.layers = model, layers
+        self.masks = {n: (m.mask.clone() if (m := find_weight_mask(l)) is not None else None)
+                      for n, l in layers.items()}
+        self.dense = copy.deepcopy(model)
+        for m in self.dense.modules():
+            if (mask := find_weight_mask(m)) is not None:
+                mask.mask.fill_(True)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                saved = self.masks[name]
+                ours = find_weight_mask(layer)
+                if saved is None and ours is not None:
+                    parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+                elif saved is not None:
+                    ours.mask.copy_(saved)
+            theirs = self.dense.state_dict()
+            for key, value in self.model.state_dict(keep_vars=True).items():
+                if key.endswith(".mask") and ".parametrizations." in key:
+                    continue
+                if key in theirs:
+                    value.data.copy_(theirs[key])
+
+
+def reconstruct(
+    model: nn.Module,
+    calib: Iterable,
+    sparsity: Optional[float] = None,
+    *,
+    structure: str | object = "unstructured",
+    block: Optional[tuple[int, int]] = None,
+    method: str = "admm",
+    blockwise: bool = True,
+    correct: bool = True,
+    allocation: str = "uniform",
+    exclude: Optional[Sequence[str]] = None,
+    blocks: Optional[Sequence[str]] = None,
+    within_stage: str = "sequential",
+    damp: float = DEFAULT_DAMP,
+    epochs: int = 10,
+    lr: float = 3e-4,
+    holdout: float = 0.2,
+    patience: int = 2,
+    seed: int = 0,
+    progress: Optional[bool] = None,
+) -> ReconstructionResult:
+    """Prune ``model`` one-shot (or keep its masks) and rebuild its weights from ``calib``.
+
+    Args:
+        model: any module whose ``nn.Linear`` / ``nn.Conv2d`` layers are reachable; modified in
+            place, and left exactly as it was if anything raises.
+        calib: calibration batches (a list or DataLoader of tensors, ``(inputs, targets)`` pairs
+            or dicts of keyword arguments; see :mod:`sparsenet.calibration`). The last
+            ``holdout`` fraction of batches is held out for early stopping of block fits.
+        sparsity: fraction of each layer's weights to remove, in [0, 1) (the solvers choose the
+            masks). ``None``: keep the masks the model already carries (from
+            :func:`sparsenet.prune`) and reconstruct the weights under them. N:M structures fix
+            their own sparsity.
+        structure, block: as in :func:`sparsenet.prune` (``"unstructured"``, ``"2:4"``,
+            ``"block"`` with ``block=(r, c)``, ``"channel"``).
+        method: layer solver: ``"sparsegpt"`` (OBS, column blocks of 128), ``"admm"``
+            (gradual-mask ADMM then exact refit), ``"lsq"`` (Wanda mask, exact refit).
+        blockwise: after the layers of a block are solved, fit the block's kept weights to the
+            dense block's outputs with Adam (``epochs``, ``lr``, early stopping with
+            ``patience`` on the held-out batches).
+        correct: solve each layer against the dense layer's output on the *dense* model's
+            inputs, so it also absorbs the error of the stages before it.
+        allocation: per-layer sparsities: ``"uniform"``, ``"owl"`` (outlier-weighted, per
+            block) or ``"search"`` (sensitivity search); same total either way.
+        exclude: layer names / globs left dense and untouched.
+        blocks: module names to treat as blocks; default: detected (transformer layers,
+            residual blocks); layers outside any block are their own stage.
+        within_stage: ``"sequential"`` solves a block's layers group by group, each on inputs
+            from the block as pruned so far; ``"parallel"`` gathers all statistics of a block
+            in one pass (as the SparseGPT paper does; faster).
+        damp: Hessian damping, relative to the mean of its diagonal.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_calib(calib)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    if within_stage not in ("sequential", "parallel"):
+        raise ValueError(f"within_stage must be 'sequential' or 'parallel', got {within_stage!r}")
+    structure_obj = get_structure(structure, block)
+    if structure_obj.name == "channel" and method == "sparsegpt":
+        raise ValueError("structure='channel' needs method='lsq' or 'admm': OBS prunes within rows")
+    damp = _positive_float(damp, "damp")
+    epochs = _positive_int(epochs, "epochs")
+    patience = _positive_int(patience, "patience", 1)
+    lr = _positive_float(lr, "lr")
+    holdout_split(2, holdout)  # validates holdout
+    for flag, what in ((blockwise, "blockwise"), (correct, "correct")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{what} must be a bool, got {flag!r}")
+    patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude or ())
+    layers = find_prunable_layers(model, patterns)
+    fixed = getattr(structure_obj, "fixed_sparsity", None)
+    masked = {n for n, m in layers.items() if find_weight_mask(m) is not None}
+    value: Optional[float] = None  # None: reconstruct under the masks the model carries
+    if sparsity is None and fixed is None:
+        if not masked:
+            raise ValueError(
+                "pass sparsity= (the solvers choose the masks), or prune the model first with "
+                "sparsenet.prune to reconstruct under its masks"
+            )
+        if allocation != "uniform":
+            raise ValueError("allocation only applies when the solvers choose the masks (sparsity=)")
+        layers = {n: m for n, m in layers.items() if n in masked}
+    else:
+        if masked:
+            raise ValueError(
+                f"layers {sorted(masked)[:5]} are already masked; pass sparsity=None to "
+                "reconstruct under those masks, or remove them first"
+            )
+        value = fixed if fixed is not None else sparsity
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+            raise ValueError(f"sparsity must be a float in [0, 1), got {sparsity!r}")
+        if fixed is not None and sparsity is not None and abs(float(sparsity) - fixed) > 1e-9:
+            raise ValueError(f"structure {structure_obj.name!r} fixes sparsity at {fixed:g}")
+    check = getattr(structure_obj, "check", None)
+    for name, layer in layers.items():
+        if check is not None:
+            check(name, tuple(dense_weight(layer).shape))
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            raise ValueError(f"layer {name!r} is a grouped convolution; exclude it")
+    # The probe runs one batch: bad calibration data fails here, before anything changes.
+    stages = probe(model, find_stages(model, layers, blocks), calib)
+    sparsities = None
+    if value is not None:
+        sparsities = _sparsities(model, layers, calib, float(value), structure_obj, allocation)
+
+    rollback = _Rollback(model, layers)
+    # Layers not reconstructed (excluded, or unmasked under sparsity=None) stay as they are
+    # through block fits too.
+    chosen = {id(m) for m in layers.values()}
+    frozen = {id(p) for m in model.modules() if isinstance(m, PRUNABLE_TYPES) and id(m) not in chosen
+              for p in m.parameters()}
+    settings = WalkSettings(
+        method=method, structure=structure_obj, sparsities=sparsities, damp=damp,
+        within_stage=within_stage, correct=correct, blockwise=blockwise, epochs=epochs, lr=lr,
+        holdout=holdout, patience=patience, seed=seed,
+    )
+    dense = rollback.dense if (blockwise or correct) else None
+    disable = None if progress is None else not progress
+    try:
+        with tqdm(total=len(stages), desc="reconstruct", unit="stage", disable=disable) as bar:
+            result = walk(model, dense, stages, calib, settings, frozen, bar)
+    except BaseException:
+        rollback.restore()
+        raise
+    return ReconstructionResult(model, result.layers, result.stages, layers)
