@@ -21,30 +21,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 
+from memory import PeakMeter
+
 TARGETS = {"magnitude": 2.0, "wanda": 2.0, "taylor": 3.0}  # peak extra memory / model size
 TIME_TARGET_S = 60.0
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # 5: reset the peak resident set size (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -70,28 +54,24 @@ def worker(args: argparse.Namespace) -> dict:
     linear_bytes = sum(m.weight.numel() * m.weight.element_size()
                        for m in model.modules() if isinstance(m, torch.nn.Linear))
 
-    exact = _reset_peak()
-    rss_before = _status_kb("VmRSS") * 1024
-    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    meter = PeakMeter()
+    meter.start()
     start = time.perf_counter()
     pruner = sparsenet.prune(
         model, args.sparsity, criterion=args.criterion, scope="global",
         calib=None if args.criterion == "magnitude" else calib, progress=False,
     )
     seconds = time.perf_counter() - start
-    if exact:
-        peak_extra = _status_kb("VmHWM") * 1024 - rss_before
-    else:
-        peak_extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - min(rss_before, maxrss_before)
+    meter.stop()
     return {
         "criterion": args.criterion,
         "seconds": seconds,
-        "peak_extra_bytes": peak_extra,
+        "peak_extra_bytes": meter.extra,
         "model_bytes": model_bytes,
         "linear_bytes": linear_bytes,
         "sparsity": pruner.report().total_sparsity,
         "layers": len(pruner.layers),
-        "exact_peak": exact,
+        "exact_peak": meter.exact,
         "threads": torch.get_num_threads(),
     }
 

@@ -333,7 +333,8 @@ def admm(
     rho_every: int = 3,
     ramp: float = 0.7,
     damp: float = DEFAULT_DAMP,
-    refit_iters: int = 200,
+    refit_iters: int = 20,
+    dtype: torch.dtype = torch.float32,
 ) -> Solution:
     """ADMM on ``min ||(W' - W) X||²`` s.t. ``W'`` sparse, then an exact refit on the final mask.
 
@@ -342,28 +343,27 @@ def admm(
     along a cubic ramp over the first ``ramp`` fraction of the iterations so weights can move
     before the mask settles; ``ρ`` grows by ``rho_growth`` every ``rho_every`` iterations so the
     split converges. All in the diagonal-normalised problem (unit ``diag H``), where ``|V + U|``
-    ranks weights like Wanda's ``|w| ||x||``. With ``keep`` the mask is fixed from the start.
+    ranks weights like Wanda's ``|w| ||x||``. The iterations run in ``dtype`` (float32 halves
+    their cost; they only steer towards a mask) and the final refit, warm-started from the last
+    sparse iterate, in float64. With ``keep`` the mask is fixed, so only the refit remains.
     """
     _check_sparsity_or_keep(problem, sparsity, keep)
+    if keep is not None:
+        return lsq_refit(problem, keep, damp=damp, iters=refit_iters * 5)
     w0, h = problem.augmented()
     n_real = problem.weight.shape[1]
-    if keep is None:
-        w0[:, :n_real][:, _dead_columns(h, n_real)] = 0.0
+    w0[:, :n_real][:, _dead_columns(h, n_real)] = 0.0
     hn, s = _normalised(_damped(h, damp, n_real), n_real)
     target = w0 * s
-    b = target @ hn
+    b = (target @ hn).to(dtype)
     eye = torch.eye(hn.shape[0], dtype=hn.dtype, device=hn.device)
 
     def project(v: Tensor, level: float) -> Tensor:
-        if keep is not None:
-            mask = _augment_keep(problem, keep)
-        else:
-            mask = _augment_keep(problem, select_keep(v[:, :n_real].abs(), level, structure))
-        return mask
+        return _augment_keep(problem, select_keep(v[:, :n_real].abs(), level, structure))
 
-    z = target.clone()
+    z = target.to(dtype)
     u = torch.zeros_like(z)
-    mask = project(z, 0.0 if keep is None else 1.0)
+    mask = project(z, 0.0)
     r = rho
     inverse = None
     ramp_iters = max(1, int(ramp * iters))
@@ -372,14 +372,14 @@ def admm(
             if it > 0:
                 r *= rho_growth
             # One explicit inverse per penalty value: each iteration is then a single matmul.
-            inverse = torch.cholesky_inverse(torch.linalg.cholesky(hn + r * eye))
+            inverse = torch.cholesky_inverse(torch.linalg.cholesky((hn + r * eye).to(dtype)))
         v = (b + r * (z - u)) @ inverse
-        level = sparsity * (1.0 - (1.0 - min(1.0, (it + 1) / ramp_iters)) ** 3) if keep is None else 1.0
+        level = sparsity * (1.0 - (1.0 - min(1.0, (it + 1) / ramp_iters)) ** 3)
         mask = project(v + u, level)
         z = (v + u) * mask
         u += v - z
     final_keep = mask[:, :n_real]
-    x = _masked_cg(target, hn, z, mask, refit_iters, 1e-10)
+    x = _masked_cg(target, hn, z.to(hn.dtype), mask, refit_iters, 1e-10)
     return _finish(problem, x / s, final_keep)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sparsenet
-from sparsenet.reconstruction import reconstruct
+from sparsenet.reconstruction import finetune, reconstruct
 
 from digits_models import DigitsBert, DigitsCNN, calib_batches, digits, evaluate, train
 
@@ -74,21 +74,32 @@ def test_best_recipe_loses_at_most_half_a_point_at_50():
 
 
 @functools.lru_cache(maxsize=None)
-def trained_cnn(seed=0):
+def trained_cnn(seed):
     torch.manual_seed(seed)
     data = digits(seed)
     return train(DigitsCNN(), data, epochs=8, seed=seed), data
 
 
-def test_cnn_at_90_reconstruction_keeps_accuracy_where_magnitude_collapses():
-    dense, data = trained_cnn()
-    acc = evaluate(dense, dense, data)[0]
-    magnitude = copy.deepcopy(dense)
-    sparsenet.prune(magnitude, 0.9)
-    rebuilt = copy.deepcopy(dense)
-    result = reconstruct(rebuilt, calib_batches(data), 0.9, progress=False)
-    assert result.sparsity == pytest.approx(0.9, abs=0.005)
-    mag_acc, rec_acc = evaluate(magnitude, dense, data)[0], evaluate(rebuilt, dense, data)[0]
-    print(f"\nCNN on digits at 90%: dense {acc:.4f}, magnitude {mag_acc:.4f}, reconstructed {rec_acc:.4f}")
-    assert acc - rec_acc <= 0.03
-    assert acc - mag_acc >= 0.3
+def test_cnn_at_90_reconstruction_keeps_accuracy_and_fine_tuning_closes_the_gap():
+    losses = {"magnitude": [], "reconstructed": [], "fine-tuned": []}
+    for seed in SEEDS:
+        dense, data = trained_cnn(seed)
+        acc = evaluate(dense, dense, data)[0]
+        magnitude = copy.deepcopy(dense)
+        sparsenet.prune(magnitude, 0.9)
+        losses["magnitude"].append(acc - evaluate(magnitude, dense, data)[0])
+        rebuilt = copy.deepcopy(dense)
+        result = reconstruct(rebuilt, calib_batches(data), 0.9, progress=False)
+        assert result.sparsity == pytest.approx(0.9, abs=0.005)
+        losses["reconstructed"].append(acc - evaluate(rebuilt, dense, data)[0])
+        # A short masked fine-tune on the training split, distilling from the dense model.
+        train_batches = list(zip(data.x_train.split(64), data.y_train.split(64)))
+        finetune(rebuilt, train_batches, epochs=10, lr=1e-3, teacher=dense, progress=False, seed=seed)
+        assert 1 - float(result.masks["features.0"].float().mean()) == pytest.approx(0.9, abs=0.01)
+        losses["fine-tuned"].append(acc - evaluate(rebuilt, dense, data)[0])
+    mean = {k: sum(v) / len(v) for k, v in losses.items()}
+    print("\nCNN on digits at 90%, accuracy points lost (mean of seeds):",
+          ", ".join(f"{k} {100 * v:.2f}" for k, v in mean.items()))
+    assert mean["reconstructed"] <= 0.03
+    assert mean["magnitude"] >= 0.3
+    assert mean["fine-tuned"] <= 0.005
