@@ -1,4 +1,5 @@
-"""The ``sparsenet`` command: ``sparsenet demo``, ``sparsenet prune`` and ``sparsenet info``.
+"""The ``sparsenet`` command: ``sparsenet demo``, ``sparsenet prune``, ``sparsenet reconstruct`` and
+``sparsenet info``.
 
 Subcommands (``sparsenet COMMAND ...``) so more can join later. torch and sparsenet are imported only
 inside the commands, so ``--help`` and option errors answer at once.
@@ -15,6 +16,9 @@ inside the commands, so ``--help`` and option errors answer at once.
   [N, ...] with optional ``targets`` [N, ...], or any other set of [N, ...] tensors passed as keyword
   arguments; rows are cut into batches of ``--calib-batch``. The first batch also measures each
   layer's output positions, so the report's FLOPs are per sample; without it they are per position.
+* ``sparsenet reconstruct`` shares prune's model, calibration, structure and output options and
+  wraps :func:`sparsenet.reconstruct`; it needs ``--calib`` and refuses TorchScript (its solvers
+  run forward hooks and keep masks as parametrizations, neither of which scripted code supports).
 * Option errors exit with 2 (argparse); a failure while loading or pruning prints one
   ``error:`` line and exits with 1; the output file is written only after everything succeeded.
 """
@@ -94,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     _add_prune_parser(sub)
+    _add_reconstruct_parser(sub)
 
     info = sub.add_parser("info", help="print versions, ISA in use, threads and build facts",
                           description="Print sparsenet.show_config().")
@@ -223,49 +228,93 @@ def _block(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+_MODEL_EPILOG = (
+    "MODEL is pkg.module:factory or path/to/file.py:factory (a zero-argument callable returning an "
+    "nn.Module; the current directory is importable), or a TorchScript file, or, with --trust-pickle, "
+    "a torch.save pickle of a whole module."
+)
+_CALIB_EPILOG = (
+    "CALIB is a safetensors file: either 'inputs' [N, ...] with optional 'targets' [N, ...] (batches are "
+    "model(inputs)), or any other set of [N, ...] tensors passed as keyword arguments "
+    "(model(input_ids=..., attention_mask=...); a 'labels' entry is the target). Rows are cut into "
+    "batches of --calib-batch."
+)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """--model / --weights / --trust-pickle, read by :func:`_load_model`."""
+    parser.add_argument("--model", required=True, metavar="MODEL", help=f"what to {what} (see below)")
+    parser.add_argument("--weights", metavar="FILE", help="safetensors weights for a factory model: a "
+                        "sparsenet.save file or a plain state_dict")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow MODEL to be a torch.save pickle (unpickling runs code from the file)")
+
+
+def _add_target_options(parser: argparse.ArgumentParser) -> None:
+    """--sparsity / --structure / --block, checked together by :func:`_check_target_args`."""
+    parser.add_argument("--sparsity", type=_sparsity, help="fraction of weights to remove, in [0, 1); "
+                        "required except for N:M, which fixes its own")
+    parser.add_argument("--structure", type=_structure, default="unstructured", metavar="STRUCTURE",
+                        help="unstructured (default), channel, block or N:M such as 2:4")
+    parser.add_argument("--block", type=_block, metavar="RxC", help="block shape for --structure block "
+                        "(default 16x16)")
+
+
+def _add_exclude_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
+                        help="module names or globs to leave dense (and everything under them)")
+
+
+def _add_calib_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    """--calib / --calib-batch, read by :func:`_load_calib`."""
+    parser.add_argument("--calib", required=required, metavar="CALIB",
+                        help="calibration data (safetensors, see below)")
+    parser.add_argument("--calib-batch", type=_int_at_least(1), default=8, metavar="ROWS",
+                        help="calibration rows per batch (default 8)")
+
+
+def _add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """-o / --sparsify / --min-sparsity / --no-progress, as :func:`_save_output` uses them."""
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help=f"where to save the {what} model")
+    parser.add_argument("--sparsify", action="store_true",
+                        help=f"convert {what} nn.Linear layers to SparseLinear before saving")
+    parser.add_argument("--min-sparsity", type=_sparsity, help="with --sparsify: convert only "
+                        "layers at least this sparse (default 0.5; below it CSR is no smaller than dense)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
 def _add_prune_parser(sub) -> None:
     prune = sub.add_parser(
         "prune", help="prune a model and save it with sparsenet.save",
         description="Prune every nn.Linear / nn.Conv2d of a model, print a per-layer report (sparsity, "
                     "parameters, FLOPs) and save the finalized model with sparsenet.save.",
-        epilog="MODEL is pkg.module:factory or path/to/file.py:factory (a zero-argument callable returning "
-               "an nn.Module; the current directory is importable), or a TorchScript file, or, with "
-               "--trust-pickle, a torch.save pickle of a whole module. CALIB is a safetensors file: either "
-               "'inputs' [N, ...] with optional 'targets' [N, ...] (batches are model(inputs)), or any other "
-               "set of [N, ...] tensors passed as keyword arguments (model(input_ids=..., attention_mask=...); "
-               "a 'labels' entry is the target). Rows are cut into batches of --calib-batch.",
+        epilog=f"{_MODEL_EPILOG} {_CALIB_EPILOG}",
     )
-    prune.add_argument("--model", required=True, metavar="MODEL", help="what to prune (see below)")
-    prune.add_argument("--weights", metavar="FILE", help="safetensors weights for a factory model: a "
-                       "sparsenet.save file or a plain state_dict")
-    prune.add_argument("--trust-pickle", action="store_true",
-                       help="allow MODEL to be a torch.save pickle (unpickling runs code from the file)")
-    prune.add_argument("--sparsity", type=_sparsity, help="fraction of weights to remove, in [0, 1); "
-                       "required except for N:M, which fixes its own")
+    _add_model_options(prune, "prune")
+    _add_target_options(prune)
     prune.add_argument("--criterion", choices=CRITERIA, default="magnitude", help="importance score "
                        "(default magnitude; wanda and taylor need --calib)")
-    prune.add_argument("--structure", type=_structure, default="unstructured", metavar="STRUCTURE",
-                       help="unstructured (default), channel, block or N:M such as 2:4")
-    prune.add_argument("--block", type=_block, metavar="RxC", help="block shape for --structure block "
-                       "(default 16x16)")
     prune.add_argument("--scope", choices=("layer", "global"), default="layer",
                        help="same sparsity in every layer, or one ranking across layers (default layer)")
-    prune.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
-                       help="module names or globs to leave dense (and everything under them)")
-    prune.add_argument("--calib", metavar="CALIB", help="calibration data (safetensors, see below)")
-    prune.add_argument("--calib-batch", type=_int_at_least(1), default=8, metavar="ROWS",
-                       help="calibration rows per batch (default 8)")
+    _add_exclude_option(prune)
+    _add_calib_options(prune, required=False)
     prune.add_argument("--seed", type=_int_at_least(0), help="seed for --criterion random")
-    prune.add_argument("-o", "--output", required=True, metavar="OUT", help="where to save the pruned model")
-    prune.add_argument("--sparsify", action="store_true",
-                       help="convert pruned nn.Linear layers to SparseLinear before saving")
-    prune.add_argument("--min-sparsity", type=_sparsity, help="with --sparsify: convert only "
-                       "layers at least this sparse (default 0.5; below it CSR is no smaller than dense)")
-    prune.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_output_options(prune, "pruned")
     prune.set_defaults(func=_cmd_prune, check=_check_prune_args, subparser=prune)
 
 
-def _check_prune_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _check_target_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks shared by prune and reconstruct: sparsity vs structure, --block, --min-sparsity."""
     nm = _NM_SPEC.match(args.structure) is not None
     if args.sparsity is None and not nm:
         parser.error(f"--sparsity is required for --structure {args.structure}")
@@ -276,10 +325,14 @@ def _check_prune_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
                          f"--sparsity {args.sparsity:g} conflicts with it (leave it out)")
     if args.block is not None and args.structure != "block":
         parser.error("--block applies only to --structure block")
-    if args.criterion in DATA_CRITERIA and args.calib is None:
-        parser.error(f"--criterion {args.criterion} needs calibration data: pass --calib CALIB")
     if args.min_sparsity is not None and not args.sparsify:
         parser.error("--min-sparsity applies only with --sparsify")
+
+
+def _check_prune_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _check_target_args(parser, args)
+    if args.criterion in DATA_CRITERIA and args.calib is None:
+        parser.error(f"--criterion {args.criterion} needs calibration data: pass --calib CALIB")
 
 
 def _import_factory(spec: str):
@@ -460,9 +513,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     import sparsenet
     from sparsenet.pruning.flops import output_positions
 
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):  # fail before the slow part, not after it
-        raise CommandError(f"-o {args.output!r}: folder {out_dir!r} does not exist")
+    _check_output_dir(args.output)
     model, scripted = _load_model(args)
     if scripted and args.criterion in DATA_CRITERIA:
         raise CommandError(f"--criterion {args.criterion} runs the model with hooks, which TorchScript code does "
@@ -492,12 +543,109 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     console = _console()
     console.print(report)
+    _save_output(console, model, args)
+    return 0
+
+
+def _check_output_dir(output: str) -> None:
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):  # fail before the slow part, not after it
+        raise CommandError(f"-o {output!r}: folder {out_dir!r} does not exist")
+
+
+def _save_output(console, model, args: argparse.Namespace) -> None:
+    """--sparsify (printing its report), then sparsenet.save to -o, printing the saved size."""
+    import sparsenet
+
     if args.sparsify:
         model, sparsify_report = sparsenet.sparsify(
             model, min_sparsity=0.5 if args.min_sparsity is None else args.min_sparsity, inplace=True)
         print(str(sparsify_report).rstrip("\n"))
     size = sparsenet.save(model, args.output)
     console.print(f"saved {args.output}: {size}")
+
+
+# ---- sparsenet reconstruct ---------------------------------------------------------------------
+
+# Literal rather than read from sparsenet.reconstruction, so --help does not import torch.
+METHODS = ("sparsegpt", "admm", "lsq")
+ALLOCATIONS = ("uniform", "owl", "search")
+REC_EPOCHS, REC_LR = 10, 3e-4  # sparsenet.reconstruct's defaults
+
+
+def _add_reconstruct_parser(sub) -> None:
+    rec = sub.add_parser(
+        "reconstruct", help="prune a model one-shot and rebuild its weights from calibration data",
+        description="Prune every nn.Linear / nn.Conv2d of a model with a layer-wise solver (SparseGPT, "
+                    "ADMM or least squares) that rebuilds the kept weights from calibration data, "
+                    "optionally fit each block to the dense model's outputs, print a per-layer table "
+                    "and save the finalized model with sparsenet.save.",
+        epilog=f"{_MODEL_EPILOG} TorchScript models are refused: reconstruction runs the model with "
+               f"forward hooks and parametrizations. {_CALIB_EPILOG} The last fifth of the batches (none when "
+               "there is only one) is held out for early stopping of the block fits.",
+    )
+    _add_model_options(rec, "reconstruct")
+    _add_target_options(rec)
+    rec.add_argument("--method", choices=METHODS, default="admm", help="layer solver: sparsegpt (OBS), "
+                     "admm (gradual-mask ADMM, exact refit) or lsq (Wanda mask, exact refit); default admm")
+    rec.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                     help="per-layer sparsities: uniform (default), owl (outlier-weighted) or search "
+                          "(sensitivity search); same total either way")
+    rec.add_argument("--no-blockwise", action="store_true",
+                     help="skip fitting each block's kept weights to the dense block's outputs")
+    rec.add_argument("--no-correct", action="store_true", help="solve each layer on the pruned model's "
+                     "inputs only, not against the dense model's (no correction of earlier errors)")
+    rec.add_argument("--final", choices=("kl", "cosine", "mse"), help="after the blocks, fit the kept "
+                     "weights end to end to the dense model's output: kl (logits), cosine (embeddings) "
+                     "or mse; default off")
+    rec.add_argument("--epochs", type=_int_at_least(0),
+                     help=f"most epochs of each block fit (default {REC_EPOCHS}; early stopping may end sooner)")
+    rec.add_argument("--lr", type=_positive_float, help="Adam learning rate of the block "
+                     f"fits (default {REC_LR:g})")
+    _add_exclude_option(rec)
+    rec.add_argument("--blocks", nargs="+", action="extend", metavar="NAME",
+                     help="module names to treat as blocks (default: detected transformer layers / "
+                          "residual blocks; other layers are their own stage)")
+    _add_calib_options(rec, required=True)
+    _add_output_options(rec, "reconstructed")
+    rec.set_defaults(func=_cmd_reconstruct, check=_check_reconstruct_args, subparser=rec)
+
+
+def _check_reconstruct_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _check_target_args(parser, args)
+    if args.allocation != "uniform" and _NM_SPEC.match(args.structure) is not None:
+        parser.error(f"--allocation {args.allocation} cannot vary the fixed sparsity of "
+                     f"--structure {args.structure}")
+    if args.structure == "channel" and args.method == "sparsegpt":
+        parser.error("--structure channel needs --method lsq or admm: sparsegpt prunes within rows")
+    if args.no_blockwise and args.final is None and (args.epochs is not None or args.lr is not None):
+        parser.error("--epochs and --lr set the block (and --final) fits, which --no-blockwise turns off")
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    import sparsenet
+
+    _check_output_dir(args.output)
+    model, scripted = _load_model(args)
+    if scripted:
+        raise CommandError("reconstruct cannot work on a TorchScript model: it needs forward hooks and "
+                           "parametrizations, which scripted code does not run; pass the eager model as "
+                           "pkg.module:factory (with --weights)")
+    calib = _load_calib(args.calib, args.calib_batch)
+    try:
+        result = sparsenet.reconstruct(
+            model, calib, args.sparsity, structure=args.structure, block=args.block, method=args.method,
+            blockwise=not args.no_blockwise, correct=not args.no_correct, allocation=args.allocation,
+            exclude=args.exclude, blocks=args.blocks, epochs=REC_EPOCHS if args.epochs is None else args.epochs,
+            lr=REC_LR if args.lr is None else args.lr, final=args.final,
+            progress=not args.no_progress,
+        )
+    except (ValueError, TypeError, RuntimeError) as e:  # bad settings or data that does not fit the model
+        raise CommandError(str(e)) from e
+    console = _console()
+    console.print(result)
+    model = result.finalize()
+    _save_output(console, model, args)
     return 0
 
 

@@ -10,17 +10,19 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from ..calibration.data import check_calib
+from ..calibration.capture import eval_mode, model_device
+from ..calibration.data import check_calib, iter_batches
+from ..calibration.outputs import model_output
 from ..pruning.layers import PRUNABLE_TYPES, find_prunable_layers
 from ..pruning.masks import find_weight_mask, remove_pruning
 from ..pruning.structures import get_structure
-from .blockwise import holdout_split
+from .blockwise import LOSSES, FitResult, fit, holdout_split
 from .layerwise import METHODS, LayerResult, dense_weight
 from .solvers import DEFAULT_DAMP
 from .stages import find_stages, probe
@@ -42,6 +44,7 @@ class ReconstructionResult:
     layers: list[LayerResult]
     stages: list[StageResult]
     modules: dict[str, nn.Module]
+    final: Optional[FitResult] = None  # the end-to-end pass on the model's output, if run
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -60,26 +63,36 @@ class ReconstructionResult:
         return self.model
 
     def table(self) -> Table:
-        fits = {s.name: s.fit for s in self.stages}
+        """One row per reconstructed layer: shape, sparsity, solver, relative output error."""
         table = Table(title=f"reconstruction: {len(self.layers)} layers, sparsity {self.sparsity:.1%}")
         for col in ("layer", "shape", "sparsity", "method", "layer error"):
             table.add_column(col, justify="left" if col in ("layer", "method") else "right")
         for r in self.layers:
             table.add_row(r.name, "x".join(map(str, r.shape)), f"{r.sparsity:.1%}", r.method, f"{r.error:.4f}")
-        fitted = [(n, f) for n, f in fits.items() if f is not None]
-        if fitted:
-            table.caption = "block fits (held-out relative error, before -> after, epochs): " + "; ".join(
-                f"{n}: {f.before:.4f} -> {f.after:.4f} ({f.epochs})" for n, f in fitted
-            )
         return table
+
+    def fits_table(self) -> Optional[Table]:
+        """One row per block fit (and the final pass): held-out loss before and after, epochs."""
+        fits = [(s.name, s.fit) for s in self.stages if s.fit is not None]
+        if self.final is not None:
+            fits.append(("model output", self.final))
+        if not fits:
+            return None
+        table = Table(title="block fits (held-out relative error)")
+        for col in ("stage", "before", "after", "epochs", "kept epoch"):
+            table.add_column(col, justify="left" if col == "stage" else "right")
+        for name, f in fits:
+            table.add_row(name, f"{f.before:.4g}", f"{f.after:.4g}", str(f.epochs), str(f.best_epoch))
+        return table
+
+    def __rich__(self) -> Group:
+        fits = self.fits_table()
+        return Group(self.table(), *([fits] if fits is not None else []))
 
     def __str__(self) -> str:
         buf = io.StringIO()
-        Console(file=buf, width=120, force_terminal=False).print(self.table())
+        Console(file=buf, width=120, force_terminal=False).print(self)
         return buf.getvalue()
-
-    def __rich__(self) -> Table:
-        return self.table()
 
 
 def _positive_int(value: object, what: str, minimum: int = 0) -> int:
@@ -156,6 +169,7 @@ def reconstruct(
     exclude: Optional[Sequence[str]] = None,
     blocks: Optional[Sequence[str]] = None,
     within_stage: str = "sequential",
+    final: Optional[str] = None,
     damp: float = DEFAULT_DAMP,
     epochs: int = 10,
     lr: float = 3e-4,
@@ -193,6 +207,10 @@ def reconstruct(
         within_stage: ``"sequential"`` solves a block's layers group by group, each on inputs
             from the block as pruned so far; ``"parallel"`` gathers all statistics of a block
             in one pass (as the SparseGPT paper does; faster).
+        final: after all stages, fit every reconstructed stage's kept weights (and the
+            blocks' other parameters) end to end so the model's own output matches the dense
+            model's: ``"kl"`` (logits), ``"cosine"`` (embeddings) or ``"mse"``; same
+            ``epochs`` / ``lr`` / held-out early stopping as the block fits. ``None``: skip.
         damp: Hessian damping, relative to the mean of its diagonal.
     """
     if not isinstance(model, nn.Module):
@@ -202,6 +220,8 @@ def reconstruct(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    if final is not None and final not in LOSSES:
+        raise ValueError(f"final must be None or one of {', '.join(LOSSES)}, got {final!r}")
     if within_stage not in ("sequential", "parallel"):
         raise ValueError(f"within_stage must be 'sequential' or 'parallel', got {within_stage!r}")
     structure_obj = get_structure(structure, block)
@@ -263,12 +283,37 @@ def reconstruct(
         within_stage=within_stage, correct=correct, blockwise=blockwise, epochs=epochs, lr=lr,
         holdout=holdout, patience=patience, seed=seed,
     )
-    dense = rollback.dense if (blockwise or correct) else None
+    dense = rollback.dense if (blockwise or correct or final) else None
     disable = None if progress is None else not progress
     try:
         with tqdm(total=len(stages), desc="reconstruct", unit="stage", disable=disable) as bar:
             result = walk(model, dense, stages, calib, settings, frozen, bar)
+        final_fit = None
+        if final is not None:
+            final_fit = _fit_output(model, dense, stages, calib, frozen, final, settings)
     except BaseException:
         rollback.restore()
         raise
-    return ReconstructionResult(model, result.layers, result.stages, layers)
+    return ReconstructionResult(model, result.layers, result.stages, layers, final_fit)
+
+
+def _fit_output(model, dense, stages, calib, frozen, loss, settings) -> FitResult:
+    """Adam on every stage's trainable parameters against the dense model's outputs."""
+    batches = list(iter_batches(calib, model_device(model)))
+    with eval_mode(dense), torch.no_grad():
+        targets = [model_output(dense(*b.args, **b.kwargs)).detach() for b in batches]
+    seen: set[int] = set()
+    params = []
+    for stage in stages:
+        for p in stage.module.parameters():
+            if p.requires_grad and id(p) not in frozen and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+
+    def forward(i: int) -> Tensor:
+        return model_output(model(*batches[i].args, **batches[i].kwargs))
+
+    with eval_mode(model):
+        return fit(params, forward, targets, loss=LOSSES[loss], epochs=settings.epochs,
+                   lr=settings.lr, holdout=settings.holdout, patience=settings.patience,
+                   seed=settings.seed)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
 
@@ -27,6 +26,10 @@ class Digits:
 
 
 def digits(seed: int = 0) -> Digits:
+    # Imported here, not at collection: scikit-learn loads its own libgomp, which would fail
+    # tests/ops/test_runtime.py's one-OpenMP-runtime check if it ran later in the process.
+    from sklearn.datasets import load_digits
+
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32) / 16.0  # (n, 8, 8) in [0, 1]
     y = torch.tensor(data.target)

@@ -7,14 +7,7 @@ from torch import nn
 from sparsenet.reconstruction.batchnorm import recalibrate_batchnorm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The matrices are tiny: a second thread only adds synchronisation (many times slower on a
-    # busy machine, see tests/pruning/test_prune_gradual_digits.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder(nn.Module):

@@ -17,6 +17,8 @@ from sparsenet.reconstruction import finetune, reconstruct
 
 from digits_models import DigitsBert, DigitsCNN, calib_batches, digits, evaluate, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 pytest.importorskip("transformers")
 
 SEEDS = (0, 1, 2)

@@ -14,6 +14,8 @@ from sparsenet.pruning import find_weight_mask
 from sparsenet.reconstruction import reconstruct
 from sparsenet.reconstruction.stages import find_stages, probe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def mlp(seed=0):
     torch.manual_seed(seed)
@@ -213,6 +215,27 @@ def test_owl_allocation_keeps_the_total():
     model, xs = mlp(), batches()
     result = reconstruct(model, xs, 0.6, allocation="owl", blockwise=False, progress=False)
     assert result.sparsity == pytest.approx(0.6, abs=0.01)
+
+
+def test_final_pass_on_the_model_output():
+    dense, xs = mlp(), batches(8)
+    model = copy.deepcopy(dense)
+    result = reconstruct(model, xs, 0.8, final="mse", progress=False)
+    assert result.final is not None and result.final.after <= result.final.before
+    assert "model output" in str(result)
+    with pytest.raises(ValueError, match="final"):
+        reconstruct(mlp(), xs, 0.5, final="l1")
+
+
+def test_user_blocks_and_search_allocation():
+    model, xs = mlp(), batches()
+    layers = sparsenet.pruning.find_prunable_layers(model)
+    stages = find_stages(model, layers, blocks=["0"])
+    assert [s.name for s in stages] == ["0", "2", "4"]
+    with pytest.raises(ValueError, match="not modules"):
+        find_stages(model, layers, blocks=["nope"])
+    result = reconstruct(model, xs, 0.6, allocation="search", blockwise=False, progress=False)
+    assert result.sparsity == pytest.approx(0.6, abs=0.02)
 
 
 def test_sparsity_zero_is_a_refit_with_full_masks():

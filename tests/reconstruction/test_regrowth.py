@@ -13,14 +13,7 @@ from sparsenet.reconstruction.finetune import finetune
 from sparsenet.reconstruction.regrowth import RigL, regrow_layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The matrices are tiny: a second thread only adds synchronisation (many times slower on a
-    # busy machine, see tests/pruning/test_prune_gradual_digits.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pruned_layer(sparsity=0.7):

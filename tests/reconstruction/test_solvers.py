@@ -13,6 +13,8 @@ from sparsenet.reconstruction.solvers import (
     sparsegpt,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def correlated_problem(seed=0, rows=48, cols=64, n=2000, bias=False, offset=0.5):
     """Inputs with strong shared factors (as real activations have), a random weight."""
