@@ -256,9 +256,18 @@ def capture_inputs(model: nn.Module, stage: nn.Module, calib: Iterable) -> list[
     return got
 
 
+def _is_kv_cache(obj: Any) -> bool:
+    # Hugging Face decoders pass a key/value cache object that every call appends to; replayed
+    # calls would then attend to keys from earlier replays. A stage runs on its own inputs only.
+    return type(obj).__name__.endswith("Cache") and callable(getattr(obj, "update", None))
+
+
 def _detach(obj: Any) -> Any:
+    """Recorded stage arguments: tensors detached, key/value caches dropped (None)."""
     if isinstance(obj, Tensor):
         return obj.detach()
+    if _is_kv_cache(obj):
+        return None
     if isinstance(obj, tuple):
         return tuple(_detach(v) for v in obj)
     if isinstance(obj, list):
