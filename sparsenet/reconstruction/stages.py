@@ -15,6 +15,7 @@ checked once on a probe batch -- its inputs are built from stage ``k``'s outputs
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
@@ -142,7 +143,8 @@ def probe(model: nn.Module, stages: list[Stage], calib: Iterable) -> list[Stage]
     order: dict[int, int] = {}
     seen_in: dict[int, tuple] = {}
     seen_out: dict[int, Any] = {}
-    layer_inputs: dict[str, int] = {}
+    shares_input: dict[str, bool] = {}  # layer -> reads the very tensor the layer before it read
+    last_input: list = [None]  # weak reference to the input of the layer called last
     layer_order: dict[str, int] = {}
     calls: Counter = Counter()
     handles = []
@@ -163,8 +165,12 @@ def probe(model: nn.Module, stages: list[Stage], calib: Iterable) -> list[Stage]
 
     def layer_pre(name):
         def hook(module, args):
-            layer_order.setdefault(name, len(layer_order))
-            layer_inputs.setdefault(name, id(args[0]))
+            # Compared at call time through a weak reference: ids of freed tensors get reused.
+            x, last = args[0], last_input[0]
+            if name not in layer_order:
+                layer_order[name] = len(layer_order)
+                shares_input[name] = last is not None and last() is x
+            last_input[0] = weakref.ref(x) if isinstance(x, Tensor) else None
 
         return hook
 
@@ -205,7 +211,7 @@ def probe(model: nn.Module, stages: list[Stage], calib: Iterable) -> list[Stage]
         st.layers = {n: st.layers[n] for n in names}
         st.groups = []
         for n in names:
-            if st.groups and layer_inputs[st.groups[-1][0]] == layer_inputs[n]:
+            if st.groups and shares_input[n] and layer_order[n] == layer_order[st.groups[-1][-1]] + 1:
                 st.groups[-1].append(n)
             else:
                 st.groups.append([n])
