@@ -6,10 +6,12 @@
 #include <pybind11/stl.h>
 
 #include <atomic>
+#include <memory>
 #include <string>
 
 #include "cpu/csr_view.h"
 #include "cpu/dispatch.h"
+#include "cpu/tiled.h"
 
 namespace py = pybind11;
 using sparsenet::CsrView;
@@ -112,8 +114,10 @@ class CsrHandle {
     }
     if (batch == 0 || view_.rows == 0) return;
     const auto kernel = sparsenet::cpu::csr_matmul_kernel();
+    sparsenet::CsrView view = view_;
+    view.tiled = tiled_for(batch);
     py::gil_scoped_release nogil;
-    kernel(view_, d);
+    kernel(view, d);
   }
 
   int64_t rows() const { return view_.rows; }
@@ -128,7 +132,21 @@ class CsrHandle {
       throw py::value_error(std::string(name) + " is not the buffer this handle validated");
   }
 
+  // The column-tiled copy, built on first use under the GIL (so two threads never build it at
+  // once) and only where a kernel reads it: the AVX-512 panels from batch 16, on weights dense
+  // enough that a tile's rows share its panel tile (at 95% sparsity and beyond it measured no
+  // faster, and would only cost memory).
+  const sparsenet::cpu::TiledCsr* tiled_for(int64_t batch) const {
+    if (batch < 16 || view_.nnz < kTiledMinDensity * view_.rows * view_.cols ||
+        sparsenet::cpu::active_isa() != "avx512")
+      return nullptr;
+    if (!tiled_) tiled_ = std::make_shared<const sparsenet::cpu::TiledCsr>(sparsenet::cpu::build_tiled(view_));
+    return tiled_.get();
+  }
+  static constexpr double kTiledMinDensity = 0.075;
+
   CsrView view_;
+  mutable std::shared_ptr<const sparsenet::cpu::TiledCsr> tiled_;
 };
 
 }  // namespace

@@ -14,6 +14,8 @@
 
 namespace sparsenet {
 
+namespace cpu { struct TiledCsr; }
+
 struct CsrView {
   int64_t rows = 0;
   int64_t cols = 0;
@@ -22,6 +24,8 @@ struct CsrView {
   const void* col_idx = nullptr;
   int index_bytes = 2;  // 2 (uint16) or 4 (int32)
   const float* values = nullptr;
+  // Optional column-tiled copy (cpu/tiled.h) for kernels that use it at large batch; may be null.
+  const cpu::TiledCsr* tiled = nullptr;
 };
 
 // Throws std::invalid_argument naming the first broken invariant. O(rows + nnz), run once per handle.

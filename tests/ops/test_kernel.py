@@ -65,6 +65,22 @@ def test_long_rows_and_heavy_imbalance(isa, threads):
         assert_close(run_kernel(w, x), reference(w, x))
 
 
+@pytest.mark.parametrize("shape", [(200, 1000), (64, 256), (65, 257), (3, 65537)])
+def test_large_batch_tiles_and_chunks(isa, threads, shape):
+    # From batch 16 the AVX-512 kernel reads a copy of the weight cut into 64-row chunks and
+    # 256-column tiles: rows and columns on both sides of those edges, an empty tile, an empty
+    # and a full row, 32-bit indices past 65,536 columns.
+    g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    w = random_sparse(*shape, 0.2, g, empty_rows=(0,))
+    if shape[1] >= 512:
+        w[:, 256:512] = 0
+    w[-1] = torch.randn(shape[1], generator=g)
+    bias = torch.randn(shape[0], generator=g)
+    for batch in (15, 16, 17, 32, 33, 100):
+        x = torch.randn(batch, shape[1], generator=g)
+        assert_close(run_kernel(w, x, bias), reference(w, x, bias))
+
+
 @pytest.mark.parametrize("cols", [65536, 65537])
 def test_index_width(isa, cols):
     # 16-bit column indices up to 65536 columns, 32-bit beyond; the largest index must be reachable.
