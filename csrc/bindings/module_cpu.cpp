@@ -132,18 +132,22 @@ class CsrHandle {
       throw py::value_error(std::string(name) + " is not the buffer this handle validated");
   }
 
-  // The column-tiled copy, built on first use under the GIL (so two threads never build it at
-  // once) and only where a kernel reads it: the AVX-512 panels from batch 16, on weights dense
-  // enough that a tile's rows share its panel tile (at 95% sparsity and beyond it measured no
-  // faster, and would only cost memory).
+  // The column-tiled copy (cpu/tiled.h), built on first use under the GIL (so two threads never
+  // build it at once), and only where a panel kernel gains from it, as measured on 4096x4096 (see
+  // BENCHMARKS.md): the 16-wide AVX-512 panels (batch >= 16) from 7.5% density, the 8-wide AVX2
+  // panels (batch 4-15 on AVX-512 CPUs, batch >= 4 on AVX2 ones) from 20%; sparser weights gained
+  // nothing there and would only pay the memory.
   const sparsenet::cpu::TiledCsr* tiled_for(int64_t batch) const {
-    if (batch < 16 || view_.nnz < kTiledMinDensity * view_.rows * view_.cols ||
-        sparsenet::cpu::active_isa() != "avx512")
-      return nullptr;
+    const double density = view_.rows * view_.cols > 0
+                               ? static_cast<double>(view_.nnz) / (static_cast<double>(view_.rows) * view_.cols)
+                               : 0.0;
+    const std::string isa = sparsenet::cpu::active_isa();
+    const bool wide = isa == "avx512" && batch >= 16 && density >= 0.075;
+    const bool narrow = (isa == "avx512" || isa == "avx2") && batch >= 4 && density >= 0.2;
+    if (!wide && !narrow) return nullptr;
     if (!tiled_) tiled_ = std::make_shared<const sparsenet::cpu::TiledCsr>(sparsenet::cpu::build_tiled(view_));
     return tiled_.get();
   }
-  static constexpr double kTiledMinDensity = 0.075;
 
   CsrView view_;
   mutable std::shared_ptr<const sparsenet::cpu::TiledCsr> tiled_;

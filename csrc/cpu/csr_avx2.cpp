@@ -6,6 +6,7 @@
 #include "cpu/gemv_simd.h"
 #include "cpu/panel.h"
 #include "cpu/simd_tile.h"
+#include "cpu/tiled_kernel.h"
 
 namespace sparsenet::cpu::avx2 {
 
@@ -74,9 +75,21 @@ void run(const CsrView& a, const DenseArgs& d) {
       pack_panel_simd);
 }
 
+struct Ops256 {
+  using V = __m256;
+  static constexpr int kWidth = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_load_ps(p); }
+  static V set1(float f) { return _mm256_set1_ps(f); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static void store(float* p, V v) { _mm256_store_ps(p, v); }
+};
+
 }  // namespace
 
 void csr_matmul(const CsrView& a, const DenseArgs& d) {
+  if (a.tiled != nullptr && d.batch >= sparsenet::cpu::kPanelMinBatch) return run_tiled<Ops256, 4>(a, d);
   if (a.index_bytes == 2) run<uint16_t>(a, d);
   else run<int32_t>(a, d);
 }

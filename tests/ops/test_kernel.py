@@ -67,16 +67,16 @@ def test_long_rows_and_heavy_imbalance(isa, threads):
 
 @pytest.mark.parametrize("shape", [(200, 1000), (64, 256), (65, 257), (3, 65537)])
 def test_large_batch_tiles_and_chunks(isa, threads, shape):
-    # From batch 16 the AVX-512 kernel reads a copy of the weight cut into 64-row chunks and
-    # 256-column tiles: rows and columns on both sides of those edges, an empty tile, an empty
-    # and a full row, 32-bit indices past 65,536 columns.
+    # Weights at least 20% dense are read, from batch 4, through a copy cut into 64-row chunks and
+    # 256-column tiles (8-wide AVX2 panels; 16-wide AVX-512 ones from batch 16): rows and columns
+    # on both sides of those edges, an empty tile, an empty and a full row, 32-bit indices.
     g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
-    w = random_sparse(*shape, 0.2, g, empty_rows=(0,))
+    w = random_sparse(*shape, 0.3, g, empty_rows=(0,))
     if shape[1] >= 512:
         w[:, 256:512] = 0
     w[-1] = torch.randn(shape[1], generator=g)
     bias = torch.randn(shape[0], generator=g)
-    for batch in (15, 16, 17, 32, 33, 100):
+    for batch in (4, 5, 8, 15, 16, 17, 24, 32, 33, 100):
         x = torch.randn(batch, shape[1], generator=g)
         assert_close(run_kernel(w, x, bias), reference(w, x, bias))
 

@@ -1,0 +1,99 @@
+// The panel kernel over the column-tiled copy (cpu/tiled.h), written once for any vector width.
+// Include only from a file compiled with AVX2 + FMA or more, after defining the vector traits:
+//   struct Ops { using V = ...; static constexpr int kWidth; zero(), load(p), set1(f),
+//                fma(a, b, c), add(a, b), store(p, v) };
+// Each ISA file gets its own copy (internal linkage), compiled with its own flags.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+
+#include "cpu/csr_view.h"
+#include "cpu/panel.h"
+#include "cpu/simd_tile.h"
+#include "cpu/tiled.h"
+
+namespace {
+
+// One chunk of kRows rows, tile by tile: the panel's slice for a tile (kCols x W floats) is read by
+// every row of the chunk while it is in L1; the chunk's sums stay in `acc` (L1 too).
+template <typename Ops, int NV>
+void tiled_chunk(const sparsenet::cpu::TiledCsr& t, int64_t c, const float* xp, int64_t b0, int64_t valid,
+                 const sparsenet::DenseArgs& d) {
+  using V = typename Ops::V;
+  using sparsenet::cpu::TiledCsr;
+  constexpr int64_t W = Ops::kWidth * NV, R = TiledCsr::kRows;
+  alignas(64) float acc[R * W];
+  const int64_t r0 = c * R, nr = std::min(R, t.rows - r0);
+  std::fill(acc, acc + nr * W, 0.0f);
+  for (int64_t tile = 0; tile < t.tiles; ++tile) {
+    const int64_t block = c * t.tiles + tile;
+    const uint16_t* starts = &t.row_start[block * (R + 1)];
+    if (starts[R] == 0) continue;
+    const uint8_t* col = t.col.data() + t.block_start[block];
+    const float* val = t.values.data() + t.block_start[block];
+    const float* xt = xp + tile * TiledCsr::kCols * W;
+    for (int64_t i = 0; i < nr; ++i) {
+      const int s = starts[i], e = starts[i + 1];
+      if (s == e) continue;
+      float* out = acc + i * W;
+      V p[NV], q[NV];  // two chains per vector: even and odd non-zeros
+      for (int v = 0; v < NV; ++v) p[v] = Ops::load(out + Ops::kWidth * v), q[v] = Ops::zero();
+      int k = s;
+      for (; k + 2 <= e; k += 2) {
+        const float* x0 = xt + static_cast<int64_t>(col[k]) * W;
+        const float* x1 = xt + static_cast<int64_t>(col[k + 1]) * W;
+        const V w0 = Ops::set1(val[k]), w1 = Ops::set1(val[k + 1]);
+        for (int v = 0; v < NV; ++v) {
+          p[v] = Ops::fma(w0, Ops::load(x0 + Ops::kWidth * v), p[v]);
+          q[v] = Ops::fma(w1, Ops::load(x1 + Ops::kWidth * v), q[v]);
+        }
+      }
+      if (k < e) {
+        const float* x0 = xt + static_cast<int64_t>(col[k]) * W;
+        const V w0 = Ops::set1(val[k]);
+        for (int v = 0; v < NV; ++v) p[v] = Ops::fma(w0, Ops::load(x0 + Ops::kWidth * v), p[v]);
+      }
+      for (int v = 0; v < NV; ++v) Ops::store(out + Ops::kWidth * v, Ops::add(p[v], q[v]));
+    }
+  }
+  for (int64_t g = 0; g < nr; g += 8)
+    store_tile_simd(acc + g * W, W, std::min<int64_t>(8, nr - g), valid, r0 + g, b0, d.y, d.ldy, d.bias);
+}
+
+template <typename Ops, int NV>
+void tiled_chunk_any(const sparsenet::cpu::TiledCsr& t, int64_t c, const float* xp, int64_t W, int64_t b0,
+                     int64_t valid, const sparsenet::DenseArgs& d) {
+  if constexpr (NV > 1) {
+    if (W < Ops::kWidth * NV) return tiled_chunk_any<Ops, NV - 1>(t, c, xp, W, b0, valid, d);
+  }
+  tiled_chunk<Ops, NV>(t, c, xp, b0, valid, d);
+}
+
+// The panel driver of driver.h, with the tiled copy's fixed 64-row chunks instead of row ranges
+// balanced by non-zeros; several chunks per thread under dynamic scheduling even them out.
+template <typename Ops, int MaxNV>
+void run_tiled(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d) {
+  using sparsenet::cpu::TiledCsr;
+  const TiledCsr& t = *a.tiled;
+  const int nt = sparsenet::threads_for(a, d.batch, d.num_threads);
+  constexpr int64_t max_width = Ops::kWidth * MaxNV;
+  float* xp = sparsenet::cpu::scratch_panel(t.tiles * TiledCsr::kCols * max_width);  // past `cols`: unread
+  const int64_t kblocks = std::max<int64_t>(1, std::min<int64_t>(int64_t{nt} * 8, a.cols / 64));
+#pragma omp parallel num_threads(nt)
+  {
+    for (int64_t b0 = 0; b0 < d.batch; b0 += max_width) {
+      const int64_t valid = std::min(max_width, d.batch - b0);
+      const int64_t W = (valid + Ops::kWidth - 1) / Ops::kWidth * Ops::kWidth;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t kb = 0; kb < kblocks; ++kb)
+        pack_panel_simd(d.x, d.ldx, b0, valid, W, a.cols * kb / kblocks, a.cols * (kb + 1) / kblocks, xp);
+      // (implicit barrier: the panel is complete)
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < t.chunks; ++c) tiled_chunk_any<Ops, MaxNV>(t, c, xp, W, b0, valid, d);
+      // (implicit barrier: nobody overwrites the panel while it is read)
+    }
+  }
+}
+
+}  // namespace
