@@ -22,6 +22,11 @@ inline void panel_row(const Idx* col, const float* val, int64_t begin, int64_t e
   for (int v = 0; v < NV; ++v) a[v] = b[v] = _mm256_setzero_ps();
   int64_t k = begin;
   for (; k + 2 <= end; k += 2) {
+    if ((k & 14) == 0) {  // once per 16 (k steps by 2 from either parity): the weights stream from
+      // DRAM, so ask well ahead, as the small-batch rows do.
+      _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(col + k + kPrefetchAhead), _MM_HINT_T0);
+    }
     const float* p0 = xp + static_cast<int64_t>(col[k]) * W;
     const float* p1 = xp + static_cast<int64_t>(col[k + 1]) * W;
     const __m256 w0 = _mm256_broadcast_ss(val + k);

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "cpu/csr_view.h"
+#include "cpu/gemv_simd.h"  // kPrefetchAhead
 #include "cpu/panel.h"
 #include "cpu/simd_tile.h"
 #include "cpu/tiled.h"
@@ -42,6 +43,10 @@ void tiled_chunk(const sparsenet::cpu::TiledCsr& t, int64_t c, const float* xp, 
       for (int v = 0; v < NV; ++v) p[v] = Ops::load(out + Ops::kWidth * v), q[v] = Ops::zero();
       int k = s;
       for (; k + 2 <= e; k += 2) {
+        if ((k & 14) == 0) {  // once per 16: the blocks stream from DRAM, so ask well ahead
+          _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetchAhead), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(col + k + kPrefetchAhead), _MM_HINT_T0);
+        }
         const float* x0 = xt + static_cast<int64_t>(col[k]) * W;
         const float* x1 = xt + static_cast<int64_t>(col[k + 1]) * W;
         const V w0 = Ops::set1(val[k]), w1 = Ops::set1(val[k + 1]);
