@@ -138,6 +138,7 @@ class CsrHandle {
   // panels (batch 4-15 on AVX-512 CPUs, batch >= 4 on AVX2 ones) from 20%; sparser weights gained
   // nothing there and would only pay the memory.
   const sparsenet::cpu::TiledCsr* tiled_for(int64_t batch) const {
+    if (batch < 4) return nullptr;  // the common batch-1 call pays nothing for this
     const double density = view_.rows * view_.cols > 0
                                ? static_cast<double>(view_.nnz) / (static_cast<double>(view_.rows) * view_.cols)
                                : 0.0;
