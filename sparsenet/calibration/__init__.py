@@ -7,9 +7,14 @@ criteria and reconstruction read calibration data only through this package.
 
 from .capture import capture_input_sq_norms, capture_output_abs_means, eval_mode
 from .data import Batch, check_calib, iter_batches, split_batch
+from .gram import Gram, capture_grams
+from .outputs import model_output
 
 __all__ = [
     "Batch",
+    "Gram",
+    "capture_grams",
+    "model_output",
     "capture_input_sq_norms",
     "capture_output_abs_means",
     "check_calib",
