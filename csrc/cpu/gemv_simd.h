@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include "cpu/csr_view.h"
+#include "cpu/panel.h"  // kPrefetchAhead
 
 namespace {
 
@@ -25,11 +26,6 @@ inline __m256 gather8(const float* x, const Idx* c) {
   return _mm256_setr_ps(x[c[0]], x[c[1]], x[c[2]], x[c[3]], x[c[4]], x[c[5]], x[c[6]], x[c[7]]);
 }
 
-#ifndef SPARSENET_PREFETCH_AHEAD
-#define SPARSENET_PREFETCH_AHEAD 512
-#endif
-constexpr int64_t kPrefetchAhead = SPARSENET_PREFETCH_AHEAD;  // non-zeros
-
 template <typename Idx>
 void small_batch_rows(const sparsenet::CsrView& a, const Idx* col, const sparsenet::DenseArgs& d,
                       int64_t r0, int64_t r1) {
@@ -43,8 +39,8 @@ void small_batch_rows(const sparsenet::CsrView& a, const Idx* col, const sparsen
       for (; k + 16 <= end; k += 16) {
         // Weights stream from DRAM: ask for them well ahead (64 B of values and 32 B of indices per
         // 16 non-zeros), further than the hardware prefetcher ramps up to within one row.
-        _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetchAhead), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(col + k + kPrefetchAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(val + k + sparsenet::cpu::kPrefetchAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(col + k + sparsenet::cpu::kPrefetchAhead), _MM_HINT_T0);
         acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), gather8(x, col + k), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), gather8(x, col + k + 8), acc1);
       }

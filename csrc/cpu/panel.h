@@ -15,6 +15,13 @@ namespace sparsenet::cpu {
 
 constexpr int64_t kPanelMinBatch = 4;
 
+// How far ahead (in non-zeros) the kernels prefetch the weight's value and index streams: they come
+// from DRAM, and the hardware prefetcher does not ramp up that far within one row.
+#ifndef SPARSENET_PREFETCH_AHEAD
+#define SPARSENET_PREFETCH_AHEAD 512
+#endif
+constexpr int64_t kPrefetchAhead = SPARSENET_PREFETCH_AHEAD;
+
 // Grows, never shrinks; one per calling thread so concurrent calls from different Python threads
 // never share a panel.
 inline float* scratch_panel(int64_t floats) {

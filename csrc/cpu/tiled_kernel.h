@@ -10,8 +10,8 @@
 #include <utility>
 
 #include "cpu/csr_view.h"
-#include "cpu/gemv_simd.h"  // kPrefetchAhead
 #include "cpu/panel.h"
+#include "cpu/panel_simd.h"
 #include "cpu/simd_tile.h"
 #include "cpu/tiled.h"
 
@@ -36,31 +36,12 @@ void tiled_chunk(const sparsenet::cpu::TiledCsr& t, int64_t c, const float* xp, 
     const float* val = t.values.data() + t.block_start[block];
     const float* xt = xp + tile * TiledCsr::kCols * W;
     for (int64_t i = 0; i < nr; ++i) {
-      const int s = starts[i], e = starts[i + 1];
-      if (s == e) continue;
+      if (starts[i] == starts[i + 1]) continue;
       float* out = acc + i * W;
-      V p[NV], q[NV];  // two chains per vector: even and odd non-zeros
-      for (int v = 0; v < NV; ++v) p[v] = Ops::load(out + Ops::kWidth * v), q[v] = Ops::zero();
-      int k = s;
-      for (; k + 2 <= e; k += 2) {
-        if ((k & 14) == 0) {  // once per 16: the blocks stream from DRAM, so ask well ahead
-          _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetchAhead), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(col + k + kPrefetchAhead), _MM_HINT_T0);
-        }
-        const float* x0 = xt + static_cast<int64_t>(col[k]) * W;
-        const float* x1 = xt + static_cast<int64_t>(col[k + 1]) * W;
-        const V w0 = Ops::set1(val[k]), w1 = Ops::set1(val[k + 1]);
-        for (int v = 0; v < NV; ++v) {
-          p[v] = Ops::fma(w0, Ops::load(x0 + Ops::kWidth * v), p[v]);
-          q[v] = Ops::fma(w1, Ops::load(x1 + Ops::kWidth * v), q[v]);
-        }
-      }
-      if (k < e) {
-        const float* x0 = xt + static_cast<int64_t>(col[k]) * W;
-        const V w0 = Ops::set1(val[k]);
-        for (int v = 0; v < NV; ++v) p[v] = Ops::fma(w0, Ops::load(x0 + Ops::kWidth * v), p[v]);
-      }
-      for (int v = 0; v < NV; ++v) Ops::store(out + Ops::kWidth * v, Ops::add(p[v], q[v]));
+      V sum[NV];
+      for (int v = 0; v < NV; ++v) sum[v] = Ops::load(out + Ops::kWidth * v);
+      panel_dot<Ops, NV>(col, val, starts[i], starts[i + 1], xt, sum);
+      for (int v = 0; v < NV; ++v) Ops::store(out + Ops::kWidth * v, sum[v]);
     }
   }
   for (int64_t g = 0; g < nr; g += 8)

@@ -1,0 +1,78 @@
+// The panel loops shared by the SIMD kernels, written once for any vector width. Include only from
+// a file compiled with AVX2 + FMA or more, and instantiate with that file's vector traits:
+//   struct Ops { using V = ...; static constexpr int kWidth; zero(), load(p), set1(f),
+//                fma(a, b, c), add(a, b), store(p, v) };
+// Internal linkage on purpose: each ISA file gets its own copy, compiled with its own flags.
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/csr_view.h"
+#include "cpu/panel.h"
+#include "cpu/simd_tile.h"
+
+namespace {
+
+// acc[0..NV) += sum over non-zeros k in [begin, end) of val[k] * (panel row col[k]), a panel row
+// being W = kWidth * NV floats. Two chains (even and odd non-zeros) keep 2 * NV FMAs independent.
+template <typename Ops, int NV, typename Idx>
+inline void panel_dot(const Idx* col, const float* val, int64_t begin, int64_t end, const float* xp,
+                      typename Ops::V* acc) {
+  using V = typename Ops::V;
+  constexpr int64_t W = Ops::kWidth * NV;
+  V odd[NV];
+  for (int v = 0; v < NV; ++v) odd[v] = Ops::zero();
+  int64_t k = begin;
+  for (; k + 2 <= end; k += 2) {
+    if ((k & 14) == 0) {  // once per 16 non-zeros (k steps by 2 from either parity)
+      _mm_prefetch(reinterpret_cast<const char*>(val + k + sparsenet::cpu::kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(col + k + sparsenet::cpu::kPrefetchAhead), _MM_HINT_T0);
+    }
+    const float* x0 = xp + static_cast<int64_t>(col[k]) * W;
+    const float* x1 = xp + static_cast<int64_t>(col[k + 1]) * W;
+    const V w0 = Ops::set1(val[k]), w1 = Ops::set1(val[k + 1]);
+    for (int v = 0; v < NV; ++v) {
+      acc[v] = Ops::fma(w0, Ops::load(x0 + Ops::kWidth * v), acc[v]);
+      odd[v] = Ops::fma(w1, Ops::load(x1 + Ops::kWidth * v), odd[v]);
+    }
+  }
+  if (k < end) {
+    const float* x0 = xp + static_cast<int64_t>(col[k]) * W;
+    const V w0 = Ops::set1(val[k]);
+    for (int v = 0; v < NV; ++v) acc[v] = Ops::fma(w0, Ops::load(x0 + Ops::kWidth * v), acc[v]);
+  }
+  for (int v = 0; v < NV; ++v) acc[v] = Ops::add(acc[v], odd[v]);
+}
+
+// Rows [r0, r1) of the weight against a panel of width W = kWidth * NV holding batch entries
+// [b0, b0 + valid): eight rows at a time into a tile, transposed back into y.
+template <typename Ops, int NV, typename Idx>
+void panel_rows(const sparsenet::CsrView& a, const Idx* col, const float* xp, int64_t r0, int64_t r1,
+                int64_t b0, int64_t valid, const sparsenet::DenseArgs& d) {
+  constexpr int64_t W = Ops::kWidth * NV;
+  alignas(64) float tile[8 * W];
+  for (int64_t rg = r0; rg < r1; rg += 8) {
+    const int64_t nr = std::min<int64_t>(8, r1 - rg);
+    for (int64_t i = 0; i < nr; ++i) {
+      typename Ops::V acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = Ops::zero();
+      panel_dot<Ops, NV>(col, a.values, a.row_ptr[rg + i], a.row_ptr[rg + i + 1], xp, acc);
+      for (int v = 0; v < NV; ++v) Ops::store(tile + i * W + Ops::kWidth * v, acc[v]);
+    }
+    store_tile_simd(tile, W, nr, valid, rg, b0, d.y, d.ldy, d.bias);
+  }
+}
+
+// panel_rows for a panel width known only at run time (a multiple of kWidth, at most kWidth * MaxNV).
+template <typename Ops, int MaxNV, typename Idx>
+void panel_rows_any(const sparsenet::CsrView& a, const Idx* col, const float* xp, int64_t W, int64_t r0,
+                    int64_t r1, int64_t b0, int64_t valid, const sparsenet::DenseArgs& d) {
+  if constexpr (MaxNV > 1) {
+    if (W < Ops::kWidth * MaxNV) return panel_rows_any<Ops, MaxNV - 1>(a, col, xp, W, r0, r1, b0, valid, d);
+  }
+  panel_rows<Ops, MaxNV>(a, col, xp, r0, r1, b0, valid, d);
+}
+
+}  // namespace
