@@ -12,3 +12,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def standardized_digits():
+    """scikit-learn's digits as flat 64-pixel rows, standardised with the training split's
+    statistics (constant pixels get std 1): (x_train, y_train, x_test, y_test), 1347 / 450."""
+    # Imported here, not at collection: scikit-learn loads its own libgomp, which would fail
+    # tests/ops/test_runtime.py's one-OpenMP-runtime check if it ran later in the process.
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    y = torch.tensor(data.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, test = perm[:1347], perm[1347:]
+    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+    return x[train], y[train], x[test], y[test]

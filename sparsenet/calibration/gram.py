@@ -21,7 +21,7 @@ from .capture import _run_with_hooks, _token_rows
 
 # Rows per float32 partial product: small enough that float32 loses nothing material (the
 # partial sums are added in float64), large enough that the matmul runs at full speed.
-_CHUNK_ROWS = 4096
+CHUNK_ROWS = 4096
 
 
 def conv_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
@@ -67,7 +67,7 @@ class Gram:
             raise ValueError(
                 f"input has {rows.shape[-1]} features, the statistics hold {self.xtx.shape[0]}"
             )
-        for chunk in rows.split(_CHUNK_ROWS):
+        for chunk in rows.split(CHUNK_ROWS):
             c = chunk.float()
             self.xtx += (c.T @ c).double()
             self.xsum += c.sum(dim=0).double()

@@ -22,7 +22,7 @@ from ..calibration.outputs import model_output
 from ..pruning.layers import PRUNABLE_TYPES, find_prunable_layers
 from ..pruning.masks import find_weight_mask, remove_pruning
 from ..pruning.structures import get_structure
-from .blockwise import LOSSES, FitResult, fit, holdout_split
+from .blockwise import LOSSES, FitResult, check_holdout, fit
 from .layerwise import METHODS, LayerResult, dense_weight
 from .solvers import DEFAULT_DAMP
 from .stages import find_stages, probe
@@ -231,7 +231,7 @@ def reconstruct(
     epochs = _positive_int(epochs, "epochs")
     patience = _positive_int(patience, "patience", 1)
     lr = _positive_float(lr, "lr")
-    holdout_split(2, holdout)  # validates holdout
+    holdout = check_holdout(holdout)
     for flag, what in ((blockwise, "blockwise"), (correct, "correct")):
         if not isinstance(flag, bool):
             raise TypeError(f"{what} must be a bool, got {flag!r}")

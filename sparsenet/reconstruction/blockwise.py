@@ -56,11 +56,16 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
+def check_holdout(holdout: object) -> float:
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout!r}")
+    return float(holdout)
+
+
 def holdout_split(n_batches: int, holdout: float) -> tuple[list[int], list[int]]:
     """Train and held-out batch indices: the last ``ceil(holdout * n)`` batches are held out,
     none when there are fewer than two batches (early stopping then reads the training loss)."""
-    if not 0.0 <= holdout < 1.0:
-        raise ValueError(f"holdout must be in [0, 1), got {holdout!r}")
+    holdout = check_holdout(holdout)
     n_out = min(n_batches - 1, math.ceil(holdout * n_batches)) if n_batches >= 2 else 0
     return list(range(n_batches - n_out)), list(range(n_batches - n_out, n_batches))
 

@@ -349,7 +349,7 @@ def admm(
     """
     _check_sparsity_or_keep(problem, sparsity, keep)
     if keep is not None:
-        return lsq_refit(problem, keep, damp=damp, iters=refit_iters * 5)
+        return lsq_refit(problem, keep, damp=damp)
     w0, h = problem.augmented()
     n_real = problem.weight.shape[1]
     w0[:, :n_real][:, _dead_columns(h, n_real)] = 0.0
@@ -381,11 +381,3 @@ def admm(
     final_keep = mask[:, :n_real]
     x = _masked_cg(target, hn, z.to(hn.dtype), mask, refit_iters, 1e-10)
     return _finish(problem, x / s, final_keep)
-
-
-SOLVERS = {"sparsegpt": sparsegpt, "admm": admm}
-
-
-def relative_error(problem: LayerProblem, solution: Solution) -> float:
-    return problem.output_error(solution.weight, solution.bias)
-

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..calibration.capture import eval_mode
-from ..calibration.gram import Gram, input_rows, layer_columns
+from ..calibration.gram import CHUNK_ROWS, Gram, input_rows, layer_columns
 from .blockwise import FitResult, fit, relative_mse
 from .layerwise import LayerResult, current_keep, install, problem_for, solve
 from .solvers import LayerProblem
@@ -74,7 +74,7 @@ class _Moments:
         if dense is not None:
             if dense.shape != pruned.shape:
                 raise ValueError("the pruned and dense streams disagree on a layer's input shape")
-            for p, d in zip(pruned.split(4096), dense.split(4096)):
+            for p, d in zip(pruned.split(CHUNK_ROWS), dense.split(CHUNK_ROWS)):
                 self.cross += (p.float().T @ d.float()).double()
                 self.dense_sum += d.float().sum(dim=0).double()
 
@@ -89,8 +89,8 @@ def _collect(
     """Input moments of ``names`` over all batches; each stage run stops after the last of them."""
     moments: dict[str, _Moments] = {}
     dense_layers = dict(dense_stage.named_modules()) if dense_stage is not None else {}
-    prefix = "" if stage.name in names and len(stage.layers) == 1 else f"{stage.name}."
-    rel = {n: n[len(prefix):] if prefix and n.startswith(prefix) else "" for n in names}
+    # A layer's name inside its stage module ("" when the stage is the layer itself).
+    rel = {n: "" if n == stage.name else n[len(stage.name) + 1:] for n in names}
     last = names[-1]
     for b, inp in enumerate(inputs):
         mask = inp.attention_mask

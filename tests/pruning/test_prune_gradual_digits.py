@@ -3,7 +3,6 @@
 import copy
 import statistics
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,22 +12,6 @@ from sparsenet.pruning import CubicSchedule
 
 DENSE_EPOCHS, PRUNE_EPOCHS, TUNE_EPOCHS = 15, 5, 5
 BATCH = 64
-
-
-def digits_split():
-    # Imported here, not at collection: scikit-learn loads its own libgomp, which would fail
-    # tests/ops/test_runtime.py's one-OpenMP-runtime check if it ran later in the process.
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    y = torch.tensor(data.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, test = perm[:1347], perm[1347:]
-    # Standardise with the training split's statistics (constant pixels get std 1).
-    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
-    x = (x - mean) / std
-    return x[train], y[train], x[test], y[test]
 
 
 def accuracy(model, x, y):
@@ -49,18 +32,8 @@ def train(model, x, y, epochs, seed, pruner=None):
                 pruner.step()
 
 
-@pytest.fixture
-def one_thread():
-    # The matrices are tiny: a second thread only adds synchronisation (several times slower on
-    # a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_gradual_90_percent_matches_dense_and_beats_one_shot(one_thread):
-    xtr, ytr, xte, yte = digits_split()
+def test_gradual_90_percent_matches_dense_and_beats_one_shot(one_thread, standardized_digits):
+    xtr, ytr, xte, yte = standardized_digits
     steps_per_epoch = -(-len(xtr) // BATCH)
     dense_acc, one_shot_acc, gradual_acc = [], [], []
     for seed in range(3):

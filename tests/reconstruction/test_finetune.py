@@ -18,19 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def digits():
-    # Imported here, not at collection: scikit-learn loads its own libgomp (see
-    # tests/pruning/test_prune_gradual_digits.py).
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    y = torch.tensor(data.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, test = perm[:1347], perm[1347:]
-    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
-    x = (x - mean) / std
-    return x[train], y[train], x[test], y[test]
+def digits(standardized_digits):
+    return standardized_digits
 
 
 @pytest.fixture(scope="module")

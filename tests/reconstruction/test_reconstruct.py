@@ -52,6 +52,14 @@ class ResNetish(nn.Module):
         return self.fc(self.layer1(F.relu(self.stem(x))).mean(dim=(2, 3)))
 
 
+def tiny_bert(layers):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=layers,
+                                     num_attention_heads=2, intermediate_size=32)
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
 def state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -154,11 +162,7 @@ def test_stages_detect_residual_blocks_and_chains():
 
 
 def test_stages_detect_bert_layers_and_qkv_groups():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3,
-                                     num_attention_heads=2, intermediate_size=32)
-    torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
+    model = tiny_bert(layers=3)
     ids = torch.randint(0, 50, (2, 7))
     calib = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
     layers = sparsenet.pruning.find_prunable_layers(model)
@@ -169,11 +173,7 @@ def test_stages_detect_bert_layers_and_qkv_groups():
 
 
 def test_bert_with_padding_reconstructs():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=32)
-    torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
+    model = tiny_bert(layers=2)
     dense = copy.deepcopy(model)
     calib = []
     for i in range(4):
