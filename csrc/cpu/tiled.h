@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu/csr_view.h"
+#include "cpu/huge_alloc.h"
 
 namespace sparsenet::cpu {
 
@@ -25,8 +26,8 @@ struct TiledCsr {
   int64_t rows = 0, cols = 0, chunks = 0, tiles = 0;
   std::vector<int64_t> block_start;
   std::vector<uint16_t> row_start;  // a block holds at most kRows * kCols = 16384 non-zeros
-  std::vector<uint8_t> col;
-  std::vector<float> values;
+  std::vector<uint8_t, HugePageAllocator<uint8_t>> col;  // streamed on every call: huge pages
+  std::vector<float, HugePageAllocator<float>> values;
 };
 
 TiledCsr build_tiled(const CsrView& a);

@@ -4,12 +4,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsenet.formats import CSR, PackedCSR
+from sparsenet.formats import CSR, PackedCSR, hugepages
 from sparsenet.ops.csr_linear import PreparedCSR, _needs_autograd, csr_linear
 
 
 def _index_dtype(in_features: int) -> torch.dtype:
     return torch.uint16 if in_features <= 65536 else torch.int32
+
+
+def _weight_storage(nnz: int, index_dtype: torch.dtype, values_dtype: torch.dtype, device: torch.device):
+    """Uninitialised (col_indices, values). The weight streams from memory on every call: on the CPU
+    both go in one huge-page region (sparsenet.formats.hugepages)."""
+    if device.type != "cpu":
+        return torch.empty(nnz, dtype=index_dtype, device=device), torch.empty(nnz, dtype=values_dtype, device=device)
+    col, values = hugepages.empty_group([(nnz, index_dtype), (nnz, values_dtype)])
+    return col, values
 
 
 class SparseLinear(nn.Module):
@@ -35,8 +44,9 @@ class SparseLinear(nn.Module):
         self.out_features = out_features
         # An all-empty CSR: valid as it is (every row has no non-zeros).
         self.register_buffer("crow_indices", torch.zeros(out_features + 1, dtype=torch.int64))
-        self.register_buffer("col_indices", torch.zeros(nnz, dtype=_index_dtype(in_features)))
-        self.values = nn.Parameter(torch.zeros(nnz), requires_grad=False)
+        col, values = _weight_storage(nnz, _index_dtype(in_features), torch.float32, torch.device("cpu"))
+        self.register_buffer("col_indices", col.zero_())
+        self.values = nn.Parameter(values.zero_(), requires_grad=False)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features))
         else:
@@ -49,8 +59,9 @@ class SparseLinear(nn.Module):
         out_features, in_features = packed.shape
         layer = cls(in_features, out_features, nnz=0, bias=bias is not None)
         layer.crow_indices = packed.crow_indices.clone()
-        layer.col_indices = packed.col_indices.clone()
-        layer.values = nn.Parameter(packed.values.clone(), requires_grad=False)
+        col, values = hugepages.copy_group([packed.col_indices, packed.values])
+        layer.col_indices = col
+        layer.values = nn.Parameter(values, requires_grad=False)
         if bias is not None:
             bias = torch.as_tensor(bias).detach()
             if bias.shape != (out_features,):
@@ -154,8 +165,8 @@ class SparseLinear(nn.Module):
                 return
             if values.numel() != self.values.numel():
                 # Resize first; the default loader below then copies into tensors of the right size.
-                self.col_indices = torch.empty_like(col, device=self.col_indices.device)
-                self.values = nn.Parameter(torch.empty_like(values, device=self.values.device),
-                                           requires_grad=self.values.requires_grad)
+                new_col, new_values = _weight_storage(values.numel(), col.dtype, values.dtype, self.values.device)
+                self.col_indices = new_col
+                self.values = nn.Parameter(new_values, requires_grad=self.values.requires_grad)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

@@ -1,0 +1,91 @@
+"""Huge-page placement of packed weights: same values and dtypes whatever the system grants."""
+import os
+
+import pytest
+import torch
+
+from sparsenet.formats import hugepages
+from sparsenet.nn import SparseLinear
+
+
+def _smaps_entry(addr: int) -> dict:
+    """The /proc/self/smaps fields of the mapping holding `addr` (Linux only)."""
+    fields, inside = {}, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                if inside:
+                    break
+                inside = lo <= addr < hi
+            elif inside:
+                fields[head.rstrip(":")] = line.split(None, 1)[1].strip()
+    return fields
+
+
+def test_small_requests_are_plain_tensors():
+    t = hugepages.empty(1000, torch.float32)
+    assert t.shape == (1000,) and t.dtype == torch.float32
+    assert t.numel() * 4 < hugepages.MIN_BYTES
+
+
+@pytest.mark.parametrize("numel", [0, 1, hugepages.HUGE_PAGE // 4 + 3, 3 * hugepages.HUGE_PAGE // 4 + 17])
+def test_group_layout(numel):
+    col, values = hugepages.empty_group([(numel, torch.uint16), (numel, torch.float32)])
+    assert (col.shape, col.dtype, values.shape, values.dtype) == ((numel,), torch.uint16, (numel,), torch.float32)
+    if numel:
+        col.fill_(7)
+        values.copy_(torch.arange(numel, dtype=torch.float32))
+        # Neither array overlaps the other: writing one left the other intact.
+        assert torch.equal(col.to(torch.int32), torch.full((numel,), 7, dtype=torch.int32))
+        assert values[-1].item() == numel - 1
+        assert values.data_ptr() % 64 == 0
+        big = 6 * numel >= hugepages.MIN_BYTES
+        if big and hugepages.supported():
+            assert col.data_ptr() % hugepages.HUGE_PAGE == 0  # the region starts on a 2 MiB boundary
+            assert values.data_ptr() >= col.data_ptr() + 2 * numel
+
+
+@pytest.mark.skipif(not hugepages.supported() or not os.path.exists("/proc/self/smaps"),
+                    reason="no MADV_HUGEPAGE or /proc on this system")
+def test_large_region_is_marked_for_huge_pages():
+    t = hugepages.empty(3 * hugepages.HUGE_PAGE // 4, torch.float32)  # 3 whole 2 MiB blocks
+    t.fill_(1.0)
+    fields = _smaps_entry(t.data_ptr())
+    # The advice is recorded on the mapping ("hg"); whether the kernel grants huge pages depends on
+    # the system's THP setting, so that is not asserted.
+    assert "hg" in fields["VmFlags"].split()
+
+
+def test_copy_group_copies_values_and_detaches():
+    src = torch.randn(hugepages.HUGE_PAGE // 2, requires_grad=True)
+    idx = torch.arange(src.numel(), dtype=torch.int32)
+    out_idx, out_src = hugepages.copy_group([idx, src])
+    assert torch.equal(out_idx, idx) and torch.equal(out_src, src.detach())
+    assert not out_src.requires_grad
+    out_src.zero_()
+    assert src.abs().sum() > 0  # a copy, not a view
+
+
+def test_fallback_without_madvise(monkeypatch):
+    monkeypatch.setattr(hugepages, "_MADV_HUGEPAGE", None)
+    col, values = hugepages.empty_group([(hugepages.HUGE_PAGE, torch.uint16), (hugepages.HUGE_PAGE, torch.float32)])
+    assert col.numel() == values.numel() == hugepages.HUGE_PAGE
+
+
+def test_sparse_linear_weight_lives_in_one_region_and_survives_its_module():
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(1024, 2048)
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand_like(dense.weight) < 0.5)
+    layer = SparseLinear.from_dense(dense)
+    if hugepages.supported():
+        assert layer.col_indices.data_ptr() % hugepages.HUGE_PAGE == 0
+    x = torch.randn(3, 1024)
+    expected = dense(x)
+    values = layer.values
+    del layer  # the region stays alive as long as any tensor in it does
+    assert values.abs().sum() > 0
+    clone = SparseLinear.from_dense(dense)
+    torch.testing.assert_close(clone(x), expected, rtol=1e-5, atol=1e-5)
