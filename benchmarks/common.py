@@ -119,17 +119,21 @@ def check_agreement(c: Contenders, x: torch.Tensor, tolerance: float = 1e-4) -> 
     return err
 
 
-def read_bandwidth(seconds: float = 0.3) -> float:
-    """Bytes/s a streaming read of 256 MiB achieves with the current threads (torch.sum)."""
-    buf = torch.ones(64 * 2**20)
-    buf.sum()
-    best = math.inf
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t)
-    return buf.numel() * 4 / best
+class ReadProbe:
+    """A streaming read of 256 MiB (torch.sum, current threads): timed as one more contender in the
+    same interleaved rounds, so the bandwidth it gives is measured under the same conditions and
+    with the same statistic (the median) as the kernels it is the limit for."""
+
+    BYTES = 256 * 2**20
+
+    def __init__(self):
+        self.buf = torch.ones(self.BYTES // 4)
+
+    def __call__(self):
+        return self.buf.sum()
+
+    def bandwidth(self, seconds: float) -> float:
+        return self.BYTES / seconds
 
 
 def peak_flops(seconds: float = 0.5) -> float:
