@@ -2,6 +2,7 @@
 // (anything exposing the Python buffer protocol, numpy arrays in practice) and checks every size,
 // dtype and stride it relies on, raising ValueError/TypeError rather than crashing.
 #include <omp.h>
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -43,10 +44,12 @@ bool format_is(const py::buffer_info& info, char code, py::ssize_t itemsize) {
 // (same addresses, sizes and types), so a freed or swapped buffer is an error, never a wild read.
 // Modifying the validated memory in place is the one thing it cannot see: the Python side checks
 // torch's version counters for that (sparsenet/ops/handles.py).
+// Built with keep=True it holds references to the three buffers instead (SparseLinear's prepared
+// path, which owns the tensors anyway), and forward(x) needs nothing else handed over.
 class CsrHandle {
  public:
   CsrHandle(int64_t rows, int64_t cols, const py::buffer& row_ptr, const py::buffer& col_idx,
-            const py::buffer& values) {
+            const py::buffer& values, bool keep) {
     if (rows < 0 || cols < 0) throw py::value_error("rows and cols must be non-negative");
     const auto rp = vector_info(row_ptr, "crow_indices");
     const auto ci = vector_info(col_idx, "col_indices");
@@ -69,6 +72,9 @@ class CsrHandle {
     view_.col_idx = ci.ptr;
     view_.values = static_cast<const float*>(va.ptr);
     sparsenet::validate_csr(view_);  // throws std::invalid_argument -> ValueError
+    // Holding the exporters keeps the memory alive (numpy arrays pin what they view); they must
+    // still not be modified in place, as for the non-owning handle.
+    if (keep) owners_ = std::make_shared<const py::tuple>(py::make_tuple(row_ptr, col_idx, values));
   }
 
   // y = x A^T (+ bias): x is (batch, cols) float32 with unit inner stride, y (batch, rows) likewise.
@@ -77,8 +83,29 @@ class CsrHandle {
     check_same(row_ptr, view_.row_ptr, view_.rows + 1, 8, "crow_indices");
     check_same(col_idx, view_.col_idx, view_.nnz, view_.index_bytes, "col_indices");
     check_same(values, view_.values, view_.nnz, 4, "values");
+    run(x.request(), y.request(/*writable=*/true), bias);
+  }
+
+  // Returns x A^T (+ bias) as a new (batch, rows) float32 array. Only for a handle that keeps its
+  // buffers alive (built with keep=True), so nothing needs handing over again: the fewest Python
+  // objects touched per call, which is what a batch-1 call after a cache-flushing layer pays for.
+  py::array_t<float> forward(const py::buffer& x, const py::object& bias) const {
+    if (!owners_) throw py::value_error("this handle does not keep its buffers (keep=False): use matmul");
     const py::buffer_info xi = x.request();
-    const py::buffer_info yi = y.request(/*writable=*/true);
+    if (xi.ndim != 2) throw py::value_error("x must be 2-D");
+    py::array_t<float> y({static_cast<py::ssize_t>(xi.shape[0]), static_cast<py::ssize_t>(view_.rows)});
+    run(xi, y.request(/*writable=*/true), bias);
+    return y;
+  }
+
+  int64_t rows() const { return view_.rows; }
+  int64_t cols() const { return view_.cols; }
+  int64_t nnz() const { return view_.nnz; }
+  int index_bytes() const { return view_.index_bytes; }
+  bool keeps_buffers() const { return static_cast<bool>(owners_); }
+
+ private:
+  void run(const py::buffer_info& xi, const py::buffer_info& yi, const py::object& bias) const {
     if (!format_is(xi, 'f', 4) || !format_is(yi, 'f', 4)) throw py::type_error("x and out must be float32");
     if (xi.ndim != 2 || yi.ndim != 2) throw py::value_error("x and out must be 2-D");
     const int64_t batch = xi.shape[0];
@@ -120,12 +147,6 @@ class CsrHandle {
     kernel(view, d);
   }
 
-  int64_t rows() const { return view_.rows; }
-  int64_t cols() const { return view_.cols; }
-  int64_t nnz() const { return view_.nnz; }
-  int index_bytes() const { return view_.index_bytes; }
-
- private:
   static void check_same(const py::buffer& b, const void* ptr, int64_t size, int64_t itemsize, const char* name) {
     const py::buffer_info info = b.request();
     if ((size > 0 && info.ptr != ptr) || info.size != size || info.itemsize != itemsize || info.ndim != 1)
@@ -151,6 +172,7 @@ class CsrHandle {
   }
 
   CsrView view_;
+  std::shared_ptr<const py::tuple> owners_;  // keep=True: the three buffers, kept alive
   mutable std::shared_ptr<const sparsenet::cpu::TiledCsr> tiled_;
 };
 
@@ -160,12 +182,17 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "sparsenet CPU kernels (torch-free; see sparsenet/ops for the torch integration)";
 
   py::class_<CsrHandle>(m, "CsrHandle")
-      .def(py::init<int64_t, int64_t, const py::buffer&, const py::buffer&, const py::buffer&>(),
+      .def(py::init<int64_t, int64_t, const py::buffer&, const py::buffer&, const py::buffer&, bool>(),
            py::arg("rows"), py::arg("cols"), py::arg("crow_indices"), py::arg("col_indices"), py::arg("values"),
-           "Validate a packed CSR weight once; matmul is then handed the same buffers on every call.")
+           py::arg("keep") = false,
+           "Validate a packed CSR weight once; matmul is then handed the same buffers on every call. "
+           "keep=True holds references to the buffers instead, and enables forward().")
       .def("matmul", &CsrHandle::matmul, py::arg("crow_indices"), py::arg("col_indices"), py::arg("values"),
            py::arg("x"), py::arg("out"), py::arg("bias") = py::none(),
            "out[:] = x @ A.T (+ bias); the first three must be the buffers the handle was built from")
+      .def("forward", &CsrHandle::forward, py::arg("x"), py::arg("bias") = py::none(),
+           "x @ A.T (+ bias) as a new array (keep=True handles only)")
+      .def_property_readonly("keeps_buffers", &CsrHandle::keeps_buffers)
       .def_property_readonly("rows", &CsrHandle::rows)
       .def_property_readonly("cols", &CsrHandle::cols)
       .def_property_readonly("nnz", &CsrHandle::nnz)

@@ -53,7 +53,13 @@ def csr_handle(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, in_f
     return _build(key, crow, col, values, in_features)
 
 
-def _validated(crow, col, values, in_features) -> _C.CsrHandle:
+def owning_handle(crow, col, values, in_features: int) -> _C.CsrHandle:
+    """A handle that keeps the buffers alive itself (``keep=True``): not cached here, it belongs to
+    whoever holds the tensors (``SparseLinear``'s prepared path) and dies with it."""
+    return _validated(crow, col, values, in_features, keep=True)
+
+
+def _validated(crow, col, values, in_features, keep: bool = False) -> _C.CsrHandle:
     for name, t in (("crow_indices", crow), ("col_indices", col), ("values", values)):
         if t.device.type != "cpu":
             raise ValueError(f"{name} must be on the CPU, got {t.device}")
@@ -62,7 +68,7 @@ def _validated(crow, col, values, in_features) -> _C.CsrHandle:
     if values.dtype != torch.float32:
         raise TypeError(f"values must be float32, got {values.dtype}")
     return _C.CsrHandle(
-        crow.numel() - 1, in_features, crow.detach().numpy(), col.detach().numpy(), values.detach().numpy()
+        crow.numel() - 1, in_features, crow.detach().numpy(), col.detach().numpy(), values.detach().numpy(), keep
     )
 
 

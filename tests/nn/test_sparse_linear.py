@@ -126,6 +126,19 @@ def test_handle_cache_does_not_keep_layers_alive():
     assert cached_handles() == start
 
 
+def test_prepared_fast_path_dies_with_its_layer():
+    import gc
+    import weakref
+
+    layer = SparseLinear.from_dense(pruned_linear(8, 8, seed=1))
+    with torch.no_grad():
+        layer(torch.randn(2, 8))  # builds the prepared path, whose handle holds the buffers
+    values = weakref.ref(layer.values)
+    del layer
+    gc.collect()
+    assert values() is None
+
+
 def test_no_grad_and_inference_mode():
     lin = pruned_linear(12, 7)
     sp = SparseLinear.from_dense(lin)

@@ -210,6 +210,54 @@ def test_matmul_refuses_buffers_it_did_not_validate():
     assert np.allclose(out, [[3.0, 0.0, 3.0]])
 
 
+@pytest.mark.parametrize("batch", [1, 3, 17, 64])
+def test_owning_forward_matches_matmul(isa, batch):
+    w = random_sparse(37, 29, 0.3, torch.Generator().manual_seed(batch))
+    x = torch.randn(batch, 29)
+    bias = torch.randn(37)
+    crow, col, values = pack(w)
+    h = _C.CsrHandle(37, 29, crow.numpy(), col.numpy(), values.numpy(), keep=True)
+    assert h.keeps_buffers
+    out = h.forward(x.numpy(), bias.numpy())
+    assert out.shape == (batch, 37) and out.dtype == np.float32
+    assert_close(torch.from_numpy(out), reference(w, x, bias))
+    assert_close(torch.from_numpy(h.forward(x.numpy())), reference(w, x))
+
+
+def test_owning_handle_keeps_its_buffers_alive():
+    import gc
+
+    w = random_sparse(50, 40, 0.5, torch.Generator().manual_seed(3))
+    crow, col, values = (t.numpy().copy() for t in pack(w))
+    h = _C.CsrHandle(50, 40, crow, col, values, keep=True)
+    del crow, col, values
+    gc.collect()
+    junk = [np.full(100, 7, np.int64) for _ in range(1000)]  # reuse any freed memory
+    x = torch.randn(2, 40)
+    assert_close(torch.from_numpy(h.forward(x.numpy())), reference(w, x))
+    del junk
+
+
+def test_forward_checks_its_arguments_and_ownership():
+    h = _C.CsrHandle(3, 5, *good_parts(), keep=True)
+    with pytest.raises(ValueError, match="features"):
+        h.forward(np.ones((2, 4), np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        h.forward(np.ones((2, 5), np.float64))
+    with pytest.raises(ValueError, match="2-D"):
+        h.forward(np.ones(5, np.float32))
+    with pytest.raises(ValueError, match="bias"):
+        h.forward(np.ones((2, 5), np.float32), np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="unit stride"):
+        h.forward(np.ones((2, 10), np.float32)[:, ::2])
+    assert np.allclose(h.forward(np.ones((2, 10), np.float32)[:, :5]), [[3.0, 0.0, 3.0]] * 2)  # row stride
+    assert h.forward(np.ones((0, 5), np.float32)).shape == (0, 3)
+    non_owning = _C.CsrHandle(3, 5, *good_parts())
+    assert not non_owning.keeps_buffers
+    with pytest.raises(ValueError, match="keep"):
+        non_owning.forward(np.ones((1, 5), np.float32))
+
+
 def test_isa_selection_errors():
     with pytest.raises(ValueError, match="not compiled"):
         _C.set_isa("sse9")
