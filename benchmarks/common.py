@@ -4,6 +4,7 @@ the three contenders as callables with the same input and output layout, and the
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -120,20 +121,23 @@ def check_agreement(c: Contenders, x: torch.Tensor, tolerance: float = 1e-4) -> 
 
 
 class ReadProbe:
-    """A streaming read of 256 MiB (torch.sum, current threads): timed as one more contender in the
-    same interleaved rounds, so the bandwidth it gives is measured under the same conditions and
-    with the same statistic (the median) as the kernels it is the limit for."""
+    """A streaming read of 256 MiB (torch.sum, current threads), timed with the same statistic as
+    the kernels it is the limit for (the median), next to them in time. Not interleaved with their
+    rounds: a 256 MiB read flushes every cache and TLB, which would change what small layers cost."""
 
     BYTES = 256 * 2**20
 
     def __init__(self):
         self.buf = torch.ones(self.BYTES // 4)
+        self.buf.sum()
 
-    def __call__(self):
-        return self.buf.sum()
-
-    def bandwidth(self, seconds: float) -> float:
-        return self.BYTES / seconds
+    def bandwidth(self, calls: int = 7) -> float:
+        times = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            self.buf.sum()
+            times.append(time.perf_counter() - t)
+        return self.BYTES / statistics.median(times)
 
 
 def peak_flops(seconds: float = 0.5) -> float:
