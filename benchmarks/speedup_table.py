@@ -7,8 +7,8 @@
 Rounds are interleaved (dense, torch.sparse, sparsenet, dense, ...) so a shared machine's noise hits
 all three alike, and every ratio compares times taken in the same run. Beside each figure is its
 physical limit: the speedup sparsenet would have if it ran at the read bandwidth measured in the same
-cell (the median of a few 256 MiB torch.sum; bytes it must read / bandwidth) or at the practical FLOP peak (a large dense GEMM), whichever
-binds.
+cell (median of seven 256 MiB torch.sum; bytes it must read / bandwidth) or at the practical FLOP
+peak (a large dense GEMM), whichever binds.
 """
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ def print_table(rows, markdown: bool) -> None:
         Console(width=160).print(table)
     bw = statistics.median(r["bandwidth_gbs"] for r in rows)
     print(f"\noutputs agree: max relative error vs dense {max(r['max_rel_err'] for r in rows):.1e} (all cells)")
-    print(f"read bandwidth (torch.sum over 256 MiB, same threads, median of 7 before each cell; median over cells): {bw:.1f} GB/s; "
+    print(f"read bandwidth (torch.sum over 256 MiB, same threads, median of 7 before each cell; "
+          f"median over cells): {bw:.1f} GB/s; "
           f"practical FLOP peak (1024x2048x2048 sgemm): {rows[0]['peak_gflops']:.0f} GFLOP/s")
 
 

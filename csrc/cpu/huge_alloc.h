@@ -17,7 +17,7 @@ template <typename T>
 struct HugePageAllocator {
   using value_type = T;
   static constexpr size_t kHugePage = size_t{2} << 20;
-  static constexpr size_t kMinBytes = 2 * kHugePage;
+  static constexpr size_t kMinBytes = kHugePage;  // as MIN_BYTES in sparsenet/formats/hugepages.py
 
   HugePageAllocator() = default;
   template <typename U>

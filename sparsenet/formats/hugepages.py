@@ -5,10 +5,10 @@ every 4 KiB of it needs its own TLB entry, and on a virtual machine each miss is
 walk: measured here (4096x4096 at 90% sparsity, batch 1, 2 threads, weights evicted between calls)
 the kernel read its 10 MB at 25 GB/s from 4 KiB pages and at 35 GB/s from 2 MiB pages.
 
-``empty`` / ``empty_group`` therefore place weights of at least ``MIN_BYTES`` in a private anonymous
-mapping whose whole 2 MiB blocks are marked ``MADV_HUGEPAGE`` *before* anything touches them, so the kernel backs
-them with huge pages as they fault in (this works under the common ``madvise`` THP setting as well
-as ``always``). Only whole blocks inside the weight are marked: the tail stays in small pages, so no
+``empty_group`` therefore places weights of at least ``MIN_BYTES`` in a private anonymous mapping
+whose whole 2 MiB blocks are marked ``MADV_HUGEPAGE`` *before* anything touches them, so the kernel
+backs them with huge pages as they fault in (this works under the common ``madvise`` THP setting as
+well as ``always``). Only whole blocks inside the weight are marked: the tail stays in small pages, so no
 memory is wasted. Elsewhere (no ``MADV_HUGEPAGE``, THP disabled, a failed mapping) it falls back to
 ``torch.empty`` -- the same values, only the speed differs.
 """
@@ -26,13 +26,8 @@ _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
 def supported() -> bool:
-    """Whether ``empty`` can ask for huge pages on this system."""
+    """Whether ``empty_group`` can ask for huge pages on this system."""
     return _MADV_HUGEPAGE is not None
-
-
-def empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised 1-D CPU tensor, in huge pages where that is possible and worth it."""
-    return empty_group([(numel, dtype)])[0]
 
 
 def empty_group(specs: list[tuple[int, torch.dtype]]) -> list[torch.Tensor]:
@@ -41,7 +36,7 @@ def empty_group(specs: list[tuple[int, torch.dtype]]) -> list[torch.Tensor]:
     A layer's arrays (column indices and values) are read together on every call: one region for
     both leaves a single partial block at its end instead of one per array.
     """
-    sizes = [numel * torch.empty(0, dtype=dtype).element_size() for numel, dtype in specs]
+    sizes = [numel * dtype.itemsize for numel, dtype in specs]
     starts = [0]
     for size in sizes[:-1]:
         starts.append(starts[-1] + -(-size // _ALIGN) * _ALIGN)

@@ -17,8 +17,7 @@ def _weight_storage(nnz: int, index_dtype: torch.dtype, values_dtype: torch.dtyp
     both go in one huge-page region (sparsenet.formats.hugepages)."""
     if device.type != "cpu":
         return torch.empty(nnz, dtype=index_dtype, device=device), torch.empty(nnz, dtype=values_dtype, device=device)
-    col, values = hugepages.empty_group([(nnz, index_dtype), (nnz, values_dtype)])
-    return col, values
+    return tuple(hugepages.empty_group([(nnz, index_dtype), (nnz, values_dtype)]))
 
 
 class SparseLinear(nn.Module):

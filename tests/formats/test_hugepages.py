@@ -25,7 +25,7 @@ def _smaps_entry(addr: int) -> dict:
 
 
 def test_small_requests_are_plain_tensors():
-    t = hugepages.empty(1000, torch.float32)
+    (t,) = hugepages.empty_group([(1000, torch.float32)])
     assert t.shape == (1000,) and t.dtype == torch.float32
     assert t.numel() * 4 < hugepages.MIN_BYTES
 
@@ -50,7 +50,7 @@ def test_group_layout(numel):
 @pytest.mark.skipif(not hugepages.supported() or not os.path.exists("/proc/self/smaps"),
                     reason="no MADV_HUGEPAGE or /proc on this system")
 def test_large_region_is_marked_for_huge_pages():
-    t = hugepages.empty(3 * hugepages.HUGE_PAGE // 4, torch.float32)  # 3 whole 2 MiB blocks
+    (t,) = hugepages.empty_group([(3 * hugepages.HUGE_PAGE // 4, torch.float32)])  # 3 whole 2 MiB blocks
     t.fill_(1.0)
     fields = _smaps_entry(t.data_ptr())
     # The advice is recorded on the mapping ("hg"); whether the kernel grants huge pages depends on
