@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.compiler import is_compiling
 
 from sparsenet.formats import CSR, PackedCSR, hugepages
 from sparsenet.ops.csr_linear import PreparedCSR, _needs_autograd, csr_linear
@@ -122,7 +123,7 @@ class SparseLinear(nn.Module):
         return self.nnz / total if total else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
+        if is_compiling():  # imported by name: one global lookup less per call
             return csr_linear(x, self.crow_indices, self.col_indices, self.values, self.bias, self.in_features)
         # Straight from the registries: nn.Module.__getattr__ costs ~0.6 us per name at batch 1.
         buffers, params = self._buffers, self._parameters

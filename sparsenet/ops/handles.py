@@ -53,13 +53,16 @@ def csr_handle(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, in_f
     return _build(key, crow, col, values, in_features)
 
 
-def owning_handle(crow, col, values, in_features: int) -> _C.CsrHandle:
-    """A handle that keeps the buffers alive itself (``keep=True``): not cached here, it belongs to
-    whoever holds the tensors (``SparseLinear``'s prepared path) and dies with it."""
-    return _validated(crow, col, values, in_features, keep=True)
+def owning_handle(crow, col, values, in_features: int, bias=None) -> _C.CsrHandle:
+    """A handle that keeps the buffers (and the bias) alive itself (``keep=True``): not cached here,
+    it belongs to whoever holds the tensors (``SparseLinear``'s prepared path) and dies with it."""
+    if bias is not None and (bias.device.type != "cpu" or bias.dtype != torch.float32 or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous float32 CPU tensor, got {bias.dtype} on {bias.device}")
+    return _validated(crow, col, values, in_features, keep=True,
+                      bias=None if bias is None else bias.detach().numpy())
 
 
-def _validated(crow, col, values, in_features, keep: bool = False) -> _C.CsrHandle:
+def _validated(crow, col, values, in_features, keep: bool = False, bias=None) -> _C.CsrHandle:
     for name, t in (("crow_indices", crow), ("col_indices", col), ("values", values)):
         if t.device.type != "cpu":
             raise ValueError(f"{name} must be on the CPU, got {t.device}")
@@ -68,7 +71,8 @@ def _validated(crow, col, values, in_features, keep: bool = False) -> _C.CsrHand
     if values.dtype != torch.float32:
         raise TypeError(f"values must be float32, got {values.dtype}")
     return _C.CsrHandle(
-        crow.numel() - 1, in_features, crow.detach().numpy(), col.detach().numpy(), values.detach().numpy(), keep
+        crow.numel() - 1, in_features, crow.detach().numpy(), col.detach().numpy(), values.detach().numpy(), keep,
+        bias,
     )
 
 

@@ -1,9 +1,11 @@
 """Native CSR x dense kernels against a float64 dense reference, on every ISA this CPU runs."""
+import os
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from sparsenet import _C
 
@@ -185,8 +187,10 @@ def test_matmul_checks_its_arguments():
     with pytest.raises(ValueError, match="bias"):
         mm(x, out, np.ones(4, np.float32))
     with pytest.raises(ValueError, match="overlap"):
-        buf = np.zeros((2, 5), np.float32)
-        mm(buf, buf[:, :3])
+        buf = np.zeros(10, np.float32)
+        mm(buf.reshape(2, 5), buf[:6].reshape(2, 3))
+    with pytest.raises(ValueError, match="contiguous"):
+        mm(x, np.empty((2, 6), np.float32)[:, :3])
     with pytest.raises(ValueError, match="unit stride"):
         mm(np.ones((2, 10), np.float32)[:, ::2], out)
     mm(x, out, np.zeros(3, np.float32))
@@ -210,52 +214,95 @@ def test_matmul_refuses_buffers_it_did_not_validate():
     assert np.allclose(out, [[3.0, 0.0, 3.0]])
 
 
+def owning_forward(h, x: torch.Tensor) -> torch.Tensor:
+    return from_dlpack(h.forward(to_dlpack(x)))
+
+
 @pytest.mark.parametrize("batch", [1, 3, 17, 64])
 def test_owning_forward_matches_matmul(isa, batch):
     w = random_sparse(37, 29, 0.3, torch.Generator().manual_seed(batch))
     x = torch.randn(batch, 29)
     bias = torch.randn(37)
     crow, col, values = pack(w)
-    h = _C.CsrHandle(37, 29, crow.numpy(), col.numpy(), values.numpy(), keep=True)
+    h = _C.CsrHandle(37, 29, crow.numpy(), col.numpy(), values.numpy(), keep=True, bias=bias.numpy())
     assert h.keeps_buffers
-    out = h.forward(x.numpy(), bias.numpy())
-    assert out.shape == (batch, 37) and out.dtype == np.float32
-    assert_close(torch.from_numpy(out), reference(w, x, bias))
-    assert_close(torch.from_numpy(h.forward(x.numpy())), reference(w, x))
+    out = owning_forward(h, x)
+    assert out.shape == (batch, 37) and out.dtype == torch.float32 and out.is_contiguous()
+    assert_close(out, reference(w, x, bias))
+    no_bias = _C.CsrHandle(37, 29, crow.numpy(), col.numpy(), values.numpy(), keep=True)
+    assert_close(owning_forward(no_bias, x), reference(w, x))
 
 
 def test_owning_handle_keeps_its_buffers_alive():
     import gc
 
     w = random_sparse(50, 40, 0.5, torch.Generator().manual_seed(3))
+    bias = torch.randn(50)
     crow, col, values = (t.numpy().copy() for t in pack(w))
-    h = _C.CsrHandle(50, 40, crow, col, values, keep=True)
+    h = _C.CsrHandle(50, 40, crow, col, values, keep=True, bias=bias.numpy().copy())
     del crow, col, values
     gc.collect()
     junk = [np.full(100, 7, np.int64) for _ in range(1000)]  # reuse any freed memory
     x = torch.randn(2, 40)
-    assert_close(torch.from_numpy(h.forward(x.numpy())), reference(w, x))
+    assert_close(owning_forward(h, x), reference(w, x, bias))
     del junk
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+@pytest.mark.parametrize("consume", [False, True])
+def test_forward_output_memory_is_freed(consume):
+    # The result belongs to its capsule until torch takes it over (then to the tensor): 40 calls of
+    # 12 MiB each would leave ~480 MiB behind if either owner forgot to free it.
+    h = _C.CsrHandle(3, 5, *good_parts(), keep=True)
+    x = to_dlpack(torch.ones(1_000_000, 5))
+    first = from_dlpack(h.forward(x))
+    assert torch.equal(first[-1], torch.tensor([3.0, 0.0, 3.0]))
+    del first
+    before = _rss_mib()
+    for _ in range(40):
+        capsule = h.forward(x)
+        if consume:
+            y = from_dlpack(capsule)
+            del y
+        del capsule
+    assert _rss_mib() - before < 100
 
 
 def test_forward_checks_its_arguments_and_ownership():
     h = _C.CsrHandle(3, 5, *good_parts(), keep=True)
+    fwd = lambda t: owning_forward(h, t)  # noqa: E731
     with pytest.raises(ValueError, match="features"):
-        h.forward(np.ones((2, 4), np.float32))
+        fwd(torch.ones(2, 4))
     with pytest.raises(TypeError, match="float32"):
-        h.forward(np.ones((2, 5), np.float64))
+        fwd(torch.ones(2, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="2-D"):
-        h.forward(np.ones(5, np.float32))
-    with pytest.raises(ValueError, match="bias"):
-        h.forward(np.ones((2, 5), np.float32), np.ones(4, np.float32))
+        fwd(torch.ones(5))
     with pytest.raises(ValueError, match="unit stride"):
-        h.forward(np.ones((2, 10), np.float32)[:, ::2])
-    assert np.allclose(h.forward(np.ones((2, 10), np.float32)[:, :5]), [[3.0, 0.0, 3.0]] * 2)  # row stride
-    assert h.forward(np.ones((0, 5), np.float32)).shape == (0, 3)
+        fwd(torch.ones(2, 10)[:, ::2])
+    with pytest.raises(ValueError, match="overlap"):
+        fwd(torch.ones(6).as_strided((2, 5), (1, 1)))
+    with pytest.raises(TypeError, match="DLPack capsule"):
+        h.forward(np.ones((2, 5), np.float32))
+    used = to_dlpack(torch.ones(2, 5))
+    from_dlpack(used)
+    with pytest.raises(TypeError, match="unconsumed"):
+        h.forward(used)
+    with pytest.raises(ValueError, match="bias"):
+        _C.CsrHandle(3, 5, *good_parts(), keep=True, bias=np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="keep=True"):
+        _C.CsrHandle(3, 5, *good_parts(), bias=np.ones(3, np.float32))
+    assert torch.equal(fwd(torch.ones(2, 10)[:, :5]), torch.tensor([[3.0, 0.0, 3.0]] * 2))  # row stride
+    assert fwd(torch.ones(0, 5)).shape == (0, 3)
+    assert fwd(torch.ones(1, 5).t().t()).shape == (1, 3)
     non_owning = _C.CsrHandle(3, 5, *good_parts())
     assert not non_owning.keeps_buffers
     with pytest.raises(ValueError, match="keep"):
-        non_owning.forward(np.ones((1, 5), np.float32))
+        non_owning.forward(to_dlpack(torch.ones(1, 5)))
 
 
 def test_isa_selection_errors():
