@@ -3,7 +3,6 @@
 // checks every size, dtype and stride it relies on, raising ValueError/TypeError rather than
 // crashing.
 #include <omp.h>
-#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

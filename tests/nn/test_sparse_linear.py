@@ -301,6 +301,11 @@ def test_eager_fast_path_notices_every_kind_of_change():
         sp.values.data = sp.values.data * 0.5  # new storage behind the same Parameter
         lin.weight.mul_(0.5)
         assert rel_err(sp(x), lin(x)) < 1e-5
+        new_bias = torch.randn(6)
+        sp.bias.data = new_bias.clone()  # the native handle holds the bias: must follow the swap
+        lin.bias.copy_(new_bias)
+        assert rel_err(sp(x), lin(x)) < 1e-5
+        assert rel_err(sp(x.clone().requires_grad_()), lin(x)) < 1e-5  # grad-requiring x, grad off
         sp.bias = None
         assert rel_err(sp(x), x @ lin.weight.T) < 1e-5
         sp.col_indices.fill_(99)  # structure changed in place: re-validated, refused
