@@ -67,18 +67,20 @@ def test_long_rows_and_heavy_imbalance(isa, threads):
         assert_close(run_kernel(w, x), reference(w, x))
 
 
+@pytest.mark.parametrize("density", [0.12, 0.4])
 @pytest.mark.parametrize("shape", [(200, 1000), (64, 256), (65, 257), (3, 65537)])
-def test_large_batch_tiles_and_chunks(isa, threads, shape):
+def test_large_batch_tiles_and_chunks(isa, threads, shape, density):
     # Weights at least 20% dense are read, from batch 4, through a copy cut into 64-row chunks and
-    # 256-column tiles (8-wide AVX2 panels; 16-wide AVX-512 ones from batch 16): rows and columns
-    # on both sides of those edges, an empty tile, an empty and a full row, 32-bit indices.
+    # 256-column tiles (8-wide AVX2 panels; AVX-512 ones from batch 16, from 7.5% density, up to
+    # 64 wide at most 30% dense, 32 above): rows and columns on both sides of those edges, an empty
+    # tile, an empty and a full row, 32-bit indices, panels of every width and several per pass.
     g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
-    w = random_sparse(*shape, 0.3, g, empty_rows=(0,))
+    w = random_sparse(*shape, density, g, empty_rows=(0,))
     if shape[1] >= 512:
         w[:, 256:512] = 0
     w[-1] = torch.randn(shape[1], generator=g)
     bias = torch.randn(shape[0], generator=g)
-    for batch in (4, 5, 8, 15, 16, 17, 24, 32, 33, 100):
+    for batch in (4, 5, 8, 15, 16, 17, 24, 32, 33, 48, 49, 64, 65, 100, 300):
         x = torch.randn(batch, shape[1], generator=g)
         assert_close(run_kernel(w, x, bias), reference(w, x, bias))
 
