@@ -19,10 +19,19 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// x[c[0..7]] as one vector. Each index is one zero-extending load used directly as an address: as
-// fast here as reading the 16-bit indices four at a time through a 64-bit load and shifting.
+// x[c[0..7]] as one vector, from scalar loads. The loop is short of load slots (each non-zero also
+// loads its x value), so 16-bit indices are read four at a time through a 64-bit load and shifted
+// out on the integer units, which have slots to spare: 8-12% faster than a zero-extending load per
+// index at 50%, 90% and 95% sparsity, weights from DRAM (4096x4096, batch 1, interleaved A/B).
 template <typename Idx>
 inline __m256 gather8(const float* x, const Idx* c) {
+  if constexpr (sizeof(Idx) == 2) {
+    uint64_t lo, hi;
+    __builtin_memcpy(&lo, c, 8);  // unaligned loads, no aliasing assumptions
+    __builtin_memcpy(&hi, c + 4, 8);
+    return _mm256_setr_ps(x[lo & 0xFFFF], x[(lo >> 16) & 0xFFFF], x[(lo >> 32) & 0xFFFF], x[lo >> 48],
+                          x[hi & 0xFFFF], x[(hi >> 16) & 0xFFFF], x[(hi >> 32) & 0xFFFF], x[hi >> 48]);
+  }
   return _mm256_setr_ps(x[c[0]], x[c[1]], x[c[2]], x[c[3]], x[c[4]], x[c[5]], x[c[6]], x[c[7]]);
 }
 
