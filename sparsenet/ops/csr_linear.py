@@ -96,6 +96,8 @@ def _check_input(x, values, in_features: int) -> None:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.float32:
         raise TypeError(f"x must be float32, got {x.dtype} (sparsenet kernels run in float32)")
+    if x.layout != torch.strided:
+        raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}; use x.to_dense()")
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
     if x.device.type != "cpu" or values.device.type != "cpu":
@@ -162,15 +164,17 @@ class PreparedCSR:
         # checks all of that itself. Whatever it refuses takes the general path, which converts
         # what it can and raises the precise error for the rest.
         try:
-            y = self.handle.forward(to_dlpack(x))
+            # resolve_neg: DLPack exports the memory as it is, without a lazy negation (it is x
+            # itself when there is none, the common case).
+            y = self.handle.forward(to_dlpack(x.resolve_neg()))
         except (TypeError, ValueError, RuntimeError, BufferError):
             return self._general(x)
         return from_dlpack(y)
 
     def _general(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.values, self.in_features)
-        x2 = x.reshape(-1, self.in_features).resolve_neg()
+        x2 = x.reshape(-1, self.in_features)
         if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < self.in_features):
             x2 = x2.contiguous()
-        out = from_dlpack(self.handle.forward(to_dlpack(x2)))
+        out = from_dlpack(self.handle.forward(to_dlpack(x2.resolve_neg())))
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)

@@ -41,6 +41,17 @@ def test_non_contiguous_and_expanded_inputs():
         assert rel_err(sp(x), lin(x)) < 1e-5
 
 
+def test_lazily_negated_input_is_negated():
+    # A tensor with torch's negative bit set holds -x in memory only after resolve_neg().
+    lin = pruned_linear(16, 9)
+    sp = SparseLinear.from_dense(lin)
+    for x in (torch._neg_view(torch.randn(4, 16)), torch._neg_view(torch.randn(2, 3, 16))):  # fast, general path
+        assert x.is_neg()
+        for ctx in (torch.no_grad(), torch.inference_mode(), torch.enable_grad()):
+            with ctx:
+                assert rel_err(sp(x), lin(x.resolve_neg())) < 1e-5
+
+
 def test_batch_sizes_around_kernel_switch():
     lin = pruned_linear(70, 40, sparsity=0.9)
     sp = SparseLinear.from_dense(lin)
@@ -185,6 +196,9 @@ def test_bad_inputs_raise_clear_errors():
         sp(torch.tensor(1.0))
     with pytest.raises(TypeError, match="Tensor"):
         sp([1.0] * 10)
+    for ctx in (torch.no_grad(), torch.enable_grad()):
+        with ctx, pytest.raises(TypeError, match="strided"):
+            sp(torch.randn(3, 10).to_sparse())
     with pytest.raises(ValueError, match="mask must be a tensor of shape"):
         SparseLinear.from_dense(nn.Linear(4, 3), mask=torch.ones(3, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool"):
