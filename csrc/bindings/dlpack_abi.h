@@ -9,7 +9,7 @@
 namespace sparsenet::dlpack {
 
 enum DeviceType : int32_t { kCPU = 1 };
-enum TypeCode : uint8_t { kInt = 0, kUInt = 1, kFloat = 2 };
+enum TypeCode : uint8_t { kFloat = 2 };
 
 struct Device {
   int32_t device_type;
@@ -38,8 +38,8 @@ struct ManagedTensor {
   void (*deleter)(ManagedTensor* self);
 };
 
-// Capsule names of the exchange protocol: the consumer renames a capsule it took ownership of.
+// The capsule name of the exchange protocol; a consumer that takes ownership renames the capsule
+// ("used_dltensor"), so a capsule still carrying this name has not been consumed.
 constexpr const char* kCapsuleName = "dltensor";
-constexpr const char* kUsedCapsuleName = "used_dltensor";
 
 }  // namespace sparsenet::dlpack

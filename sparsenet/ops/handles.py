@@ -56,8 +56,11 @@ def csr_handle(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, in_f
 def owning_handle(crow, col, values, in_features: int, bias=None) -> _C.CsrHandle:
     """A handle that keeps the buffers (and the bias) alive itself (``keep=True``): not cached here,
     it belongs to whoever holds the tensors (``SparseLinear``'s prepared path) and dies with it."""
-    if bias is not None and (bias.device.type != "cpu" or bias.dtype != torch.float32 or not bias.is_contiguous()):
-        raise ValueError(f"bias must be a contiguous float32 CPU tensor, got {bias.dtype} on {bias.device}")
+    if bias is not None:
+        if bias.dtype != torch.float32:
+            raise TypeError(f"bias must be float32, got {bias.dtype}")
+        if bias.device.type != "cpu" or not bias.is_contiguous():
+            raise ValueError(f"bias must be a contiguous CPU tensor, got one on {bias.device}")
     return _validated(crow, col, values, in_features, keep=True,
                       bias=None if bias is None else bias.detach().numpy())
 

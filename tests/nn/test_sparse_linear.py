@@ -199,6 +199,11 @@ def test_bad_inputs_raise_clear_errors():
     for ctx in (torch.no_grad(), torch.enable_grad()):
         with ctx, pytest.raises(TypeError, match="strided"):
             sp(torch.randn(3, 10).to_sparse())
+    wrong_bias = SparseLinear.from_dense(pruned_linear(10, 5))
+    wrong_bias.bias = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    for ctx in (torch.no_grad(), torch.enable_grad()):
+        with ctx, pytest.raises(TypeError, match="bias must be float32"):
+            wrong_bias(torch.randn(3, 10))
     with pytest.raises(ValueError, match="mask must be a tensor of shape"):
         SparseLinear.from_dense(nn.Linear(4, 3), mask=torch.ones(3, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool"):
