@@ -252,19 +252,20 @@ class CsrHandle {
   }
 
   // The column-tiled copy (cpu/tiled.h), built on first use under the GIL (so two threads never
-  // build it at once), and only where a panel kernel gains from it, as measured on 4096x4096 (see
-  // BENCHMARKS.md): the 16-wide AVX-512 panels (batch >= 16) from 7.5% density, the 8-wide AVX2
-  // panels (batch 4-15 on AVX-512 CPUs, batch >= 4 on AVX2 ones) from 20%; sparser weights gained
-  // nothing there and would only pay the memory.
+  // build it at once), and only where a panel kernel gains from it. Measured on 4096x4096, weights
+  // from DRAM, tiled over row-by-row time, both ISAs: panels of one or two vectors per non-zero
+  // (batch 4-16) gain from 17% density (80%: 0.83-0.97, 85%: 0.99-1.12, 90%: 1.16-1.26), wider
+  // ones (batch 17 on) from 7.5% (90%: 0.77-0.88; 95%: 0.90-1.01 on AVX-512). Below that a row's
+  // share of a 256-column tile is too short for the L1 reuse to pay for its fixed cost, and the
+  // copy would only cost memory.
   const sparsenet::cpu::TiledCsr* tiled_for(int64_t batch) const {
     if (batch < 4) return nullptr;  // the common batch-1 call pays nothing for this
     const double density = view_.rows * view_.cols > 0
                                ? static_cast<double>(view_.nnz) / (static_cast<double>(view_.rows) * view_.cols)
                                : 0.0;
-    const std::string isa = sparsenet::cpu::active_isa();
-    const bool wide = isa == "avx512" && batch >= 16 && density >= 0.075;
-    const bool narrow = (isa == "avx512" || isa == "avx2") && batch >= 4 && density >= 0.2;
-    if (!wide && !narrow) return nullptr;
+    if (sparsenet::cpu::active_isa() == "fallback") return nullptr;
+    const bool gains = batch > 16 ? density >= 0.075 : density >= 0.17;
+    if (!gains) return nullptr;
     if (!tiled_) tiled_ = std::make_shared<const sparsenet::cpu::TiledCsr>(sparsenet::cpu::build_tiled(view_));
     return tiled_.get();
   }
