@@ -21,17 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparsenet._progress import bar_disabled
 from sparsenet.io import load, save
 from sparsenet.nn import SparseLinear, sparsify
 from sparsenet.pruning import prune
 
 DIGITS_SIZES = (64, 256, 256, 10)
 IMPLS = ("dense", "sparsenet", "torch.sparse")
-
-
-def _disable(progress: Optional[bool]) -> Optional[bool]:
-    # None lets tqdm hide its bar when stderr is not a terminal (logs, pytest).
-    return None if progress is None else not progress
 
 
 def make_mlp(sizes: Sequence[int]) -> nn.Sequential:
@@ -66,7 +62,7 @@ def train(model: nn.Module, X: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=_disable(progress)):
+    for _ in tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=bar_disabled(progress)):
         for idx in torch.randperm(len(X), generator=gen).split(batch_size):
             opt.zero_grad(set_to_none=True)
             batch_loss = F.cross_entropy(model(X[idx]), y[idx])
@@ -214,7 +210,7 @@ def run_bench(sparsity: float = 0.9, hidden: int = 4096, layers: int = 3, batche
     """Median seconds per forward of the same pruned MLP run three ways, rounds interleaved."""
     torch.manual_seed(seed)
     sizes = (hidden,) * (layers + 1)
-    with tqdm(total=3, desc="prune + convert", unit="step", leave=False, disable=_disable(progress)) as bar:
+    with tqdm(total=3, desc="prune + convert", unit="step", leave=False, disable=bar_disabled(progress)) as bar:
         dense = make_mlp(sizes).eval()
         # Layer scope: every layer of this random-init model has the same distribution, so global
         # would give the same masks, only slower (one k-th value over all weights at once).
@@ -238,7 +234,7 @@ def run_bench(sparsity: float = 0.9, hidden: int = 4096, layers: int = 3, batche
             times: dict[str, list[float]] = {k: [] for k in IMPLS}
             # Interleave: noise from other work on a shared machine hits all three alike.
             for _ in tqdm(range(rounds), desc=f"timing batch {batch}", unit="round", leave=False,
-                          disable=_disable(progress)):
+                          disable=bar_disabled(progress)):
                 for name in IMPLS:
                     t0 = time.perf_counter()
                     models[name](x)

@@ -170,7 +170,9 @@ class CsrHandle {
     check_same(col_idx, view_.col_idx, view_.nnz, view_.index_bytes, "col_indices");
     check_same(values, view_.values, view_.nnz, 4, "values");
     const py::buffer_info xi = x.request(), yi = y.request(/*writable=*/true);
-    run(dense_from_buffer(xi, "x"), dense_from_buffer(yi, "out"), bias_pointer(bias));
+    const Dense2D xd = dense_from_buffer(xi, "x");
+    check_x(xd);
+    run(xd, dense_from_buffer(yi, "out"), bias_pointer(bias));
   }
 
   // x A^T (+ the bias given at construction) as a new (batch, rows) float32 tensor; x and the
@@ -206,8 +208,8 @@ class CsrHandle {
       throw py::value_error("x rows must not overlap (row stride at least the feature count)");
   }
 
+  // x has passed check_x (before forward allocates its output).
   void run(const Dense2D& x, const Dense2D& y, const float* bias) const {
-    check_x(x);
     if (!y.float32) throw py::type_error("out must be float32");
     const int64_t batch = x.rows;
     if (y.rows != batch || y.cols != view_.rows)
@@ -260,10 +262,8 @@ class CsrHandle {
   // copy would only cost memory.
   const sparsenet::cpu::TiledCsr* tiled_for(int64_t batch) const {
     if (batch < 4) return nullptr;  // the common batch-1 call pays nothing for this
-    const double density = view_.rows * view_.cols > 0
-                               ? static_cast<double>(view_.nnz) / (static_cast<double>(view_.rows) * view_.cols)
-                               : 0.0;
     if (sparsenet::cpu::active_isa() == "fallback") return nullptr;
+    const double density = sparsenet::density(view_);
     const bool gains = batch > 16 ? density >= 0.075 : density >= 0.17;
     if (!gains) return nullptr;
     if (!tiled_) tiled_ = std::make_shared<const sparsenet::cpu::TiledCsr>(sparsenet::cpu::build_tiled(view_));

@@ -14,7 +14,7 @@
 #include "cpu/tiled_kernel.h"
 
 #ifndef SPARSENET_AVX512_PANEL
-#define SPARSENET_AVX512_PANEL 32  // 64 measured no faster (the panel then fills L2)
+#define SPARSENET_AVX512_PANEL 32  // row-by-row panels: 64 measured no faster (the panel then fills L2)
 #endif
 
 namespace sparsenet::cpu::avx512 {
@@ -59,8 +59,7 @@ void csr_matmul(const CsrView& a, const DenseArgs& d) {
   // measured 1.3x faster there (4096x4096, 50%, batch 4 and 8).
   if (d.batch < 16) return avx2::csr_matmul(a, d);
   if (a.tiled != nullptr) {
-    const double density = static_cast<double>(a.nnz) / (static_cast<double>(a.rows) * static_cast<double>(a.cols));
-    if (density <= kWidePanelMaxDensity) return run_tiled<Ops512, 4>(a, d);
+    if (sparsenet::density(a) <= kWidePanelMaxDensity) return run_tiled<Ops512, 4>(a, d);
     return run_tiled<Ops512, SPARSENET_AVX512_PANEL / 16>(a, d);
   }
   if (a.index_bytes == 2) run<uint16_t>(a, d);

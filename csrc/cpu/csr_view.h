@@ -62,6 +62,12 @@ inline void balanced_rows(const CsrView& a, int part, int parts, int64_t* begin,
   *end = row_at(part + 1);
 }
 
+// Fraction of entries that are non-zero (0 for an empty shape): kernels pick layouts by it.
+inline double density(const CsrView& a) {
+  const double total = static_cast<double>(a.rows) * static_cast<double>(a.cols);
+  return total > 0 ? static_cast<double>(a.nnz) / total : 0.0;
+}
+
 #ifndef SPARSENET_MIN_PARALLEL_WORK
 #define SPARSENET_MIN_PARALLEL_WORK 24576
 #endif

@@ -14,18 +14,10 @@ from torch import Tensor, nn
 
 from ..calibration import Batch, eval_mode, iter_batches
 from ..calibration.capture import model_device
+from ..calibration.outputs import model_output
 from .masks import effective_weight_and_mask, find_weight_mask
 
 LossFn = Callable[[Any, Any], Tensor]
-
-
-def _logits(output: Any) -> Tensor:
-    # Hugging Face models return an object with .logits; many models return a tuple.
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output
 
 
 def default_loss(output: Any, batch: Batch) -> Tensor:
@@ -35,7 +27,7 @@ def default_loss(output: Any, batch: Batch) -> Tensor:
             "the default loss (cross-entropy) needs targets, but a calib batch has none; pass "
             "(inputs, targets) batches, a 'labels' entry, or loss_fn=callable(output, batch)"
         )
-    logits, targets = _logits(output), batch.targets
+    logits, targets = model_output(output), batch.targets
     classes = logits.shape[-1]
     if targets.shape == logits.shape:  # class probabilities
         return F.cross_entropy(logits.reshape(-1, classes), targets.reshape(-1, classes))

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from .._progress import bar_disabled
 from .criteria import Criterion, Layer, ScoreContext
 from .masks import effective_weight_and_mask
 from .ranking import lowest_k
@@ -23,10 +24,9 @@ AUTO_PROGRESS_MIN_LAYERS = 8  # below this a bar is noise
 
 
 def _bar_disabled(progress: Optional[bool], n_layers: int) -> Optional[bool]:
-    if progress is None:
-        # None lets tqdm hide itself when stderr is not a terminal (CI logs, notebooks' files).
-        return None if n_layers > AUTO_PROGRESS_MIN_LAYERS else True
-    return not progress
+    if progress is None and n_layers <= AUTO_PROGRESS_MIN_LAYERS:
+        return True  # too few layers for a bar to be worth a line
+    return bar_disabled(progress)
 
 
 class _Planner:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from .._progress import bar_disabled
 from ..calibration.capture import eval_mode, model_device
 from ..calibration.data import check_calib, iter_batches
 from ..calibration.outputs import model_output
@@ -283,14 +284,15 @@ def reconstruct(
         within_stage=within_stage, correct=correct, blockwise=blockwise, epochs=epochs, lr=lr,
         holdout=holdout, patience=patience, seed=seed,
     )
-    dense = rollback.dense if (blockwise or correct or final) else None
-    disable = None if progress is None else not progress
+    # The walk reads the dense model only to correct inputs or fit blocks to it.
+    walk_dense = rollback.dense if (blockwise or correct) else None
+    disable = bar_disabled(progress)
     try:
         with tqdm(total=len(stages), desc="reconstruct", unit="stage", disable=disable) as bar:
-            result = walk(model, dense, stages, calib, settings, frozen, bar)
+            result = walk(model, walk_dense, stages, calib, settings, frozen, bar)
         final_fit = None
         if final is not None:
-            final_fit = _fit_output(model, dense, stages, calib, frozen, final, settings)
+            final_fit = _fit_output(model, rollback.dense, stages, calib, frozen, final, settings)
     except BaseException:
         rollback.restore()
         raise

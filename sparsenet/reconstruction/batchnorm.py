@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
+from .._progress import bar_disabled
 from ..calibration import check_calib, iter_batches
-from ..calibration.capture import model_device
+from ..calibration.capture import eval_mode, model_device
 
 
 class _Moments:
@@ -48,11 +49,6 @@ class _Moments:
         self.mean = self.mean + delta * (n / total)
         self.m2 = self.m2 + m2 + delta.pow(2) * (self.count * n / total)
         self.count = total
-
-
-def _disable(progress: Optional[bool]) -> Optional[bool]:
-    # None lets tqdm hide its bar when stderr is not a terminal (logs, pytest).
-    return None if progress is None else not progress
 
 
 def recalibrate_batchnorm(
@@ -91,7 +87,6 @@ def recalibrate_batchnorm(
         name: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
         for name, m in layers.items()
     }
-    flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in layers.values()]
 
     def make_hook(name: str):
@@ -102,20 +97,20 @@ def recalibrate_batchnorm(
 
     handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in layers.items()]
     try:
-        model.eval()
-        for m in layers.values():
-            m.train()
-            m.momentum = 0.0  # the forward must not move the buffers; they are written below
-        batches = tqdm(
-            iter_batches(calib, model_device(model)),
-            desc="recalibrating BatchNorm",
-            unit="batch",
-            leave=False,
-            disable=_disable(progress),
-        )
-        with torch.no_grad():
-            for batch in batches:
-                model(*batch.args, **batch.kwargs)
+        with eval_mode(model):  # puts each module's training flag back afterwards
+            for m in layers.values():
+                m.train()
+                m.momentum = 0.0  # the forward must not move the buffers; they are written below
+            batches = tqdm(
+                iter_batches(calib, model_device(model)),
+                desc="recalibrating BatchNorm",
+                unit="batch",
+                leave=False,
+                disable=bar_disabled(progress),
+            )
+            with torch.no_grad():
+                for batch in batches:
+                    model(*batch.args, **batch.kwargs)
         missing = [name for name in layers if moments[name].mean is None]
         if missing:
             raise ValueError(f"calibration forward never reached BatchNorm layers {missing}")
@@ -138,6 +133,4 @@ def recalibrate_batchnorm(
             h.remove()
         for m, momentum in momenta:
             m.momentum = momentum
-        for m, flag in flags:
-            m.training = flag
     return len(layers)

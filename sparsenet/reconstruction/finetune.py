@@ -21,9 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._progress import bar_disabled
 from ..calibration import Batch, check_calib, iter_batches
-from ..calibration.capture import model_device
+from ..calibration.capture import _token_rows, eval_mode, model_device
+from ..calibration.data import _to
 from ..calibration.outputs import model_output
+from ..pruning.gradients import default_loss
 from .regrowth import RegrowthUpdate, RigL
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -40,29 +43,12 @@ class FinetuneResult:
     regrowth: list[RegrowthUpdate] = field(default_factory=list)
 
 
-def _rows(x: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
-    """``x`` as (positions, features), padding positions (mask == 0) dropped where they apply."""
-    if attention_mask is not None and tuple(x.shape[:-1]) == tuple(attention_mask.shape):
-        x = x[attention_mask.to(x.device) != 0]
-    return x.reshape(-1, x.shape[-1])
-
-
-def _task_loss(output: Any, batch: Batch) -> Tensor:
-    """Cross-entropy of the output against the batch's class indices (-100 ignored) or
-    class probabilities."""
-    logits, targets = model_output(output), batch.targets
-    classes = logits.shape[-1]
-    if targets.shape == logits.shape:
-        return F.cross_entropy(logits.reshape(-1, classes), targets.reshape(-1, classes))
-    return F.cross_entropy(logits.reshape(-1, classes), targets.reshape(-1))
-
-
 def _output_distill(kind: str, student: Tensor, teacher: Tensor, temperature: float, attention_mask) -> Tensor:
     if student.shape != teacher.shape:
         raise ValueError(
             f"student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} differ"
         )
-    s, t = _rows(student, attention_mask), _rows(teacher, attention_mask).to(student.dtype)
+    s, t = _token_rows(student, attention_mask), _token_rows(teacher, attention_mask).to(student.dtype)
     if kind == "kl":
         # KL(teacher || student) on softened distributions; T^2 keeps gradients comparable
         # across temperatures (Hinton et al., 2015).
@@ -95,18 +81,6 @@ def _feature_distill(student: dict, teacher: dict) -> Tensor:
     return total
 
 
-def _to_device(obj: Any, device: Optional[torch.device]) -> Any:
-    if device is None:
-        return obj
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
-
-
 class _Distiller:
     """The teacher's side of the loss: runs the frozen teacher on a batch and scores the model's
     output and features against it. Use as a context manager: hooks and flags live only inside."""
@@ -123,7 +97,6 @@ class _Distiller:
         self._stack = ExitStack()
 
     def __enter__(self) -> "_Distiller":
-        flags = [(m, m.training) for m in self.teacher.modules()]
         grads = [(p, p.requires_grad) for p in self.teacher.parameters()]
         handles = self._hook(self.ours, self.student_out, detach=False)
         handles += self._hook(self.theirs, self.teacher_out, detach=True)
@@ -131,13 +104,11 @@ class _Distiller:
         def restore() -> None:
             for h in handles:
                 h.remove()
-            for m, flag in flags:
-                m.training = flag
             for p, flag in grads:
                 p.requires_grad_(flag)
 
         self._stack.callback(restore)
-        self.teacher.eval()
+        self._stack.enter_context(eval_mode(self.teacher))
         for p, _ in grads:
             p.requires_grad_(False)
         return self
@@ -164,7 +135,10 @@ class _Distiller:
 
     def loss(self, output: Any, batch: Batch) -> Tensor:
         with torch.no_grad():
-            t_out = self.teacher(*_to_device(batch.args, self.device), **_to_device(batch.kwargs, self.device))
+            args, kwargs = batch.args, batch.kwargs
+            if self.device is not None:
+                args, kwargs = _to(args, self.device), _to(kwargs, self.device)
+            t_out = self.teacher(*args, **kwargs)
         total = None
         if self.kind is not None:
             student = model_output(output)
@@ -318,7 +292,7 @@ def finetune(
                 raise ValueError(f"loss_fn must return a scalar tensor, got {task!r:.80}")
             task = task.reshape(())
         elif batch.targets is not None:
-            task = _task_loss(output, batch)
+            task = default_loss(output, batch)
         elif distiller is None:
             raise ValueError(
                 f"batch at step {step} has no targets and there is neither a loss_fn nor a "
@@ -330,7 +304,6 @@ def finetune(
         return distill if task is None else (1.0 - alpha) * task + alpha * distill
 
     device = model_device(model)
-    flags = [(m, m.training) for m in model.modules()]
     cuda = [device.index or 0] if device is not None and device.type == "cuda" else []
     epoch_losses: list[float] = []
     step = 0
@@ -338,13 +311,13 @@ def finetune(
         stack.enter_context(torch.random.fork_rng(devices=cuda, enabled=seed is not None))
         if seed is not None:
             torch.manual_seed(seed)
-        stack.callback(lambda: [setattr(m, "training", flag) for m, flag in flags])
+        stack.enter_context(eval_mode(model))  # puts each module's training flag back afterwards
         if distiller is not None:
             stack.enter_context(distiller)
         model.train()
         bar = stack.enter_context(
             tqdm(total=total, desc="fine-tuning", unit="step", leave=False,
-                 disable=None if progress is None else not progress)
+                 disable=bar_disabled(progress))
         )
         for epoch in range(epochs):
             losses: list[float] = []

@@ -77,9 +77,11 @@ class LayerProblem:
         return self.bias is not None
 
     def augmented(self) -> tuple[Tensor, Tensor]:
-        """``[W | b]`` and ``[[H, μ], [μᵀ, 1]]``: the bias as one more, always-kept column."""
+        """``[W | b]`` (a copy, which solvers update in place) and ``[[H, μ], [μᵀ, 1]]`` (the
+        problem's own ``H`` when there is no bias: read only): the bias as one more, always-kept
+        column."""
         if self.bias is None:
-            return self.weight.clone(), self.hessian.clone()
+            return self.weight.clone(), self.hessian
         cols = self.hessian.shape[0]
         w = torch.cat([self.weight, self.bias[:, None]], dim=1)
         h = self.hessian.new_empty(cols + 1, cols + 1)
@@ -128,12 +130,12 @@ def _damped(h: Tensor, damp: float, n_real: int) -> Tensor:
     return h
 
 
-def _cholesky(h: Tensor, damp: float, n_real: int) -> tuple[Tensor, float]:
+def _cholesky(h: Tensor, damp: float, n_real: int) -> Tensor:
     """Lower Cholesky factor of the damped ``h``; more damping until it factorises."""
     for _ in range(_MAX_DAMP_RETRIES):
         factor, info = torch.linalg.cholesky_ex(_damped(h, damp, n_real))
         if int(info) == 0:
-            return factor, damp
+            return factor
         damp = max(damp * 10.0, 1e-6)
     raise ValueError(
         f"the calibration Hessian is not positive definite even with damping {damp:g}; "
@@ -219,7 +221,6 @@ def lsq_refit(
     problem: LayerProblem,
     keep: Tensor,
     *,
-    start: Optional[Tensor] = None,
     damp: float = 1e-4,
     iters: int = 200,
     tol: float = 1e-8,
@@ -228,15 +229,14 @@ def lsq_refit(
 
     ``damp`` (relative to the mean of ``diag H``) pulls the kept weights towards their dense
     values, which only guards ill-conditioned directions: the refit never raises the output
-    error of ``start`` (default: the dense weights under the mask).
+    error of the dense weights under the mask.
     """
     _check_sparsity_or_keep(problem, None, keep)
     w0, h = problem.augmented()
     n_real = problem.weight.shape[1]
     keep_aug = _augment_keep(problem, keep)
     hn, s = _normalised(_damped(h, damp, n_real), n_real)
-    begin = w0 if start is None else _augment_weight(problem, start)
-    x = _masked_cg(w0 * s, hn, begin * s, keep_aug, iters, tol)
+    x = _masked_cg(w0 * s, hn, w0 * s, keep_aug, iters, tol)
     return _finish(problem, x / s, keep)
 
 
@@ -244,13 +244,6 @@ def _augment_keep(problem: LayerProblem, keep: Tensor) -> Tensor:
     if not problem.has_bias:
         return keep
     return torch.cat([keep, keep.new_ones(keep.shape[0], 1)], dim=1)
-
-
-def _augment_weight(problem: LayerProblem, weight: Tensor) -> Tensor:
-    weight = weight.to(torch.float64)
-    if not problem.has_bias:
-        return weight
-    return torch.cat([weight, problem.bias[:, None]], dim=1)
 
 
 # --------------------------------------------------------------------------- SparseGPT / OBS
@@ -283,7 +276,7 @@ def sparsegpt(
     cols = w.shape[1]
     if keep is None:
         w[:, :n_real][:, _dead_columns(h, n_real)] = 0.0
-    chol, _ = _cholesky(h, damp, n_real)
+    chol = _cholesky(h, damp, n_real)
     # Upper Cholesky factor of H⁻¹: row i holds the OBS update for column i given columns < i
     # are already fixed, so the sweep never re-inverts.
     hinv = torch.cholesky_inverse(chol)

@@ -137,7 +137,7 @@ def _corrected(problem: LayerProblem, mom: _Moments, damp: float) -> LayerProble
     n = mom.gram.rows
     w, h = problem.augmented()
     cols = problem.hessian.shape[0]
-    c = (mom.cross / n).clone()
+    c = mom.cross / n
     if problem.has_bias:
         ca = c.new_empty(cols + 1, cols + 1)
         ca[:cols, :cols] = c
@@ -170,7 +170,9 @@ def walk(
     result = WalkResult()
     dense_named = dict(dense.named_modules()) if dense is not None else {}
     prev: Optional[tuple] = None  # (inputs, outputs, dense inputs, dense outputs)
-    for stage in stages:
+    for i, stage in enumerate(stages):
+        # Outputs are needed only to chain into the next stage (and the dense ones to fit to).
+        chain_next = i + 1 < len(stages) and stages[i + 1].chained
         dense_stage = dense_named.get(stage.name)
         if stage.chained and prev is not None:
             inputs = chain(prev[0], prev[1])
@@ -201,7 +203,8 @@ def walk(
                     1.0 - float(solution.keep.float().mean()), settings.method,
                     problem.output_error(solution.weight, solution.bias),
                 ))
-        dense_outputs = run_stage(dense_stage, dense_inputs) if dense_stage is not None else None
+        dense_outputs = (run_stage(dense_stage, dense_inputs)
+                         if dense_stage is not None and (settings.blockwise or chain_next) else None)
         stage_result = StageResult(stage.name, len(stage.layers))
         if settings.blockwise:
             module = stage.module
@@ -216,8 +219,7 @@ def walk(
                     epochs=settings.epochs, lr=settings.lr, holdout=settings.holdout,
                     patience=settings.patience, seed=settings.seed,
                 )
-        outputs = run_stage(stage.module, inputs)
-        prev = (inputs, outputs, dense_inputs, dense_outputs)
+        prev = (inputs, run_stage(stage.module, inputs), dense_inputs, dense_outputs) if chain_next else None
         result.stages.append(stage_result)
         if bar is not None:
             bar.update(1)
