@@ -15,8 +15,8 @@ from typing import Iterable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
+from .._weights import weight_shape
 from .capture import _run_with_hooks, _token_rows
 
 # Rows per float32 partial product: small enough that float32 loses nothing material (the
@@ -86,16 +86,9 @@ class Gram:
             raise ValueError("no calibration rows reached this layer (all padding, or never run)")
 
 
-def _weight_shape(module: nn.Module) -> tuple[int, ...]:
-    # The stored original under a mask parametrization: reading module.weight would compute it.
-    if parametrize.is_parametrized(module, "weight"):
-        return tuple(module.parametrizations["weight"].original.shape)
-    return tuple(module.weight.shape)
-
-
 def layer_columns(module: nn.Module) -> int:
     """Width of the layer's weight seen as a matrix: the length of one input row."""
-    shape = _weight_shape(module)
+    shape = weight_shape(module)
     return math.prod(shape[1:])
 
 

@@ -36,7 +36,8 @@ from .criteria import Criterion, ScoreContext, _input_norms_per_weight, get_crit
 from .gradients import LossFn, _underlying
 from .layers import PRUNABLE_TYPES
 from .masks import effective_weight_and_mask
-from .planning import _bar_disabled, _Planner, _weight_shape
+from .._weights import weight_shape
+from .planning import _bar_disabled, _Planner
 from .structures import Structure, get_structure
 
 SEARCH_OFFSETS = (-0.2, -0.1, 0.0, 0.1, 0.2)  # default levels: sparsity + these
@@ -62,7 +63,7 @@ def _real(value: object, what: str) -> float:
 
 
 def _numel(module: nn.Module) -> int:
-    return math.prod(_weight_shape(module))
+    return math.prod(weight_shape(module))
 
 
 def block_groups(layers: Iterable[str]) -> dict[str, str]:
@@ -342,7 +343,7 @@ def search_sparsities(
     check = getattr(structure_obj, "check", None)
     for name, module in layers.items():
         if check is not None:
-            check(name, _weight_shape(module))
+            check(name, weight_shape(module))
     check_calib(calib)
     raw = list(itertools.islice(calib, max_batches))
     if not raw:

@@ -10,10 +10,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .._progress import bar_disabled
+from .._weights import weight_shape
 from .criteria import Criterion, Layer, ScoreContext
 from .masks import effective_weight_and_mask
 from .ranking import lowest_k
@@ -76,13 +76,6 @@ class _Planner:
         return keep & old if old is not None else keep
 
 
-def _weight_shape(module: nn.Module) -> tuple[int, ...]:
-    # The stored original, not module.weight: reading a parametrized weight computes it.
-    if parametrize.is_parametrized(module, "weight"):
-        return tuple(module.parametrizations["weight"].original.shape)
-    return tuple(module.weight.shape)
-
-
 def plan_masks(
     layers: dict[str, nn.Module],
     sparsity: float,
@@ -104,7 +97,7 @@ def plan_masks(
     check = getattr(structure, "check", None)
     for name, module in layers.items():
         if check is not None:
-            check(name, _weight_shape(module))
+            check(name, weight_shape(module))
     if not ctx.layers:
         ctx.layers = layers
     prepare = getattr(criterion, "prepare", None)

@@ -24,7 +24,8 @@ from ..pruning.layers import PRUNABLE_TYPES, find_prunable_layers
 from ..pruning.masks import find_weight_mask, remove_pruning
 from ..pruning.structures import get_structure
 from .blockwise import LOSSES, FitResult, check_holdout, fit
-from .layerwise import METHODS, LayerResult, dense_weight
+from .._weights import stored_weight
+from .layerwise import METHODS, LayerResult
 from .solvers import DEFAULT_DAMP
 from .stages import find_stages, probe
 from .walk import StageResult, WalkSettings, walk
@@ -264,7 +265,7 @@ def reconstruct(
     check = getattr(structure_obj, "check", None)
     for name, layer in layers.items():
         if check is not None:
-            check(name, tuple(dense_weight(layer).shape))
+            check(name, tuple(stored_weight(layer).shape))
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             raise ValueError(f"layer {name!r} is a grouped convolution; exclude it")
     # The probe runs one batch: bad calibration data fails here, before anything changes.

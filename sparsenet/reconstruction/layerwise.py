@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
+from .._weights import stored_weight
 from ..calibration.gram import Gram
 from ..pruning.masks import find_weight_mask, set_weight_mask
 from ..pruning.structures import Structure
@@ -22,15 +22,8 @@ from .solvers import DEFAULT_DAMP, LayerProblem, Solution, admm, lsq_refit, sele
 METHODS = ("sparsegpt", "admm", "lsq")
 
 
-def dense_weight(layer: nn.Module) -> Tensor:
-    """The layer's unmasked weight (the stored original under sparsenet's mask)."""
-    if parametrize.is_parametrized(layer, "weight"):
-        return layer.parametrizations["weight"].original
-    return layer.weight
-
-
 def problem_for(layer: nn.Module, gram: Gram) -> LayerProblem:
-    w = dense_weight(layer).detach()
+    w = stored_weight(layer).detach()
     bias = layer.bias.detach() if isinstance(getattr(layer, "bias", None), Tensor) else None
     mean = gram.mean() if bias is not None else None
     return LayerProblem(w.reshape(w.shape[0], -1), gram.hessian(), bias, mean)
@@ -74,11 +67,11 @@ def solve(
 
 def install(layer: nn.Module, solution: Solution) -> None:
     """Mask the layer with the solution's keep-mask and write its weights and bias."""
-    original = dense_weight(layer)
+    original = stored_weight(layer)
     shape = original.shape
     with torch.no_grad():
         set_weight_mask(layer, solution.keep.reshape(shape).to(original.device).contiguous())
-        original = dense_weight(layer)
+        original = stored_weight(layer)
         original.copy_(solution.weight.reshape(shape).to(original.dtype))
         if solution.bias is not None:
             layer.bias.copy_(solution.bias.to(layer.bias.dtype))

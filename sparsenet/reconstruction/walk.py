@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .._weights import weight_shape
 from ..calibration.capture import eval_mode
 from ..calibration.gram import CHUNK_ROWS, Gram, input_rows, layer_columns
 from .blockwise import FitResult, fit, relative_mse
@@ -199,7 +200,7 @@ def walk(
                 )
                 install(layer, solution)
                 result.layers.append(LayerResult(
-                    name, tuple(layer.parametrizations["weight"].original.shape),
+                    name, weight_shape(layer),
                     1.0 - float(solution.keep.float().mean()), settings.method,
                     problem.output_error(solution.weight, solution.bias),
                 ))
