@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
+import sparsenet
 from sparsenet import _C
 
 from csr_testing import pack, random_sparse
@@ -81,7 +82,9 @@ def test_large_batch_tiles_and_chunks(isa, threads, shape, density):
         w[:, 256:512] = 0
     w[-1] = torch.randn(shape[1], generator=g)
     bias = torch.randn(shape[0], generator=g)
-    for batch in (4, 5, 8, 15, 16, 17, 24, 32, 33, 48, 49, 64, 65, 100, 300):
+    # The 32-bit-index shape is the slow one: the panel widths' edges are covered by the others.
+    batches = (4, 17, 65) if shape[1] > 65536 else (4, 5, 8, 15, 16, 17, 24, 32, 33, 48, 49, 64, 65, 100, 300)
+    for batch in batches:
         x = torch.randn(batch, shape[1], generator=g)
         assert_close(run_kernel(w, x, bias), reference(w, x, bias))
 
@@ -260,20 +263,29 @@ def _rss_mib() -> float:
 @pytest.mark.parametrize("consume", [False, True])
 def test_forward_output_memory_is_freed(consume):
     # The result belongs to its capsule until torch takes it over (then to the tensor): 40 calls of
-    # 12 MiB each would leave ~480 MiB behind if either owner forgot to free it.
-    h = _C.CsrHandle(3, 5, *good_parts(), keep=True)
-    x = to_dlpack(torch.ones(1_000_000, 5))
-    first = from_dlpack(h.forward(x))
-    assert torch.equal(first[-1], torch.tensor([3.0, 0.0, 3.0]))
-    del first
-    before = _rss_mib()
-    for _ in range(40):
-        capsule = h.forward(x)
-        if consume:
-            y = from_dlpack(capsule)
-            del y
-        del capsule
-    assert _rss_mib() - before < 100
+    # 12 MiB each would leave ~480 MiB behind if either owner forgot to free it. An empty weight
+    # with a bias makes each 1000 x 3000 output cheap to compute (one thread: steady under load).
+    rows = 3000
+    empty = (np.zeros(rows + 1, np.int64), np.zeros(0, np.uint16), np.zeros(0, np.float32))
+    bias = np.arange(rows, dtype=np.float32)
+    h = _C.CsrHandle(rows, 5, *empty, keep=True, bias=bias)
+    x = to_dlpack(torch.ones(1000, 5))
+    before_threads = sparsenet.get_num_threads()
+    sparsenet.set_num_threads(1)
+    try:
+        first = from_dlpack(h.forward(x))
+        assert torch.equal(first[-1], torch.from_numpy(bias))
+        del first
+        before = _rss_mib()
+        for _ in range(40):
+            capsule = h.forward(x)
+            if consume:
+                y = from_dlpack(capsule)
+                del y
+            del capsule
+        assert _rss_mib() - before < 100
+    finally:
+        sparsenet.set_num_threads(before_threads)
 
 
 def test_forward_checks_its_arguments_and_ownership():

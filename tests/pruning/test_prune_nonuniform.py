@@ -202,20 +202,32 @@ def test_search_beats_uniform_when_one_layer_dominates():
 
 
 def test_search_drops_padding_positions():
+    # A position-wise model: what padded positions hold must not change the search, since their
+    # outputs are dropped (mask == 0). Huge values there would dominate the error otherwise.
     class Seq(nn.Module):
         def __init__(self):
             super().__init__()
-            self.proj = nn.Linear(4, 4)
+            self.up = nn.Linear(8, 32)
+            self.down = nn.Linear(32, 8)
 
         def forward(self, input_ids, attention_mask):
-            return {"last_hidden_state": self.proj(input_ids)}
+            return {"last_hidden_state": self.down(torch.relu(self.up(input_ids)))}
 
     torch.manual_seed(0)
     model = Seq()
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    calib = [{"input_ids": torch.randn(2, 3, 4), "attention_mask": mask}]
-    got = search_sparsities(model, find_prunable_layers(model), calib, 0.5, criterion="magnitude")
-    assert got == {"proj": pytest.approx(0.5)}
+    with torch.no_grad():
+        model.down.weight[:, :16] *= 10.0  # layers of unequal importance: the levels differ
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]] * 4)
+    x = torch.randn(8, 6, 8)
+    noisy = x.clone()
+    noisy[mask == 0] = 1e3 * torch.randn(int((mask == 0).sum()), 8)
+    results = []
+    for inputs in (x, noisy):
+        calib = [{"input_ids": inputs, "attention_mask": mask}]
+        results.append(search_sparsities(model, find_prunable_layers(model), calib, 0.5,
+                                         criterion="magnitude"))
+    assert results[0] == results[1]
+    assert len(set(results[0].values())) > 1  # a real choice was made, not the uniform answer
 
 
 # --- validation -----------------------------------------------------------------------------

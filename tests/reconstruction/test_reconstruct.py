@@ -181,8 +181,19 @@ def test_bert_with_padding_reconstructs():
         mask = torch.ones_like(ids)
         mask[0, 5 + i % 3:] = 0
         calib.append({"input_ids": ids, "attention_mask": mask})
+    # The same batches with other tokens at the padded positions: the statistics drop those
+    # positions, so the reconstruction must come out identical.
+    repadded = []
+    for batch in calib:
+        ids, pad = batch["input_ids"].clone(), batch["attention_mask"] == 0
+        ids[pad] = (ids[pad] + 7) % 50
+        repadded.append({"input_ids": ids, "attention_mask": batch["attention_mask"]})
+    twin = copy.deepcopy(model)
     result = reconstruct(model, calib, 0.5, progress=False)
+    reconstruct(twin, repadded, 0.5, progress=False)
     assert len(result.layers) == 13
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
     with torch.no_grad():
         out = model(**calib[0]).last_hidden_state
     assert torch.isfinite(out).all()
@@ -191,11 +202,16 @@ def test_bert_with_padding_reconstructs():
 
 @pytest.mark.parametrize("method", ["sparsegpt", "admm", "lsq"])
 def test_every_method_and_nm(method):
-    model, xs = mlp(), batches()
+    dense, xs = mlp(), batches()
+    model = copy.deepcopy(dense)
     reconstruct(model, xs, structure="2:4", method=method, blockwise=False, progress=False)
     for m in model.modules():
         if (mask := find_weight_mask(m)) is not None:
             assert bool((mask.mask.view(-1, 4).sum(1) == 2).all())
+    plain = copy.deepcopy(dense)  # the same pattern by magnitude, weights not refitted
+    sparsenet.prune(plain, structure="2:4", criterion="magnitude")
+    held = batches(3, seed=9)
+    assert rel_out_error(model, dense, held) < rel_out_error(plain, dense, held)
 
 
 def test_channel_structure_refits_the_next_layer():
@@ -213,8 +229,12 @@ def test_channel_structure_refits_the_next_layer():
 
 def test_owl_allocation_keeps_the_total():
     model, xs = mlp(), batches()
+    with torch.no_grad():
+        model[2].weight[:, :3] *= 30.0  # outlier columns: OWL must prune this layer less
     result = reconstruct(model, xs, 0.6, allocation="owl", blockwise=False, progress=False)
     assert result.sparsity == pytest.approx(0.6, abs=0.01)
+    levels = {layer.name: layer.sparsity for layer in result.layers}
+    assert levels["2"] < min(levels["0"], levels["4"]) - 0.05
 
 
 def test_final_pass_on_the_model_output():
@@ -236,6 +256,8 @@ def test_user_blocks_and_search_allocation():
         find_stages(model, layers, blocks=["nope"])
     result = reconstruct(model, xs, 0.6, allocation="search", blockwise=False, progress=False)
     assert result.sparsity == pytest.approx(0.6, abs=0.02)
+    levels = [layer.sparsity for layer in result.layers]
+    assert max(levels) - min(levels) > 0.1  # the search chose, rather than the uniform 0.6
 
 
 def test_sparsity_zero_is_a_refit_with_full_masks():
