@@ -570,7 +570,7 @@ def _save_output(console, model, args: argparse.Namespace) -> None:
 # Literal rather than read from sparsenet.reconstruction, so --help does not import torch.
 METHODS = ("sparsegpt", "admm", "lsq")
 ALLOCATIONS = ("uniform", "owl", "search")
-REC_EPOCHS, REC_LR = 10, 3e-4  # sparsenet.reconstruct's defaults
+REC_EPOCHS, REC_LR = 10, 3e-4  # sparsenet.reconstruct's defaults, for --help only
 
 
 def _add_reconstruct_parser(sub) -> None:
@@ -636,9 +636,9 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         result = sparsenet.reconstruct(
             model, calib, args.sparsity, structure=args.structure, block=args.block, method=args.method,
             blockwise=not args.no_blockwise, correct=not args.no_correct, allocation=args.allocation,
-            exclude=args.exclude, blocks=args.blocks, epochs=REC_EPOCHS if args.epochs is None else args.epochs,
-            lr=REC_LR if args.lr is None else args.lr, final=args.final,
-            progress=not args.no_progress,
+            exclude=args.exclude, blocks=args.blocks, final=args.final, progress=not args.no_progress,
+            # Only what was given: otherwise the library's own defaults apply.
+            **{k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None},
         )
     except (ValueError, TypeError, RuntimeError) as e:  # bad settings or data that does not fit the model
         raise CommandError(str(e)) from e

@@ -170,3 +170,11 @@ def test_runtime_errors_exit_1(tmp_path, calib, capsys):
         assert code == 1 and message in err and err.startswith("sparsenet reconstruct: error:"), (argv, err)
         assert err.count("\n") == 1, err  # one line, no traceback
     assert not out.exists()
+
+
+def test_help_defaults_are_the_library_defaults():
+    # --help states them without importing torch; the command passes only what was given.
+    import inspect
+
+    params = inspect.signature(sparsenet.reconstruct).parameters
+    assert (params["epochs"].default, params["lr"].default) == (cli.REC_EPOCHS, cli.REC_LR)

@@ -373,3 +373,32 @@ def search_sparsities(
             errors[name] = row
     sizes = {name: _numel(module) for name, module in layers.items()}
     return choose_levels(errors, grid, sizes, total)
+
+
+ALLOCATIONS = ("uniform", "owl", "search")
+
+
+def allocate(
+    allocation: str,
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    calib: Iterable,
+    sparsity: float,
+    *,
+    groups: Optional[Mapping[str, Any]] = None,
+    criterion: str | Criterion = "wanda",
+    structure: str | Structure = "unstructured",
+    loss_fn: Optional[LossFn] = None,
+    progress: Optional[bool] = None,
+) -> dict[str, float]:
+    """Per-layer sparsities averaging ``sparsity``, by one of :data:`ALLOCATIONS`: the same for
+    every layer, by outlier ratio (:func:`owl_sparsities`, shared within ``groups``), or by
+    measured output error (:func:`search_sparsities`). ``prune`` and ``reconstruct`` both use it."""
+    if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
+    if allocation == "uniform":
+        return {name: sparsity for name in layers}
+    if allocation == "owl":
+        return owl_sparsities(model, layers, calib, sparsity, groups=groups)
+    return search_sparsities(model, layers, calib, sparsity, criterion=criterion, structure=structure,
+                             loss_fn=loss_fn, progress=progress)

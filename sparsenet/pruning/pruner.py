@@ -16,7 +16,7 @@ from .gradients import LossFn
 from .allocation import Bounds, Overrides, _is_skip, _raw_settings, check_bounds, resolve_limits
 from .layers import find_prunable_layers
 from .masks import effective_weight_and_mask, find_weight_mask, remove_pruning, set_weight_mask
-from .nonuniform import owl_sparsities, search_sparsities
+from .nonuniform import ALLOCATIONS, allocate
 from .planning import plan_masks
 from .report import PruningReport
 from .schedules import PruningStep, Schedule
@@ -316,9 +316,6 @@ def _check_seed(seed: object) -> Optional[int]:
     raise TypeError(f"seed must be an int or None, got {seed!r}")
 
 
-ALLOCATIONS = ("uniform", "owl", "search")
-
-
 def _check_allocation(
     allocation: object, scope: str, fixed: bool, calib: object, overrides: object,
     layers: dict[str, nn.Module],
@@ -344,20 +341,6 @@ def _check_allocation(
         )
 
 
-def _allocate(
-    allocation: str, model: nn.Module, layers: dict[str, nn.Module], calib: Iterable,
-    sparsity: float, criterion: Criterion, structure: Structure,
-    loss_fn: Optional[LossFn], progress: Optional[bool],
-) -> dict[str, Bounds]:
-    """Layer-scope limits (sparsity, sparsity) per layer from a non-uniform allocator."""
-    if allocation == "owl":
-        per_layer = owl_sparsities(model, layers, calib, sparsity)
-    else:
-        per_layer = search_sparsities(
-            model, layers, calib, sparsity, criterion=criterion, structure=structure,
-            loss_fn=loss_fn, progress=progress,
-        )
-    return {name: (s, s) for name, s in per_layer.items()}
 
 
 def _apply(layers: dict[str, nn.Module], masks: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -490,9 +473,9 @@ def prune(
             )
         schedule.check_final(value)
     if allocation != "uniform":
-        limits = _allocate(
-            allocation, model, layers, calib, value, criterion_fn, structure_obj, loss_fn, progress
-        )
+        per_layer = allocate(allocation, model, layers, calib, value, criterion=criterion_fn,
+                             structure=structure_obj, loss_fn=loss_fn, progress=progress)
+        limits = {name: (s, s) for name, s in per_layer.items()}  # layer scope: exactly that
 
     recipe = _Recipe(
         model, layers, criterion_fn, structure_obj, scope_obj, seed, calib, loss_fn, progress,

@@ -17,21 +17,19 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .._progress import bar_disabled
+from .._weights import stored_weight
 from ..calibration.capture import eval_mode, model_device
 from ..calibration.data import check_calib, iter_batches
 from ..calibration.outputs import model_output
 from ..pruning.layers import PRUNABLE_TYPES, find_prunable_layers
 from ..pruning.masks import find_weight_mask, remove_pruning
+from ..pruning.nonuniform import ALLOCATIONS, allocate
 from ..pruning.structures import get_structure
 from .blockwise import LOSSES, FitResult, check_holdout, fit
-from .._weights import stored_weight
 from .layerwise import METHODS, LayerResult
 from .solvers import DEFAULT_DAMP
 from .stages import find_stages, probe
 from .walk import StageResult, WalkSettings, walk
-
-ALLOCATIONS = ("uniform", "owl", "search")
-
 
 @dataclass
 class ReconstructionResult:
@@ -110,18 +108,6 @@ def _positive_float(value: object, what: str, allow_zero: bool = False) -> float
         raise ValueError(f"{what} must be a {'non-negative' if allow_zero else 'positive'} float, got {value!r}")
     return x
 
-
-def _sparsities(model, layers, calib, sparsity, structure, allocation) -> dict[str, float]:
-    if allocation == "uniform":
-        return {n: sparsity for n in layers}
-    from ..pruning import nonuniform
-
-    if getattr(structure, "fixed_sparsity", None) is not None:
-        raise ValueError(f"allocation={allocation!r} cannot vary a fixed-sparsity structure ({structure.name})")
-    if allocation == "owl":
-        groups = nonuniform.block_groups(layers)
-        return nonuniform.owl_sparsities(model, layers, calib, sparsity, groups=groups)
-    return nonuniform.search_sparsities(model, layers, calib, sparsity, structure=structure)
 
 
 class _Rollback:
@@ -220,8 +206,8 @@ def reconstruct(
     check_calib(calib)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
     if final is not None and final not in LOSSES:
         raise ValueError(f"final must be None or one of {', '.join(LOSSES)}, got {final!r}")
     if within_stage not in ("sequential", "parallel"):
@@ -240,6 +226,8 @@ def reconstruct(
     patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude or ())
     layers = find_prunable_layers(model, patterns)
     fixed = getattr(structure_obj, "fixed_sparsity", None)
+    if allocation != "uniform" and fixed is not None:
+        raise ValueError(f"allocation={allocation!r} cannot vary a fixed-sparsity structure ({structure_obj.name})")
     masked = {n for n, m in layers.items() if find_weight_mask(m) is not None}
     value: Optional[float] = None  # None: reconstruct under the masks the model carries
     if sparsity is None and fixed is None:
@@ -272,7 +260,10 @@ def reconstruct(
     stages = probe(model, find_stages(model, layers, blocks), calib)
     sparsities = None
     if value is not None:
-        sparsities = _sparsities(model, layers, calib, float(value), structure_obj, allocation)
+        # OWL shares one level within each stage (a transformer block, or blocks=...).
+        groups = {name: stage.name for stage in stages for name in stage.layers}
+        sparsities = allocate(allocation, model, layers, calib, float(value), groups=groups,
+                              structure=structure_obj)
 
     rollback = _Rollback(model, layers)
     # Layers not reconstructed (excluded, or unmasked under sparsity=None) stay as they are
