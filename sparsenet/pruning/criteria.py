@@ -129,6 +129,13 @@ def _input_norms_per_weight(module: nn.Module, sq_norms: Tensor) -> Tensor:
     return norms.unsqueeze(0)
 
 
+def wanda_scores(module: nn.Module, weight: Tensor, sq_norms: Tensor) -> Tensor:
+    """``|W_ij| * ||X_j||_2`` from the summed squared inputs ``sq_norms`` of ``module``."""
+    # At least float32: half-precision products of |w| and large norms overflow.
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    return weight.abs().to(dtype) * _input_norms_per_weight(module, sq_norms.to(weight.device, dtype))
+
+
 @register_criterion("wanda", prepare=_prepare_wanda)
 def wanda(layer: Layer, ctx: ScoreContext) -> Tensor:
     """Activation-aware (Wanda): ``|W_ij| * ||X_j||_2`` over the calibration inputs of the layer.
@@ -136,10 +143,7 @@ def wanda(layer: Layer, ctx: ScoreContext) -> Tensor:
     Needs ``calib``; see :func:`sparsenet.calibration.capture_input_sq_norms` for what X_j is
     (padding tokens excluded; per input channel for Conv2d).
     """
-    # At least float32: half-precision products of |w| and large norms overflow.
-    dtype = torch.promote_types(layer.weight.dtype, torch.float32)
-    sq = ctx.stats["input_sq_norms"][layer.name].to(layer.weight.device, dtype)
-    return layer.weight.abs().to(dtype) * _input_norms_per_weight(layer.module, sq)
+    return wanda_scores(layer.module, layer.weight, ctx.stats["input_sq_norms"][layer.name])
 
 
 def _prepare_taylor(ctx: ScoreContext) -> None:

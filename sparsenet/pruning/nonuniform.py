@@ -32,12 +32,12 @@ from ..calibration import Batch, capture_input_sq_norms, check_calib, eval_mode,
 from ..calibration.capture import model_device
 from ..calibration.outputs import model_output
 from .allocation import _fraction
-from .criteria import Criterion, ScoreContext, _input_norms_per_weight, get_criterion
+from .criteria import Criterion, ScoreContext, get_criterion, wanda_scores
 from .gradients import LossFn, _underlying
 from .layers import PRUNABLE_TYPES
 from .masks import effective_weight_and_mask
 from .._weights import weight_shape
-from .planning import _bar_disabled, _Planner
+from .planning import _bar_disabled, _Planner, check_shapes
 from .structures import Structure, get_structure
 
 SEARCH_OFFSETS = (-0.2, -0.1, 0.0, 0.1, 0.2)  # default levels: sparsity + these
@@ -122,13 +122,6 @@ def shift_to_total(
     return [min(cap, max(0.0, b + c)) for b, cap in zip(base, caps)]
 
 
-def _wanda_scores(module: nn.Module, sq_norms: Tensor) -> Tensor:
-    weight, _ = effective_weight_and_mask(module)
-    dtype = torch.promote_types(weight.dtype, torch.float32)
-    norms = _input_norms_per_weight(module, sq_norms.to(weight.device, dtype))
-    return weight.abs().to(dtype) * norms
-
-
 def owl_sparsities(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -174,14 +167,18 @@ def owl_sparsities(
     order = list(dict.fromkeys(key.values()))
     sums = dict.fromkeys(order, 0.0)
     counts = dict.fromkeys(order, 0)
-    for name, module in layers.items():
-        scores = _wanda_scores(module, sq[name])
-        sums[key[name]] += float(scores.double().sum())
-        counts[key[name]] += scores.numel()
+    def scores(name: str) -> Tensor:
+        module = layers[name]
+        return wanda_scores(module, effective_weight_and_mask(module)[0], sq[name])
+
+    for name in layers:
+        s = scores(name)
+        sums[key[name]] += float(s.double().sum())
+        counts[key[name]] += s.numel()
     outliers = dict.fromkeys(order, 0)
-    for name, module in layers.items():  # recomputed: only one layer's scores live at a time
+    for name in layers:  # recomputed: only one layer's scores live at a time
         g = key[name]
-        outliers[g] += int((_wanda_scores(module, sq[name]) > multiple * sums[g] / counts[g]).sum())
+        outliers[g] += int((scores(name) > multiple * sums[g] / counts[g]).sum())
     ratio = [outliers[g] / counts[g] for g in order]
 
     lo, hi = min(ratio), max(ratio)
@@ -340,10 +337,7 @@ def search_sparsities(
         raise ValueError(
             f"structure {structure_obj.name!r} fixes every layer's sparsity; nothing to search"
         )
-    check = getattr(structure_obj, "check", None)
-    for name, module in layers.items():
-        if check is not None:
-            check(name, weight_shape(module))
+    check_shapes(layers, structure_obj)
     check_calib(calib)
     raw = list(itertools.islice(calib, max_batches))
     if not raw:

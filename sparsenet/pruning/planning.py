@@ -76,6 +76,14 @@ class _Planner:
         return keep & old if old is not None else keep
 
 
+def check_shapes(layers: dict[str, nn.Module], structure: Structure) -> None:
+    """Raise, naming the layer, where a weight's shape does not fit ``structure`` (N:M, blocks)."""
+    check = getattr(structure, "check", None)
+    if check is not None:
+        for name, module in layers.items():
+            check(name, weight_shape(module))
+
+
 def plan_masks(
     layers: dict[str, nn.Module],
     sparsity: float,
@@ -94,10 +102,7 @@ def plan_masks(
     Order of work: every layer's shape is checked against the structure, then the criterion's
     ``prepare`` (calibration passes) runs once, then layers are scored -- cheap errors first.
     """
-    check = getattr(structure, "check", None)
-    for name, module in layers.items():
-        if check is not None:
-            check(name, weight_shape(module))
+    check_shapes(layers, structure)
     if not ctx.layers:
         ctx.layers = layers
     prepare = getattr(criterion, "prepare", None)

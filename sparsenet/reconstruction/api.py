@@ -17,13 +17,13 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .._progress import bar_disabled
-from .._weights import stored_weight
 from ..calibration.capture import eval_mode, model_device
 from ..calibration.data import check_calib, iter_batches
 from ..calibration.outputs import model_output
 from ..pruning.layers import PRUNABLE_TYPES, find_prunable_layers
 from ..pruning.masks import find_weight_mask, remove_pruning
 from ..pruning.nonuniform import ALLOCATIONS, allocate
+from ..pruning.planning import check_shapes
 from ..pruning.structures import get_structure
 from .blockwise import LOSSES, FitResult, check_holdout, fit
 from .layerwise import METHODS, LayerResult
@@ -250,10 +250,8 @@ def reconstruct(
             raise ValueError(f"sparsity must be a float in [0, 1), got {sparsity!r}")
         if fixed is not None and sparsity is not None and abs(float(sparsity) - fixed) > 1e-9:
             raise ValueError(f"structure {structure_obj.name!r} fixes sparsity at {fixed:g}")
-    check = getattr(structure_obj, "check", None)
+    check_shapes(layers, structure_obj)
     for name, layer in layers.items():
-        if check is not None:
-            check(name, tuple(stored_weight(layer).shape))
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             raise ValueError(f"layer {name!r} is a grouped convolution; exclude it")
     # The probe runs one batch: bad calibration data fails here, before anything changes.
