@@ -104,27 +104,31 @@ def fit(
     best_state = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    for epoch in range(1, epochs + 1):
-        run = epoch
-        finite = True
-        with torch.enable_grad():
-            for j in torch.randperm(len(train), generator=gen).tolist():
-                i = train[j]
-                value = loss(forward(i), targets[i])
-                if not torch.isfinite(value):
-                    finite = False
+    try:
+        for epoch in range(1, epochs + 1):
+            run = epoch
+            finite = True
+            with torch.enable_grad():
+                for j in torch.randperm(len(train), generator=gen).tolist():
+                    i = train[j]
+                    value = loss(forward(i), targets[i])
+                    if not torch.isfinite(value):
+                        finite = False
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    value.backward()
+                    opt.step()
+            score = evaluate() if finite else math.inf
+            if score < best:
+                best, best_epoch, stale = score, epoch, 0
+                best_state = [p.detach().clone() for p in params]
+            else:
+                stale += 1
+                if stale >= patience or not finite:
                     break
-                opt.zero_grad(set_to_none=True)
-                value.backward()
-                opt.step()
-        score = evaluate() if finite else math.inf
-        if score < best:
-            best, best_epoch, stale = score, epoch, 0
-            best_state = [p.detach().clone() for p in params]
-        else:
-            stale += 1
-            if stale >= patience or not finite:
-                break
+    finally:
+        for p in params:  # the fit leaves no gradients behind, however it ends
+            p.grad = None
     if best_epoch != run:
         # The last epoch was not the best: put the best (or the starting) weights back.
         with torch.no_grad():

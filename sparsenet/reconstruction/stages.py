@@ -148,6 +148,8 @@ def probe(model: nn.Module, stages: list[Stage], calib: Iterable) -> list[Stage]
     layer_order: dict[str, int] = {}
     calls: Counter = Counter()
     handles = []
+    # Read (and check) the batch before any hook is registered: a bad batch raises here.
+    batch = _first_batch(calib, model)
 
     def stage_pre(idx):
         def hook(module, args, kwargs):
@@ -179,7 +181,6 @@ def probe(model: nn.Module, stages: list[Stage], calib: Iterable) -> list[Stage]
         handles.append(st.module.register_forward_hook(stage_post(i), with_kwargs=True))
         for n, m in st.layers.items():
             handles.append(m.register_forward_pre_hook(layer_pre(n)))
-    batch = _first_batch(calib, model)
     try:
         with eval_mode(model), torch.no_grad():
             try:

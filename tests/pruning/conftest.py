@@ -42,34 +42,3 @@ def convnet():
 def attnnet():
     torch.manual_seed(0)
     return AttnNet()
-
-
-
-@pytest.fixture
-def untouched():
-    """``check = untouched(model)`` snapshots; ``check()`` asserts the model is as it was then:
-    same state, no parametrizations, no hooks, no ``.grad``, same training/requires_grad flags."""
-    from torch.nn.utils import parametrize
-
-    def module_flags(model):
-        return [
-            (m.training, len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()
-        ]
-
-    def snapshot(model):
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        flags = module_flags(model)
-        grads = [p.requires_grad for p in model.parameters()]
-
-        def check():
-            after = model.state_dict()
-            assert after.keys() == state.keys()
-            assert all(torch.equal(after[k], v) for k, v in state.items())
-            assert not any(parametrize.is_parametrized(m) for m in model.modules())
-            assert module_flags(model) == flags
-            assert [p.requires_grad for p in model.parameters()] == grads
-            assert all(p.grad is None for p in model.parameters())
-
-        return check
-
-    return snapshot
