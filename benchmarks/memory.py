@@ -6,7 +6,11 @@ not allowed, ``ru_maxrss`` is used, which can only over-state the peak.
 """
 from __future__ import annotations
 
+import json
 import resource
+import subprocess
+import sys
+from typing import Optional
 
 
 def status_kb(field: str) -> int:
@@ -42,3 +46,24 @@ class PeakMeter:
         else:
             self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             self.extra = self.peak - min(self.rss_before, self.maxrss_before)
+
+
+# Printed under a table whose peaks came from ru_maxrss rather than a reset high-water mark.
+RU_MAXRSS_NOTE = "\n(peak from ru_maxrss: /proc/self/clear_refs was not writable, so peaks may be over-stated)"
+
+
+def run_isolated(script: str, argv: list[str], flag: str, values, progress=None) -> Optional[list[dict]]:
+    """Run ``script argv flag value`` once per value, each in a fresh process so each peak is its
+    own, and return the JSON line each printed last; None (their stderr shown) if one failed.
+    ``progress(value, result)`` is called after each run."""
+    results = []
+    for value in values:
+        proc = subprocess.run([sys.executable, script, *argv, flag, value], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            return None
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        if progress is not None:
+            progress(value, results[-1])
+    return results
+

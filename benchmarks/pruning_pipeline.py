@@ -21,11 +21,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
-from memory import PeakMeter
+from memory import RU_MAXRSS_NOTE, PeakMeter, run_isolated
 
 TARGETS = {"magnitude": 2.0, "wanda": 2.0, "taylor": 3.0}  # peak extra memory / model size
 TIME_TARGET_S = 60.0
@@ -97,16 +96,9 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args)))
         return 0
     passthrough = list(argv if argv is not None else sys.argv[1:])
-    results = []
-    for criterion in args.criteria:
-        proc = subprocess.run(
-            [sys.executable, __file__, *passthrough, "--criterion", criterion],
-            capture_output=True, text=True,
-        )
-        if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
-            return proc.returncode
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    results = run_isolated(__file__, passthrough, "--criterion", args.criteria)
+    if results is None:
+        return 1
 
     r0 = results[0]
     mb = lambda b: b / 2**20  # noqa: E731
@@ -125,7 +117,7 @@ def main(argv=None) -> int:
         print(f"| {r['criterion']} | {r['seconds']:.1f} | < {TIME_TARGET_S:.0f} | {mb(r['peak_extra_bytes']):.0f} | "
               f"{ratio:.2f}x | <= {target:.0f}x | {'yes' if met else 'NO'} |")
     if not all(r["exact_peak"] for r in results):
-        print("\n(peak from ru_maxrss: /proc/self/clear_refs was not writable, so peaks may be over-stated)")
+        print(RU_MAXRSS_NOTE)
     return 0
 
 

@@ -18,11 +18,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
-from memory import PeakMeter
+from memory import RU_MAXRSS_NOTE, PeakMeter, run_isolated
 
 # name -> (kind, keyword arguments); "sparsegpt" is the paper's recipe, "sparsenet" the defaults.
 METHODS = {
@@ -96,15 +95,10 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args)))
         return 0
     passthrough = list(argv if argv is not None else sys.argv[1:])
-    results = []
-    for method in args.methods:
-        proc = subprocess.run([sys.executable, __file__, *passthrough, "--method", method],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
-            return proc.returncode
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"  {method}: {results[-1]['seconds']:.1f} s", file=sys.stderr)
+    results = run_isolated(__file__, passthrough, "--method", args.methods,
+                           lambda method, r: print(f"  {method}: {r['seconds']:.1f} s", file=sys.stderr))
+    if results is None:
+        return 1
 
     gib = lambda b: b / 2**30  # noqa: E731
     r0 = results[0]
@@ -122,7 +116,7 @@ def main(argv=None) -> int:
         print(f"| {r['method']} | {r['seconds']:.1f} | {'-' if target is None else f'< {target:.0f}'}{mark} | "
               f"{gib(r['peak']):.2f} | {gib(r['extra']):.2f} | {r['error']:.2e} |")
     if not all(r["exact"] for r in results):
-        print("\n(peak from ru_maxrss: /proc/self/clear_refs was not writable, so peaks may be over-stated)")
+        print(RU_MAXRSS_NOTE)
     return 0
 
 

@@ -73,18 +73,6 @@ class DigitsCNN(nn.Module):
         return self.head(self.features(x.unsqueeze(1) if x.dim() == 3 else x))
 
 
-class DigitsMLP(nn.Module):
-    def __init__(self, hidden: int = 256) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-            nn.Linear(hidden, 10),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
 def train(model: nn.Module, data: Digits, epochs: int, lr: float = 3e-3, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
