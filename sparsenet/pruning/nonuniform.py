@@ -36,6 +36,7 @@ from .criteria import Criterion, ScoreContext, get_criterion, wanda_scores
 from .gradients import LossFn, _underlying
 from .layers import PRUNABLE_TYPES
 from .masks import effective_weight_and_mask
+from .._validate import real
 from .._weights import weight_shape
 from .planning import _bar_disabled, _Planner, check_shapes
 from .structures import Structure, get_structure
@@ -52,14 +53,6 @@ def _check_model_layers(model: object, layers: object) -> None:
     bad = [n for n, m in layers.items() if not isinstance(m, PRUNABLE_TYPES)]
     if bad:
         raise TypeError(f"layers must be nn.Linear / nn.Conv2d modules; not: {bad}")
-
-
-def _real(value: object, what: str) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    x = float(value) if ok else math.nan
-    if not math.isfinite(x):
-        raise ValueError(f"{what} must be a finite float, got {value!r}")
-    return x
 
 
 def _numel(module: nn.Module) -> int:
@@ -154,10 +147,10 @@ def owl_sparsities(
     """
     _check_model_layers(model, layers)
     total = _fraction(sparsity, "sparsity")
-    width = _real(lam, "lam")
+    width = real(lam, "lam")
     if width < 0:
         raise ValueError(f"lam must be >= 0, got {lam!r}")
-    multiple = _real(m, "m")
+    multiple = real(m, "m")
     if multiple <= 0:
         raise ValueError(f"m must be > 0, got {m!r}")
     key = _group_of(layers, groups)

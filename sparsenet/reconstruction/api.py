@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -17,6 +16,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .._progress import bar_disabled
+from .._validate import integer, real
 from ..calibration.capture import eval_mode, model_device
 from ..calibration.data import check_calib, iter_batches
 from ..calibration.outputs import model_output
@@ -93,21 +93,6 @@ class ReconstructionResult:
         buf = io.StringIO()
         Console(file=buf, width=120, force_terminal=False).print(self)
         return buf.getvalue()
-
-
-def _positive_int(value: object, what: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{what} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _positive_float(value: object, what: str, allow_zero: bool = False) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    x = float(value) if ok else math.nan
-    if not ok or not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
-        raise ValueError(f"{what} must be a {'non-negative' if allow_zero else 'positive'} float, got {value!r}")
-    return x
-
 
 
 class _Rollback:
@@ -215,10 +200,10 @@ def reconstruct(
     structure_obj = get_structure(structure, block)
     if structure_obj.name == "channel" and method == "sparsegpt":
         raise ValueError("structure='channel' needs method='lsq' or 'admm': OBS prunes within rows")
-    damp = _positive_float(damp, "damp")
-    epochs = _positive_int(epochs, "epochs")
-    patience = _positive_int(patience, "patience", 1)
-    lr = _positive_float(lr, "lr")
+    damp = real(damp, "damp", 0.0, low_open=True)
+    epochs = integer(epochs, "epochs")
+    patience = integer(patience, "patience", 1)
+    lr = real(lr, "lr", 0.0, low_open=True)
     holdout = check_holdout(holdout)
     for flag, what in ((blockwise, "blockwise"), (correct, "correct")):
         if not isinstance(flag, bool):

@@ -10,7 +10,6 @@ weights (:mod:`.regrowth`).
 
 from __future__ import annotations
 
-import math
 import numbers
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._progress import bar_disabled
+from .._validate import integer, real
 from ..calibration import Batch, check_calib, iter_batches
 from ..calibration.capture import _token_rows, eval_mode, model_device
 from ..calibration.data import _to
@@ -151,25 +151,6 @@ class _Distiller:
         return total
 
 
-def _positive_int(value: object, name: str, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-    return int(value)
-
-
-def _real(value: object, name: str, low: float, high: float = math.inf, low_open: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and not math.isnan(value)
-    if ok:
-        v = float(value)
-        ok = (v > low if low_open else v >= low) and v <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
-    return float(value)
-
-
 def _feature_modules(model: nn.Module, teacher: nn.Module, names: Sequence[str]):
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise TypeError(f"feature_layers must be a list of module names, got {names!r}")
@@ -236,13 +217,13 @@ def finetune(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_calib(data)
-    epochs = _positive_int(epochs, "epochs")
-    max_steps = _positive_int(max_steps, "max_steps", allow_none=True)
-    lr = _real(lr, "lr", 0.0, low_open=True)
-    weight_decay = _real(weight_decay, "weight_decay", 0.0)
-    temperature = _real(temperature, "temperature", 0.0, low_open=True)
-    alpha = _real(alpha, "alpha", 0.0, 1.0)
-    feature_weight = _real(feature_weight, "feature_weight", 0.0)
+    epochs = integer(epochs, "epochs", 1)
+    max_steps = integer(max_steps, "max_steps", 1, allow_none=True)
+    lr = real(lr, "lr", 0.0, low_open=True)
+    weight_decay = real(weight_decay, "weight_decay", 0.0)
+    temperature = real(temperature, "temperature", 0.0, low_open=True)
+    alpha = real(alpha, "alpha", 0.0, 1.0)
+    feature_weight = real(feature_weight, "feature_weight", 0.0)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable(output, batch), got {loss_fn!r}")
     if regrow is not None and not isinstance(regrow, RigL):
