@@ -20,7 +20,9 @@ inside the commands, so ``--help`` and option errors answer at once.
   wraps :func:`sparsenet.reconstruct`; it needs ``--calib`` and refuses TorchScript (its solvers
   run forward hooks and keep masks as parametrizations, neither of which scripted code supports).
 * Option errors exit with 2 (argparse); a failure while loading or pruning prints one
-  ``error:`` line and exits with 1; the output file is written only after everything succeeded.
+  ``error:`` line and exits with 1 -- also when the model's own code (its module, its factory, a
+  trusted pickle) raises or calls exit(); the output file is written only after everything
+  succeeded, and only to a regular file (or a new one): -o naming a directory or device is refused.
 """
 from __future__ import annotations
 
@@ -199,6 +201,13 @@ class CommandError(Exception):
     """A failure a user can fix (bad file, unknown factory): printed as one line, exit status 1."""
 
 
+def _user_code_failed(what: str, e: BaseException) -> CommandError:
+    """The user's code (the model's module, its factory) raised or called exit(): one error line."""
+    if isinstance(e, SystemExit):
+        return CommandError(f"{what} called exit({'' if e.code is None else repr(e.code)})")
+    return CommandError(f"{what} raised {type(e).__name__}: {e}")
+
+
 # ---- sparsenet prune ---------------------------------------------------------------------------
 
 # Literal rather than read from the registry, so --help does not import torch.
@@ -341,12 +350,15 @@ def _import_factory(spec: str):
     import importlib.util
 
     module_name, _, attr = spec.rpartition(":")
-    if not module_name or not attr.isidentifier():
+    is_file = module_name.endswith(".py")
+    # Dotted names only: import_module reads "../x" or ".x" as a relative import and fails oddly.
+    if not module_name or not attr.isidentifier() or not (
+            is_file or all(part.isidentifier() for part in module_name.split("."))):
         raise CommandError(f"--model {spec!r} is neither a file nor pkg.module:factory")
+    if is_file and not os.path.isfile(module_name):
+        raise CommandError(f"--model {spec!r}: no such file {module_name!r}")
     try:
-        if module_name.endswith(".py"):
-            if not os.path.isfile(module_name):
-                raise CommandError(f"--model {spec!r}: no such file {module_name!r}")
+        if is_file:
             mod_spec = importlib.util.spec_from_file_location(
                 f"_sparsenet_model_{abs(hash(os.path.abspath(module_name)))}", module_name)
             module = importlib.util.module_from_spec(mod_spec)
@@ -359,6 +371,8 @@ def _import_factory(spec: str):
             module = importlib.import_module(module_name)
     except ImportError as e:
         raise CommandError(f"--model {spec!r}: cannot import {module_name!r} ({e})") from e
+    except (Exception, SystemExit) as e:  # the module's own code failed (SyntaxError, exit(), ...)
+        raise _user_code_failed(f"--model {spec!r}: importing {module_name!r}", e) from e
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise CommandError(f"--model {spec!r}: {module_name!r} has no callable {attr!r}")
@@ -371,8 +385,11 @@ def _is_torchscript(path: str) -> bool:
 
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except zipfile.BadZipFile as e:
+        raise CommandError(f"{path!r} is a damaged zip archive ({e})") from e
 
 
 def _load_model(args: argparse.Namespace):
@@ -386,7 +403,11 @@ def _load_model(args: argparse.Namespace):
         with open(args.model, "rb") as f:
             head = f.read(9)
         if _is_torchscript(args.model):
-            return torch.jit.load(args.model, map_location="cpu"), True
+            try:
+                return torch.jit.load(args.model, map_location="cpu"), True
+            except Exception as e:  # a zip that only looks like TorchScript
+                first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise CommandError(f"cannot load {args.model!r} as TorchScript ({first_line})") from e
         if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
             raise CommandError(f"{args.model!r} holds weights only: pass --model pkg.module:factory "
                                f"--weights {args.model}")
@@ -395,13 +416,17 @@ def _load_model(args: argparse.Namespace):
                                "code stored in the file. Pass --trust-pickle only if you trust its source")
         try:
             model = torch.load(args.model, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise CommandError(f"cannot load {args.model!r} as a torch.save pickle ({e})") from e
+        except (Exception, SystemExit) as e:  # unpickling runs the file's code, exit() included
+            raise _user_code_failed(f"loading {args.model!r} as a torch.save pickle", e) from e
         if not isinstance(model, nn.Module):
             raise CommandError(f"{args.model!r} holds a {type(model).__name__}, not an nn.Module")
         return model, False
 
-    model = _import_factory(args.model)()
+    factory = _import_factory(args.model)
+    try:
+        model = factory()
+    except (Exception, SystemExit) as e:  # it raised, needs arguments, or called exit()
+        raise _user_code_failed(f"--model {args.model!r}: the factory", e) from e
     if not isinstance(model, nn.Module):
         raise CommandError(f"--model {args.model!r} returned a {type(model).__name__}, not an nn.Module")
     if args.weights is not None:
@@ -513,7 +538,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     import sparsenet
     from sparsenet.pruning.flops import output_positions
 
-    _check_output_dir(args.output)
+    _check_output(args.output)
     model, scripted = _load_model(args)
     if scripted and args.criterion in DATA_CRITERIA:
         raise CommandError(f"--criterion {args.criterion} runs the model with hooks, which TorchScript code does "
@@ -547,21 +572,35 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output_dir(output: str) -> None:
+def _check_output(output: str) -> None:
+    """Fail before the slow part, not after it: -o must name a file that save can write."""
+    from sparsenet.io import output_target
+
     out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):  # fail before the slow part, not after it
-        raise CommandError(f"-o {output!r}: folder {out_dir!r} does not exist")
+    if not os.path.isdir(out_dir):
+        problem = "is not a folder" if os.path.exists(out_dir) else "does not exist"
+        raise CommandError(f"-o {output!r}: folder {out_dir!r} {problem}")
+    try:
+        target = output_target(output)  # refuses directories, FIFOs, devices
+    except (ValueError, OSError) as e:
+        raise CommandError(f"-o {output!r}: {e}") from e
+    # save writes a temporary file beside the target, so that folder must be writable.
+    if not os.access(os.path.dirname(target), os.W_OK | os.X_OK):
+        raise CommandError(f"-o {output!r}: folder {os.path.dirname(target)!r} is not writable")
 
 
 def _save_output(console, model, args: argparse.Namespace) -> None:
     """--sparsify (printing its report), then sparsenet.save to -o, printing the saved size."""
     import sparsenet
 
-    if args.sparsify:
-        model, sparsify_report = sparsenet.sparsify(
-            model, min_sparsity=0.5 if args.min_sparsity is None else args.min_sparsity, inplace=True)
-        print(str(sparsify_report).rstrip("\n"))
-    size = sparsenet.save(model, args.output)
+    try:
+        if args.sparsify:
+            model, sparsify_report = sparsenet.sparsify(
+                model, min_sparsity=0.5 if args.min_sparsity is None else args.min_sparsity, inplace=True)
+            print(str(sparsify_report).rstrip("\n"))
+        size = sparsenet.save(model, args.output)
+    except (ValueError, OSError) as e:  # a layer that cannot be stored (NaN), a full or read-only disk
+        raise CommandError(f"cannot save {args.output!r}: {e}") from e
     console.print(f"saved {args.output}: {size}")
 
 
@@ -625,7 +664,7 @@ def _check_reconstruct_args(parser: argparse.ArgumentParser, args: argparse.Name
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     import sparsenet
 
-    _check_output_dir(args.output)
+    _check_output(args.output)
     model, scripted = _load_model(args)
     if scripted:
         raise CommandError("reconstruct cannot work on a TorchScript model: it needs forward hooks and "
@@ -661,7 +700,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except CommandError as e:
-        print(f"sparsenet {args.command}: error: {e}", file=sys.stderr)
+        # One line, whatever the message quoted (exceptions from torch or user code span several).
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"sparsenet {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -14,23 +14,27 @@ else as is) plus one JSON document under the key ``"sparsenet"`` of the safetens
 Design choices, and why:
 
 * Tied tensors (several names, one tensor) are stored once and listed in ``aliases``; on load every
-  name gets the data again, so a tied skeleton stays tied and an untied one gets equal copies. Tensors
-  that merely overlap in memory without being the same view are saved as copies.
+  name gets the data again, so a tied skeleton stays tied and an untied one gets equal copies. A file
+  holding different data under two names of one skeleton tensor (tied weights, a module registered
+  twice) is refused: loading it would keep whichever name came last. Tensors that merely overlap in
+  memory without being the same view are saved as copies.
 * Unsigned index dtypes are stored reinterpreted as the signed dtype of the same width, because only
   recent safetensors releases know ``torch.uint16``; the bits are unchanged.
 * safetensors has no checksums, and a flipped byte in a weight would load silently, so each tensor's
   CRC-32 is recorded and checked.
 * ``load`` checks the whole file against the skeleton (names, shapes, dtypes, packed-CSR invariants,
   checksums, versions) before it copies a single tensor, so a bad file raises ValueError and leaves
-  the skeleton untouched.
+  the skeleton untouched. Names are checked from the header, before any tensor is read.
 """
 from __future__ import annotations
 
 import json
 import os
+import stat
 import uuid
 import zlib
 from dataclasses import dataclass
+from typing import Collection, Optional
 
 import torch
 from torch import nn
@@ -47,10 +51,19 @@ _DTYPE_BY_NAME = {str(d).removeprefix("torch."): d for d in _STORED_AS}
 
 # ---- helpers shared by save and load ---------------------------------------------------------------
 
-def _sparse_modules(model: nn.Module) -> dict[str, nn.Module]:
+def _sparse_names(model: nn.Module) -> dict[str, tuple[nn.Module, list[str]]]:
+    """Each SparseLinear with every name it has, keyed by its first: a module registered twice
+    (``self.a = self.b = layer``) appears in ``state_dict`` under both prefixes."""
     from sparsenet.nn import SparseLinear
+    from sparsenet.nn.convert import all_module_names
 
-    return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    names = all_module_names(model)
+    return {names[id(m)][0]: (m, names[id(m)]) for m in model.modules() if isinstance(m, SparseLinear)}
+
+
+def _sparse_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Each SparseLinear once, under its first name (as ``named_modules()`` lists it)."""
+    return {first: m for first, (m, _) in _sparse_names(model).items()}
 
 
 def _prefix(name: str) -> str:
@@ -148,16 +161,42 @@ class SizeReport:
                 f"({self.ratio:.1%}, {1 / self.ratio if self.ratio else float('inf'):.2f}x smaller)")
 
 
+_NOT_A_FILE = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def output_target(path: str | os.PathLike) -> str:
+    """The file ``save`` will replace for ``path``: its absolute path, symlinks resolved.
+
+    ``save`` renames a finished temporary file onto this path, which would replace whatever is
+    there: a symlink is written through (the link stays, its target gets the file), and anything
+    that exists but is not a regular file (a directory, FIFO, device node such as /dev/null,
+    socket) is refused with ValueError before a byte is written.
+    """
+    target = os.path.realpath(os.fspath(path))
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return target
+    for is_kind, kind in _NOT_A_FILE:
+        if is_kind(mode):
+            raise ValueError(f"cannot save to {os.fspath(path)!r}: it is {kind}, not a regular file; "
+                             "pass a file path")
+    return target
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> SizeReport:
     """Write ``model.state_dict()`` and sparsenet's metadata to a safetensors file at ``path``.
 
     The file is written next to ``path`` and renamed into place, so a failed save never leaves a
-    truncated file behind. Returns the sizes (stored vs dense) of what was written.
+    truncated file behind. ``path`` must be a regular file or not exist (see :func:`output_target`;
+    a symlink is written through). Returns the sizes (stored vs dense) of what was written.
     """
     from safetensors.torch import save_file
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    target = output_target(path)  # a directory or device is refused before the work, not after it
     modules = _module_entries(model)
     stored, aliases = _split_aliases(model.state_dict())
     report = _size_of(model, stored)
@@ -177,12 +216,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> SizeReport:
         "stored_bytes": report.stored_bytes,
         "dense_bytes": report.dense_bytes,
     }
-    path = os.fspath(path)
     # A unique name in the same directory: os.replace is atomic only within one filesystem.
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{uuid.uuid4().hex}.tmp")
     try:
         save_file(stored, tmp, metadata={_METADATA_KEY: json.dumps(header)})
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -192,8 +230,13 @@ def save(model: nn.Module, path: str | os.PathLike) -> SizeReport:
 
 # ---- load ----------------------------------------------------------------------------------------
 
-def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The parsed sparsenet header and (optionally) the stored tensors, or ValueError."""
+def _read(path: str | os.PathLike, expected: Optional[Collection[str]] = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The parsed sparsenet header and, when ``expected`` (the skeleton's state_dict keys) is given,
+    the stored tensors; ValueError for a bad file.
+
+    Tensors are read only once the header, the aliases and the names the file provides have been
+    checked against ``expected``: a file with a stray (possibly huge) tensor is refused unread.
+    """
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -204,15 +247,40 @@ def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict, dict[str, 
             raw = f.metadata()
             names = list(f.keys())
             header = _parse_header(path, raw)  # before reading any tensor: cheap refusals first
-            tensors = {n: f.get_tensor(n) for n in names} if with_tensors else {}
+            if set(header["crc32"]) != set(names):
+                raise ValueError(f"{path!r}: the checksums do not list the stored tensors; the file was altered")
+            _check_aliases(path, header["aliases"], names)
+            if expected is None:
+                return header, {}
+            _check_names(path, set(names) | header["aliases"].keys(), expected)
+            return header, {n: f.get_tensor(n) for n in names}
     except ValueError:
         raise
     except Exception as e:  # safetensors' own error type differs across releases; OSError too
         raise ValueError(f"cannot load {path!r}: not a readable safetensors file ({e})") from e
-    stored = set(header["crc32"])
-    if stored != set(names):
-        raise ValueError(f"{path!r}: the checksums do not list the stored tensors; the file was altered")
-    return header, tensors
+
+
+def _check_aliases(path: str, aliases: dict, stored: Collection[str]) -> None:
+    for alias, target in aliases.items():
+        if not isinstance(target, str) or alias in stored or target not in stored:
+            raise ValueError(f"{path!r}: invalid alias {alias!r} -> {target!r}")
+
+
+def _names_preview(names) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:8])
+    return shown + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+def _check_names(path: str, provided: Collection[str], expected: Collection[str]) -> None:
+    missing, unexpected = set(expected) - set(provided), set(provided) - set(expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing from the file: {_names_preview(missing)}")
+        if unexpected:
+            parts.append(f"not in the model: {_names_preview(unexpected)}")
+        raise ValueError(f"{path!r} does not match the model's tensors ({'; '.join(parts)})")
 
 
 def _parse_header(path: str, raw: dict | None) -> dict:
@@ -261,7 +329,7 @@ def _check_module_entry(path: str, entry) -> None:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The sparsenet metadata of a saved file (validated header; tensors are not read)."""
-    header, _ = _read(path, with_tensors=False)
+    header, _ = _read(path)
     return header
 
 
@@ -276,50 +344,68 @@ def _restore_tensors(path: str, header: dict, tensors: dict[str, torch.Tensor]) 
         if dtype is None or name not in state or state[name].dtype != _STORED_AS[dtype]:
             raise ValueError(f"{path!r}: invalid dtype view {name!r} -> {dtype_name!r}")
         state[name] = state[name].view(dtype)
-    for alias, target in header["aliases"].items():
-        if not isinstance(target, str) or alias in tensors or target not in tensors:
-            raise ValueError(f"{path!r}: invalid alias {alias!r} -> {target!r}")
+    for alias, target in header["aliases"].items():  # checked by _read
         state[alias] = state[target]
     return state
 
 
-def _names_preview(names) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:8])
-    return shown + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-
-
-def _check_against_model(path: str, header: dict, state: dict[str, torch.Tensor], model: nn.Module) -> None:
-    skeleton = model.state_dict()
-    missing, unexpected = skeleton.keys() - state.keys(), state.keys() - skeleton.keys()
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing from the file: {_names_preview(missing)}")
-        if unexpected:
-            parts.append(f"not in the model: {_names_preview(unexpected)}")
-        raise ValueError(f"{path!r} does not match the model's tensors ({'; '.join(parts)})")
-
-    sparse = _sparse_modules(model)
+def _descriptions(path: str, header: dict, sparse: dict[str, tuple[nn.Module, list[str]]]) -> dict[str, dict]:
+    """The file's entry for each sparse module (keyed by its first name); ``save`` lists a shared
+    module once, under whichever of its names the saved model reached first."""
     entries = {e["name"]: e for e in header["modules"]}
-    if entries.keys() != sparse.keys():
+    found = {}
+    for first, (_, names) in sparse.items():
+        hits = [n for n in names if n in entries]
+        if len(hits) == 1:
+            found[first] = entries[hits[0]]
+    if len(found) != len(sparse) or len(entries) != len(sparse):
         raise ValueError(
             f"{path!r}: the file's sparse modules ({_names_preview(entries) or 'none'}) differ from the "
             f"model's ({_names_preview(sparse) or 'none'})"
         )
+    return found
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Bytes, not torch.equal: NaN equals itself here, and uint16 needs no arithmetic support.
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def _check_shared(path: str, state: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """One tensor of the model under several names (a shared module, tied weights) takes one value:
+    a file holding different data under those names would load whichever name came last."""
+    names: dict[int, list[str]] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(t), []).append(key)
+    for keys in names.values():
+        for other in keys[1:]:
+            if not _same_bits(state[keys[0]], state[other]):
+                raise ValueError(
+                    f"{path!r}: {keys[0]!r} and {other!r} are one tensor in the model, but the file "
+                    "holds different data under the two names"
+                )
+
+
+def _check_against_model(path: str, header: dict, state: dict[str, torch.Tensor], model: nn.Module) -> None:
+    skeleton = model.state_dict()
+    sparse = _sparse_names(model)
+    entries = _descriptions(path, header, sparse)
     resizable = set()  # a sparse layer may hold a different number of non-zeros than the skeleton
-    for name, m in sparse.items():
-        p = _prefix(name)
+    for first, (m, names) in sparse.items():
         shape = (m.out_features, m.in_features)
-        try:
-            packed = PackedCSR(state[p + "crow_indices"], state[p + "col_indices"], state[p + "values"], shape)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{path!r}: sparse module {name!r} ({shape[0]}x{shape[1]}) is invalid: {e}") from None
-        described = {k: entries[name].get(k) for k in ("shape", "nnz", "index_dtype")}
-        actual = {k: packed.metadata()[k] for k in described}
-        if described != actual:
-            raise ValueError(f"{path!r}: module {name!r} is described as {described} but holds {actual}")
-        resizable.update((p + "col_indices", p + "values"))
+        for name in names:  # each name's tensors are validated: load_state_dict copies them all
+            p = _prefix(name)
+            try:
+                packed = PackedCSR(state[p + "crow_indices"], state[p + "col_indices"], state[p + "values"], shape)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{path!r}: sparse module {name!r} ({shape[0]}x{shape[1]}) is invalid: {e}") from None
+            described = {k: entries[first].get(k) for k in ("shape", "nnz", "index_dtype")}
+            actual = {k: packed.metadata()[k] for k in described}
+            if described != actual:
+                raise ValueError(f"{path!r}: module {name!r} is described as {described} but holds {actual}")
+            resizable.update((p + "col_indices", p + "values"))
 
     for key, want in skeleton.items():
         got = state[key]
@@ -328,6 +414,7 @@ def _check_against_model(path: str, header: dict, state: dict[str, torch.Tensor]
         # Floating tensors may change precision on load (as with load_state_dict); other dtypes must match.
         if got.dtype != want.dtype and not (got.is_floating_point() and want.is_floating_point()):
             raise ValueError(f"{path!r}: {key!r} is {got.dtype}, the model expects {want.dtype}")
+    _check_shared(path, state, model)
 
 
 def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
@@ -340,7 +427,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     path = os.fspath(path)
-    header, tensors = _read(path, with_tensors=True)
+    header, tensors = _read(path, expected=model.state_dict().keys())
     state = _restore_tensors(path, header, tensors)
     _check_against_model(path, header, state, model)
     model.load_state_dict(state, strict=True)

@@ -6,6 +6,8 @@ module is already in ``sys.modules``, so the CLI's import finds this very module
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -275,3 +277,87 @@ def test_file_model_from_path(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
     code, _, err = run(["--model", "my_model:build", "--sparsity", "0.25", "-o", out], capsys)
     assert code == 0, err
+
+
+def raises_in_factory():
+    raise KeyError("no weights here")
+
+
+def needs_arguments(width):
+    return nn.Linear(width, width)
+
+
+def one_error_line(code, err, message, command="prune"):
+    assert code == 1 and err.startswith(f"sparsenet {command}: error: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("model, message", [
+    ("../../etc/passwd:make", "is neither a file nor pkg.module:factory"),
+    (".mod:make", "is neither a file nor pkg.module:factory"),
+    (f"{__name__}:raises_in_factory", "the factory raised KeyError: 'no weights here'"),
+    (f"{__name__}:needs_arguments", "the factory raised TypeError: needs_arguments() missing 1 required"),
+    ("builtins:exit", "the factory called exit()"),
+])
+def test_model_code_failures_are_one_error_line(tmp_path, capsys, model, message):
+    out = tmp_path / "out.safetensors"
+    code, stdout, err = run(["--model", model, "--sparsity", "0.5", "-o", out], capsys)
+    one_error_line(code, err, message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def build(:\n", "importing '{path}' raised SyntaxError"),
+    ("import torch\nraise RuntimeError('no GPU here')\n", "importing '{path}' raised RuntimeError: no GPU here"),
+    ("raise SystemExit(3)\n", "importing '{path}' called exit(3)"),
+    ("import no_such_module_xyz\n", "cannot import '{path}'"),
+])
+def test_model_file_failing_to_import_is_one_error_line(tmp_path, capsys, source, message):
+    path = tmp_path / "model.py"
+    path.write_text(source)
+    code, _, err = run(["--model", f"{path}:build", "--sparsity", "0.5", "-o", tmp_path / "out.sn"], capsys)
+    one_error_line(code, err, message.format(path=path))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch >= 2.10 deprecates torch.jit.load
+def test_zip_posing_as_torchscript(tmp_path, capsys):
+    import zipfile
+
+    path = tmp_path / "fake.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x/code/", "")
+        z.writestr("x/constants.pkl", b"not a pickle")
+    code, _, err = run(["--model", path, "--sparsity", "0.5", "-o", tmp_path / "out.sn"], capsys)
+    one_error_line(code, err, f"cannot load '{path}' as TorchScript")
+
+
+def test_output_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    folder, plain, fifo = tmp_path / "folder", tmp_path / "plain.txt", tmp_path / "pipe"
+    folder.mkdir()
+    plain.write_text("a file, not a folder")
+    os.mkfifo(fifo)
+    for out, message in ((folder, "it is a directory, not a regular file"), (fifo, "it is a FIFO"),
+                         (plain / "out.sn", f"folder '{plain}' is not a folder")):
+        code, stdout, err = run(["--model", MLP, "--sparsity", "0.5", "-o", out], capsys)
+        one_error_line(code, err, message)
+        assert stdout == ""  # refused before the model was even built
+    assert list(folder.iterdir()) == [] and plain.read_text() == "a file, not a folder"
+    # What the checks cannot foresee (a read-only mount, a full disk) surfaces when writing.
+    def no_space(model, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(sparsenet, "save", no_space)
+    code, _, err = run(["--model", MLP, "--sparsity", "0.5", "-o", tmp_path / "out.sn"], capsys)
+    one_error_line(code, err, "No space left on device")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_output_in_read_only_folder(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code, _, err = run(["--model", MLP, "--sparsity", "0.5", "-o", locked / "out.sn"], capsys)
+    finally:
+        locked.chmod(0o755)
+    one_error_line(code, err, "is not writable")

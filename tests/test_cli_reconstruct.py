@@ -178,3 +178,19 @@ def test_help_defaults_are_the_library_defaults():
 
     params = inspect.signature(sparsenet.reconstruct).parameters
     assert (params["epochs"].default, params["lr"].default) == (cli.REC_EPOCHS, cli.REC_LR)
+
+
+def raises_in_factory():
+    raise KeyError("no weights here")
+
+
+@pytest.mark.parametrize("model, output, message", [
+    ("builtins:exit", "out.sn", "the factory called exit()"),
+    (f"{__name__}:raises_in_factory", "out.sn", "the factory raised KeyError: 'no weights here'"),
+    (".mod:make", "out.sn", "is neither a file nor pkg.module:factory"),
+    (MLP, ".", "it is a directory, not a regular file"),
+])
+def test_model_and_output_failures_are_one_error_line(tmp_path, calib, capsys, model, output, message):
+    code, _, err = run(["--model", model, "--calib", calib, "--sparsity", "0.5", "-o", tmp_path / output], capsys)
+    assert code == 1 and err.startswith("sparsenet reconstruct: error:") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err

@@ -1,6 +1,8 @@
 """sparsenet.save / sparsenet.load: round trips, size, tied tensors, and every kind of bad file."""
 import io as _io
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -219,6 +221,128 @@ def test_type_errors():
         sio.save({"a": torch.ones(1)}, "x.sn")
     with pytest.raises(TypeError, match="nn.Module"):
         sio.load("x.sn", {"a": torch.ones(1)})
+
+
+# ---- where save writes -------------------------------------------------------------------------------
+
+def test_save_refuses_fifos_and_directories_before_writing(tmp_path):
+    fifo, folder = tmp_path / "pipe", tmp_path / "folder"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    for path, kind in ((fifo, "a FIFO"), (folder, "a directory")):
+        with pytest.raises(ValueError, match=f"is {kind}, not a regular file"):
+            sio.save(sparse_net(), path)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and list(folder.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "pipe"]  # no temporary file either
+
+
+def test_save_writes_through_symlinks(tmp_path):
+    target, link = tmp_path / "target.sn", tmp_path / "link.sn"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    model = sparse_net()
+    sio.save(model, link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert same_tensors(snapshot(model), snapshot(sio.load(target, skeleton())))
+    dangling = tmp_path / "dangling.sn"
+    dangling.symlink_to(tmp_path / "new.sn")
+    sio.save(model, dangling)
+    assert dangling.is_symlink() and (tmp_path / "new.sn").is_file()
+
+
+# ---- one module under two names --------------------------------------------------------------------
+
+class SharedTwice(nn.Module):
+    """One SparseLinear registered under two names."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.a = self.b = layer
+
+
+def untie_b(edit=lambda tensors: None):
+    """A file whose b.* are stored on their own rather than as aliases of a.*, then ``edit``ed."""
+    def mutate(tensors, header):
+        for alias in [k for k in header["aliases"] if k.startswith("b.")]:
+            target = header["aliases"].pop(alias)
+            tensors[alias] = tensors[target].clone()
+            if target in header["dtype_views"]:
+                header["dtype_views"][alias] = header["dtype_views"][target]
+        edit(tensors)
+    return mutate
+
+
+def shared_skeleton(mask_seed=3):
+    """mask_seed=3: the saved file's non-zero count (other values); another seed: another count."""
+    torch.manual_seed(1)
+    return SharedTwice(pruned(nn.Linear(16, 8), 0.5, seed=mask_seed))
+
+
+@pytest.fixture()
+def shared_file(tmp_path):
+    torch.manual_seed(0)
+    model = SharedTwice(pruned(nn.Linear(16, 8), 0.5, seed=3))
+    path = tmp_path / "shared.sn"
+    sio.save(model, path)
+    return model, path
+
+
+def test_shared_module_loads_when_its_names_agree(shared_file, tmp_path):
+    model, path = shared_file
+    assert set(sio.read_metadata(path)["aliases"]) == {"b.crow_indices", "b.col_indices", "b.values", "b.bias"}
+    for source in (path, rewrite(path, tmp_path / "copies.sn", untie_b())):
+        for mask_seed in (3, 9):
+            loaded = sio.load(source, shared_skeleton(mask_seed))
+            assert loaded.a is loaded.b and same_tensors(snapshot(model), snapshot(loaded))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t["b.col_indices"].__setitem__(0, 1000), r"sparse module 'b' \(8x16\) is invalid"),
+    (lambda t: t["b.values"].mul_(2), "'a.values' and 'b.values' are one tensor in the model"),
+    (lambda t: t["b.bias"].add_(1), "'a.bias' and 'b.bias' are one tensor in the model"),
+])
+def test_shared_module_file_disagreeing_with_itself_is_refused(shared_file, tmp_path, edit, match):
+    _, path = shared_file
+    bad = rewrite(path, tmp_path / "bad.sn", untie_b(edit))
+    skel = shared_skeleton()
+    before = snapshot(skel)
+    with pytest.raises(ValueError, match=match):
+        sio.load(bad, skel)
+    assert same_tensors(before, snapshot(skel))
+
+
+def test_names_are_checked_before_any_tensor_is_read(saved, tmp_path, monkeypatch):
+    # A stray tensor could be huge: the refusal must come from the header alone.
+    import safetensors
+
+    _, good = saved
+    bad = rewrite(good, tmp_path / "extra.sn", add_extra)
+    real, read = safetensors.safe_open, []
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.file = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.inner.get_tensor(name)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    with pytest.raises(ValueError, match="not in the model: extra"):
+        sio.load(bad, skeleton())
+    assert read == []
+    sio.load(good, skeleton())  # the spy does see reads
+    assert "fc1.values" in read
 
 
 # ---- bad files: ValueError, and the skeleton is untouched ------------------------------------------

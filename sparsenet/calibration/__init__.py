@@ -5,7 +5,7 @@ targets)`` pairs, or dicts of keyword arguments (as a Hugging Face tokenizer ret
 criteria and reconstruction read calibration data only through this package.
 """
 
-from .capture import capture_input_sq_norms, capture_output_abs_means, eval_mode
+from .capture import capture_input_sq_norms, capture_output_abs_means, check_rows_seen, eval_mode
 from .data import Batch, check_calib, iter_batches, split_batch
 from .gram import Gram, capture_grams
 from .outputs import model_output
@@ -18,6 +18,7 @@ __all__ = [
     "capture_input_sq_norms",
     "capture_output_abs_means",
     "check_calib",
+    "check_rows_seen",
     "eval_mode",
     "iter_batches",
     "split_batch",

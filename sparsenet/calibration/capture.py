@@ -46,13 +46,36 @@ def _token_rows(x: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _sq_norm(module: nn.Module, x: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+def _sq_norm_and_count(module: nn.Module, x: Tensor, attention_mask: Optional[Tensor]) -> tuple[Tensor, int]:
+    """Sum of x**2 per input feature/channel and how many values each sum holds."""
     # float32 accumulation: bf16/fp16 activations squared and summed over many tokens overflow
     # or lose every small term.
     if isinstance(module, nn.Conv2d):
         # Per input channel over batch and all pixels; attention masks do not apply to images.
-        return x.float().pow(2).sum(dim=(0, 2, 3)) if x.dim() == 4 else x.float().pow(2).sum((1, 2))
-    return _token_rows(x, attention_mask).float().pow(2).sum(dim=0)
+        if x.dim() == 3:
+            return x.float().pow(2).sum((1, 2)), x[0].numel()
+        return x.float().pow(2).sum(dim=(0, 2, 3)), x.shape[0] * x[0, 0].numel()
+    rows = _token_rows(x, attention_mask)
+    return rows.float().pow(2).sum(dim=0), rows.shape[0]
+
+
+def check_rows_seen(counts: Mapping[str, int]) -> None:
+    """Refuse statistics gathered from no data: ``counts`` maps what watched the data (``"layer
+    'fc1'"``) to the rows it saw.
+
+    With no rows (every batch empty, or every token padding) the sums are all zero, which a
+    criterion would read as "every weight equally unimportant" and prune by position.
+    """
+    empty = [what for what, c in counts.items() if c == 0]
+    if empty:
+        raise ValueError(
+            f"no calibration data reached {', '.join(empty)}: every batch had no rows or only padding "
+            "tokens (attention_mask all 0); pass batches with data"
+        )
+
+
+def _check_layers_saw_rows(counts: Mapping[str, int], layers: Mapping[str, nn.Module]) -> None:
+    check_rows_seen({f"layer {n!r}": counts.get(n, 0) for n in layers})
 
 
 def capture_input_sq_norms(
@@ -64,19 +87,23 @@ def capture_input_sq_norms(
     excluded when the batch has an ``attention_mask``). ``nn.Conv2d``: shape ``(in_channels,)``,
     ``x[b, c, h, w]**2`` summed over batch and pixels -- each input value counted once, not once
     per kernel tap, so it matches the unfolded (im2col) column norms up to border effects and
-    stride. Runs the model in eval mode under ``no_grad``; a layer never reached raises.
+    stride. Runs the model in eval mode under ``no_grad``; a layer never reached raises, as does a
+    layer that saw no rows (empty batches, or every token padding).
     """
     sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
     state: dict[str, Optional[Tensor]] = {"attention_mask": None}
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            s = _sq_norm(module, args[0].detach(), state["attention_mask"])
+            s, c = _sq_norm_and_count(module, args[0].detach(), state["attention_mask"])
             sums[name] = s if name not in sums else sums[name] + s
+            counts[name] = counts.get(name, 0) + c
 
         return hook
 
     _run_with_hooks(model, layers, calib, state, sums, lambda n, m: m.register_forward_pre_hook(make_hook(n)))
+    _check_layers_saw_rows(counts, layers)
     return sums
 
 
@@ -121,7 +148,7 @@ def capture_output_abs_means(
     excluded when the batch has an ``attention_mask``). ``nn.Conv2d``: shape ``(out_channels,)``,
     mean of ``|y[b, o, h, w]|`` over batch and pixels. The output is the layer's own (bias
     included, current masks applied). One forward pass in eval mode under ``no_grad``; a layer
-    never reached raises, as does a layer whose every token was padding.
+    never reached raises, as does a layer that saw no rows (empty batches, or every token padding).
     """
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
@@ -136,7 +163,5 @@ def capture_output_abs_means(
         return hook
 
     _run_with_hooks(model, layers, calib, state, sums, lambda n, m: m.register_forward_hook(make_hook(n)))
-    empty = [n for n in layers if counts[n] == 0]
-    if empty:
-        raise ValueError(f"layers {empty} saw only padding tokens in the calibration data")
+    _check_layers_saw_rows(counts, layers)
     return {n: sums[n] / counts[n] for n in layers}

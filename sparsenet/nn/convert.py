@@ -80,6 +80,8 @@ def _tensor_bytes(*tensors) -> int:
 
 def _skip_reasons(model: nn.Module) -> dict[str, str]:
     """Linear layers that must keep their nn.Linear type, with the reason."""
+    from sparsenet.pruning.masks import WeightMask, has_foreign_parametrization
+
     reasons: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
@@ -87,6 +89,11 @@ def _skip_reasons(model: nn.Module) -> dict[str, str]:
                 if isinstance(child, nn.Linear):
                     full = f"{name}.{child_name}" if name else child_name
                     reasons[full] = "read directly by nn.MultiheadAttention"
+        if has_foreign_parametrization(module):
+            # Converting would bake weight_norm & co. into fixed values and drop them unasked.
+            kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"]
+                              if not isinstance(p, WeightMask))
+            reasons[name] = f"weight parametrized by {kinds}, not sparsenet's mask: remove that to convert"
     # A weight shared by several modules (tied embeddings/heads) cannot become one module's CSR.
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules():
@@ -104,7 +111,8 @@ def _original_weight(module: nn.Module):
     """The Parameter that owns a layer's weight, seen through parametrizations / prune hooks."""
     params = getattr(module, "parametrizations", None)
     if params is not None and "weight" in params:
-        return params["weight"].original
+        # None when a parametrization splits the weight (weight_norm: original0, original1).
+        return getattr(params["weight"], "original", None)
     if "weight_orig" in module._parameters:
         return module._parameters["weight_orig"]
     return module._parameters.get("weight")
@@ -171,15 +179,34 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False)
             plan.append((name, module))
             row.format = "csr"
         report.rows.append(row)
+    # All or nothing: every SparseLinear is built before the first swap, so a layer that cannot be
+    # converted leaves the model (inplace=True) exactly as it was.
+    built = [(name, module, _convert(name, module)) for name, module in plan]
     rows = {r.name: r for r in report.rows}
-    for name, module in plan:
-        sparse = SparseLinear.from_dense(module)
-        if name:
-            _set_submodule(model, name, sparse)
-        else:  # the model is itself a single Linear
-            model = sparse
+    for name, _, sparse in built:
         rows[name].bytes_after = _tensor_bytes(sparse.crow_indices, sparse.col_indices, sparse.values, sparse.bias)
+    if built and built[0][0] == "":  # the model is itself a single Linear
+        return built[0][2], report
+    names = all_module_names(model)
+    for _, module, sparse in built:
+        for alias in names[id(module)]:  # a Linear registered twice is swapped under both names
+            _set_submodule(model, alias, sparse)
     return model, report
+
+
+def _convert(name: str, module: nn.Linear) -> SparseLinear:
+    try:
+        return SparseLinear.from_dense(module)
+    except ValueError as e:  # e.g. a NaN weight; say which layer
+        raise ValueError(f"sparsify: layer {name!r} cannot be converted: {e}") from e
+
+
+def all_module_names(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every qualified name it is reachable by (named_modules lists one only)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
 
 
 def densify(model: nn.Module, inplace: bool = False) -> nn.Module:

@@ -56,6 +56,16 @@ def _underlying_weight(module: nn.Module):
     return module.weight
 
 
+def check_no_foreign_parametrization(name: str, module: nn.Module) -> None:
+    """Masking, scoring and baking read ``parametrizations.weight.original``, which weight_norm and
+    other parametrizations replace or redefine: such a layer is refused, not misread."""
+    if has_foreign_parametrization(module):
+        raise ValueError(
+            f"layer {name!r} has a parametrization on `weight` that is not sparsenet's mask; "
+            "remove it first or exclude the layer"
+        )
+
+
 def find_prunable_layers(
     model: nn.Module, exclude: Sequence[str] = ()
 ) -> dict[str, nn.Module]:
@@ -91,11 +101,7 @@ def find_prunable_layers(
                 "sparsenet.pruning.import_torch_pruning(model) to continue from its masks, "
                 "sparsenet.pruning.remove_pruning(layer) to bake them, or exclude the layer"
             )
-        if has_foreign_parametrization(module):
-            raise ValueError(
-                f"layer {name!r} has a parametrization on `weight` that is not sparsenet's mask; "
-                "remove it first or exclude the layer"
-            )
+        check_no_foreign_parametrization(name, module)
         weight = _underlying_weight(module)
         if isinstance(weight, UninitializedParameter):
             raise ValueError(f"layer {name!r} is lazy and uninitialised; run a forward pass first")

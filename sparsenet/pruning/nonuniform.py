@@ -28,13 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..calibration import Batch, capture_input_sq_norms, check_calib, eval_mode, iter_batches
+from ..calibration import Batch, capture_input_sq_norms, check_calib, check_rows_seen, eval_mode, iter_batches
 from ..calibration.capture import model_device
 from ..calibration.outputs import model_output
 from .allocation import _fraction
 from .criteria import Criterion, ScoreContext, get_criterion, wanda_scores
 from .gradients import LossFn, _underlying
-from .layers import PRUNABLE_TYPES
+from .layers import PRUNABLE_TYPES, check_no_foreign_parametrization
 from .masks import effective_weight_and_mask
 from .._validate import real
 from .._weights import weight_shape
@@ -53,6 +53,8 @@ def _check_model_layers(model: object, layers: object) -> None:
     bad = [n for n, m in layers.items() if not isinstance(m, PRUNABLE_TYPES)]
     if bad:
         raise TypeError(f"layers must be nn.Linear / nn.Conv2d modules; not: {bad}")
+    for name, module in layers.items():  # layers given by hand skip find_prunable_layers' checks
+        check_no_foreign_parametrization(name, module)
 
 
 def _numel(module: nn.Module) -> int:
@@ -202,20 +204,26 @@ def _levels(levels: Optional[Sequence[float]], total: float) -> list[float]:
     return grid
 
 
-def _per_sample(output: Any, batch: Batch) -> Tensor:
-    """(samples, features) float32 view of the output, padding positions zeroed."""
+def _per_sample(output: Any, batch: Batch) -> tuple[Tensor, int]:
+    """(samples, features) float32 view of the output, padding positions zeroed, and how many
+    samples hold any data (not all padding)."""
     y = model_output(output).detach()
+    y = y.reshape(1) if y.dim() == 0 else y
+    samples = y.shape[0]
     mask = batch.kwargs.get("attention_mask")
     if mask is not None and y.dim() >= 2 and tuple(y.shape[:2]) == tuple(mask.shape):
-        y = y * (mask != 0).to(y.device).view(*mask.shape, *([1] * (y.dim() - 2)))
-    return y.float().reshape(y.shape[0] if y.dim() else 1, -1)
+        keep = (mask != 0).to(y.device)
+        y = y * keep.view(*mask.shape, *([1] * (y.dim() - 2)))
+        samples = int(keep.any(dim=1).sum())
+    # Explicit sizes, not -1: a batch of zero samples has no size to infer.
+    return y.float().reshape(y.shape[0], math.prod(y.shape[1:])), samples
 
 
 def _output_error(model: nn.Module, batches: list[Batch], dense: list[Tensor]) -> float:
     """Mean over samples of 1 - cos(output, dense output)."""
     total, n = 0.0, 0
     for batch, ref in zip(batches, dense):
-        y = _per_sample(model(*batch.args, **batch.kwargs), batch)
+        y, _ = _per_sample(model(*batch.args, **batch.kwargs), batch)
         cos = F.cosine_similarity(y, ref, dim=1)
         total += float((1.0 - cos).sum())
         n += cos.numel()
@@ -348,7 +356,9 @@ def search_sparsities(
     )
     with bar, eval_mode(model), torch.no_grad():
         batches = list(iter_batches(raw, model_device(model)))
-        dense = [_per_sample(model(*b.args, **b.kwargs), b) for b in batches]
+        outputs = [_per_sample(model(*b.args, **b.kwargs), b) for b in batches]
+        check_rows_seen({"the model's output": sum(n for _, n in outputs)})
+        dense = [y for y, _ in outputs]
         for name, module in bar:
             units = planner.unit_scores(name, module)
             current = effective_weight_and_mask(module)[1]

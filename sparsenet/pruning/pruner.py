@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .._validate import integer
 from .criteria import Criterion, ScoreContext, get_criterion
 from .flops import output_positions
 from .gradients import LossFn
@@ -205,38 +207,28 @@ class Pruner:
         ``state_dict`` (masks and weights), then this.
 
         Everything is checked before anything changes: the format version (a newer one is
-        refused), the settings (must equal this pruner's), and the kept counts per layer -- a
+        refused), every field ``state_dict()`` writes and its type (TypeError / ValueError
+        otherwise), the settings (must equal this pruner's), and the kept counts per layer -- a
         cheap guard against forgetting the model's state, not a proof that it was loaded.
         """
-        if not isinstance(state, dict) or "format_version" not in state:
-            raise ValueError("not a Pruner state_dict (no format_version)")
-        version = state["format_version"]
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise ValueError(f"bad Pruner state format version {version!r}")
-        if version > PRUNER_STATE_VERSION:
-            raise ValueError(
-                f"Pruner state format version {version} is newer than this sparsenet reads "
-                f"({PRUNER_STATE_VERSION}); upgrade sparsenet"
-            )
-        if self.finalized or state.get("finalized"):
+        _check_state_layout(state)
+        if self.finalized or state["finalized"]:
             raise RuntimeError("cannot resume a finalized pruning run")
-        ours, theirs = self._settings(), state.get("settings", {})
-        diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        ours, theirs = self._settings(), state["settings"]
+        # key=str: a hand-made state may mix key types, which plain sorting cannot order.
+        diff = sorted((k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)), key=str)
         if diff:
             raise ValueError(
-                f"Pruner state was saved with other settings ({', '.join(diff)}); "
+                f"Pruner state was saved with other settings ({', '.join(map(str, diff))}); "
                 "build the pruner with the same prune(...) arguments"
             )
         kept = {name: int(mask.sum()) for name, mask in self._masks.items()}
-        if kept != state.get("kept"):
+        if kept != state["kept"]:
             raise ValueError(
                 "the model's masks differ from the saved run's; load the model's state_dict "
                 "(which holds the masks) before the pruner's"
             )
-        step = state.get("step")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"bad step in Pruner state: {step!r}")
-        self.step_count = step
+        self.step_count = integer(state["step"], "step in Pruner state")
 
     def finalize(self) -> nn.Module:
         """Write the zeros into plain ``weight`` Parameters and remove the parametrizations.
@@ -258,6 +250,35 @@ class Pruner:
             f"Pruner({len(self.layers)} layers, sparsity={self.sparsity}, "
             f"criterion={self.criterion!r}, scope={self.scope!r}{sched}, {state})"
         )
+
+
+# What Pruner.state_dict() writes (format 1): field -> type.
+_STATE_FIELDS = {"format_version": int, "step": int, "finalized": bool, "settings": dict, "kept": dict}
+
+
+def _check_state_layout(state: object) -> None:
+    """The version first (a newer layout is refused as such), then every field with its type."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"a Pruner state must be the dict Pruner.state_dict() returns, got {type(state).__name__}")
+    if "format_version" not in state:
+        raise ValueError("not a Pruner state_dict (no format_version)")
+    version = state["format_version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"bad Pruner state format version {version!r}")
+    if version > PRUNER_STATE_VERSION:
+        raise ValueError(
+            f"Pruner state format version {version} is newer than this sparsenet reads "
+            f"({PRUNER_STATE_VERSION}); upgrade sparsenet"
+        )
+    missing = [k for k in _STATE_FIELDS if k not in state]
+    if missing:
+        raise ValueError(f"Pruner state lacks {missing}; pass what Pruner.state_dict() returned")
+    wrong = [
+        f"{k} is {type(state[k]).__name__}, not {kind.__name__}" for k, kind in _STATE_FIELDS.items()
+        if not isinstance(state[k], kind) or (kind is int and isinstance(state[k], bool))
+    ]
+    if wrong:
+        raise TypeError(f"malformed Pruner state: {'; '.join(wrong)}")
 
 
 def _shrink(

@@ -152,3 +152,61 @@ def test_non_float32_layers_stay_dense_with_a_reason():
     notes = {r.name: r.note for r in report.rows}
     assert notes["2"] == "float64: the kernels run float32 only"
     assert type(sparse[2]) is nn.Linear and isinstance(sparse[0], SparseLinear)
+
+
+def test_inplace_failure_leaves_every_layer_as_it_was():
+    model = zero_fraction(mlp(), 0.8)
+    with torch.no_grad():
+        model[4].weight[0, 0] = float("nan")  # the last layer fails after the first two converted
+    layers = list(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="layer '4' cannot be converted.*non-finite"):
+        sparsenet.sparsify(model, inplace=True)
+    assert list(model) == layers and all(type(m) in (nn.Linear, nn.ReLU) for m in model)
+    torch.testing.assert_close(model.state_dict(), state, rtol=0, atol=0, equal_nan=True)
+
+
+def test_inplace_any_conversion_error_swaps_nothing(monkeypatch):
+    model = zero_fraction(mlp(), 0.8)
+    layers, real = list(model), SparseLinear.from_dense.__func__
+
+    def fail_on_last(cls, linear, mask=None):
+        if linear is layers[4]:
+            raise RuntimeError("out of memory")
+        return real(cls, linear, mask)
+
+    monkeypatch.setattr(SparseLinear, "from_dense", classmethod(fail_on_last))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sparsenet.sparsify(model, inplace=True)
+    assert list(model) == layers
+
+
+def test_linear_registered_twice_is_swapped_under_both_names():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = self.b = zero_fraction(nn.Linear(8, 8), 0.9)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = Twice()
+    x = torch.randn(3, 8)
+    sparse, report = sparsenet.sparsify(model)
+    assert isinstance(sparse.a, SparseLinear) and sparse.a is sparse.b
+    assert [r.name for r in report.converted] == ["a"]
+    assert torch.allclose(sparse(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_weight_norm_layer_stays_dense_with_a_note():
+    model = zero_fraction(mlp(), 0.6)  # sparse enough to convert; no all-zero row (weight_norm divides by its norm)
+    torch.nn.utils.parametrizations.weight_norm(model[2])
+    x = torch.randn(4, 20)
+    sparse, report = sparsenet.sparsify(model)
+    notes = {r.name: r.note for r in report.rows}
+    assert "_WeightNorm, not sparsenet's mask" in notes["2"]
+    assert [r.name for r in report.converted] == ["0", "4"]
+    assert type(sparse[2]) is type(model[2]) and torch.nn.utils.parametrize.is_parametrized(sparse[2])
+    assert torch.allclose(sparse(x), model(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="layer '2' has a parametrization on `weight`"):
+        sparsenet.prune(model, 0.5, progress=False)

@@ -165,3 +165,34 @@ def test_calibration_errors_leave_model_untouched(two_layer, untouched, kwargs, 
     with pytest.raises((ValueError, RuntimeError), match=match):
         prune(two_layer, 0.5, progress=False, **kwargs)
     check()
+
+
+class Tokens(nn.Module):
+    """Token-wise, called like a Hugging Face model: model(x=[batch, seq, 6], attention_mask=...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 4)
+
+    def forward(self, x, attention_mask):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "activation"])
+@pytest.mark.parametrize("batch", [
+    torch.randn(0, 6),
+    {"x": torch.randn(0, 3, 6), "attention_mask": torch.ones(0, 3)},
+    {"x": torch.randn(2, 3, 6), "attention_mask": torch.zeros(2, 3)},  # every token padding
+], ids=["no_rows", "dict_no_rows", "all_padding"])
+def test_calibration_without_data_is_refused(criterion, batch, untouched):
+    # All-zero statistics would rank every weight equal and prune by position (whole leading rows).
+    torch.manual_seed(0)
+    model = Tokens() if isinstance(batch, dict) else nn.Sequential(nn.Linear(6, 4))
+    check = untouched(model)
+    with pytest.raises(ValueError, match=r"no calibration data reached layer '(lin|0)'.*only padding"):
+        prune(model, 0.5, criterion=criterion, structure="channel", calib=[batch], progress=False)
+    check()
+    # An empty batch among real ones is fine: the statistics come from the others.
+    prune(model, 0.5, criterion=criterion, structure="channel", progress=False,
+          calib=[batch, {"x": torch.randn(2, 3, 6), "attention_mask": torch.ones(2, 3)}
+                 if isinstance(batch, dict) else torch.randn(2, 6)])

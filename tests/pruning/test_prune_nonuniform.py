@@ -326,3 +326,36 @@ def test_prune_allocation_skips_and_state(mlp):
     with pytest.raises(ValueError, match="allocation"):
         pruner.load_state_dict(uniform.state_dict())
     assert "allocation" not in uniform.state_dict()["settings"]
+
+
+@pytest.mark.parametrize("allocation", ["search", "owl"])
+def test_allocation_refuses_calibration_without_rows(mlp, untouched, allocation):
+    check = untouched(mlp)
+    with pytest.raises(ValueError, match="no calibration data reached"):
+        prune(mlp, 0.5, allocation=allocation, calib=[torch.randn(0, 12)], progress=False)
+    check()
+
+
+def test_search_refuses_all_padding_and_skips_empty_batches(mlp):
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(12, 4)
+
+        def forward(self, x, attention_mask):
+            return self.lin(x)
+
+    model = Tokens()
+    padding = {"x": torch.randn(2, 3, 12), "attention_mask": torch.zeros(2, 3)}
+    with pytest.raises(ValueError, match="no calibration data reached the model's output"):
+        search_sparsities(model, find_prunable_layers(model), [padding], 0.5, criterion="magnitude")
+    layers = find_prunable_layers(mlp)
+    got = search_sparsities(mlp, layers, [torch.randn(0, 12), *calib_for(12)], 0.5, criterion="magnitude")
+    assert weighted_mean(got, layers) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("fn", [owl_sparsities, search_sparsities])
+def test_weight_norm_layer_is_refused_not_misread(mlp, fn):
+    torch.nn.utils.parametrizations.weight_norm(mlp[2])
+    with pytest.raises(ValueError, match="layer '2' has a parametrization on `weight` that is not sparsenet's"):
+        fn(mlp, {"0": mlp[0], "2": mlp[2]}, calib_for(12), 0.5)

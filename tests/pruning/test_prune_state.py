@@ -92,3 +92,27 @@ def test_refuses_newer_version_other_settings_and_missing_model_state():
     pruner.finalize()
     with pytest.raises(RuntimeError, match="finalized"):
         pruner.load_state_dict(state)
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda s: [s], TypeError, "must be the dict Pruner.state_dict"),
+    (lambda s: None, TypeError, "must be the dict Pruner.state_dict"),
+    (lambda s: {"format_version": PRUNER_STATE_VERSION}, ValueError,
+     r"lacks \['step', 'finalized', 'settings', 'kept'\]"),
+    (lambda s: {k: v for k, v in s.items() if k != "settings"}, ValueError, r"lacks \['settings'\]"),
+    (lambda s: {**s, "settings": ["sparsity"]}, TypeError, "settings is list, not dict"),
+    (lambda s: {**s, "kept": None}, TypeError, "kept is NoneType, not dict"),
+    (lambda s: {**s, "finalized": "no"}, TypeError, "finalized is str, not bool"),
+    (lambda s: {**s, "step": True}, TypeError, "step is bool, not int"),
+    (lambda s: {**s, "step": -1}, ValueError, "step in Pruner state must be an int >= 0"),
+    (lambda s: {**s, "settings": {**s["settings"], 1: 2}}, ValueError, r"other settings \(1\)"),
+], ids=["list", "none", "only_version", "no_settings", "settings_list", "kept_none", "finalized_str",
+        "step_bool", "step_negative", "settings_int_key"])
+def test_malformed_state_is_refused_and_changes_nothing(edit, error, match):
+    model = make_model()
+    pruner = prune(model, 0.8, schedule=schedule(), progress=False)
+    pruner.step(), pruner.step()
+    state = pruner.state_dict()
+    with pytest.raises(error, match=match):
+        pruner.load_state_dict(edit(state))
+    assert pruner.step_count == 2 and pruner.state_dict() == state
