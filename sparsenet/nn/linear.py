@@ -133,7 +133,9 @@ class SparseLinear(nn.Module):
         # Eager inference: the prepared fast path (see PreparedCSR), rebuilt when the tensors change.
         prepared = self.__dict__.get("_prepared")
         if prepared is None or not prepared.matches(crow, col, values, bias):
-            if values.device.type != "cpu" or x.device.type != "cpu" or crow.is_inference() or col.is_inference():
+            if values.device.type != "cpu" or x.device.type != "cpu" or any(
+                t is not None and t.is_inference() for t in (crow, col, values, bias)
+            ):
                 # Errors for other devices, and inference tensors (no version counters) are
                 # re-validated on every call: both belong to the checked op path.
                 return csr_linear(x, crow, col, values, bias, self.in_features)
