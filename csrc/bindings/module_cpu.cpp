@@ -3,19 +3,28 @@
 // checks every size, dtype and stride it relies on, raising ValueError/TypeError rather than
 // crashing.
 #include <omp.h>
+#include <pthread.h>
+#include <sched.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <cstdlib>
 #include <memory>
+#include <stdexcept>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "bindings/dlpack_abi.h"
 
 #include "cpu/csr_view.h"
 #include "cpu/dispatch.h"
+#include "cpu/huge_alloc.h"
 #include "cpu/tiled.h"
+#include "cpu/work_split.h"
 
 namespace py = pybind11;
 using sparsenet::CsrView;
@@ -23,6 +32,44 @@ using sparsenet::CsrView;
 namespace {
 
 std::atomic<int> g_num_threads{1};
+
+// Set in the child of a fork(). GNU OpenMP cannot start a thread team in a process forked from one
+// whose team had started (torch's or ours): the child waits for threads that were never copied, and
+// hangs. A forked child (a DataLoader worker, a pre-fork server's worker) therefore runs the kernels
+// on one thread, as torch does there, and set_num_threads refuses more.
+std::atomic<bool> g_forked{false};
+
+void after_fork_in_child() {  // runs inside fork(): atomics only
+  g_num_threads.store(1);
+  g_forked.store(true);
+}
+
+// Threads this process may run on: the CPUs in its affinity mask, at most OpenMP's thread limit.
+// More would only contend for the same cores, and absurd counts make OpenMP's team start fail
+// (libgomp then exits the process).
+int usable_threads() {
+  int n = 0;
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
+#endif
+  if (n <= 0) n = static_cast<int>(std::thread::hardware_concurrency());
+  return std::max(1, std::min(n, omp_get_thread_limit()));
+}
+
+void set_num_threads(int64_t n) {
+  if (n < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(n));
+  const int limit = usable_threads();
+  if (n > limit)
+    throw py::value_error("num_threads=" + std::to_string(n) + " exceeds the " + std::to_string(limit) +
+                          " CPUs this process may run on");
+  if (n > 1 && g_forked.load())
+    throw std::runtime_error(
+        "this process was forked after sparsenet was loaded, and GNU OpenMP cannot start threads in a forked "
+        "child (it would hang), so sparsenet runs single-threaded here; start workers with the 'spawn' or "
+        "'forkserver' method (e.g. DataLoader(..., multiprocessing_context='spawn')) to use more threads");
+  g_num_threads.store(static_cast<int>(n));
+}
 
 py::buffer_info vector_info(const py::buffer& b, const char* name) {
   py::buffer_info info = b.request();
@@ -122,14 +169,18 @@ py::object new_output(int64_t rows, int64_t cols, Dense2D* out) {
   return py::reinterpret_steal<py::object>(capsule);
 }
 
-// A validated, non-owning view of a packed CSR weight (see csrc/cpu/csr_view.h for the layout).
-// It holds no reference to the buffers (so caching it never pins memory); instead every matmul is
-// handed the three buffers again and checks, in O(1), that they are the very buffers it validated
-// (same addresses, sizes and types), so a freed or swapped buffer is an error, never a wild read.
-// Modifying the validated memory in place is the one thing it cannot see: the Python side checks
-// torch's version counters for that (sparsenet/ops/handles.py).
-// Built with keep=True it holds references to the three buffers instead (SparseLinear's prepared
-// path, which owns the tensors anyway), and forward(x) needs nothing else handed over.
+// A packed CSR weight checked once and ready to multiply (see csrc/cpu/csr_view.h for the layout).
+//
+// The handle owns a private copy of the structure (row pointers and column indices), made and then
+// validated at construction, and only ever reads that copy: whatever later happens to the caller's
+// buffers, including writes torch cannot see (through .data, .numpy() or DLPack), no kernel can be
+// made to read or write out of bounds. The values are read from the caller's buffer (any float is
+// memory-safe): matmul is handed them on every call, and a handle built with keep=True holds them
+// (and the bias) itself, so forward(x) needs nothing else (SparseLinear's prepared path).
+//
+// Derived data (the column-tiled copy, which also copies the values) is valid only for the values
+// it was built from. C++ cannot see an in-place edit of them: the Python side builds a new handle
+// when torch's version counters say any tensor it came from changed (sparsenet/ops/handles.py).
 class CsrHandle {
  public:
   CsrHandle(int64_t rows, int64_t cols, const py::buffer& row_ptr, const py::buffer& col_idx,
@@ -149,30 +200,38 @@ class CsrHandle {
     if (ci.size != va.size)
       throw py::value_error("col_indices (" + std::to_string(ci.size) + ") and values (" +
                             std::to_string(va.size) + ") differ in length");
+    // Copy first, then validate the copy: nothing can change it between the check and its use.
+    const auto* rp_data = static_cast<const int64_t*>(rp.ptr);
+    row_ptr_.assign(rp_data, rp_data + rp.size);
+    const size_t index_bytes = static_cast<size_t>(ci.size) * view_.index_bytes;
+    col_idx_.resize(index_bytes);
+    if (index_bytes > 0) std::memcpy(col_idx_.data(), ci.ptr, index_bytes);
     view_.rows = rows;
     view_.cols = cols;
     view_.nnz = va.size;
-    view_.row_ptr = static_cast<const int64_t*>(rp.ptr);
-    view_.col_idx = ci.ptr;
+    view_.row_ptr = row_ptr_.data();
+    view_.col_idx = col_idx_.data();
     view_.values = static_cast<const float*>(va.ptr);
     sparsenet::validate_csr(view_);  // throws std::invalid_argument -> ValueError
-    // Holding the exporters keeps the memory alive (numpy arrays pin what they view); they must
-    // still not be modified in place, as for the non-owning handle.
     if (!bias.is_none() && !keep) throw py::value_error("bias is kept only by a handle with keep=True");
     bias_ = bias_pointer(bias);
-    if (keep) owners_ = std::make_shared<const py::tuple>(py::make_tuple(row_ptr, col_idx, values, bias));
+    // Holding the exporters keeps the memory alive (numpy arrays pin what they view).
+    if (keep) owners_ = std::make_shared<const py::tuple>(py::make_tuple(values, bias));
+    else view_.values = nullptr;  // handed over again on every matmul
   }
 
-  // y = x A^T (+ bias): x is (batch, cols) float32 with unit inner stride, y (batch, rows) likewise.
-  void matmul(const py::buffer& row_ptr, const py::buffer& col_idx, const py::buffer& values,
-              const py::buffer& x, const py::buffer& y, const py::object& bias) const {
-    check_same(row_ptr, view_.row_ptr, view_.rows + 1, 8, "crow_indices");
-    check_same(col_idx, view_.col_idx, view_.nnz, view_.index_bytes, "col_indices");
-    check_same(values, view_.values, view_.nnz, 4, "values");
+  // y = x A^T (+ bias) with A's values read from `values` (float32, nnz entries); x is
+  // (batch, cols) float32 with unit inner stride, y (batch, rows) likewise.
+  void matmul(const py::buffer& values, const py::buffer& x, const py::buffer& y, const py::object& bias) const {
+    const py::buffer_info va = vector_info(values, "values");
+    if (!format_is(va, 'f', 4)) throw py::type_error("values must be float32");
+    if (va.size != view_.nnz)
+      throw py::value_error("values has " + std::to_string(va.size) + " entries, the structure holds " +
+                            std::to_string(view_.nnz));
     const py::buffer_info xi = x.request(), yi = y.request(/*writable=*/true);
     const Dense2D xd = dense_from_buffer(xi, "x");
     check_x(xd);
-    run(xd, dense_from_buffer(yi, "out"), bias_pointer(bias));
+    run(static_cast<const float*>(va.ptr), xd, dense_from_buffer(yi, "out"), bias_pointer(bias));
   }
 
   // x A^T (+ the bias given at construction) as a new (batch, rows) float32 tensor; x and the
@@ -186,7 +245,7 @@ class CsrHandle {
     check_x(xd);
     Dense2D yd;
     py::object y = new_output(xd.rows, view_.rows, &yd);
-    run(xd, yd, bias_);
+    run(view_.values, xd, yd, bias_);
     return y;
   }
 
@@ -209,7 +268,7 @@ class CsrHandle {
   }
 
   // x has passed check_x (before forward allocates its output).
-  void run(const Dense2D& x, const Dense2D& y, const float* bias) const {
+  void run(const float* values, const Dense2D& x, const Dense2D& y, const float* bias) const {
     if (!y.float32) throw py::type_error("out must be float32");
     const int64_t batch = x.rows;
     if (y.rows != batch || y.cols != view_.rows)
@@ -233,9 +292,11 @@ class CsrHandle {
     if (batch == 0 || view_.rows == 0) return;
     const auto kernel = sparsenet::cpu::csr_matmul_kernel();
     sparsenet::CsrView view = view_;
-    view.tiled = tiled_for(batch);
+    view.values = values;
+    view.tiled = tiled_for(batch, values);
     py::gil_scoped_release nogil;
     kernel(view, d);
+    sparsenet::propagate_nonfinite(view, d);
   }
 
   const float* bias_pointer(const py::object& bias) const {
@@ -247,33 +308,35 @@ class CsrHandle {
     return static_cast<const float*>(bi.ptr);
   }
 
-  static void check_same(const py::buffer& b, const void* ptr, int64_t size, int64_t itemsize, const char* name) {
-    const py::buffer_info info = b.request();
-    if ((size > 0 && info.ptr != ptr) || info.size != size || info.itemsize != itemsize || info.ndim != 1)
-      throw py::value_error(std::string(name) + " is not the buffer this handle validated");
-  }
-
   // The column-tiled copy (cpu/tiled.h), built on first use under the GIL (so two threads never
   // build it at once), and only where a panel kernel gains from it. Measured on 4096x4096, weights
   // from DRAM, tiled over row-by-row time, both ISAs: panels of one or two vectors per non-zero
   // (batch 4-16) gain from 17% density (80%: 0.83-0.97, 85%: 0.99-1.12, 90%: 1.16-1.26), wider
   // ones (batch 17 on) from 7.5% (90%: 0.77-0.88; 95%: 0.90-1.01 on AVX-512). Below that a row's
   // share of a 256-column tile is too short for the L1 reuse to pay for its fixed cost, and the
-  // copy would only cost memory.
-  const sparsenet::cpu::TiledCsr* tiled_for(int64_t batch) const {
+  // copy would only cost memory. It copies the values too, so it is rebuilt when handed others.
+  const sparsenet::cpu::TiledCsr* tiled_for(int64_t batch, const float* values) const {
     if (batch < 4) return nullptr;  // the common batch-1 call pays nothing for this
     if (sparsenet::cpu::active_isa() == "fallback") return nullptr;
-    const double density = sparsenet::density(view_);
+    const double density = sparsenet::cpu::baseline::density(view_);
     const bool gains = batch > 16 ? density >= 0.075 : density >= 0.17;
     if (!gains) return nullptr;
-    if (!tiled_) tiled_ = std::make_shared<const sparsenet::cpu::TiledCsr>(sparsenet::cpu::build_tiled(view_));
+    if (!tiled_ || tiled_values_ != values) {
+      sparsenet::CsrView from = view_;
+      from.values = values;
+      tiled_ = std::make_shared<const sparsenet::cpu::TiledCsr>(sparsenet::cpu::build_tiled(from));
+      tiled_values_ = values;
+    }
     return tiled_.get();
   }
 
-  CsrView view_;
+  CsrView view_;  // structure: this handle's private copy; values: the kept buffer (keep=True)
+  std::vector<int64_t> row_ptr_;
+  std::vector<uint8_t, sparsenet::cpu::HugePageAllocator<uint8_t>> col_idx_;  // streamed on every call
   const float* bias_ = nullptr;              // keep=True: the bias given at construction, if any
-  std::shared_ptr<const py::tuple> owners_;  // keep=True: the buffers (and bias), kept alive
+  std::shared_ptr<const py::tuple> owners_;  // keep=True: the values (and bias), kept alive
   mutable std::shared_ptr<const sparsenet::cpu::TiledCsr> tiled_;
+  mutable const float* tiled_values_ = nullptr;  // the values tiled_ copied
 };
 
 }  // namespace
@@ -285,11 +348,11 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<int64_t, int64_t, const py::buffer&, const py::buffer&, const py::buffer&, bool, const py::object&>(),
            py::arg("rows"), py::arg("cols"), py::arg("crow_indices"), py::arg("col_indices"), py::arg("values"),
            py::arg("keep") = false, py::arg("bias") = py::none(),
-           "Validate a packed CSR weight once; matmul is then handed the same buffers on every call. "
-           "keep=True holds references to the buffers (and the optional bias) instead, and enables forward().")
-      .def("matmul", &CsrHandle::matmul, py::arg("crow_indices"), py::arg("col_indices"), py::arg("values"),
-           py::arg("x"), py::arg("out"), py::arg("bias") = py::none(),
-           "out[:] = x @ A.T (+ bias); the first three must be the buffers the handle was built from")
+           "Copy and validate a packed CSR weight's structure once; matmul is handed the values on every call. "
+           "keep=True holds the values (and the optional bias) instead, and enables forward().")
+      .def("matmul", &CsrHandle::matmul, py::arg("values"), py::arg("x"), py::arg("out"),
+           py::arg("bias") = py::none(),
+           "out[:] = x @ A.T (+ bias), A being the validated structure with these values (nnz float32)")
       .def("forward", &CsrHandle::forward, py::arg("x"),
            "x @ A.T (+ bias) as a new tensor; x and the result are DLPack capsules (keep=True handles only)")
       .def_property_readonly("keeps_buffers", &CsrHandle::keeps_buffers)
@@ -302,11 +365,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("supported_isas", &sparsenet::cpu::supported_isas);
   m.def("active_isa", &sparsenet::cpu::active_isa);
   m.def("set_isa", &sparsenet::cpu::set_isa, py::arg("name"));
-  m.def("set_num_threads", [](int n) {
-    if (n < 1) throw py::value_error("num_threads must be >= 1");
-    g_num_threads.store(n);
-  }, py::arg("n"));
+  pthread_atfork(nullptr, nullptr, after_fork_in_child);
+  m.def("set_num_threads", &set_num_threads, py::arg("n"),
+        "threads for the kernels: at least 1, at most usable_threads(); 1 in a forked child");
   m.def("get_num_threads", []() { return g_num_threads.load(); });
+  m.def("usable_threads", &usable_threads, "CPUs this process may run on (affinity mask, OpenMP's thread limit)");
+  m.def("in_forked_child", []() { return g_forked.load(); });
   m.def("max_threads", []() { return omp_get_max_threads(); });
   m.attr("compiler") = SPARSENET_COMPILER;
   m.attr("openmp_version") = _OPENMP;

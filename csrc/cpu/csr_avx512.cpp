@@ -59,7 +59,7 @@ void csr_matmul(const CsrView& a, const DenseArgs& d) {
   // measured 1.3x faster there (4096x4096, 50%, batch 4 and 8).
   if (d.batch < 16) return avx2::csr_matmul(a, d);
   if (a.tiled != nullptr) {
-    if (sparsenet::density(a) <= kWidePanelMaxDensity) return run_tiled<Ops512, 4>(a, d);
+    if (density(a) <= kWidePanelMaxDensity) return run_tiled<Ops512, 4>(a, d);
     return run_tiled<Ops512, SPARSENET_AVX512_PANEL / 16>(a, d);
   }
   if (a.index_bytes == 2) run<uint16_t>(a, d);

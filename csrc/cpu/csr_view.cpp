@@ -1,5 +1,11 @@
 #include "cpu/csr_view.h"
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
 namespace sparsenet {
 
 namespace {
@@ -20,7 +26,52 @@ void validate_indices(const CsrView& a, const Idx* col) {
     }
   }
 }
+// True if row r stores every column in `cols` (sorted ascending).
+template <typename Idx>
+bool row_holds_all(const CsrView& a, const Idx* col, int64_t r, const std::vector<int64_t>& cols) {
+  const Idx* begin = col + a.row_ptr[r];
+  const Idx* end = col + a.row_ptr[r + 1];
+  if (static_cast<size_t>(end - begin) < cols.size()) return false;
+  for (const int64_t c : cols) {
+    begin = std::lower_bound(begin, end, static_cast<Idx>(c));
+    if (begin == end || static_cast<int64_t>(*begin) != c) return false;
+  }
+  return true;
+}
+
+// Columns of x[0, n) whose value is Inf or NaN (exponent bits all ones), in ascending order.
+void nonfinite_columns(const float* x, int64_t n, std::vector<int64_t>* out) {
+  out->clear();
+  uint32_t any = 0;
+  for (int64_t k = 0; k < n; ++k) {  // branch-free, so it vectorises: the common case finds nothing
+    uint32_t bits;
+    std::memcpy(&bits, x + k, 4);
+    any |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  if (!any) return;
+  for (int64_t k = 0; k < n; ++k)
+    if (!(std::abs(x[k]) <= std::numeric_limits<float>::max())) out->push_back(k);
+}
+
+template <typename Idx>
+void propagate(const CsrView& a, const DenseArgs& d) {
+  const Idx* col = static_cast<const Idx*>(a.col_idx);
+  std::vector<int64_t> bad;
+  for (int64_t m = 0; m < d.batch; ++m) {
+    nonfinite_columns(d.x + m * d.ldx, a.cols, &bad);
+    if (bad.empty()) continue;
+    float* y = d.y + m * d.ldy;
+    for (int64_t r = 0; r < a.rows; ++r)
+      if (!row_holds_all(a, col, r, bad)) y[r] = std::numeric_limits<float>::quiet_NaN();
+  }
+}
+
 }  // namespace
+
+void propagate_nonfinite(const CsrView& a, const DenseArgs& d) {
+  if (a.index_bytes == 2) propagate<uint16_t>(a, d);
+  else propagate<int32_t>(a, d);
+}
 
 void validate_csr(const CsrView& a) {
   if (a.rows < 0 || a.cols < 0 || a.nnz < 0)

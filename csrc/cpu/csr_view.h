@@ -44,43 +44,13 @@ struct DenseArgs {
 
 using CsrMatmulFn = void (*)(const CsrView&, const DenseArgs&);
 
-// Row range [begin, end) of part `part` out of `parts`, balanced by non-zeros (a row is never split).
-inline void balanced_rows(const CsrView& a, int part, int parts, int64_t* begin, int64_t* end) {
-  auto row_at = [&](int p) -> int64_t {
-    if (p <= 0) return 0;
-    if (p >= parts) return a.rows;
-    const int64_t target = (a.nnz * p) / parts;
-    // first row whose start offset is >= target
-    int64_t lo = 0, hi = a.rows;
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (a.row_ptr[mid] < target) lo = mid + 1; else hi = mid;
-    }
-    return lo;
-  };
-  *begin = row_at(part);
-  *end = row_at(part + 1);
-}
-
-// Fraction of entries that are non-zero (0 for an empty shape): kernels pick layouts by it.
-inline double density(const CsrView& a) {
-  const double total = static_cast<double>(a.rows) * static_cast<double>(a.cols);
-  return total > 0 ? static_cast<double>(a.nnz) / total : 0.0;
-}
-
-#ifndef SPARSENET_MIN_PARALLEL_WORK
-#define SPARSENET_MIN_PARALLEL_WORK 24576
-#endif
-
-// Threads worth waking for this much work: below ~10 us of single-thread work (about 25k non-zero
-// multiply-adds) the fork/join costs more than the second thread saves. With a warm pool (layers
-// run back to back) two threads win from there on: measured on 384x1536 / 1536x384 at 90-95%
-// sparsity, batch 1 (benchmarks/speedup_table.py), against a threshold five times higher.
-inline int threads_for(const CsrView& a, int64_t batch, int requested) {
-  const int64_t work = (a.nnz + a.rows) * batch;
-  if (requested <= 1 || work < SPARSENET_MIN_PARALLEL_WORK) return 1;
-  return requested;
-}
+// Gives y the dense layer's answer where x holds Inf or NaN. The kernels add up only the stored
+// products, but a dense layer also multiplies each pruned (zero) weight by its x, and 0 x Inf or
+// 0 x NaN is NaN: so y[m, r] becomes NaN wherever sample m has a non-finite x in a column row r
+// does not store. Every other output is already what dense gives (Inf and NaN in stored columns
+// propagate through the kernels' own arithmetic). Costs one scan of x; rows are only visited for
+// samples that hold a non-finite value.
+void propagate_nonfinite(const CsrView& a, const DenseArgs& d);
 
 namespace cpu {
 namespace fallback { void csr_matmul(const CsrView&, const DenseArgs&); }

@@ -1,5 +1,5 @@
-// The threading skeleton every kernel family shares (internal linkage: each ISA file compiles its
-// own copy with its own flags).
+// The threading skeleton every kernel family shares (each ISA file compiles its own copy, with its
+// own flags, into its own namespace: capability.h).
 //
 // Work is cut into chunks of rows holding equal numbers of non-zeros (a row is never split), several
 // per thread, handed out dynamically: on a shared machine a thread that loses its core for a while
@@ -11,20 +11,20 @@
 
 #include "cpu/csr_view.h"
 #include "cpu/panel.h"
+#include "cpu/work_split.h"
 
-namespace {
+namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
 constexpr int kChunksPerThread = 8;
 
 // small(r0, r1): rows [r0, r1) for all batch entries, reading x directly.
 // panel(xp, W, r0, r1, b0, valid): rows [r0, r1) for batch entries [b0, b0 + valid) from a panel
 // of width W (a multiple of `vec`, the kernel's vector width in floats, at most `max_width`).
-// pack: the x -> panel transpose (sparsenet::cpu::pack_panel or a SIMD version of it).
-template <typename SmallFn, typename PanelFn, typename PackFn = decltype(&sparsenet::cpu::pack_panel)>
+// pack: the x -> panel transpose (pack_panel or a SIMD version of it).
+template <typename SmallFn, typename PanelFn, typename PackFn = decltype(&pack_panel)>
 void drive(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d, int64_t vec, int64_t max_width,
-           bool use_panel, SmallFn small, PanelFn panel, PackFn pack = &sparsenet::cpu::pack_panel) {
-  using sparsenet::balanced_rows;
-  const int nt = sparsenet::threads_for(a, d.batch, d.num_threads);
+           bool use_panel, SmallFn small, PanelFn panel, PackFn pack = &pack_panel) {
+  const int nt = threads_for(a, d.batch, d.num_threads);
   const int chunks = static_cast<int>(std::min<int64_t>(std::max<int64_t>(a.rows, 1), int64_t{nt} * kChunksPerThread));
   if (!use_panel) {
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
@@ -35,7 +35,7 @@ void drive(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d, int64_t v
     }
     return;
   }
-  float* xp = sparsenet::cpu::scratch_panel(a.cols * max_width);
+  float* xp = scratch_panel(a.cols * max_width);
   const int64_t kblocks = std::max<int64_t>(1, std::min<int64_t>(int64_t{nt} * kChunksPerThread, a.cols / 64));
 #pragma omp parallel num_threads(nt)
   {
@@ -57,4 +57,4 @@ void drive(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d, int64_t v
   }
 }
 
-}  // namespace
+}  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

@@ -2,15 +2,15 @@
 //
 // Each output is a dot product of a row's non-zeros with x gathered through the column indices.
 // Hardware gathers (vgatherdps) measured 1.7x slower here (AMD Zen 4) than building the 8-wide x
-// vector from scalar loads, so that is what this does. Internal linkage on purpose: each ISA file
-// gets its own copy, compiled with its own flags.
+// vector from scalar loads, so that is what this does. Each ISA file gets its own copy, compiled
+// with its own flags into its own namespace (capability.h).
 #pragma once
 #include <immintrin.h>
 
 #include "cpu/csr_view.h"
 #include "cpu/panel.h"  // kPrefetchAhead
 
-namespace {
+namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -46,9 +46,9 @@ inline float row_dot(const float* val, const Idx* col, const float* x, int64_t b
     // stream (16 non-zeros span one line of values but half a line of 16-bit indices). Without
     // the index prefetch the kernel was 20% slower at 50-80% sparsity; prefetching the indices
     // every step instead cost 5-8% at 85-90%, where the loop is short of load slots, not bytes.
-    _mm_prefetch(reinterpret_cast<const char*>(val + k + sparsenet::cpu::kPrefetchAhead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetchAhead), _MM_HINT_T0);
     if (sizeof(Idx) == 4 || ((k - begin) & 16) == 0)
-      _mm_prefetch(reinterpret_cast<const char*>(col + k + sparsenet::cpu::kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(col + k + kPrefetchAhead), _MM_HINT_T0);
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), gather8(x, col + k), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), gather8(x, col + k + 8), acc1);
   }
@@ -59,10 +59,13 @@ inline float row_dot(const float* val, const Idx* col, const float* x, int64_t b
   if (k < end && k + 8 <= nnz) {
     // Tail of 1-7: one masked step instead of a scalar loop (a large share of the time at 90%
     // sparsity, ~400 non-zeros a row). The 8 indices read may run into the next row; they are
-    // valid columns all the same, and their values are masked to zero.
+    // valid columns all the same. Both the values and the x gathered through them are masked to
+    // zero: 0 x (the next row's x) would be NaN where that x is Inf or NaN, a column this row
+    // does not hold.
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(end - k)), lanes);
-    acc1 = _mm256_fmadd_ps(_mm256_maskload_ps(val + k, live), gather8(x, col + k), acc1);
+    const __m256 xs = _mm256_and_ps(gather8(x, col + k), _mm256_castsi256_ps(live));
+    acc1 = _mm256_fmadd_ps(_mm256_maskload_ps(val + k, live), xs, acc1);
     k = end;
   }
   float s = hsum256(_mm256_add_ps(acc0, acc1));
@@ -84,4 +87,4 @@ __attribute__((noinline)) void small_batch_rows(const sparsenet::CsrView& a, con
   }
 }
 
-}  // namespace
+}  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

@@ -11,7 +11,9 @@
 #include <cstdlib>
 #include <new>
 
-namespace sparsenet::cpu {
+#include "cpu/capability.h"
+
+namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
 constexpr int64_t kPanelMinBatch = 4;
 
@@ -69,4 +71,4 @@ inline void store_tile(const float* t, int64_t W, int64_t nrows, int64_t valid, 
   }
 }
 
-}  // namespace sparsenet::cpu
+}  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

@@ -2,7 +2,7 @@
 // a file compiled with AVX2 + FMA or more, and instantiate with that file's vector traits:
 //   struct Ops { using V = ...; static constexpr int kWidth; zero(), load(p), set1(f),
 //                fma(a, b, c), add(a, b), store(p, v) };
-// Internal linkage on purpose: each ISA file gets its own copy, compiled with its own flags.
+// Each ISA file gets its own copy, compiled with its own flags into its own namespace (capability.h).
 #pragma once
 #include <immintrin.h>
 
@@ -13,7 +13,7 @@
 #include "cpu/panel.h"
 #include "cpu/simd_tile.h"
 
-namespace {
+namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
 // acc[0..NV) += sum over non-zeros k in [begin, end) of val[k] * (panel row col[k]), a panel row
 // being W = kWidth * NV floats. U non-zeros per step, each into its own partial sums, keep U * NV
@@ -32,8 +32,8 @@ inline void panel_dot_u(const Idx* col, const float* val, int64_t begin, int64_t
   int64_t k = begin;
   for (; k + U <= end; k += U) {
     if ((k & 15) < U) {  // once per 16 non-zeros (k steps by U, a divisor of 16)
-      _mm_prefetch(reinterpret_cast<const char*>(val + k + sparsenet::cpu::kPrefetchAhead), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(col + k + sparsenet::cpu::kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(col + k + kPrefetchAhead), _MM_HINT_T0);
     }
     for (int u = 0; u < U; ++u) {
       const float* xu = xp + static_cast<int64_t>(col[k + u]) * W;
@@ -88,4 +88,4 @@ void panel_rows_any(const sparsenet::CsrView& a, const Idx* col, const float* xp
   panel_rows<Ops, MaxNV>(a, col, xp, r0, r1, b0, valid, d);
 }
 
-}  // namespace
+}  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

@@ -1,6 +1,7 @@
 // AVX2 8x8 transposes for the two layout changes around the panel kernels: x rows -> panel
 // (pack) and the row-major accumulator tile -> batch-major y (store). Include only from files
-// compiled with AVX2 or more; internal linkage so each ISA file keeps its own copy.
+// compiled with AVX2 or more; each ISA file keeps its own copy in its own namespace
+// (capability.h).
 #pragma once
 #include <immintrin.h>
 
@@ -9,7 +10,7 @@
 
 #include "cpu/panel.h"
 
-namespace {
+namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
 inline void transpose8(__m256 r[8]) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -30,7 +31,7 @@ inline void transpose8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-// Same contract as sparsenet::cpu::pack_panel; W is a multiple of 8.
+// Same contract as pack_panel; W is a multiple of 8.
 inline void pack_panel_simd(const float* x, int64_t ldx, int64_t b0, int64_t valid, int64_t W, int64_t k0,
                             int64_t k1, float* xp) {
   int64_t k = k0;
@@ -43,14 +44,14 @@ inline void pack_panel_simd(const float* x, int64_t ldx, int64_t b0, int64_t val
       for (int i = 0; i < 8; ++i) _mm256_store_ps(xp + (k + i) * W + jb, r[i]);
     }
   }
-  if (k < k1) sparsenet::cpu::pack_panel(x, ldx, b0, valid, W, k, k1, xp);
+  if (k < k1) pack_panel(x, ldx, b0, valid, W, k, k1, xp);
 }
 
 // Same contract as sparsenet::cpu::store_tile; full blocks of 8 rows go through the transpose.
 inline void store_tile_simd(const float* t, int64_t W, int64_t nrows, int64_t valid, int64_t r0, int64_t b0,
                             float* y, int64_t ldy, const float* bias) {
   if (nrows != 8) {
-    sparsenet::cpu::store_tile(t, W, nrows, valid, r0, b0, y, ldy, bias);
+    store_tile(t, W, nrows, valid, r0, b0, y, ldy, bias);
     return;
   }
   const __m256 b = bias ? _mm256_loadu_ps(bias + r0) : _mm256_setzero_ps();
@@ -63,4 +64,4 @@ inline void store_tile_simd(const float* t, int64_t W, int64_t nrows, int64_t va
   }
 }
 
-}  // namespace
+}  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

@@ -2,7 +2,7 @@
 // Include only from a file compiled with AVX2 + FMA or more, after defining the vector traits:
 //   struct Ops { using V = ...; static constexpr int kWidth; zero(), load(p), set1(f),
 //                fma(a, b, c), add(a, b), store(p, v) };
-// Each ISA file gets its own copy (internal linkage), compiled with its own flags.
+// Each ISA file gets its own copy, compiled with its own flags into its own namespace (capability.h).
 #pragma once
 #include <omp.h>
 
@@ -14,8 +14,9 @@
 #include "cpu/panel_simd.h"
 #include "cpu/simd_tile.h"
 #include "cpu/tiled.h"
+#include "cpu/work_split.h"
 
-namespace {
+namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
 // One chunk of kRows rows, tile by tile: the panel's slice for a tile (kCols x W floats) is read by
 // every row of the chunk while it is in L1; the chunk's sums stay in `acc` (L1 too).
@@ -66,11 +67,11 @@ void run_tiled(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d) {
   using sparsenet::cpu::TiledCsr;
   constexpr int64_t kGroup = 4;
   const TiledCsr& t = *a.tiled;
-  const int nt = sparsenet::threads_for(a, d.batch, d.num_threads);
+  const int nt = threads_for(a, d.batch, d.num_threads);
   constexpr int64_t max_width = Ops::kWidth * MaxNV;
   const int64_t panel_floats = t.tiles * TiledCsr::kCols * max_width;  // past `cols`: never read
   const int64_t panels_total = (d.batch + max_width - 1) / max_width;
-  float* xp = sparsenet::cpu::scratch_panel(panel_floats * std::min(kGroup, panels_total));
+  float* xp = scratch_panel(panel_floats * std::min(kGroup, panels_total));
   const int64_t kblocks = std::max<int64_t>(1, std::min<int64_t>(int64_t{nt} * 8, a.cols / 64));
   auto width = [&](int64_t b0) {
     const int64_t valid = std::min(max_width, d.batch - b0);
@@ -100,4 +101,4 @@ void run_tiled(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d) {
   }
 }
 
-}  // namespace
+}  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

@@ -14,11 +14,13 @@ def _index_dtype(in_features: int) -> torch.dtype:
 
 
 def _weight_storage(nnz: int, index_dtype: torch.dtype, values_dtype: torch.dtype, device: torch.device):
-    """Uninitialised (col_indices, values). The weight streams from memory on every call: on the CPU
-    both go in one huge-page region (sparsenet.formats.hugepages)."""
+    """Uninitialised (col_indices, values). The values stream from memory on every call: on the CPU
+    they go in a huge-page region (sparsenet.formats.hugepages). The kernels read the column indices
+    from the native handle's own validated copy (in huge pages too), never from this tensor."""
+    col = torch.empty(nnz, dtype=index_dtype, device=device)
     if device.type != "cpu":
-        return torch.empty(nnz, dtype=index_dtype, device=device), torch.empty(nnz, dtype=values_dtype, device=device)
-    return tuple(hugepages.empty_group([(nnz, index_dtype), (nnz, values_dtype)]))
+        return col, torch.empty(nnz, dtype=values_dtype, device=device)
+    return col, hugepages.empty_group([(nnz, values_dtype)])[0]
 
 
 class SparseLinear(nn.Module):
@@ -59,9 +61,8 @@ class SparseLinear(nn.Module):
         out_features, in_features = packed.shape
         layer = cls(in_features, out_features, nnz=0, bias=bias is not None)
         layer.crow_indices = packed.crow_indices.clone()
-        col, values = hugepages.copy_group([packed.col_indices, packed.values])
-        layer.col_indices = col
-        layer.values = nn.Parameter(values, requires_grad=False)
+        layer.col_indices = packed.col_indices.clone()
+        layer.values = nn.Parameter(hugepages.copy_group([packed.values])[0], requires_grad=False)
         if bias is not None:
             bias = torch.as_tensor(bias).detach()
             if bias.shape != (out_features,):
@@ -133,7 +134,9 @@ class SparseLinear(nn.Module):
         # Eager inference: the prepared fast path (see PreparedCSR), rebuilt when the tensors change.
         prepared = self.__dict__.get("_prepared")
         if prepared is None or not prepared.matches(crow, col, values, bias):
-            if values.device.type != "cpu" or x.device.type != "cpu" or crow.is_inference() or col.is_inference():
+            if values.device.type != "cpu" or x.device.type != "cpu" or any(
+                t is not None and t.is_inference() for t in (crow, col, values, bias)
+            ):
                 # Errors for other devices, and inference tensors (no version counters) are
                 # re-validated on every call: both belong to the checked op path.
                 return csr_linear(x, crow, col, values, bias, self.in_features)

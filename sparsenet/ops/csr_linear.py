@@ -37,8 +37,7 @@ def _csr_linear_cpu(x, crow_indices, col_indices, values, bias, in_features):
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
         x2 = x2.contiguous()
     out = torch.empty(x2.shape[0], handle.rows, dtype=torch.float32)
-    handle.matmul(_np(crow_indices), _np(col_indices), _np(values), _np(x2), out.numpy(),
-                  None if bias is None else _np(bias))
+    handle.matmul(_np(values), _np(x2.resolve_neg()), out.numpy(), None if bias is None else _np(bias))
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], handle.rows)
 
 
@@ -134,8 +133,9 @@ class PreparedCSR:
     into the native module as DLPack capsules: exporting one costs well under 1 us there, a numpy
     view of x ~15 us.
 
-    It is valid while the module still holds the very same tensors, at the same addresses, with
-    unchanged structure (version counters); anything else makes the module prepare a new one.
+    It is valid while the module still holds the very same tensors, at the same addresses, none of
+    them modified in place (version counters; the handle's derived copies include the values); anything
+    else makes the module prepare a new one.
     """
 
     __slots__ = ("crow", "col", "values", "bias", "ptrs", "versions", "handle", "in_features", "out_features")
@@ -143,7 +143,7 @@ class PreparedCSR:
     def __init__(self, crow, col, values, bias, in_features: int) -> None:
         self.crow, self.col, self.values, self.bias = crow, col, values, bias
         self.ptrs = self._ptrs(crow, col, values, bias)
-        self.versions = (crow._version, col._version)
+        self.versions = self._versions(crow, col, values, bias)
         self.handle = owning_handle(crow, col, values, in_features, bias)
         self.in_features = in_features
         self.out_features = self.handle.rows
@@ -152,11 +152,15 @@ class PreparedCSR:
     def _ptrs(crow, col, values, bias):
         return (crow.data_ptr(), col.data_ptr(), values.data_ptr(), 0 if bias is None else bias.data_ptr())
 
+    @staticmethod
+    def _versions(crow, col, values, bias):
+        return (crow._version, col._version, values._version, 0 if bias is None else bias._version)
+
     def matches(self, crow, col, values, bias) -> bool:
         return (
             crow is self.crow and col is self.col and values is self.values and bias is self.bias
             and self.ptrs == self._ptrs(crow, col, values, bias)
-            and self.versions == (crow._version, col._version)
+            and self.versions == self._versions(crow, col, values, bias)
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

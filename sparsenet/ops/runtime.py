@@ -11,10 +11,24 @@ _ISA_ENV = "SPARSENET_ISA"
 
 
 def set_num_threads(n: int) -> None:
-    """Threads the sparse kernels use (defaults to ``torch.get_num_threads()`` at import)."""
+    """Threads the sparse kernels use (defaults to ``torch.get_num_threads()`` at import).
+
+    At most :func:`usable_threads` (the CPUs this process may run on): ValueError beyond that. In a
+    process forked after sparsenet was loaded (a fork-started DataLoader worker, a pre-fork server's
+    worker), the kernels run on one thread and asking for more raises RuntimeError: GNU OpenMP
+    cannot start threads in such a child, and would hang.
+    """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"num_threads must be an int >= 1, got {n!r}")
+    limit = usable_threads()
+    if n > limit:  # here too, so that ints too large for C never reach the binding
+        raise ValueError(f"num_threads={n} exceeds the {limit} CPUs this process may run on")
     _C.set_num_threads(n)
+
+
+def usable_threads() -> int:
+    """The CPUs this process may run on (its affinity mask, capped by OpenMP's thread limit)."""
+    return _C.usable_threads()
 
 
 def get_num_threads() -> int:
@@ -69,6 +83,8 @@ def config() -> dict:
         "isa_available": available_isas(),
         "isa_compiled": list(_C.compiled_isas()),
         "num_threads": get_num_threads(),
+        "usable_threads": usable_threads(),
+        "forked_child": _C.in_forked_child(),
         "cuda_built": cuda_built(),
     }
 
@@ -80,7 +96,9 @@ def show_config() -> None:
 
 
 def _init_from_environment() -> None:
-    _C.set_num_threads(max(1, torch.get_num_threads()))
+    # torch's count comes from OMP_NUM_THREADS and the like, which may ask for more CPUs than this
+    # process has: clamped, never an import failure.
+    _C.set_num_threads(min(max(1, torch.get_num_threads()), usable_threads()))
     isa = os.environ.get(_ISA_ENV)
     if isa:
         try:

@@ -87,14 +87,14 @@ def test_fallback_gives_plain_working_tensors(monkeypatch, refusal):
     assert int(col.to(torch.int32).sum()) == 3 * n and values[-1].item() == n - 1
 
 
-def test_sparse_linear_weight_lives_in_one_region_and_survives_its_module():
+def test_sparse_linear_values_live_in_huge_pages_and_survive_their_module():
     torch.manual_seed(0)
     dense = torch.nn.Linear(1024, 2048)
     with torch.no_grad():
         dense.weight.mul_(torch.rand_like(dense.weight) < 0.5)
     layer = SparseLinear.from_dense(dense)
     if hugepages.supported():
-        assert layer.col_indices.data_ptr() % hugepages.HUGE_PAGE == 0
+        assert layer.values.data_ptr() % hugepages.HUGE_PAGE == 0
     x = torch.randn(3, 1024)
     expected = dense(x)
     values = layer.values

@@ -22,7 +22,7 @@ def run_kernel(w, x, bias=None):
     crow, col, values = pack(w)
     handle = _C.CsrHandle(w.shape[0], w.shape[1], crow.numpy(), col.numpy(), values.numpy())
     out = torch.full((x.shape[0], w.shape[0]), float("nan"))
-    handle.matmul(crow.numpy(), col.numpy(), values.numpy(), x.numpy(), out.numpy(), None if bias is None else bias.numpy())
+    handle.matmul(values.numpy(), x.numpy(), out.numpy(), None if bias is None else bias.numpy())
     return out
 
 
@@ -113,7 +113,7 @@ def test_strided_rows_of_x(isa):
     crow, col, values = pack(w)
     handle = _C.CsrHandle(20, 30, crow.numpy(), col.numpy(), values.numpy())
     out = torch.empty(9, 20)
-    handle.matmul(crow.numpy(), col.numpy(), values.numpy(), x.numpy(), out.numpy(), None)
+    handle.matmul(values.numpy(), x.numpy(), out.numpy(), None)
     assert_close(out, reference(w, x))
 
 
@@ -179,7 +179,7 @@ def test_negative_or_oversized_dimensions_raise():
 def test_matmul_checks_its_arguments():
     parts = good_parts()
     h = _C.CsrHandle(3, 5, *parts)
-    mm = lambda *args: h.matmul(*parts, *args)  # noqa: E731
+    mm = lambda *args: h.matmul(parts[2], *args)  # noqa: E731
     x = np.ones((2, 5), np.float32)
     out = np.empty((2, 3), np.float32)
     with pytest.raises(ValueError, match="features"):
@@ -205,19 +205,25 @@ def test_matmul_checks_its_arguments():
 
 
 
-def test_matmul_refuses_buffers_it_did_not_validate():
-    # The handle keeps no reference to its buffers: a call must hand it back the very same ones.
+def test_handle_reads_its_own_copy_of_the_structure():
+    # The structure is copied, then validated: writing out-of-range indices or row pointers into
+    # the buffers it came from afterwards can neither crash a kernel nor change its result.
     crow, col, values = good_parts()
     h = _C.CsrHandle(3, 5, crow, col, values)
+    keep = _C.CsrHandle(3, 5, crow, col, values, keep=True)
     x, out = np.ones((1, 5), np.float32), np.empty((1, 3), np.float32)
-    with pytest.raises(ValueError, match="col_indices is not the buffer"):
-        h.matmul(crow, col.copy(), values, x, out)
-    with pytest.raises(ValueError, match="values is not the buffer"):
-        h.matmul(crow, col, values[:2], x, out)
-    with pytest.raises(ValueError, match="crow_indices is not the buffer"):
-        h.matmul(crow.copy(), col, values, x, out)
-    h.matmul(crow, col, values, x, out)
+    crow[1:] = 2**40
+    col[:] = 60000
+    h.matmul(values, x, out)
     assert np.allclose(out, [[3.0, 0.0, 3.0]])
+    assert torch.equal(owning_forward(keep, torch.ones(1, 5)), torch.tensor([[3.0, 0.0, 3.0]]))
+    # The values are handed over on each call: any float32 buffer of the right length.
+    h.matmul(values * 2, x, out)
+    assert np.allclose(out, [[6.0, 0.0, 6.0]])
+    with pytest.raises(ValueError, match="3 entries|structure holds 3"):
+        h.matmul(values[:2], x, out)
+    with pytest.raises(TypeError, match="float32"):
+        h.matmul(values.astype(np.float64), x, out)
 
 
 def owning_forward(h, x: torch.Tensor) -> torch.Tensor:
