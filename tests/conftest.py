@@ -3,6 +3,17 @@
 import pytest
 import torch
 
+import sparsenet
+
+
+@pytest.fixture(params=sparsenet.available_isas())
+def isa(request):
+    """Run the test once per kernel family this CPU can execute, then restore the default."""
+    before = sparsenet.get_isa()
+    sparsenet.set_isa(request.param)
+    yield request.param
+    sparsenet.set_isa(before)
+
 
 @pytest.fixture(scope="module")
 def one_thread():

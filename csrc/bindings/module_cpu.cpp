@@ -5,6 +5,7 @@
 #include <omp.h>
 #include <pthread.h>
 #include <sched.h>
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -249,6 +250,19 @@ class CsrHandle {
     return y;
   }
 
+  // The validated structure as read-only numpy views of this handle's own copy, which they keep
+  // alive: for code that needs the structure elsewhere (the backward pass) and must not trust the
+  // caller's tensors, which may have been written to behind torch's back since.
+  static py::tuple structure(const py::object& self) {
+    const CsrHandle& h = self.cast<const CsrHandle&>();
+    py::array row_ptr(py::dtype::of<int64_t>(), {h.view_.rows + 1}, {int64_t{8}}, h.row_ptr_.data(), self);
+    py::array col = h.view_.index_bytes == 2
+        ? py::array(py::dtype::of<uint16_t>(), {h.view_.nnz}, {int64_t{2}}, h.col_idx_.data(), self)
+        : py::array(py::dtype::of<int32_t>(), {h.view_.nnz}, {int64_t{4}}, h.col_idx_.data(), self);
+    for (py::array* a : {&row_ptr, &col}) a->attr("flags").attr("writeable") = false;
+    return py::make_tuple(row_ptr, col);
+  }
+
   int64_t rows() const { return view_.rows; }
   int64_t cols() const { return view_.cols; }
   int64_t nnz() const { return view_.nnz; }
@@ -355,6 +369,8 @@ PYBIND11_MODULE(_C, m) {
            "out[:] = x @ A.T (+ bias), A being the validated structure with these values (nnz float32)")
       .def("forward", &CsrHandle::forward, py::arg("x"),
            "x @ A.T (+ bias) as a new tensor; x and the result are DLPack capsules (keep=True handles only)")
+      .def("structure", &CsrHandle::structure,
+           "(crow_indices, col_indices): read-only numpy views of the handle's validated copy")
       .def_property_readonly("keeps_buffers", &CsrHandle::keeps_buffers)
       .def_property_readonly("rows", &CsrHandle::rows)
       .def_property_readonly("cols", &CsrHandle::cols)

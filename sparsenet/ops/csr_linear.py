@@ -52,11 +52,13 @@ def _csr_linear_fake(x, crow_indices, col_indices, values, bias, in_features):
 def _grad_input_cpu(grad_out, crow_indices, col_indices, values, in_features):
     out_features = crow_indices.numel() - 1
     g2 = grad_out.reshape(-1, out_features)
-    with warnings.catch_warnings():  # torch flags its CSR support as beta on every construction
+    # The structure comes from the handle's validated copy, never from the tensors themselves: a
+    # write that torch does not track may have broken them since the forward, and torch's CSR
+    # matmul (fine for the rarely hot backward pass) trusts what it is given.
+    crow, col = csr_handle(crow_indices, col_indices, values, in_features).structure()
+    with warnings.catch_warnings():  # beta CSR support; read-only numpy views (torch only reads them)
         warnings.simplefilter("ignore", UserWarning)
-        # Structure already validated by the forward's handle; torch's CSR matmul is fine for the
-        # (rarely hot) backward pass.
-        w = torch.sparse_csr_tensor(crow_indices, col_indices.to(torch.int64), values.detach(),
+        w = torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(col.astype("int64")), values.detach(),
                                     (out_features, in_features), check_invariants=False)
         return torch.mm(g2, w).reshape(*grad_out.shape[:-1], in_features)
 

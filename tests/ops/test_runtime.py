@@ -35,6 +35,82 @@ def test_threads_setting_and_errors():
             sparsenet.set_num_threads(bad)
 
 
+def test_thread_counts_beyond_the_cpus_are_refused():
+    # 100000 threads made OpenMP's team start crash or exit the process; more than the CPUs the
+    # process may run on only contend for them.
+    before, usable = sparsenet.get_num_threads(), sparsenet.ops.runtime.usable_threads()
+    assert 1 <= usable <= (os.cpu_count() or usable)
+    for bad in (usable + 1, 100000, 2**70):
+        with pytest.raises(ValueError, match="exceeds the .* CPUs"):
+            sparsenet.set_num_threads(bad)
+        with pytest.raises(ValueError, match="exceeds the .* CPUs"):
+            sparsenet._C.set_num_threads(min(bad, 2**31 - 1))  # the native layer checks too
+    assert sparsenet.get_num_threads() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="reads the affinity mask")
+def test_thread_count_from_torch_is_clamped_at_import():
+    # (A modest excess: torch itself starts every thread it is asked for.)
+    r = run_python("import os, torch; torch.set_num_threads(len(os.sched_getaffinity(0)) + 3); import sparsenet; "
+                   "print(sparsenet.get_num_threads(), sparsenet.ops.runtime.usable_threads())")
+    assert r.returncode == 0, r.stderr
+    threads, usable = r.stdout.split()
+    assert threads == usable
+
+
+# A model saved and loaded in the parent, used there on two threads (so OpenMP's team exists), then
+# by a fork-started DataLoader's workers: GNU OpenMP cannot start a team in a forked child, so a
+# multi-threaded call there hung forever. The workers must run it single-threaded and agree.
+FORK_SCRIPT = """
+import os, sys, time, torch, sparsenet
+from torch import nn
+torch.manual_seed(0)
+lin = nn.Linear(512, 512)
+with torch.no_grad():
+    lin.weight.mul_(torch.rand_like(lin.weight) < 0.3)
+path = sys.argv[1]
+sparsenet.save(sparsenet.sparsify(nn.Sequential(lin))[0], path)
+model = sparsenet.load(path, nn.Sequential(sparsenet.SparseLinear(512, 512)))
+threads = min(2, sparsenet.ops.runtime.usable_threads())
+sparsenet.set_num_threads(threads)
+x = torch.randn(4, 64, 512)
+with torch.inference_mode():
+    expected = torch.stack([model(x[i]) for i in range(4)])
+
+class Rows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        assert sparsenet.get_num_threads() == 1 and sparsenet._C.in_forked_child()
+        try:
+            sparsenet.set_num_threads(2)
+        except RuntimeError as e:
+            assert "forked" in str(e) and "spawn" in str(e)
+        else:
+            raise AssertionError("set_num_threads(2) in a forked child must refuse")
+        sparsenet.set_num_threads(1)  # allowed: it is what the child runs with
+        with torch.inference_mode():
+            return model(x[i])
+
+start = time.monotonic()
+loader = torch.utils.data.DataLoader(Rows(), batch_size=None, num_workers=2, timeout=30,
+                                     multiprocessing_context="fork")
+got = torch.stack(list(loader))
+assert torch.equal(got, expected), (got - expected).abs().max()
+assert sparsenet.get_num_threads() == threads  # the parent keeps its own setting
+print(f"ok {threads} {time.monotonic() - start:.1f}")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_started_dataloader_workers_do_not_hang(tmp_path):
+    r = subprocess.run([sys.executable, "-c", FORK_SCRIPT, str(tmp_path / "model.safetensors")],
+                       capture_output=True, text=True, timeout=120, cwd=tempfile.gettempdir())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("ok"), r.stdout
+    assert float(r.stdout.split()[2]) < 20, r.stdout  # seconds, not the DataLoader's timeout
+
+
 def test_isa_errors():
     with pytest.raises(ValueError, match="unknown ISA"):
         sparsenet.set_isa("neon")

@@ -1,0 +1,84 @@
+"""Inf and NaN in an input sample reach that sample's outputs exactly as in the dense layer.
+
+A pruned weight is a zero, and 0 x Inf and 0 x NaN are NaN: so an output is NaN wherever its row
+lacks a column that holds a non-finite input, and otherwise whatever the stored products give
+(Inf, -Inf or NaN). Pinned on every ISA, batch regime and call path against a float64 dense layer.
+"""
+import pytest
+import torch
+from torch import nn
+
+from sparsenet.nn import SparseLinear
+
+from call_paths import PATHS
+
+# Batch 1-3: one dot product per output (its 1-7 tail is one masked vector step that reads the
+# next row's columns); 4-16: 8-wide panels (tiled from 17% density); 17 on: wide panels.
+BATCHES = [1, 2, 3, 4, 5, 16, 17, 33]
+
+
+def layer_and_dense(out_f, in_f, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(in_f, out_f)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(out_f, in_f, generator=g) < density)
+        lin.weight[0] = torch.randn(in_f, generator=g)  # a fully dense row: no zero to meet an Inf
+    return SparseLinear.from_dense(lin), lin
+
+
+def inputs_with_nonfinite(batch, in_f, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, in_f, generator=g)
+    specials = [float("nan"), float("inf"), float("-inf")]
+    for m in range(0, batch, 2):  # every other sample keeps finite inputs: they must stay exact
+        cols = torch.randperm(in_f, generator=g)[: 1 + m % 3]
+        for i, c in enumerate(cols.tolist()):
+            x[m, c] = specials[(m + i) % 3]
+    return x
+
+
+def assert_dense_semantics(out, lin, x):
+    ref = torch.nn.functional.linear(x.double(), lin.weight.detach().double(), lin.bias.detach().double())
+    assert torch.equal(out.isnan(), ref.isnan()), "NaN pattern differs from the dense layer's"
+    assert torch.equal(out.isinf(), ref.isinf()), "Inf pattern differs from the dense layer's"
+    assert torch.equal(out[ref.isinf()], ref[ref.isinf()].float()), "Inf signs differ"
+    ok = ref.isfinite()
+    if ok.any():
+        err = (out.double()[ok] - ref[ok]).abs().max() / ref[ok].abs().max().clamp_min(1.0)
+        assert err < 1e-5
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.9])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_every_isa_and_batch_regime(isa, batch, density):
+    layer, lin = layer_and_dense(45, 61, density, seed=batch)
+    x = inputs_with_nonfinite(batch, 61, seed=batch)
+    assert_dense_semantics(PATHS["eager"](layer, x), lin, x)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 17])
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_every_call_path(path, batch):
+    layer, lin = layer_and_dense(45, 300, 0.3, seed=7)
+    x = inputs_with_nonfinite(batch, 300, seed=batch)
+    assert_dense_semantics(PATHS[path](layer, x), lin, x)
+
+
+def test_inf_in_the_next_rows_column_does_not_leak_into_a_row(isa):
+    # Row 0 holds 3 non-zeros (a masked tail step reads 5 more indices: row 1's), row 1 holds
+    # column 5. A single input x = Inf at column 5 (and nothing else non-finite) must make row 0's
+    # output NaN (dense: 0 x Inf), row 1's Inf, and row 2 (which stores every column) Inf too.
+    w = torch.zeros(3, 8)
+    w[0, :3] = 1.0
+    w[1, 5] = 2.0
+    w[2] = 1.0
+    lin = nn.Linear(8, 3, bias=False)
+    lin.weight.data = w
+    layer = SparseLinear.from_dense(lin)
+    x = torch.zeros(1, 8)
+    x[0, 5] = float("inf")
+    out = PATHS["eager"](layer, x)
+    assert out[0, 0].isnan() and out[0, 1] == float("inf") and out[0, 2] == float("inf")
+    finite = torch.zeros(1, 8)
+    finite[0, 5] = 1e30
+    assert torch.equal(PATHS["eager"](layer, finite), torch.tensor([[0.0, 2e30, 1e30]]))
