@@ -1,0 +1,117 @@
+"""A/B of two builds of the native module in one process, call by call: did a change to csrc/ make a
+layer slower?
+
+Timing two builds in separate processes compares two machine states as much as two builds (on the
+shared 2-core machines here, process-to-process medians of one build varied by 10-30%). Both
+modules are loaded into one process instead (the baseline under another package name), given the
+same weights, and called alternately, each from its own rotation of weight copies that exceed the
+last-level cache twice over, so every call reads its weight from DRAM.
+
+    cp build/<tag>/_C*.so /tmp/base_C.so      # the baseline build, before the change
+    # ... rebuild with the change ...
+    python benchmarks/ab_native.py /tmp/base_C.so --batch 1 64
+
+Prints the median time per call of each build and their ratio (new / baseline), with the CPU.
+Measures the native call only (DLPack in, DLPack out); Python-side changes need a separate look.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import platform
+import statistics
+import time
+
+import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
+
+import sparsenet
+from sparsenet import _C as new_C
+from sparsenet.formats import PackedCSR, hugepages
+
+
+def last_level_cache_bytes() -> int:
+    """The largest cache sysfs lists for CPU 0 (the last level)."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(path).read().strip()
+        sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1))
+    return max(sizes, default=32 * 2**20)
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_baseline(path: str):
+    # The extension's init function is named after the last component of the module name: "_C".
+    spec = importlib.util.spec_from_file_location("sparsenet_baseline._C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def handles(module, packed: PackedCSR, bias: torch.Tensor, copies: int):
+    """`copies` handles over their own copies of the weight (keep=True: they hold them), indices and
+    values in one huge-page region each, so neither build is handed slower memory than the other."""
+    out_features, in_features = packed.shape
+    made = []
+    for _ in range(copies):
+        col, values = hugepages.copy_group([packed.col_indices, packed.values])
+        made.append(module.CsrHandle(out_features, in_features, packed.crow_indices.clone().numpy(), col.numpy(),
+                                     values.numpy(), True, bias.clone().numpy()))
+    return made
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("baseline", help="path of the baseline build's _C*.so")
+    parser.add_argument("--shape", type=int, nargs=2, default=(4096, 4096), metavar=("OUT", "IN"))
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--threads", type=int, default=min(2, sparsenet.ops.runtime.usable_threads()))
+    parser.add_argument("--rounds", type=int, default=40)
+    args = parser.parse_args()
+
+    base_C = load_baseline(args.baseline)
+    torch.set_num_threads(args.threads)
+    for module in (base_C, new_C):
+        module.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    out_features, in_features = args.shape
+    weight = torch.randn(out_features, in_features)
+    weight[torch.rand_like(weight) < args.sparsity] = 0
+    bias = torch.randn(out_features)
+    packed = PackedCSR.from_dense(weight)
+    weight_bytes = packed.nnz * (4 + packed.col_indices.element_size()) + 8 * (out_features + 1)
+    copies = max(2, -(-2 * last_level_cache_bytes() // weight_bytes))
+    contenders = {"baseline": handles(base_C, packed, bias, copies), "new": handles(new_C, packed, bias, copies)}
+    print(f"{cpu_name()}, {args.threads} threads; {out_features}x{in_features} at {args.sparsity:.0%} "
+          f"sparsity, {weight_bytes / 2**20:.1f} MiB per weight, {copies} copies per build")
+    for batch in args.batch:
+        x = torch.randn(batch, in_features)
+        reference = x.double() @ weight.double().T + bias.double()
+        times = {name: [] for name in contenders}
+        for r in range(args.rounds):
+            for i in range(copies):
+                order = ("baseline", "new") if (r + i) % 2 else ("new", "baseline")
+                for name in order:
+                    start = time.perf_counter()
+                    y = from_dlpack(contenders[name][i].forward(to_dlpack(x)))
+                    times[name].append(time.perf_counter() - start)
+                    if r == 0:  # once per handle: the timed rounds stay free of other work
+                        err = ((y.double() - reference).abs().max() / reference.abs().max()).item()
+                        assert err < 1e-4, f"{name} disagrees with the float64 reference: {err:.1e}"
+        base, new = (statistics.median(times[n]) * 1e6 for n in ("baseline", "new"))
+        print(f"batch {batch:>4}: baseline {base:9.1f} us, new {new:9.1f} us, new / baseline {new / base:.3f}")
+
+
+if __name__ == "__main__":
+    main()
