@@ -559,6 +559,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             report = report.with_positions(output_positions(model, pruner.layers, calib[0]))
     except (ValueError, TypeError, RuntimeError) as e:  # bad settings or data that does not fit the model
         raise CommandError(str(e)) from e
+    except (Exception, SystemExit) as e:  # anything else comes from the model's own forward
+        raise _user_code_failed("the model's forward", e) from e
     if scripted:
         with torch.no_grad():
             for name, mask in pruner.masks.items():
@@ -681,6 +683,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         )
     except (ValueError, TypeError, RuntimeError) as e:  # bad settings or data that does not fit the model
         raise CommandError(str(e)) from e
+    except (Exception, SystemExit) as e:  # anything else comes from the model's own forward
+        raise _user_code_failed("the model's forward", e) from e
     console = _console()
     console.print(result)
     model = result.finalize()

@@ -361,3 +361,35 @@ def test_output_in_read_only_folder(tmp_path, capsys):
     finally:
         locked.chmod(0o755)
     one_error_line(code, err, "is not writable")
+
+
+FAILING_FORWARD = """
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(192, 4)
+
+    def forward(self, x):
+        {body}
+
+
+def build():
+    return Net()
+"""
+
+
+@pytest.mark.parametrize("body, message", [
+    ("raise KeyError('labels')", "the model's forward raised KeyError: 'labels'"),
+    ("exit(4)", "the model's forward called exit(4)"),
+])
+def test_model_forward_failing_is_one_error_line(tmp_path, calib, capsys, body, message):
+    path = tmp_path / "net.py"
+    path.write_text(FAILING_FORWARD.format(body=body))
+    out = tmp_path / "out.sn"
+    code, _, err = run(["--model", f"{path}:build", "--sparsity", "0.5", "--criterion", "wanda",
+                        "--calib", calib, "-o", out], capsys)
+    one_error_line(code, err, message)
+    assert not out.exists()

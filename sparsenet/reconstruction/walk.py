@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .._weights import weight_shape
-from ..calibration.capture import eval_mode
+from ..calibration.capture import check_rows_seen, eval_mode
 from ..calibration.gram import CHUNK_ROWS, Gram, input_rows, layer_columns
 from .blockwise import FitResult, fit, relative_mse
 from .layerwise import LayerResult, current_keep, install, problem_for, solve
@@ -187,6 +187,7 @@ def walk(
                 stage, dense_stage if settings.correct else None, group, inputs,
                 dense_inputs if settings.correct else None,
             )
+            check_rows_seen({f"layer {name!r}": moments[name].gram.rows for name in group})
             for name in group:
                 layer = stage.layers[name]
                 problem = problem_for(layer, moments[name].gram)

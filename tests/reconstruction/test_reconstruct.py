@@ -263,6 +263,7 @@ def test_sparsity_zero_is_a_refit_with_full_masks():
         ([torch.full((4, 16), float("nan"))], "NaN"),
         ([], "empty"),
         ([torch.randn(4, 15)], "does not run through the model"),
+        ([torch.randn(0, 16)], "no calibration data reached layer '0'"),
     ],
 )
 def test_bad_calibration_raises_and_leaves_model_unchanged(calib, match, untouched):
