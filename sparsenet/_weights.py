@@ -22,7 +22,11 @@ def stored_weight(module: nn.Module) -> Tensor:
     """The unmasked weight: the stored original under a parametrization (reading ``module.weight``
     would compute the masked one), ``module.weight`` otherwise."""
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations["weight"].original
+        # A parametrization that splits the weight (weight_norm: original0, original1) has no
+        # single original: the computed weight stands for it.
+        originals = module.parametrizations["weight"]
+        if hasattr(originals, "original"):
+            return originals.original
     return module.weight
 
 
@@ -45,8 +49,15 @@ def is_linear(module: nn.Module) -> bool:
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of an ``nn.Linear`` or Conv1D."""
+    return matrix_shape(module)
+
+
+def matrix_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out, in * kernel)``: the shape :func:`as_matrix` gives the layer's weight."""
     shape = weight_shape(module)
-    return (shape[1], shape[0]) if is_conv1d(module) else (shape[0], shape[1])
+    if is_conv1d(module):
+        return shape[1], shape[0]
+    return shape[0], math.prod(shape[1:])
 
 
 def as_matrix(module: nn.Module, t: Tensor) -> Tensor:

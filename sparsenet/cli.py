@@ -177,7 +177,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         sparsenet.set_num_threads(args.threads)
-    progress = False if args.no_progress else None
+    progress = _progress(args)
     console = _console()
     console.print(f"[bold]sparsenet demo[/bold]: sparsity {args.sparsity:g}, seed {args.seed}, "
                   f"threads {torch.get_num_threads()} (sparsenet {sparsenet.get_num_threads()}), "
@@ -195,6 +195,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 1
     console.print(f"outputs agree: max rel error {b['max_rel_err']:.1e} (tolerance {AGREE_TOL:g})")
     return 0
+
+
+def _progress(args: argparse.Namespace):
+    """--no-progress hides the bars; otherwise they show only when stderr is a terminal (tqdm's
+    rule), so a redirected stderr gets no bar drawings."""
+    return False if args.no_progress else None
 
 
 class CommandError(Exception):
@@ -239,9 +245,14 @@ def _block(text: str) -> tuple[int, int]:
 
 _MODEL_EPILOG = (
     "MODEL is pkg.module:factory or path/to/file.py:factory (a zero-argument callable returning an "
-    "nn.Module; the current directory is importable), or a TorchScript file, or, with --trust-pickle, "
-    "a torch.save pickle of a whole module."
+    "nn.Module; the current directory is importable), or hf:DIR (a Hugging Face model directory: its "
+    "config.json, and its weights if it has them; the class is the config's first architecture), or "
+    "hf:CLASS (a transformers class name such as BertModel, built from its default config with random "
+    "weights, for --weights), or a TorchScript file, or, with --trust-pickle, a torch.save pickle of a "
+    "whole module."
 )
+_HF_PREFIX = "hf:"
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _CALIB_EPILOG = (
     "CALIB is a safetensors file: either 'inputs' [N, ...] with optional 'targets' [N, ...] (batches are "
     "model(inputs)), or any other set of [N, ...] tensors passed as keyword arguments "
@@ -392,11 +403,48 @@ def _is_torchscript(path: str) -> bool:
         raise CommandError(f"{path!r} is a damaged zip archive ({e})") from e
 
 
+def _load_hf(spec: str):
+    """A transformers model from a local directory (config.json, weights if present) or a class name.
+
+    Nothing is downloaded: a directory is read with local_files_only, a class gets its default config.
+    """
+    try:
+        import transformers
+    except ImportError as e:
+        raise CommandError(f"--model {_HF_PREFIX}{spec}: needs the transformers package ({e})") from e
+    try:
+        if os.path.isdir(spec):
+            if not os.path.isfile(os.path.join(spec, "config.json")):
+                raise CommandError(f"--model {_HF_PREFIX}{spec}: the directory has no config.json")
+            config = transformers.AutoConfig.from_pretrained(spec, local_files_only=True)
+            names = getattr(config, "architectures", None) or ["AutoModel"]
+            cls = getattr(transformers, names[0], None)
+            if cls is None:
+                raise CommandError(f"--model {_HF_PREFIX}{spec}: transformers has no class {names[0]!r}")
+            if any(os.path.isfile(os.path.join(spec, f)) for f in _HF_WEIGHTS):
+                return cls.from_pretrained(spec, local_files_only=True)
+            return cls.from_config(config) if names[0] == "AutoModel" else cls(config)
+        cls = getattr(transformers, spec, None)
+        if not (isinstance(cls, type) and hasattr(cls, "config_class") and cls.config_class is not None):
+            raise CommandError(f"--model {_HF_PREFIX}{spec}: neither a directory nor a transformers model "
+                               "class name (such as BertModel)")
+        return cls(cls.config_class())
+    except CommandError:
+        raise
+    except (Exception, SystemExit) as e:  # a broken config or weights file, a class needing more
+        raise _user_code_failed(f"--model {_HF_PREFIX}{spec}: building it", e) from e
+
+
 def _load_model(args: argparse.Namespace):
     """(model, is_torchscript) from --model / --weights / --trust-pickle."""
     import torch
     from torch import nn
 
+    if args.model.startswith(_HF_PREFIX):
+        model = _load_hf(args.model[len(_HF_PREFIX):])
+        if args.weights is not None:
+            _load_weights(model, args.weights)
+        return model, False
     if os.path.isfile(args.model):
         if args.weights is not None:
             raise CommandError("--weights applies only to a factory model; a model file carries its weights")
@@ -435,14 +483,12 @@ def _load_model(args: argparse.Namespace):
 
 
 def _load_weights(model, path: str) -> None:
-    """A sparsenet.save file (sparse layers made dense again) or a plain safetensors state_dict."""
+    """A sparsenet.save file (sparse layers loaded as the model's own dense layers, so a sparsified
+    file re-prunes like any other) or a plain safetensors state_dict."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    import sparsenet
-    from sparsenet.io import read_metadata
-    from sparsenet.nn import SparseLinear
-    from sparsenet.nn.convert import _set_submodule
+    from sparsenet.io import load_dense
 
     if not os.path.isfile(path):
         raise CommandError(f"--weights {path!r}: no such file")
@@ -452,17 +498,10 @@ def _load_weights(model, path: str) -> None:
     except Exception as e:
         raise CommandError(f"--weights {path!r} is not a readable safetensors file ({e})") from e
     try:
-        if not is_sparsenet:
+        if is_sparsenet:
+            load_dense(path, model)
+        else:
             model.load_state_dict(load_file(path), strict=True)
-            return
-        # Layers saved as SparseLinear get a SparseLinear shell to load into, then turn dense,
-        # so a sparsified file re-prunes like any other.
-        for entry in read_metadata(path)["modules"]:
-            layer = model.get_submodule(entry["name"])
-            shell = SparseLinear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-            _set_submodule(model, entry["name"], shell)
-        sparsenet.load(path, model)
-        sparsenet.densify(model, inplace=True)
     except (ValueError, RuntimeError, AttributeError) as e:
         raise CommandError(f"--weights {path!r} does not fit the model: {e}") from e
 
@@ -552,7 +591,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         pruner = sparsenet.prune(
             target, args.sparsity, criterion=args.criterion, scope=args.scope, exclude=args.exclude,
             seed=args.seed, structure=args.structure, block=args.block, calib=calib,
-            progress=not args.no_progress,
+            progress=_progress(args),
         )
         report = pruner.report()
         if calib is not None:  # FLOPs per sample need the layers' real output sizes
@@ -677,7 +716,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         result = sparsenet.reconstruct(
             model, calib, args.sparsity, structure=args.structure, block=args.block, method=args.method,
             blockwise=not args.no_blockwise, correct=not args.no_correct, allocation=args.allocation,
-            exclude=args.exclude, blocks=args.blocks, final=args.final, progress=not args.no_progress,
+            exclude=args.exclude, blocks=args.blocks, final=args.final, progress=_progress(args),
             # Only what was given: otherwise the library's own defaults apply.
             **{k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None},
         )

@@ -25,6 +25,10 @@ Design choices, and why:
 * ``load`` checks the whole file against the skeleton (names, shapes, dtypes, packed-CSR invariants,
   checksums, versions) before it copies a single tensor, so a bad file raises ValueError and leaves
   the skeleton untouched. Names are checked from the header, before any tensor is read.
+* The skeleton may be the plain dense model (built from its config): a layer the file records as
+  sparse where the model has an ``nn.Linear`` or Hugging Face ``Conv1D`` of that shape gets a
+  SparseLinear in its place. The checks run against a stand-in of the converted model that shares
+  every tensor with the skeleton, so nothing is swapped until the whole file has passed them.
 """
 from __future__ import annotations
 
@@ -417,21 +421,147 @@ def _check_against_model(path: str, header: dict, state: dict[str, torch.Tensor]
     _check_shared(path, state, model)
 
 
-def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
-    """Load a file written by ``save`` into ``model`` (a skeleton of the same architecture) and return it.
+def _module_at(path: str, model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{path!r} holds a sparse layer {name!r}, but the model has no module {name!r}: "
+                         "pass a model of the architecture the file was saved from") from None
 
-    Sparse layers may hold a different number of non-zeros than the skeleton's. Everything is
-    validated before the first tensor is copied: any problem raises ValueError and leaves ``model``
-    unchanged.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    path = os.fspath(path)
-    header, tensors = _read(path, expected=model.state_dict().keys())
-    state = _restore_tensors(path, header, tensors)
-    _check_against_model(path, header, state, model)
-    model.load_state_dict(state, strict=True)
+
+def _sparse_shell(path: str, entry: dict, layer: nn.Module, has_bias: bool) -> nn.Module:
+    """An empty SparseLinear to load the file's sparse layer ``entry`` into, in place of the model's
+    dense ``layer``; ValueError when ``layer`` cannot be that layer."""
+    from sparsenet._weights import is_linear, linear_features
+    from sparsenet.nn import SparseLinear
+
+    name, kind = entry["name"], type(layer).__name__
+    if not is_linear(layer):
+        raise ValueError(f"{path!r} holds {name!r} as a sparse layer, but the model's {name!r} is a {kind}: "
+                         "it must be an nn.Linear, a transformers Conv1D or a SparseLinear")
+    out_features, in_features = linear_features(layer)
+    if entry.get("shape") != [out_features, in_features]:
+        raise ValueError(f"{path!r}: sparse layer {name!r} has shape {entry.get('shape')} (out, in) in the file, "
+                         f"but the model's {kind} {name!r} is [{out_features}, {in_features}]")
+    if has_bias != (getattr(layer, "bias", None) is not None):
+        raise ValueError(f"{path!r}: sparse layer {name!r} has {'a' if has_bias else 'no'} bias in the file, "
+                         f"but the model's {kind} {name!r} has {'none' if has_bias else 'one'}")
+    return SparseLinear(in_features, out_features, bias=has_bias)
+
+
+def _sparse_swaps(path: str, header: dict, model: nn.Module) -> dict[str, nn.Module]:
+    """name -> new SparseLinear, for each dense layer of ``model`` that the file holds as sparse (a
+    layer registered under several names gets one SparseLinear under all of them, as in sparsify)."""
+    from sparsenet.nn import SparseLinear
+    from sparsenet.nn.convert import all_module_names
+
+    provided = header["crc32"].keys() | header["aliases"].keys()
+    shells: dict[int, nn.Module] = {}
+    for entry in header["modules"]:
+        layer = _module_at(path, model, entry["name"])
+        if not isinstance(layer, SparseLinear) and id(layer) not in shells:
+            has_bias = _prefix(entry["name"]) + "bias" in provided
+            shells[id(layer)] = _sparse_shell(path, entry, layer, has_bias)
+    names = all_module_names(model) if shells else {}
+    return {alias: shell for key, shell in shells.items() for alias in names[key]}
+
+
+def _stand_in(model: nn.Module, swaps: dict[str, nn.Module]) -> nn.Module:
+    """``model`` as it will be once ``swaps`` are made, built without changing it: each module on the
+    way to a swapped one is a shallow copy with a registry of children of its own; every other
+    module, and every parameter and buffer, is ``model``'s own. Only ``state_dict`` and the module
+    tree of the result are used (to check the file), never its forward."""
+    if "" in swaps:  # the model is itself the layer
+        return swaps[""]
+    copies: dict[int, nn.Module] = {}
+
+    def copy_of(module: nn.Module) -> nn.Module:
+        if id(module) not in copies:
+            # Not copy.copy: parametrized modules refuse to be copied that way.
+            twin = type(module).__new__(type(module))
+            vars(twin).update(vars(module))
+            vars(twin)["_modules"] = dict(module._modules)
+            copies[id(module)] = copies[id(twin)] = twin  # a module reached twice is copied once
+        return copies[id(module)]
+
+    root = copy_of(model)
+    for name, new in swaps.items():
+        *path, last = name.split(".")
+        parent = root
+        for part in path:
+            child = copy_of(parent._modules[part])
+            parent._modules[part] = child
+            parent = child
+        parent._modules[last] = new
+    return root
+
+
+def _apply_swaps(model: nn.Module, swaps: dict[str, nn.Module]) -> nn.Module:
+    from sparsenet.nn.convert import _set_submodule
+
+    if "" in swaps:
+        return swaps[""]
+    for name, new in swaps.items():
+        _set_submodule(model, name, new)
     return model
 
 
-__all__ = ["save", "load", "read_metadata", "size_report", "SizeReport", "FILE_FORMAT_VERSION"]
+def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Load a file written by ``save`` into ``model`` and return it.
+
+    ``model`` is a model of the saved architecture: the plain dense one (e.g. ``BertModel(config)``)
+    or one whose sparse layers already are SparseLinear. Each layer the file holds as sparse where
+    ``model`` has an ``nn.Linear`` or a Hugging Face ``Conv1D`` of the same shape and bias is replaced
+    by a SparseLinear (under every name it is registered by); the result is ``model`` itself, or a
+    new SparseLinear when ``model`` is itself such a layer. Sparse layers may hold a different number
+    of non-zeros than the skeleton's.
+
+    Everything is validated before anything changes: any problem raises ValueError and leaves
+    ``model`` as it was, with no layer replaced and no tensor copied. A Hugging Face model that ends
+    up holding SparseLinear layers has its ``save_pretrained`` refused (see
+    ``sparsenet.nn.hf.guard_save_pretrained``): ``from_pretrained`` could not read them back.
+    """
+    from sparsenet.nn.hf import guard_save_pretrained
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    path = os.fspath(path)
+    # The header says which dense layers become SparseLinear; the file is then read and checked in
+    # full against that converted model (should the file change in between, those checks catch it).
+    swaps = _sparse_swaps(path, read_metadata(path), model)
+    target = _stand_in(model, swaps) if swaps else model
+    header, tensors = _read(path, expected=target.state_dict().keys())
+    state = _restore_tensors(path, header, tensors)
+    _check_against_model(path, header, state, target)
+    model = _apply_swaps(model, swaps)
+    model.load_state_dict(state, strict=True)
+    return guard_save_pretrained(model)
+
+
+def load_dense(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Like :func:`load`, but the model keeps its own dense layers: each sparse layer's weights are
+    written into the model's ``nn.Linear`` / ``Conv1D`` (zeros included) instead of a SparseLinear
+    taking its place. For fine-tuning or re-pruning a saved sparse model as a dense one."""
+    from sparsenet._weights import from_matrix, is_linear
+    from sparsenet.nn import SparseLinear
+    from sparsenet.nn.convert import _set_submodule, all_module_names
+
+    names = all_module_names(model)
+    dense_layers = {name: m for m in model.modules() if is_linear(m) for name in names[id(m)]}
+    loaded = load(path, model)  # validated in full before anything changes
+    for name, sparse in list(loaded.named_modules(remove_duplicate=False)):
+        layer = dense_layers.get(name)
+        if not isinstance(sparse, SparseLinear) or layer is None:
+            continue
+        with torch.no_grad():
+            layer.weight.copy_(from_matrix(layer, sparse.to_csr().to_dense()))
+            if layer.bias is not None:
+                layer.bias.copy_(sparse.bias)
+        if name:
+            _set_submodule(loaded, name, layer)
+        else:
+            loaded = layer
+    return loaded
+
+
+__all__ = ["save", "load", "load_dense", "read_metadata", "size_report", "SizeReport", "FILE_FORMAT_VERSION"]

@@ -393,3 +393,54 @@ def test_model_forward_failing_is_one_error_line(tmp_path, calib, capsys, body, 
                         "--calib", calib, "-o", out], capsys)
     one_error_line(code, err, message)
     assert not out.exists()
+
+
+# ---- Hugging Face models; progress bars ---------------------------------------------------------------
+
+def tiny_bert_config():
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=32, architectures=["BertModel"])
+
+
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_hugging_face_directory(tmp_path, capsys, with_weights):
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path / "bert"
+    original = BertModel(tiny_bert_config())
+    if with_weights:
+        original.save_pretrained(folder)
+    else:
+        tiny_bert_config().save_pretrained(folder)
+    out = tmp_path / "out.safetensors"
+    code, stdout, err = run(["--model", f"hf:{folder}", "--sparsity", "0.5", "-o", out], capsys)
+    assert code == 0, err
+    pruned = sparsenet.load(out, BertModel(tiny_bert_config()))
+    w = pruned.encoder.layer[0].intermediate.dense.weight
+    assert abs(float((w == 0).float().mean()) - 0.5) < 0.01
+    if with_weights:  # the directory's weights were the ones pruned
+        kept = w != 0
+        assert torch.equal(w[kept], original.encoder.layer[0].intermediate.dense.weight[kept])
+
+
+def test_hugging_face_spec_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for spec, message in ((f"hf:{tmp_path / 'empty'}", "has no config.json"),
+                          ("hf:NoSuchModelClass", "neither a directory nor a transformers model class")):
+        code, _, err = run(["--model", spec, "--sparsity", "0.5", "-o", tmp_path / "o.sn"], capsys)
+        one_error_line(code, err, message)
+
+
+def test_no_progress_bars_in_a_redirected_stderr(tmp_path, capsys):
+    # capsys stands for a redirected stderr (not a terminal): bars would only fill a log with \r-lines.
+    code, _, err = run_with_progress(["--model", FACTORY, "--sparsity", "0.5", "-o", tmp_path / "o.sn"], capsys)
+    assert code == 0 and "\r" not in err and "it/s" not in err and "%|" not in err, err
+
+
+def run_with_progress(argv, capsys):
+    code = cli.main(["prune", *map(str, argv)])  # no --no-progress
+    out = capsys.readouterr()
+    return code, out.out, out.err

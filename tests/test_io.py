@@ -14,6 +14,8 @@ import sparsenet.io as sio
 from sparsenet.formats import CSR
 from sparsenet.nn import SparseLinear
 
+from layer_twins import as_linear, zero_linear_weights
+
 
 class Net(nn.Module):
     def __init__(self, hidden=256):
@@ -477,16 +479,37 @@ BAD_FILES = {
 }
 
 
+# A dense skeleton meets a few of these files at another check first.
+DENSE_SKELETON_MATCH = {
+    "sparse_modules_differ": "missing from the file: fc1.weight",
+    "missing_tensor": "sparse layer 'fc2' has no bias in the file, but the model's Linear 'fc2' has one",
+}
+
+
+def unchanged(model):
+    """``check = unchanged(model)``; ``check()`` asserts the model holds the same module objects under
+    the same names and the same tensors as when ``unchanged`` was called."""
+    modules, state = list(model.named_modules(remove_duplicate=False)), snapshot(model)
+
+    def check():
+        after = list(model.named_modules(remove_duplicate=False))
+        assert [(n, id(m)) for n, m in after] == [(n, id(m)) for n, m in modules]
+        assert same_tensors(state, snapshot(model))
+    return check
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse_skeleton", "dense_skeleton"])
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
-def test_bad_file_raises_and_leaves_skeleton_untouched(saved, tmp_path, case):
+def test_bad_file_raises_and_leaves_skeleton_untouched(saved, tmp_path, case, dense):
+    # With the dense skeleton the file is checked against a converted stand-in: nothing is swapped.
     _, good = saved
     make, match = BAD_FILES[case]
     bad = make(good, tmp_path / f"{case}.sn")
-    skel = sparse_net(seed=5, sparsity=0.5)
-    before = snapshot(skel)
-    with pytest.raises(ValueError, match=match):
+    skel = Net() if dense else sparse_net(seed=5, sparsity=0.5)
+    check = unchanged(skel)
+    with pytest.raises(ValueError, match=DENSE_SKELETON_MATCH.get(case, match) if dense else match):
         sio.load(bad, skel)
-    assert same_tensors(before, snapshot(skel))
+    check()
 
 
 def test_wrong_architecture_skeleton(saved):
@@ -498,13 +521,213 @@ def test_wrong_architecture_skeleton(saved):
     assert same_tensors(before, snapshot(skel))
 
 
-def test_dense_skeleton_for_sparse_file(saved):
-    _, path = saved
-    with pytest.raises(ValueError, match="missing from the file: fc1.weight"):
-        sio.load(path, Net())
-
-
 def test_read_metadata_rejects_bad_files(saved, tmp_path):
     _, good = saved
     with pytest.raises(ValueError, match="file format 2"):
         sio.read_metadata(rewrite(good, tmp_path / "f.sn", setitem(["file_format_version"], 2)))
+
+
+# ---- loading into the plain dense model --------------------------------------------------------------
+
+def test_dense_skeleton_gets_sparse_layers(saved):
+    model, path = saved
+    skel = Net()
+    loaded = sio.load(path, skel)
+    assert loaded is skel
+    assert isinstance(loaded.fc1, SparseLinear) and isinstance(loaded.fc2, SparseLinear)
+    assert isinstance(loaded.norm, nn.LayerNorm)
+    assert same_tensors(snapshot(model), snapshot(loaded))
+    x = torch.randn(5, 128)
+    assert torch.equal(model(x), loaded(x))
+
+
+def sparse_layer_names(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, SparseLinear))
+
+
+def test_plain_mlp_round_trip(tmp_path):
+    import sparsenet.nn as snn
+
+    def mlp(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8, bias=False))
+
+    model, _ = snn.sparsify(zero_linear_weights(mlp(0), 0.8, seed=0), min_sparsity=0.5)
+    path = tmp_path / "mlp.sn"
+    sio.save(model, path)
+    fresh = mlp(1)
+    loaded = sio.load(path, fresh)
+    assert loaded is fresh and sparse_layer_names(loaded) == ["0", "2"] == sparse_layer_names(model)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(loaded(x), model(x), atol=1e-6, rtol=0)
+
+
+def test_single_linear_becomes_a_new_sparse_layer(tmp_path):
+    torch.manual_seed(0)
+    model, path = pruned(nn.Linear(16, 8), 0.7, seed=1), tmp_path / "one.sn"
+    sio.save(model, path)
+    dense = nn.Linear(16, 8)
+    check = unchanged(dense)
+    loaded = sio.load(path, dense)
+    assert isinstance(loaded, SparseLinear) and same_tensors(snapshot(model), snapshot(loaded))
+    check()  # as sparsify does for a lone Linear, the layer passed in is left as it was
+
+
+class SharedParent(nn.Module):
+    """One container, holding a Linear, registered under two names."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.x = self.y = nn.Sequential(layer)
+
+
+@pytest.mark.parametrize("wrap, names", [(SharedTwice, ("a", "b")), (SharedParent, ("x.0", "y.0"))])
+def test_dense_layer_under_two_names_gets_one_sparse_layer(tmp_path, wrap, names):
+    torch.manual_seed(0)
+    model, path = wrap(pruned(nn.Linear(16, 8), 0.5, seed=3)), tmp_path / "shared.sn"
+    sio.save(model, path)
+    assert [m["name"] for m in sio.read_metadata(path)["modules"]] == [names[0]]
+    loaded = sio.load(path, wrap(nn.Linear(16, 8)))
+    first, second = (loaded.get_submodule(n) for n in names)
+    assert isinstance(first, SparseLinear) and first is second
+    assert same_tensors(snapshot(model), snapshot(loaded))
+
+
+def test_dense_layer_under_two_names_in_a_file_of_two_layers_is_refused(tmp_path):
+    # The file holds two different layers a and b; the model has one layer under both names.
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.a, model.b = pruned(nn.Linear(16, 8), 0.5, seed=3), pruned(nn.Linear(16, 8), 0.5, seed=4)
+    path = tmp_path / "two.sn"
+    sio.save(model, path)
+    skel = SharedTwice(nn.Linear(16, 8))
+    check = unchanged(skel)
+    with pytest.raises(ValueError, match="sparse modules"):
+        sio.load(path, skel)
+    check()
+
+
+def with_fc1(layer):
+    net = Net()
+    net.fc1 = layer
+    return net
+
+
+@pytest.mark.parametrize("make, match", [
+    pytest.param(lambda: Net(hidden=128), r"sparse layer 'fc1' has shape \[256, 128\] \(out, in\) in the file, "
+                 r"but the model's Linear 'fc1' is \[128, 128\]", id="shape"),
+    pytest.param(lambda: with_fc1(nn.Linear(128, 256, bias=False)),
+                 "sparse layer 'fc1' has a bias in the file, but the model's Linear 'fc1' has none", id="bias"),
+    pytest.param(lambda: with_fc1(nn.Conv1d(128, 256, 1)), "the model's 'fc1' is a Conv1d: it must be an "
+                 "nn.Linear, a transformers Conv1D or a SparseLinear", id="not_a_linear"),
+    pytest.param(lambda: nn.Sequential(nn.Linear(128, 256)),
+                 "holds a sparse layer 'fc1', but the model has no module 'fc1'", id="no_such_module"),
+])
+def test_dense_skeleton_that_cannot_take_the_file(saved, make, match):
+    # fc2 could be converted in the first two cases: it is not, since fc1 cannot.
+    _, path = saved
+    skel = make()
+    check = unchanged(skel)
+    with pytest.raises(ValueError, match=match):
+        sio.load(path, skel)
+    check()
+
+
+# ---- Hugging Face models built from their configs --------------------------------------------------
+
+def bert_config():
+    transformers = pytest.importorskip("transformers")
+    return transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64)
+
+
+def test_bert_round_trip_into_a_fresh_model(tmp_path):
+    import sparsenet.nn as snn
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    model, _ = snn.sparsify(zero_linear_weights(BertModel(bert_config()).eval(), 0.8, seed=0), min_sparsity=0.5)
+    path = tmp_path / "bert.sn"
+    sio.save(model, path)
+    torch.manual_seed(1)
+    fresh = BertModel(bert_config()).eval()
+    loaded = sio.load(path, fresh)
+    assert loaded is fresh
+    assert len(sparse_layer_names(loaded)) == 2 * 6 + 1  # q, k, v, attention output, intermediate, output; pooler
+    assert sparse_layer_names(loaded) == sparse_layer_names(model)
+    ids = torch.randint(0, 100, (2, 7))
+    torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state,
+                               atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"sparsenet\.save"):  # see sparsenet.nn.hf
+        loaded.save_pretrained(tmp_path / "hf")
+
+
+def sparse_as_linear(conv, seed):
+    """A SparseLinear computing what the transformers Conv1D ``conv`` computes, with 70% of it zeroed."""
+    return SparseLinear.from_dense(zero_linear_weights(as_linear(conv), 0.7, seed))
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["GPT2Model", "GPT2LMHeadModel"])
+def test_gpt2_conv1d_round_trip_into_a_fresh_model(tmp_path, head):
+    transformers = pytest.importorskip("transformers")
+    from sparsenet._weights import is_conv1d
+
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    cls = transformers.GPT2LMHeadModel if head else transformers.GPT2Model
+
+    def gpt2(seed):
+        torch.manual_seed(seed)
+        return cls(config).eval()
+
+    model = gpt2(0)
+    blocks = model.transformer.h if head else model.h
+    prefix = "transformer." if head else ""
+    for i, block in enumerate(blocks):  # c_attn and c_fc sparse, c_proj left Conv1D
+        block.attn.c_attn = sparse_as_linear(block.attn.c_attn, seed=2 * i)
+        block.mlp.c_fc = sparse_as_linear(block.mlp.c_fc, seed=2 * i + 1)
+    path = tmp_path / "gpt2.sn"
+    sio.save(model, path)
+
+    fresh = gpt2(1)
+    loaded = sio.load(path, fresh)
+    assert loaded is fresh
+    assert sparse_layer_names(loaded) == sorted(
+        f"{prefix}h.{i}.{layer}" for i in range(2) for layer in ("attn.c_attn", "mlp.c_fc"))
+    conv = loaded.get_submodule(f"{prefix}h.0.attn.c_proj")
+    assert is_conv1d(conv)
+    if head:  # the tied output embedding stays tied
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    ids = torch.randint(0, 100, (2, 9))
+    out = "logits" if head else "last_hidden_state"
+    torch.testing.assert_close(getattr(loaded(input_ids=ids), out), getattr(model(input_ids=ids), out),
+                               atol=1e-6, rtol=0)
+
+
+def test_load_dense_keeps_the_models_own_layer_types(tmp_path):
+    # For re-pruning or fine-tuning a saved sparse model: the weights land in the model's own
+    # Linear / Conv1D layers (a Conv1D's transposed layout included), nothing becomes SparseLinear.
+    transformers = pytest.importorskip("transformers")
+    from sparsenet._weights import is_conv1d
+
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(config).eval()
+    model.h[0].attn.c_attn = sparse_as_linear(model.h[0].attn.c_attn, seed=0)
+    model.h[0].mlp.c_fc = sparse_as_linear(model.h[0].mlp.c_fc, seed=1)
+    path = tmp_path / "gpt2.sn"
+    sio.save(model, path)
+    torch.manual_seed(1)
+    fresh = transformers.GPT2Model(config).eval()
+    assert sio.load_dense(path, fresh) is fresh and not sparse_layer_names(fresh)
+    assert is_conv1d(fresh.h[0].attn.c_attn) and is_conv1d(fresh.h[0].mlp.c_fc)
+    ids = torch.randint(0, 100, (2, 9))
+    torch.testing.assert_close(fresh(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state,
+                               atol=1e-6, rtol=0)
+    single = nn.Linear(8, 4)
+    zero_linear_weights(single, 0.7, seed=2)
+    sio.save(nn.Sequential(SparseLinear.from_dense(single)), tmp_path / "one.sn")
+    target = nn.Sequential(nn.Linear(8, 4))
+    assert sio.load_dense(tmp_path / "one.sn", target) is target and isinstance(target[0], nn.Linear)
+    assert torch.equal(target[0].weight, single.weight)

@@ -83,9 +83,9 @@ def capture_input_sq_norms(
 ) -> dict[str, Tensor]:
     """Squared L2 norm of each layer's input per input feature, summed over all of ``calib``.
 
-    ``nn.Linear``: shape ``(in_features,)``, ``sum over tokens of x[t, j]**2`` (padding tokens
-    excluded when the batch has an ``attention_mask``). ``nn.Conv2d``: shape ``(in_channels,)``,
-    ``x[b, c, h, w]**2`` summed over batch and pixels -- each input value counted once, not once
+    ``nn.Linear`` (and Hugging Face's Conv1D): shape ``(in_features,)``, ``sum over tokens of
+    x[t, j]**2`` (padding tokens excluded when the batch has an ``attention_mask``).
+    ``nn.Conv2d``: shape ``(in_channels,)``, ``x[b, c, h, w]**2`` summed over batch and pixels -- each input value counted once, not once
     per kernel tap, so it matches the unfolded (im2col) column norms up to border effects and
     stride. Runs the model in eval mode under ``no_grad``; a layer never reached raises, as does a
     layer that saw no rows (empty batches, or every token padding).
@@ -144,9 +144,9 @@ def capture_output_abs_means(
 ) -> dict[str, Tensor]:
     """Mean absolute output of each layer per output feature/channel, over all of ``calib``.
 
-    ``nn.Linear``: shape ``(out_features,)``, mean over tokens of ``|y[t, o]|`` (padding tokens
-    excluded when the batch has an ``attention_mask``). ``nn.Conv2d``: shape ``(out_channels,)``,
-    mean of ``|y[b, o, h, w]|`` over batch and pixels. The output is the layer's own (bias
+    ``nn.Linear`` (and Conv1D): shape ``(out_features,)``, mean over tokens of ``|y[t, o]|``
+    (padding tokens excluded when the batch has an ``attention_mask``). ``nn.Conv2d``: shape
+    ``(out_channels,)``, mean of ``|y[b, o, h, w]|`` over batch and pixels. The output is the layer's own (bias
     included, current masks applied). One forward pass in eval mode under ``no_grad``; a layer
     never reached raises, as does a layer that saw no rows (empty batches, or every token padding).
     """

@@ -1,22 +1,21 @@
 """Second-moment statistics of a layer's input: ``XᵀX``, ``Σx`` and the row count, in float64.
 
 Layer-wise reconstruction needs the whole quadratic form of each layer's input, not only its
-diagonal. ``X`` is the layer's input as a matrix of rows: tokens for ``nn.Linear`` (padding
-tokens dropped), image patches for ``nn.Conv2d`` (the im2col unfold, columns ordered
-``(in_channel, kh, kw)`` like the flattened weight). Rows are folded into the sums as they
-arrive and never kept, so memory is one ``cols x cols`` matrix per layer.
+diagonal. ``X`` is the layer's input as a matrix of rows: tokens for ``nn.Linear`` and Hugging
+Face's Conv1D (padding tokens dropped), image patches for ``nn.Conv2d`` (the im2col unfold,
+columns ordered ``(in_channel, kh, kw)`` like the flattened weight). Rows are folded into the
+sums as they arrive and never kept, so memory is one ``cols x cols`` matrix per layer.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._weights import weight_shape
+from .._weights import matrix_shape
 from .capture import _run_with_hooks, _token_rows
 
 # Rows per float32 partial product: small enough that float32 loses nothing material (the
@@ -88,8 +87,7 @@ class Gram:
 
 def layer_columns(module: nn.Module) -> int:
     """Width of the layer's weight seen as a matrix: the length of one input row."""
-    shape = weight_shape(module)
-    return math.prod(shape[1:])
+    return matrix_shape(module)[1]
 
 
 def capture_grams(

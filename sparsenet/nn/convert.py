@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sparsenet._names import check_exclude, check_patterns_match, is_excluded
+from sparsenet._weights import as_matrix, is_linear, linear_features
+from sparsenet.nn.hf import guard_save_pretrained
 from sparsenet.nn.linear import SparseLinear
 
 
@@ -55,7 +58,7 @@ class SparsifyReport:
 
     def __str__(self) -> str:
         if not self.rows:
-            return "sparsify: the model has no nn.Linear layers; nothing was converted."
+            return "sparsify: the model has no Linear, Conv1D or Conv2d layers; nothing was converted."
         from rich.console import Console
         from rich.table import Table
 
@@ -66,7 +69,7 @@ class SparsifyReport:
             table.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", f"{r.sparsity:.1%}", r.format,
                           f"{r.bytes_before:,}", f"{r.bytes_after:,}", r.note)
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else 1.0
-        table.caption = (f"{len(self.converted)} of {len(self.rows)} Linear layers converted; "
+        table.caption = (f"{len(self.converted)} of {len(self.rows)} layers converted; "
                          f"{self.bytes_before:,} -> {self.bytes_after:,} bytes ({ratio:.1%})")
         console = Console(width=140, record=True, force_terminal=False)
         with console.capture() as cap:
@@ -79,7 +82,8 @@ def _tensor_bytes(*tensors) -> int:
 
 
 def _skip_reasons(model: nn.Module) -> dict[str, str]:
-    """Linear layers that must keep their nn.Linear type, with the reason."""
+    """Linear (and Conv1D) layers that must keep their type, with the reason."""
+    from sparsenet.pruning.layers import tie_reasons
     from sparsenet.pruning.masks import WeightMask, has_foreign_parametrization
 
     reasons: dict[str, str] = {}
@@ -94,28 +98,11 @@ def _skip_reasons(model: nn.Module) -> dict[str, str]:
             kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"]
                               if not isinstance(p, WeightMask))
             reasons[name] = f"weight parametrized by {kinds}, not sparsenet's mask: remove that to convert"
-    # A weight shared by several modules (tied embeddings/heads) cannot become one module's CSR.
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        w = _original_weight(module)
-        if w is not None:
-            owners.setdefault(id(w), []).append(name)
-    for names in owners.values():
-        if len(names) > 1:
-            for n in names:
-                reasons[n] = "weight tied to " + ", ".join(o for o in names if o != n)
+    # A weight shared by several modules (tied embeddings/heads) cannot become one module's CSR:
+    # worded as prune and reconstruct word it.
+    linears = {name: m for name, m in model.named_modules() if is_linear(m) and name not in reasons}
+    reasons.update(tie_reasons(model, linears))
     return reasons
-
-
-def _original_weight(module: nn.Module):
-    """The Parameter that owns a layer's weight, seen through parametrizations / prune hooks."""
-    params = getattr(module, "parametrizations", None)
-    if params is not None and "weight" in params:
-        # None when a parametrization splits the weight (weight_norm: original0, original1).
-        return getattr(params["weight"], "original", None)
-    if "weight_orig" in module._parameters:
-        return module._parameters["weight_orig"]
-    return module._parameters.get("weight")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -138,37 +125,49 @@ def _copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False):
-    """Replace every ``nn.Linear`` with at least ``min_sparsity`` zeros by a ``SparseLinear``.
+def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False, exclude=None):
+    """Replace every ``nn.Linear`` (and Hugging Face ``Conv1D``, GPT-2's transposed Linear) with at
+    least ``min_sparsity`` zeros by a ``SparseLinear``.
 
     Accepts layers pruned by ``sparsenet.prune`` (before or after ``finalize``) or by
-    ``torch.nn.utils.prune`` (``weight_orig`` + ``weight_mask``). Returns ``(model, report)``: the same
-    object when ``inplace=True``, a deep copy otherwise.
+    ``torch.nn.utils.prune`` (``weight_orig`` + ``weight_mask``). ``exclude``: module names or glob
+    patterns to leave dense, with everything under them (as for ``prune``). The report lists every
+    Linear, Conv1D and Conv2d layer, and why each one left dense was. All or nothing: if any layer
+    cannot be converted, the model is left as it was. Returns ``(model, report)``: the same object
+    when ``inplace=True``, a deep copy otherwise.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)) or not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
+    exclude = check_exclude(exclude)
+    check_patterns_match(model, exclude)
     from sparsenet.pruning import effective_weight_and_mask
 
     if not inplace:
         model = _copy_model(model)
     report = SparsifyReport(min_sparsity=float(min_sparsity))
     skip = _skip_reasons(model)
-    plan: list[tuple[str, nn.Linear]] = []
+    plan: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not (is_linear(module) or isinstance(module, nn.Conv2d)):
             continue
-        weight, mask = effective_weight_and_mask(module)
+        weight, mask = _weight_and_mask(module, effective_weight_and_mask)
         kept = weight != 0 if mask is None else (mask & (weight != 0))
         numel = weight.numel()
         sparsity = 1.0 - kept.sum().item() / numel if numel else 0.0
         before = _tensor_bytes(weight, module.bias)
-        row = LayerRow(name, tuple(weight.shape), sparsity, "dense", before, before)
-        if type(module).forward is not nn.Linear.forward and name not in skip:
-            skip[name] = f"{type(module).__name__} overrides nn.Linear.forward"
-        if name in skip:
+        shape = linear_features(module) if is_linear(module) else tuple(as_matrix(module, weight).shape)
+        row = LayerRow(name, shape, sparsity, "dense", before, before)
+        report.rows.append(row)
+        if isinstance(module, nn.Conv2d):
+            row.note = "Conv2d: no sparse convolution kernel yet"
+        elif is_excluded(name, exclude):
+            row.note = "excluded"
+        elif name in skip:
             row.note = skip[name]
+        elif _overrides_forward(module):
+            row.note = f"{type(module).__name__} overrides its forward"
         elif weight.device.type != "cpu":
             row.note = f"on {weight.device}: no kernel for it in this build"
         elif weight.dtype != torch.float32:
@@ -178,7 +177,6 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False)
         else:
             plan.append((name, module))
             row.format = "csr"
-        report.rows.append(row)
     # All or nothing: every SparseLinear is built before the first swap, so a layer that cannot be
     # converted leaves the model (inplace=True) exactly as it was.
     built = [(name, module, _convert(name, module)) for name, module in plan]
@@ -191,10 +189,29 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False)
     for _, module, sparse in built:
         for alias in names[id(module)]:  # a Linear registered twice is swapped under both names
             _set_submodule(model, alias, sparse)
-    return model, report
+    # transformers' save_pretrained would write what from_pretrained silently re-initialises.
+    return guard_save_pretrained(model), report
 
 
-def _convert(name: str, module: nn.Linear) -> SparseLinear:
+def _weight_and_mask(module: nn.Module, effective_weight_and_mask):
+    """The weight as the layer uses it and sparsenet's (or torch.nn.utils.prune's) mask, if any; a
+    weight under another parametrization (weight_norm) is read as the layer computes it."""
+    from sparsenet.pruning.masks import has_foreign_parametrization
+
+    if has_foreign_parametrization(module):
+        with torch.no_grad():
+            return module.weight.detach(), None
+    return effective_weight_and_mask(module)
+
+
+def _overrides_forward(module: nn.Module) -> bool:
+    """A subclass with a forward of its own may compute more than x W^T + b: not ours to replace."""
+    base = nn.Linear if isinstance(module, nn.Linear) else next(
+        c for c in type(module).__mro__ if c.__name__ == "Conv1D")
+    return type(module).forward is not base.forward
+
+
+def _convert(name: str, module: nn.Module) -> SparseLinear:
     try:
         return SparseLinear.from_dense(module)
     except ValueError as e:  # e.g. a NaN weight; say which layer

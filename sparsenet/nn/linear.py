@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.compiler import is_compiling
+from torch.utils._python_dispatch import _disable_current_modes
 
+from sparsenet._weights import as_matrix, is_linear
 from sparsenet.formats import CSR, PackedCSR, hugepages
 from sparsenet.ops.csr_linear import PreparedCSR, _needs_autograd, csr_linear
 
@@ -21,6 +23,37 @@ def _weight_storage(nnz: int, index_dtype: torch.dtype, values_dtype: torch.dtyp
     if device.type != "cpu":
         return col, torch.empty(nnz, dtype=values_dtype, device=device)
     return col, hugepages.empty_group([(nnz, values_dtype)])[0]
+
+
+class WeightStandIn(torch.Tensor):
+    """What ``SparseLinear.weight`` returns (see there): a data-less meta tensor that answers
+    questions about itself (dtype, shape, device, ...) and refuses every computation.
+
+    The refusal must be explicit: torch runs some ops on a meta tensor mixed with CPU tensors and
+    returns uninitialised CPU memory (``F.linear(x, meta_weight)`` does), a silently wrong result.
+    Having a ``__torch_function__`` also makes ``torch.overrides.has_torch_function`` true for it,
+    which sends torch's fused transformer paths to their plain, layer-calling code.
+    """
+
+    _READABLE = frozenset({
+        "dtype", "shape", "device", "size", "dim", "ndim", "ndimension", "numel", "nelement",
+        "element_size", "itemsize", "is_floating_point", "is_complex", "is_signed", "requires_grad",
+        "is_cuda", "is_cpu", "is_meta", "is_sparse", "is_quantized", "is_leaf", "layout", "names",
+        "__repr__", "__format__", "__len__", "__hash__",
+    })
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in ("__get__", "__set__"):  # a property: name it by its descriptor
+            name = getattr(getattr(func, "__self__", None), "__name__", name)
+        if name not in cls._READABLE:
+            raise RuntimeError(
+                f"SparseLinear.weight is a stand-in without data (the layer holds its weight sparse): "
+                f"{name or func} cannot run on it; call the layer itself, or use to_csr().to_dense()"
+            )
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
 
 
 class SparseLinear(nn.Module):
@@ -77,13 +110,15 @@ class SparseLinear(nn.Module):
         return cls.from_packed(csr.pack(), bias)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> "SparseLinear":
-        """Convert an ``nn.Linear``: zeros (and entries where ``mask`` is False) are dropped.
+    def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None) -> "SparseLinear":
+        """Convert an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's Linear with a transposed
+        weight): zeros (and entries where ``mask``, in the layer's own weight layout, is False) are
+        dropped.
 
         A layer pruned by ``sparsenet.prune`` or ``torch.nn.utils.prune`` is read through its mask.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if not is_linear(linear):
+            raise TypeError(f"linear must be an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         from sparsenet.pruning import effective_weight_and_mask
 
         weight, own_mask = effective_weight_and_mask(linear)
@@ -94,7 +129,10 @@ class SparseLinear(nn.Module):
             if mask.dtype != torch.bool:
                 raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
             own_mask = mask if own_mask is None else (own_mask & mask.to(own_mask.device))
-        csr = CSR.from_dense(weight.detach().to(device="cpu", dtype=torch.float32), own_mask)
+        weight = as_matrix(linear, weight.detach())  # (out, in): transposed for Conv1D
+        own_mask = None if own_mask is None else as_matrix(linear, own_mask)
+        csr = CSR.from_dense(weight.to(device="cpu", dtype=torch.float32).contiguous(),
+                             None if own_mask is None else own_mask.contiguous())
         bias = None if linear.bias is None else linear.bias.detach()
         return cls.from_csr(csr, bias)
 
@@ -113,6 +151,24 @@ class SparseLinear(nn.Module):
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A stand-in for code that reads a Linear's ``weight`` for its attributes (T5 checks
+        ``wo.weight.dtype``; torch's ``TransformerEncoder``/``TransformerEncoderLayer`` inspect
+        ``linear1.weight`` before taking their fused path): a *meta* tensor with the dense weight's
+        shape and dtype and no data, of a subclass that overrides ``__torch_function__``.
+
+        Nothing can compute with it, by design: a fused path that took the weight itself and never
+        called ``forward`` would give silently wrong results. torch's fused paths refuse tensors with
+        a ``__torch_function__`` (and meta tensors) and call the layers instead, and any other
+        computation with it fails loudly. The real weight: ``to_csr().to_dense()``.
+        """
+        # Made outside any active dispatch mode (torch.export's fake tensors, proxies): the stand-in
+        # is a plain meta tensor, not a traced value.
+        with _disable_current_modes():
+            meta = torch.empty((self.out_features, self.in_features), dtype=self.values.dtype, device="meta")
+            return meta.as_subclass(WeightStandIn)
 
     @property
     def nnz(self) -> int:
@@ -142,6 +198,19 @@ class SparseLinear(nn.Module):
                 return csr_linear(x, crow, col, values, bias, self.in_features)
             prepared = self.__dict__["_prepared"] = PreparedCSR(crow, col, values, bias, self.in_features)
         return prepared(x)
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to / half / bfloat16 / double all come through here. The packed values and the
+        # kernels are float32 only: refuse a dtype change now, before this layer changes, instead
+        # of failing at the first forward. (Modules visited before this one are already converted.)
+        probe = fn(torch.zeros(1))
+        if isinstance(probe, torch.Tensor) and probe.dtype != torch.float32:
+            raise TypeError(
+                f"SparseLinear holds float32 values (its kernels run float32), so it cannot become "
+                f"{str(probe.dtype).removeprefix('torch.')}: change the model's dtype before sparsify, "
+                f"or leave the sparse layers float32"
+            )
+        return super()._apply(fn, recurse)
 
     def __getstate__(self):
         # The prepared fast path holds a native handle: rebuilt on demand, never copied or pickled.

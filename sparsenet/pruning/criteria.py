@@ -1,8 +1,9 @@
 """Importance criteria: how much each weight of a layer is worth keeping.
 
 A criterion is any callable ``(layer, ctx) -> Tensor`` that returns one score per weight (same
-shape as ``layer.weight``); lower scores are pruned first. Criteria only score: they never pick
-counts or shapes, so every criterion works with every structure and scope.
+shape as ``layer.weight``, in its layout: ``(in, out)`` for Hugging Face's Conv1D); lower scores
+are pruned first. Criteria only score: they never pick counts or shapes, so every criterion works
+with every structure and scope.
 
 A criterion that needs data first (activations, gradients) also has ``prepare(ctx)``: it runs
 once, before any layer is scored, reads ``ctx.model`` / ``ctx.layers`` / ``ctx.calib`` /
@@ -17,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from .._weights import as_matrix, from_matrix, matrix_shape, weight_shape
 from ..calibration import capture_input_sq_norms, capture_output_abs_means, check_calib
 from .gradients import LossFn, taylor_scores
 
@@ -107,9 +109,10 @@ def magnitude(layer: Layer, ctx: ScoreContext) -> Tensor:
 
 @register_criterion("random")
 def random(layer: Layer, ctx: ScoreContext) -> Tensor:
-    # Draw on CPU so one seeded generator gives the same masks on any device.
-    scores = torch.rand(layer.weight.shape, generator=ctx.generator, dtype=torch.float32)
-    return scores.to(layer.weight.device)
+    # Draw on CPU so one seeded generator gives the same masks on any device; drawn as the
+    # weight matrix, so a Conv1D gets the masks of the Linear it is.
+    scores = torch.rand(matrix_shape(layer.module), generator=ctx.generator, dtype=torch.float32)
+    return from_matrix(layer.module, scores).to(layer.weight.device)
 
 
 def _prepare_wanda(ctx: ScoreContext) -> None:
@@ -118,22 +121,26 @@ def _prepare_wanda(ctx: ScoreContext) -> None:
 
 
 def _input_norms_per_weight(module: nn.Module, sq_norms: Tensor) -> Tensor:
-    """||X_j||_2 broadcast to the weight's shape (input feature / channel j of each weight)."""
+    """||X_j||_2 of the input each weight reads, broadcastable to the ``(out, in * kernel)``
+    weight matrix (input feature / channel j of each weight)."""
     norms = sq_norms.sqrt()
     if isinstance(module, nn.Conv2d):
-        out_ch, in_per_group = module.weight.shape[:2]
+        out_ch, in_per_group, kh, kw = weight_shape(module)
         g = module.groups
-        # Output channel o of group k reads input channels k*in_per_group ... (k+1)*in_per_group.
-        per_out = norms.view(g, 1, in_per_group).expand(g, out_ch // g, in_per_group)
-        return per_out.reshape(out_ch, in_per_group, 1, 1)
+        # Output channel o of group k reads input channels k*in_per_group ... (k+1)*in_per_group,
+        # each through all kh * kw taps (the matrix's columns are ordered (channel, kh, kw)).
+        per_out = norms.view(g, 1, in_per_group, 1).expand(g, out_ch // g, in_per_group, kh * kw)
+        return per_out.reshape(out_ch, in_per_group * kh * kw)
     return norms.unsqueeze(0)
 
 
 def wanda_scores(module: nn.Module, weight: Tensor, sq_norms: Tensor) -> Tensor:
-    """``|W_ij| * ||X_j||_2`` from the summed squared inputs ``sq_norms`` of ``module``."""
+    """``|W_ij| * ||X_j||_2`` from the summed squared inputs ``sq_norms`` of ``module``, in the
+    weight's layout."""
     # At least float32: half-precision products of |w| and large norms overflow.
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    return weight.abs().to(dtype) * _input_norms_per_weight(module, sq_norms.to(weight.device, dtype))
+    norms = _input_norms_per_weight(module, sq_norms.to(weight.device, dtype))
+    return from_matrix(module, as_matrix(module, weight.abs().to(dtype)) * norms)
 
 
 @register_criterion("wanda", prepare=_prepare_wanda)
@@ -176,7 +183,6 @@ def activation(layer: Layer, ctx: ScoreContext) -> Tensor:
     broadcast. Needs ``calib``.
     """
     means = ctx.stats["output_abs_means"][layer.name].to(layer.weight.device)
-    shape = layer.weight.shape
-    view = means.view(shape[0], *([1] * (len(shape) - 1)))
+    rows = means.view(-1, 1).expand(matrix_shape(layer.module))  # output o is row o
     # A real copy, not a stride-0 view: planning may fill pruned positions in place.
-    return view.expand(shape).clone()
+    return from_matrix(layer.module, rows).contiguous()

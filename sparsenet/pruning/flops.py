@@ -1,11 +1,12 @@
 """How many output positions each prunable layer computes per input sample, measured with hooks.
 
 A layer's multiply-adds per output position equal its weight's element count, for ``nn.Linear``
-(one position = one row of its input: a token, or the whole sample for a 2-D input) and for
-``nn.Conv2d`` (one position = one output pixel; groups are already in the weight's shape). So
-``FLOPs per sample = 2 * weights * positions`` dense, ``2 * kept weights * positions`` pruned.
-Positions depend on the input (a convolution's output size, a sequence's length), hence they
-are measured by running one example batch rather than guessed from the module.
+and Hugging Face's ``Conv1D`` (one position = one row of its input: a token, or the whole sample
+for a 2-D input) and for ``nn.Conv2d`` (one position = one output pixel; groups are already in
+the weight's shape). So ``FLOPs per sample = 2 * weights * positions`` dense,
+``2 * kept weights * positions`` pruned. Positions depend on the input (a convolution's output
+size, a sequence's length), hence they are measured by running one example batch rather than
+guessed from the module.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from .._weights import linear_features
 from ..calibration import eval_mode, split_batch
 from ..calibration.capture import model_device
 from ..calibration.data import _to
@@ -49,7 +51,7 @@ def output_positions(
                 # (N, C_out, H, W) or unbatched (C_out, H, W): every pixel of every map.
                 rows[name] += output.numel() // module.out_channels
             else:
-                rows[name] += args[0].numel() // module.in_features
+                rows[name] += args[0].numel() // linear_features(module)[1]
 
         return hook
 

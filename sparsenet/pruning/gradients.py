@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from ..calibration import Batch, eval_mode, iter_batches
 from ..calibration.capture import model_device
 from ..calibration.outputs import model_output
-from .masks import effective_weight_and_mask, find_weight_mask
+from .._weights import stored_weight
+from .masks import effective_weight_and_mask
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -32,12 +33,6 @@ def default_loss(output: Any, batch: Batch) -> Tensor:
     if targets.shape == logits.shape:  # class probabilities
         return F.cross_entropy(logits.reshape(-1, classes), targets.reshape(-1, classes))
     return F.cross_entropy(logits.reshape(-1, classes), targets.reshape(-1))
-
-
-def _underlying(module: nn.Module) -> nn.Parameter:
-    if find_weight_mask(module) is not None:
-        return module.parametrizations["weight"].original
-    return module.weight
 
 
 def taylor_scores(
@@ -58,7 +53,7 @@ def taylor_scores(
     are not scored do not get gradients at all. The model's ``.grad`` and ``requires_grad`` are
     as they were afterwards.
     """
-    weights = {name: _underlying(m) for name, m in layers.items()}
+    weights = {name: stored_weight(m) for name, m in layers.items()}
     scored = {id(w) for w in weights.values()}
     params = list(model.parameters())
     flags = [(p, p.requires_grad, p.grad) for p in params] + [

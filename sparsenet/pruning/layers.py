@@ -1,12 +1,18 @@
 """Which layers of a model get pruned.
 
-Candidates are ``nn.Linear`` and ``nn.Conv2d`` modules (subclasses included), named by their
-qualified name. Skipped without asking:
+Candidates are ``nn.Linear`` and ``nn.Conv2d`` modules (subclasses included) and Hugging Face's
+``Conv1D`` (a transposed Linear, recognised by class name: see :mod:`sparsenet._weights`), named
+by their qualified name. Skipped without asking:
 
 * modules inside ``nn.MultiheadAttention``: its forward (and fused fast path) reads
   ``out_proj.weight`` / ``in_proj_weight`` directly as one unit, so attention is left to
   attention-aware structures rather than masked piecemeal;
 * modules inside a parametrization list (a parametrization is not a layer of the model).
+
+Skipped with a reason (:func:`select_layers` returns it, and the reports print it): a layer
+whose weight is tied to another module's (a language model's head and its input embedding).
+Masking it would mask one user of the tensor and not the other, and baking the mask would
+zero the embedding too, so it is left dense.
 
 ``exclude`` patterns are fnmatch globs matched against each module's qualified name and its
 ancestors' names, so ``"classifier"`` excludes everything under ``classifier``. A pattern that
@@ -15,29 +21,23 @@ matches no module at all is an error, so typos do not silently prune a layer mea
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
 from typing import Sequence
 
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
-from .masks import find_weight_mask, has_foreign_parametrization, is_torch_pruned
+from .._names import check_patterns_match, is_excluded
+from .._weights import is_linear, stored_weight
+from .masks import has_foreign_parametrization, is_torch_pruned
+from .report import skipped_lines
 
+# Conv1D is not listed: it is recognised by name, so that transformers is never imported.
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 _OPAQUE_TYPES: tuple[type[nn.Module], ...] = (
     nn.MultiheadAttention,
     parametrize.ParametrizationList,
 )
-
-
-def _ancestors_and_self(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[: i + 1]) for i in range(len(parts))]
-
-
-def _is_excluded(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatchcase(n, p) for n in _ancestors_and_self(name) for p in patterns)
 
 
 def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
@@ -50,10 +50,53 @@ def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def _underlying_weight(module: nn.Module):
-    if find_weight_mask(module) is not None:
-        return module.parametrizations["weight"].original
-    return module.weight
+def is_prunable(module: nn.Module) -> bool:
+    """A layer sparsenet prunes: ``nn.Linear``, ``nn.Conv2d`` (subclasses included) or Conv1D."""
+    return is_linear(module) or isinstance(module, nn.Conv2d)
+
+
+def _kind(module: nn.Module, count: int) -> str:
+    """What ``count`` modules of ``module``'s type are, in words: "an embedding", "Linear modules"."""
+    if isinstance(module, nn.Embedding):
+        return "an embedding" if count == 1 else "embeddings"
+    kind = type(module).__name__.removeprefix("Parametrized")
+    if count > 1:
+        return f"{kind} modules"
+    return f"{'an' if kind[:1] in 'AEIOU' else 'a'} {kind}"
+
+
+def _tie_reason(holders: Sequence[str], model: nn.Module) -> str:
+    """Why a tied layer is left dense, naming the other holders grouped by type: "weight tied to
+    transformer.wte (an embedding)"."""
+    groups: dict[type, list[str]] = {}
+    for name in holders:
+        groups.setdefault(type(model.get_submodule(name)), []).append(name)
+    parts = [
+        f"{', '.join(names)} ({_kind(model.get_submodule(names[0]), len(names))})"
+        for names in groups.values()
+    ]
+    return "weight tied to " + ", ".join(parts)
+
+
+def _other_holders(name: str, weight, owners: dict[int, list[str]]) -> list[str]:
+    """Modules other than layer ``name`` that hold ``weight``, by their own names."""
+    # An already-masked weight is held by the layer's parametrization list, not the layer;
+    # another masked layer's likewise, so holders are named by the layer above that list.
+    found = dict.fromkeys(o.split(".parametrizations.")[0] for o in owners.get(id(weight), []))
+    found.pop(name, None)
+    return list(found)
+
+
+def tie_reasons(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
+    """The layers among ``layers`` whose weight another module of ``model`` holds too (a head tied
+    to the input embedding), with the reason they stay dense: prune and sparsify word it alike."""
+    owners = _weight_owners(model)
+    reasons: dict[str, str] = {}
+    for name, module in layers.items():
+        holders = _other_holders(name, stored_weight(module), owners)
+        if holders:
+            reasons[name] = _tie_reason(holders, model)
+    return reasons
 
 
 def check_no_foreign_parametrization(name: str, module: nn.Module) -> None:
@@ -66,18 +109,9 @@ def check_no_foreign_parametrization(name: str, module: nn.Module) -> None:
         )
 
 
-def find_prunable_layers(
-    model: nn.Module, exclude: Sequence[str] = ()
-) -> dict[str, nn.Module]:
-    """Qualified name -> layer, in module order; raises ValueError on anything it cannot prune.
-
-    Nothing is modified, so callers can validate a whole model before touching it.
-    """
-    all_names = [name for name, _ in model.named_modules() if name]
-    unmatched = [p for p in exclude if not any(fnmatchcase(n, p) for n in all_names)]
-    if unmatched:
-        raise ValueError(f"exclude patterns match no module: {unmatched}")
-
+def _candidates(model: nn.Module, exclude: Sequence[str]) -> dict[str, nn.Module]:
+    """Prunable layers outside opaque modules and ``exclude``, in module order."""
+    check_patterns_match(model, exclude)
     layers: dict[str, nn.Module] = {}
     opaque: list[str] = []  # prefixes of subtrees to skip (named_modules is pre-order)
     for name, module in model.named_modules():
@@ -86,31 +120,51 @@ def find_prunable_layers(
         if isinstance(module, _OPAQUE_TYPES):
             opaque.append(f"{name}." if name else "")
             continue
-        if isinstance(module, PRUNABLE_TYPES) and not _is_excluded(name, exclude):
+        if is_prunable(module) and not is_excluded(name, exclude):
             layers[name] = module
     if not layers:
         raise ValueError(
-            "model has no prunable layers (nn.Linear / nn.Conv2d) left after `exclude`"
+            "model has no prunable layers (nn.Linear / nn.Conv2d / Conv1D) left after `exclude`"
         )
-
-    owners = _weight_owners(model)
-    for name, module in layers.items():
-        if is_torch_pruned(module):
-            raise ValueError(
-                f"layer {name!r} is pruned with torch.nn.utils.prune; call "
-                "sparsenet.pruning.import_torch_pruning(model) to continue from its masks, "
-                "sparsenet.pruning.remove_pruning(layer) to bake them, or exclude the layer"
-            )
-        check_no_foreign_parametrization(name, module)
-        weight = _underlying_weight(module)
-        if isinstance(weight, UninitializedParameter):
-            raise ValueError(f"layer {name!r} is lazy and uninitialised; run a forward pass first")
-        # The parametrization list, not the layer, holds an already-masked weight.
-        own = {name, f"{name}.parametrizations.weight"}
-        holders = [o for o in owners.get(id(weight), []) if o not in own]
-        if holders:
-            raise ValueError(
-                f"layer {name!r} shares its weight with {holders}; masking one would not mask "
-                "the other, so exclude the tied layer"
-            )
     return layers
+
+
+def _check_layer(name: str, module: nn.Module) -> None:
+    if is_torch_pruned(module):
+        raise ValueError(
+            f"layer {name!r} is pruned with torch.nn.utils.prune; call "
+            "sparsenet.pruning.import_torch_pruning(model) to continue from its masks, "
+            "sparsenet.pruning.remove_pruning(layer) to bake them, or exclude the layer"
+        )
+    check_no_foreign_parametrization(name, module)
+    if isinstance(stored_weight(module), UninitializedParameter):
+        raise ValueError(f"layer {name!r} is lazy and uninitialised; run a forward pass first")
+
+
+def select_layers(
+    model: nn.Module, exclude: Sequence[str] = ()
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The layers to prune (qualified name -> layer, module order) and those left dense with the
+    reason (name -> reason); raises ValueError on anything it cannot prune or skip, and when no
+    layer is left.
+
+    Nothing is modified, so callers can validate a whole model before touching it.
+    """
+    candidates = _candidates(model, exclude)
+    for name, module in candidates.items():
+        _check_layer(name, module)
+    skipped = tie_reasons(model, candidates)
+    layers = {name: module for name, module in candidates.items() if name not in skipped}
+    if not layers:
+        raise ValueError(
+            "model has no prunable layers left: " + "; ".join(skipped_lines(skipped))
+        )
+    return layers, skipped
+
+
+def find_prunable_layers(
+    model: nn.Module, exclude: Sequence[str] = ()
+) -> dict[str, nn.Module]:
+    """Qualified name -> layer, in module order, without the layers :func:`select_layers` leaves
+    dense; raises ValueError on anything it cannot prune."""
+    return select_layers(model, exclude)[0]

@@ -33,11 +33,11 @@ from ..calibration.capture import model_device
 from ..calibration.outputs import model_output
 from .allocation import _fraction
 from .criteria import Criterion, ScoreContext, get_criterion, wanda_scores
-from .gradients import LossFn, _underlying
-from .layers import PRUNABLE_TYPES, check_no_foreign_parametrization
+from .gradients import LossFn
+from .layers import check_no_foreign_parametrization, is_prunable
 from .masks import effective_weight_and_mask
 from .._validate import real
-from .._weights import weight_shape
+from .._weights import stored_weight, weight_shape
 from .planning import _bar_disabled, _Planner, check_shapes
 from .structures import Structure, get_structure
 
@@ -49,10 +49,10 @@ def _check_model_layers(model: object, layers: object) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(layers, Mapping) or not layers:
-        raise ValueError("layers must be a non-empty dict of name -> nn.Linear / nn.Conv2d")
-    bad = [n for n, m in layers.items() if not isinstance(m, PRUNABLE_TYPES)]
+        raise ValueError("layers must be a non-empty dict of name -> nn.Linear / nn.Conv2d / Conv1D")
+    bad = [n for n, m in layers.items() if not is_prunable(m)]
     if bad:
-        raise TypeError(f"layers must be nn.Linear / nn.Conv2d modules; not: {bad}")
+        raise TypeError(f"layers must be nn.Linear / nn.Conv2d / Conv1D modules; not: {bad}")
     for name, module in layers.items():  # layers given by hand skip find_prunable_layers' checks
         check_no_foreign_parametrization(name, module)
 
@@ -235,7 +235,7 @@ def _trial_error(
 ) -> float:
     """Output error with ``module`` masked by ``keep``: its weight's storage is swapped for a
     masked copy and the original storage put back however the forward ends."""
-    param = _underlying(module)
+    param = stored_weight(module)
     saved = param.data
     param.data = torch.where(keep, saved, saved.new_zeros(()))
     try:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._progress import bar_disabled
-from .._weights import weight_shape
+from .._weights import as_matrix, from_matrix, matrix_shape
 from .criteria import Criterion, Layer, ScoreContext
 from .masks import effective_weight_and_mask
 from .ranking import lowest_k
@@ -30,12 +30,21 @@ def _bar_disabled(progress: Optional[bool], n_layers: int) -> Optional[bool]:
 
 
 class _Planner:
+    """Scores layers for a structure and turns its unit decisions into masks.
+
+    Criteria score (and masks are) in the layer's own weight layout; structures see the
+    ``(out, in * kernel)`` matrix (:func:`~sparsenet._weights.as_matrix`), so a Conv1D's groups,
+    blocks and channels are exactly those of the Linear it is.
+    """
+
     def __init__(self, criterion: Criterion, structure: Structure, ctx: ScoreContext) -> None:
         self.criterion, self.structure, self.ctx = criterion, structure, ctx
-        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.modules: dict[str, nn.Module] = {}
+        self.shapes: dict[str, tuple[int, int]] = {}  # matrix shapes
         self.old: dict[str, Optional[Tensor]] = {}
 
     def scores(self, name: str, module: nn.Module) -> Tensor:
+        """The criterion's scores as the layer's weight matrix."""
         weight, old = effective_weight_and_mask(module)
         with torch.no_grad():
             scores = self.criterion(Layer(name, module, weight, old), self.ctx)
@@ -54,7 +63,9 @@ class _Planner:
             # score), and the new mask is intersected with the old one below.
             fill = getattr(self.structure, "pruned_score", float("-inf"))
             scores = scores.masked_fill(~old, fill)
-        self.shapes[name], self.old[name] = tuple(weight.shape), old
+        self.modules[name], self.old[name] = module, old
+        scores = as_matrix(module, scores)
+        self.shapes[name] = tuple(scores.shape)
         return scores
 
     def unit_scores(self, name: str, module: nn.Module) -> Tensor:
@@ -72,16 +83,57 @@ class _Planner:
         return self._with_old(name, self.structure.keep(self.scores(name, module)))
 
     def _with_old(self, name: str, keep: Tensor) -> Tensor:
+        """A matrix keep-mask in the layer's weight layout (contiguous: it becomes a buffer),
+        within the layer's old mask."""
+        keep = from_matrix(self.modules[name], keep).contiguous()
         old = self.old[name]
         return keep & old if old is not None else keep
 
 
-def check_shapes(layers: dict[str, nn.Module], structure: Structure) -> None:
-    """Raise, naming the layer, where a weight's shape does not fit ``structure`` (N:M, blocks)."""
-    check = getattr(structure, "check", None)
+def _misfit(structure: Structure, name: str, module: nn.Module) -> Optional[str]:
+    shape = matrix_shape(module)
+    misfit = getattr(structure, "misfit", None)
+    if misfit is not None:
+        return misfit(shape)
+    check = getattr(structure, "check", None)  # a structure written to the raising protocol
     if check is not None:
-        for name, module in layers.items():
-            check(name, weight_shape(module))
+        try:
+            check(name, shape)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def structure_misfits(layers: dict[str, nn.Module], structure: Structure) -> dict[str, str]:
+    """Layer -> why ``structure`` cannot tile its weight matrix (N:M groups, blocks), for the
+    layers it cannot; reads shapes only."""
+    found = {name: _misfit(structure, name, module) for name, module in layers.items()}
+    return {name: why for name, why in found.items() if why is not None}
+
+
+def check_shapes(layers: dict[str, nn.Module], structure: Structure) -> None:
+    """Raise, naming the layer, where a weight's shape does not fit ``structure``: for layers
+    asked for by name, which cannot be left out quietly."""
+    misfits = structure_misfits(layers, structure)
+    if misfits:
+        name, why = next(iter(misfits.items()))
+        raise ValueError(f"layer {name!r}: {why}; exclude the layer or pick another structure")
+
+
+def fit_structure(
+    layers: dict[str, nn.Module], structure: Structure
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The layers ``structure`` fits, and the others with the reason (to be left dense).
+
+    One misfit (a CNN's 3-channel stem under 2:4) does not refuse the model; a structure that
+    fits no layer at all does.
+    """
+    misfits = structure_misfits(layers, structure)
+    if len(misfits) == len(layers):
+        listed = "; ".join(f"{n}: {why}" for n, why in list(misfits.items())[:5])
+        more = f" (and {len(misfits) - 5} more)" if len(misfits) > 5 else ""
+        raise ValueError(f"structure {structure.name!r} fits no layer: {listed}{more}")
+    return {n: m for n, m in layers.items() if n not in misfits}, misfits
 
 
 def plan_masks(

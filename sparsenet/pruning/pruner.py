@@ -11,15 +11,16 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._names import check_exclude
 from .._validate import integer
 from .criteria import Criterion, ScoreContext, get_criterion
 from .flops import output_positions
 from .gradients import LossFn
 from .allocation import Bounds, Overrides, _is_skip, _raw_settings, check_bounds, resolve_limits
-from .layers import find_prunable_layers
+from .layers import select_layers
 from .masks import effective_weight_and_mask, find_weight_mask, remove_pruning, set_weight_mask
 from .nonuniform import ALLOCATIONS, allocate
-from .planning import plan_masks
+from .planning import fit_structure, plan_masks
 from .report import PruningReport
 from .schedules import PruningStep, Schedule
 from .scope import Scope, get_scope
@@ -90,6 +91,8 @@ class Pruner:
 
     ``masks`` are the live buffers of the layers' parametrizations (bool, weight-shaped, True =
     kept); do not modify them. After ``finalize`` they remain as a record of what was removed.
+    ``skipped`` maps each layer left dense for a reason of its own (a weight tied to an
+    embedding, a shape the structure cannot tile) to that reason; the report prints them.
 
     Pruned weights read exactly zero through any optimizer step: the parametrization computes
     ``layer.weight`` from the mask on every read, and ``finalize`` bakes that read. The stored
@@ -113,10 +116,12 @@ class Pruner:
         schedule: Optional[Schedule] = None,
         recipe: Optional[_Recipe] = None,
         allocation: Optional[dict] = None,
+        skipped: Optional[dict[str, str]] = None,
     ) -> None:
         self.model = model
         self.layers = layers
         self._masks = masks
+        self.skipped: dict[str, str] = dict(skipped or {})
         # Settings are kept so pruner.step() can re-run the same recipe.
         self.sparsity, self.criterion, self.structure = sparsity, criterion, structure
         self.scope, self.seed = scope, seed
@@ -140,7 +145,7 @@ class Pruner:
     def report(self, example=None) -> PruningReport:
         """Per-layer and total sparsity, parameters and FLOPs. FLOPs are per output position unless
         ``example`` (one batch in the calibration protocol) is given: then per sample."""
-        report = PruningReport.from_masks(self._masks, self.layers)
+        report = PruningReport.from_masks(self._masks, self.layers, skipped=self.skipped)
         if example is None:
             return report
         return report.with_positions(output_positions(self.model, self.layers, example))
@@ -319,18 +324,6 @@ def _resolve_sparsity(sparsity: object, structure: Structure) -> float:
     return fixed
 
 
-def _check_exclude(exclude: object) -> tuple[str, ...]:
-    if exclude is None:
-        return ()
-    if isinstance(exclude, str):
-        return (exclude,)
-    if isinstance(exclude, (list, tuple, set, frozenset)) and all(
-        isinstance(p, str) for p in exclude
-    ):
-        return tuple(exclude)
-    raise TypeError(f"exclude must be a list of names or glob patterns, got {exclude!r}")
-
-
 def _check_seed(seed: object) -> Optional[int]:
     if seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
         return seed
@@ -362,6 +355,25 @@ def _check_allocation(
         )
 
 
+
+
+def _drop_skipped(overrides: Optional[Overrides], skipped: dict[str, str]) -> Optional[Overrides]:
+    """``overrides`` without the layers left dense; naming one with a sparsity is an error.
+
+    A layer left dense is no prunable layer, so its exact name would otherwise be refused as a
+    key that matches nothing; skipping it (None / 0) is what happens anyway.
+    """
+    if not isinstance(overrides, dict):
+        return overrides
+    named = {k: v for k, v in overrides.items() if isinstance(k, str) and k in skipped}
+    asked = [k for k, v in named.items() if not _is_skip(v)]
+    if asked:
+        name = asked[0]
+        raise ValueError(
+            f"overrides[{name!r}]={overrides[name]!r} asks to prune {name!r}, which cannot be: "
+            f"{skipped[name]}"
+        )
+    return {k: v for k, v in overrides.items() if k not in named}
 
 
 def _apply(layers: dict[str, nn.Module], masks: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -404,7 +416,15 @@ def prune(
     max_sparsity: Optional[float] = None,
     allocation: str = "uniform",
 ) -> Pruner:
-    """Mask the weights of every ``nn.Linear`` / ``nn.Conv2d`` in ``model`` (in place).
+    """Mask the weights of every ``nn.Linear`` / ``nn.Conv2d`` / Hugging Face ``Conv1D`` in
+    ``model`` (in place).
+
+    A Conv1D (GPT-2's layers: a Linear stored transposed) is pruned as the Linear it is: N:M
+    groups and blocks run along its inputs, channels are its outputs (columns of its weight);
+    its mask is in its own layout. Layers that cannot be pruned as asked are left dense and
+    listed, with the reason, in ``pruner.skipped`` and the report: a weight tied to another
+    module's (a head tied to the embedding), or a shape the structure cannot tile (a 147-wide
+    stem under 2:4); only a structure that fits no layer at all raises.
 
     Args:
         model: the model; modified in place only after every check and mask has succeeded.
@@ -444,7 +464,8 @@ def prune(
             type, or a callable ``(name, module) -> setting or None``. A setting is a float
             (layer scope: the layer's sparsity; global: pins the layer at it), a
             ``(floor, cap)`` pair (global scope), or ``None`` / ``0`` (skip, like ``exclude``).
-            Precedence: exclude > exact name > glob > type. A key matching no layer raises.
+            Precedence: exclude > exact name > glob > type. A key matching no layer raises, as
+            does a sparsity for a layer left dense (tied, or a structure misfit).
             With N:M only skipping is allowed. See :mod:`sparsenet.pruning.allocation`.
         min_sparsity, max_sparsity: ``scope="global"`` only: every layer loses at least
             ``round(min_sparsity * units)`` and at most ``round(max_sparsity * units)`` units
@@ -471,19 +492,22 @@ def prune(
     value = _resolve_sparsity(sparsity, structure_obj)
     criterion_fn = get_criterion(criterion)
     scope_obj = get_scope(scope)
-    patterns = _check_exclude(exclude)
+    patterns = check_exclude(exclude)
     seed = _check_seed(seed)
-    layers = find_prunable_layers(model, patterns)
+    layers, skipped = select_layers(model, patterns)
+    layers, misfits = fit_structure(layers, structure_obj)
+    skipped.update(misfits)
+    layer_overrides = _drop_skipped(overrides, skipped)
     fixed = getattr(structure_obj, "fixed_sparsity", None) is not None
     bounded = min_sparsity is not None or max_sparsity is not None
     if bounded and (scope_obj.name != "global" or fixed):
         raise ValueError("min_sparsity / max_sparsity need scope='global' and a structure "
                          "without a fixed sparsity (not N:M)")
-    _check_allocation(allocation, scope_obj.name, fixed, calib, overrides, layers)
+    _check_allocation(allocation, scope_obj.name, fixed, calib, layer_overrides, layers)
     limits = None
-    if bounded or overrides is not None:
+    if bounded or layer_overrides is not None:
         default = check_bounds(min_sparsity, max_sparsity)
-        limits = resolve_limits(layers, overrides, scope_obj.name, value, default, fixed)
+        limits = resolve_limits(layers, layer_overrides, scope_obj.name, value, default, fixed)
         layers = {name: module for name, module in layers.items() if name in limits}
     if schedule is not None:
         if not isinstance(schedule, Schedule):
@@ -518,7 +542,7 @@ def prune(
     return Pruner(
         model, layers, live,
         sparsity=value, criterion=criterion, structure=structure, scope=scope, seed=seed,
-        schedule=schedule, recipe=recipe,
+        schedule=schedule, recipe=recipe, skipped=skipped,
         allocation={
             "allocation": None if allocation == "uniform" else allocation,
             "overrides": _describe_overrides(overrides),

@@ -8,7 +8,12 @@ not change with pruning). Per output position a layer does one multiply-add per 
   batch) the FLOPs are **per input sample** (``flops_per == "sample"``): a Conv2d's output size and
   a sequence's length are then included;
 * without, they are **per output position** (``flops_per == "position"``): per token or row for
-  Linear, per output pixel for Conv2d. Totals are given only when every row has the same unit.
+  Linear (and Hugging Face's Conv1D, a Linear stored transposed), per output pixel for Conv2d.
+  Totals are given only when every row has the same unit.
+
+Layers the run left dense for a reason of its own (a weight tied to an embedding, a structure
+that does not fit) are in ``skipped`` (name -> reason) and print as one line each under the
+table, as :func:`skipped_lines` words them.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from __future__ import annotations
 import io
 from typing import Mapping, Optional
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 from torch import Tensor, nn
 
 
@@ -31,6 +37,19 @@ def _si(value: Optional[float]) -> str:
     return f"{value:.3g}"
 
 
+def skipped_lines(skipped: Mapping[str, str]) -> list[str]:
+    """One line per layer left dense: ``"lm_head: weight tied to transformer.wte (an embedding);
+    left dense"``."""
+    return [f"{name}: {reason}; left dense" for name, reason in skipped.items()]
+
+
+def with_skipped(renderable: RenderableType, skipped: Mapping[str, str]) -> RenderableType:
+    """``renderable`` followed by the skipped layers' lines (as plain text: names may hold '[')."""
+    if not skipped:
+        return renderable
+    return Group(renderable, *(Text(line) for line in skipped_lines(skipped)))
+
+
 class PruningReport(list):
     """One dict per layer, in model order.
 
@@ -40,8 +59,13 @@ class PruningReport(list):
     (``"sample"`` or ``"position"``, see the module docstring).
 
     It is a plain list for code (``report[0]["sparsity"]``, ``json.dumps(report.to_dicts())``) and
-    renders as a table for people (``print(report)`` or ``rich.print(report)``).
+    renders as a table for people (``print(report)`` or ``rich.print(report)``). ``skipped`` maps
+    each layer left dense to the reason (not rows: nothing of theirs was counted).
     """
+
+    def __init__(self, rows=(), skipped: Optional[Mapping[str, str]] = None) -> None:
+        super().__init__(rows)
+        self.skipped: dict[str, str] = dict(skipped or {})
 
     @classmethod
     def from_masks(
@@ -49,6 +73,7 @@ class PruningReport(list):
         masks: Mapping[str, Tensor],
         modules: Mapping[str, nn.Module],
         positions: Optional[Mapping[str, float]] = None,
+        skipped: Optional[Mapping[str, str]] = None,
     ) -> "PruningReport":
         rows = []
         for name, mask in masks.items():
@@ -68,7 +93,7 @@ class PruningReport(list):
                     "params_after": numel - pruned + n_bias,
                 }
             )
-        return cls(rows).with_positions(positions)
+        return cls(rows, skipped).with_positions(positions)
 
     def with_positions(self, positions: Optional[Mapping[str, float]]) -> "PruningReport":
         """A copy whose FLOPs are per sample for the layers in ``positions`` (name -> output
@@ -83,7 +108,7 @@ class PruningReport(list):
             r["flops_before"] = scale * r["numel"]
             r["flops_after"] = scale * (r["numel"] - r["pruned"])
             rows.append(r)
-        return PruningReport(rows)
+        return PruningReport(rows, self.skipped)
 
     @property
     def rows(self) -> list[dict]:
@@ -113,7 +138,10 @@ class PruningReport(list):
             total[key] = sum(r[key] for r in self) if same else None
         return total
 
-    def __rich__(self) -> Table:
+    def __rich__(self) -> RenderableType:
+        return with_skipped(self._table(), self.skipped)
+
+    def _table(self) -> Table:
         t = self.total
         unit = {"sample": "per sample", "position": "per output position", None: "mixed units"}
         table = Table(

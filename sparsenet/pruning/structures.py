@@ -3,13 +3,15 @@
 A structure maps per-weight scores to per-unit scores (``units``: a 1-D tensor) and maps the
 chosen units back to a keep-mask of the weight's shape (``expand``); ``unit_size`` is the number
 of weights in one unit. Scopes then only count units, so every structure reuses the same scopes
-and ranking. ``check`` rejects a layer whose shape the structure cannot tile, before anything is
-scored. A structure that fixes its own pattern (N:M) instead has ``fixed_sparsity`` and
-``keep(scores)``: scopes do not apply to it.
+and ranking. ``misfit`` names why a layer's shape cannot be tiled (``None`` when it can), before
+anything is scored: such a layer is left dense. A structure that fixes its own pattern (N:M)
+instead has ``fixed_sparsity`` and ``keep(scores)``: scopes do not apply to it.
 
-Every structure sees a weight as a matrix ``(rows, cols)``: ``nn.Linear`` as ``(out, in)``,
-``nn.Conv2d`` as ``(out_channels, in_channels/groups * kh * kw)`` -- a filter is one row, and
-N:M groups and blocks run along that flattened ``(in_channel, kh, kw)`` axis, in that order.
+Every structure sees a weight as a matrix ``(rows, cols)`` (scores, shapes and masks alike; the
+planner converts with :func:`sparsenet._weights.as_matrix`): ``nn.Linear`` as ``(out, in)``,
+Hugging Face's ``Conv1D`` (stored ``(in, out)``) as the same ``(out, in)``, ``nn.Conv2d`` as
+``(out_channels, in_channels/groups * kh * kw)`` -- a filter is one row, and N:M groups and
+blocks run along that flattened ``(in_channel, kh, kw)`` axis, in that order.
 
 Group scores (channel, block) are the ``norm`` ("l1": mean |s|, "l2": root mean square) of
 their weights' scores. Dividing by the group size changes nothing within a layer (all groups
@@ -34,8 +36,9 @@ class Structure(Protocol):
     # Score an already-pruned weight gets before grouping (-inf: it goes first).
     pruned_score: float
 
-    def check(self, layer_name: str, weight_shape: tuple[int, ...]) -> None:
-        """Raise ValueError naming the layer if the structure cannot tile this weight."""
+    def misfit(self, weight_shape: tuple[int, int]) -> Optional[str]:
+        """Why the structure cannot tile this weight matrix, or None. (Optional; a structure
+        may instead have ``check(layer_name, shape)`` raising ValueError.)"""
 
     def units(self, scores: Tensor) -> Tensor:
         """1-D unit scores (lower = prune first) from per-weight scores."""
@@ -70,9 +73,6 @@ class Unstructured:
     name = "unstructured"
     pruned_score = float("-inf")
 
-    def check(self, layer_name: str, weight_shape: tuple[int, ...]) -> None:
-        pass
-
     def units(self, scores: Tensor) -> Tensor:
         return scores.reshape(-1)
 
@@ -97,9 +97,6 @@ class Channel:
         self.norm = _check_norm(norm)
         self.name = "channel"
 
-    def check(self, layer_name: str, weight_shape: tuple[int, ...]) -> None:
-        pass
-
     def units(self, scores: Tensor) -> Tensor:
         return _group_score(scores.reshape(scores.shape[0], -1), self.norm)
 
@@ -119,7 +116,7 @@ class Channel:
 class Block:
     """``r x c`` tiles of the weight matrix, kept or removed whole by the norm of their scores.
 
-    A weight matrix that ``r x c`` does not tile exactly raises (no padding: a padded edge
+    A weight matrix that ``r x c`` does not tile exactly is a misfit (no padding: a padded edge
     block would be scored on fewer weights and could not be stored as a full block).
     """
 
@@ -132,13 +129,11 @@ class Block:
         self.r, self.c, self.norm = r, c, _check_norm(norm)
         self.name = "block"
 
-    def check(self, layer_name: str, weight_shape: tuple[int, ...]) -> None:
+    def misfit(self, weight_shape: tuple[int, ...]) -> Optional[str]:
         rows, cols = _matrix(weight_shape)
         if rows % self.r or cols % self.c:
-            raise ValueError(
-                f"block {self.r}x{self.c} does not tile layer {layer_name!r}, whose weight is "
-                f"{rows}x{cols} as a matrix; pick a block that divides it or exclude the layer"
-            )
+            return f"block {self.r}x{self.c} does not tile its {rows}x{cols} weight matrix"
+        return None
 
     def units(self, scores: Tensor) -> Tensor:
         rows, cols = _matrix(scores.shape)
@@ -164,7 +159,7 @@ class NM:
     "2:4" keeps 2 of every 4 (50% sparsity). The sparsity is fixed at (M-N)/M in every layer,
     so scope has no effect. The M-N lowest scores of each group go (ties: lower index first).
     On a layer that was already sparser, the old zeros stay: groups then keep at most N.
-    A row length not divisible by M raises (no padding: kernels need whole groups).
+    A row length not divisible by M is a misfit (no padding: kernels need whole groups).
     """
 
     pruned_score = float("-inf")
@@ -176,13 +171,11 @@ class NM:
         self.name = f"{n}:{m}"
         self.fixed_sparsity = (m - n) / m
 
-    def check(self, layer_name: str, weight_shape: tuple[int, ...]) -> None:
+    def misfit(self, weight_shape: tuple[int, ...]) -> Optional[str]:
         cols = _matrix(weight_shape)[1]
         if cols % self.m:
-            raise ValueError(
-                f"{self.name} needs the row length of layer {layer_name!r} ({cols}) to be a "
-                f"multiple of {self.m}; exclude the layer or pick another M"
-            )
+            return f"{self.name} needs its row length ({cols}) to be a multiple of {self.m}"
+        return None
 
     def keep(self, scores: Tensor) -> Tensor:
         groups = scores.reshape(-1, self.m)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -15,15 +15,17 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from .._names import check_exclude
 from .._progress import bar_disabled
 from .._validate import integer, real
 from ..calibration.capture import eval_mode, model_device
 from ..calibration.data import check_calib, iter_batches
 from ..calibration.outputs import model_output
-from ..pruning.layers import PRUNABLE_TYPES, find_prunable_layers
+from ..pruning.layers import is_prunable, select_layers
 from ..pruning.masks import find_weight_mask, remove_pruning
 from ..pruning.nonuniform import ALLOCATIONS, allocate
-from ..pruning.planning import check_shapes
+from ..pruning.planning import fit_structure
+from ..pruning.report import skipped_lines, with_skipped
 from ..pruning.structures import get_structure
 from .blockwise import LOSSES, FitResult, check_holdout, fit
 from .layerwise import METHODS, LayerResult
@@ -37,7 +39,9 @@ class ReconstructionResult:
 
     The model keeps sparsenet's mask parametrizations (like :func:`sparsenet.prune`), so it can
     be fine-tuned with the masks held, passed to :func:`sparsenet.sparsify` as is, or baked
-    into plain weights with :meth:`finalize`.
+    into plain weights with :meth:`finalize`. ``skipped`` maps each layer left dense (a weight
+    tied to an embedding, a structure that does not fit) to the reason; they print as one line
+    each.
     """
 
     model: nn.Module
@@ -45,10 +49,19 @@ class ReconstructionResult:
     stages: list[StageResult]
     modules: dict[str, nn.Module]
     final: Optional[FitResult] = None  # the end-to-end pass on the model's output, if run
+    skipped: dict[str, str] = field(default_factory=dict)
+    _masks: dict[str, Tensor] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # The layers' live mask buffers, held here: finalize() drops the parametrizations that
+        # own them, and masks / sparsity must still answer afterwards (as Pruner.masks does).
+        self._masks = {n: find_weight_mask(m).mask for n, m in self.modules.items()}
 
     @property
     def masks(self) -> dict[str, Tensor]:
-        return {n: find_weight_mask(m).mask for n, m in self.modules.items()}
+        """Bool keep-masks (weight-shaped, True = kept) of the reconstructed layers; after
+        :meth:`finalize`, the record of what it baked. Do not modify them."""
+        return dict(self._masks)
 
     @property
     def sparsity(self) -> float:
@@ -87,7 +100,7 @@ class ReconstructionResult:
 
     def __rich__(self) -> Group:
         fits = self.fits_table()
-        return Group(self.table(), *([fits] if fits is not None else []))
+        return Group(with_skipped(self.table(), self.skipped), *([fits] if fits is not None else []))
 
     def __str__(self) -> str:
         buf = io.StringIO()
@@ -154,8 +167,10 @@ def reconstruct(
     """Prune ``model`` one-shot (or keep its masks) and rebuild its weights from ``calib``.
 
     Args:
-        model: any module whose ``nn.Linear`` / ``nn.Conv2d`` layers are reachable; modified in
-            place, and left exactly as it was if anything raises.
+        model: any module whose ``nn.Linear`` / ``nn.Conv2d`` / Hugging Face ``Conv1D`` layers
+            are reachable (a Conv1D is solved as the Linear it is); modified in place, and left
+            exactly as it was if anything raises. Layers whose weight is tied to another module's
+            and layers the structure cannot tile are left dense, listed in ``result.skipped``.
         calib: calibration batches (a list or DataLoader of tensors, ``(inputs, targets)`` pairs
             or dicts of keyword arguments; see :mod:`sparsenet.calibration`). The last
             ``holdout`` fraction of batches is held out for early stopping of block fits.
@@ -208,8 +223,7 @@ def reconstruct(
     for flag, what in ((blockwise, "blockwise"), (correct, "correct")):
         if not isinstance(flag, bool):
             raise TypeError(f"{what} must be a bool, got {flag!r}")
-    patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude or ())
-    layers = find_prunable_layers(model, patterns)
+    layers, skipped = select_layers(model, check_exclude(exclude))
     fixed = getattr(structure_obj, "fixed_sparsity", None)
     if allocation != "uniform" and fixed is not None:
         raise ValueError(f"allocation={allocation!r} cannot vary a fixed-sparsity structure ({structure_obj.name})")
@@ -235,10 +249,15 @@ def reconstruct(
             raise ValueError(f"sparsity must be a float in [0, 1), got {sparsity!r}")
         if fixed is not None and sparsity is not None and abs(float(sparsity) - fixed) > 1e-9:
             raise ValueError(f"structure {structure_obj.name!r} fixes sparsity at {fixed:g}")
-    check_shapes(layers, structure_obj)
-    for name, layer in layers.items():
-        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
-            raise ValueError(f"layer {name!r} is a grouped convolution; exclude it")
+    layers, misfits = fit_structure(layers, structure_obj)
+    skipped.update(misfits)
+    # The layer-wise solvers see one input matrix per layer; a grouped convolution has one per group.
+    grouped = {name: "a grouped convolution, which the layer-wise solvers do not handle"
+               for name, layer in layers.items() if isinstance(layer, nn.Conv2d) and layer.groups != 1}
+    if grouped and len(grouped) == len(layers):
+        raise ValueError("no layer can be reconstructed: " + "; ".join(skipped_lines({**skipped, **grouped})))
+    skipped.update(grouped)
+    layers = {name: layer for name, layer in layers.items() if name not in grouped}
     # The probe runs one batch: bad calibration data fails here, before anything changes.
     stages = probe(model, find_stages(model, layers, blocks), calib)
     sparsities = None
@@ -252,7 +271,7 @@ def reconstruct(
     # Layers not reconstructed (excluded, or unmasked under sparsity=None) stay as they are
     # through block fits too.
     chosen = {id(m) for m in layers.values()}
-    frozen = {id(p) for m in model.modules() if isinstance(m, PRUNABLE_TYPES) and id(m) not in chosen
+    frozen = {id(p) for m in model.modules() if is_prunable(m) and id(m) not in chosen
               for p in m.parameters()}
     settings = WalkSettings(
         method=method, structure=structure_obj, sparsities=sparsities, damp=damp,
@@ -271,7 +290,7 @@ def reconstruct(
     except BaseException:
         rollback.restore()
         raise
-    return ReconstructionResult(model, result.layers, result.stages, layers, final_fit)
+    return ReconstructionResult(model, result.layers, result.stages, layers, final_fit, skipped)
 
 
 def _fit_output(model, dense, stages, calib, frozen, loss, settings) -> FitResult:

@@ -1,8 +1,9 @@
 """Solve one layer from its input statistics and write the result into the model.
 
 Bridges modules and the matrix solvers: a layer's dense weight (the parametrization's stored
-original when it is already masked) as a ``(rows, cols)`` matrix, its :class:`Gram`, and the
-installation of the solution as sparsenet's mask parametrization plus new weight and bias.
+original when it is already masked) as a ``(rows, cols)`` matrix (a Conv1D's transpose: see
+:func:`~sparsenet._weights.as_matrix`), its :class:`Gram`, and the installation of the solution,
+back in the layer's own layout, as sparsenet's mask parametrization plus new weight and bias.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .._weights import stored_weight
+from .._weights import as_matrix, from_matrix, stored_weight
 from ..calibration.gram import Gram
 from ..pruning.masks import find_weight_mask, set_weight_mask
 from ..pruning.structures import Structure
@@ -23,10 +24,10 @@ METHODS = ("sparsegpt", "admm", "lsq")
 
 
 def problem_for(layer: nn.Module, gram: Gram) -> LayerProblem:
-    w = stored_weight(layer).detach()
+    w = as_matrix(layer, stored_weight(layer).detach())
     bias = layer.bias.detach() if isinstance(getattr(layer, "bias", None), Tensor) else None
     mean = gram.mean() if bias is not None else None
-    return LayerProblem(w.reshape(w.shape[0], -1), gram.hessian(), bias, mean)
+    return LayerProblem(w, gram.hessian(), bias, mean)
 
 
 def wanda_keep(problem: LayerProblem, sparsity: float, structure: Structure) -> Tensor:
@@ -67,12 +68,11 @@ def solve(
 
 def install(layer: nn.Module, solution: Solution) -> None:
     """Mask the layer with the solution's keep-mask and write its weights and bias."""
-    original = stored_weight(layer)
-    shape = original.shape
+    device = stored_weight(layer).device
     with torch.no_grad():
-        set_weight_mask(layer, solution.keep.reshape(shape).to(original.device).contiguous())
+        set_weight_mask(layer, from_matrix(layer, solution.keep).to(device).contiguous())
         original = stored_weight(layer)
-        original.copy_(solution.weight.reshape(shape).to(original.dtype))
+        original.copy_(from_matrix(layer, solution.weight).to(original.dtype))
         if solution.bias is not None:
             layer.bias.copy_(solution.bias.to(layer.bias.dtype))
 
@@ -81,4 +81,4 @@ def current_keep(layer: nn.Module) -> Optional[Tensor]:
     mask = find_weight_mask(layer)
     if mask is None:
         return None
-    return mask.mask.reshape(mask.mask.shape[0], -1)
+    return as_matrix(layer, mask.mask)

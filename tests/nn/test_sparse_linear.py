@@ -358,3 +358,67 @@ def test_float64_default_dtype_does_not_leak_into_outputs():
     finally:
         torch.set_default_dtype(before)
     assert y.dtype == torch.float32
+
+
+# ---- code that reads .weight; dtype changes ---------------------------------------------------------
+
+def test_weight_reads_give_a_stand_in_nothing_can_compute_with():
+    sp = SparseLinear.from_dense(pruned_linear(12, 6, seed=11))
+    w = sp.weight
+    assert (w.shape, w.dtype, w.device.type) == ((6, 12), torch.float32, "meta")
+    assert torch.overrides.has_torch_function((w,))  # what torch's fused transformer paths refuse
+    assert isinstance(w, torch.Tensor) and w.size(1) == 12 and w.dim() == 2 and w.is_floating_point()
+    assert "meta" in repr(w)
+    x = torch.randn(2, 12)
+    # torch itself returns uninitialised CPU memory for F.linear(cpu x, meta w): refused instead.
+    for compute in (lambda: torch.nn.functional.linear(x, w), lambda: x @ w.T, lambda: w.to("cpu"),
+                    lambda: w + 1, lambda: w.clone(), lambda: torch.matmul(x, w.t())):
+        with pytest.raises(RuntimeError, match="stand-in without data"):
+            compute()
+    assert "weight" not in sp.state_dict() and "weight" not in dict(sp.named_parameters())
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_torch_transformer_fast_path_calls_the_sparse_layers(stack):
+    # In eval mode torch's fused path would hand linear1.weight to one C++ kernel and never call
+    # the layer: with the stand-in it must take the plain path, which does.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    model = (nn.TransformerEncoder(layer, 2, enable_nested_tensor=True) if stack else layer).eval()
+    sparsenet.prune(model, 0.6).finalize()
+    x = torch.randn(3, 5, 32)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    with torch.inference_mode():
+        expected = model(x, src_key_padding_mask=padding)
+        sparse, report = sparsenet.sparsify(model)
+        got = sparse(x, src_key_padding_mask=padding)
+    assert len(report.converted) == (4 if stack else 2)
+    # The fused path writes zeros at padded positions, the plain one computes them: compare the rest.
+    assert (got - expected)[~padding].abs().max() < 1e-5
+
+
+def test_t5_reading_wo_weight_dtype_runs():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                      decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(config).eval()
+    sparsenet.prune(model, 0.5, exclude=["lm_head"]).finalize()
+    ids = torch.randint(0, 100, (2, 6))
+    with torch.no_grad():
+        expected = model(input_ids=ids, decoder_input_ids=ids).logits
+        sparse, report = sparsenet.sparsify(model)
+        got = sparse(input_ids=ids, decoder_input_ids=ids).logits
+    assert len(report.converted) > 0 and (got - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()])
+def test_dtype_change_is_refused_at_once(convert):
+    sp = SparseLinear.from_dense(pruned_linear(12, 6, seed=12))
+    before = {k: v.clone() for k, v in sp.state_dict().items()}
+    with pytest.raises(TypeError, match="float32"):
+        convert(sp)
+    assert all(torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in sp.state_dict().items())
+    assert sp.float().to("cpu") is sp  # no dtype change: fine

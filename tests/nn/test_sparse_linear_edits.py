@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
-import sparsenet
 from sparsenet.nn import SparseLinear
 
 from call_paths import PATHS

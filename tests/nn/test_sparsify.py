@@ -6,14 +6,7 @@ from torch import nn
 import sparsenet
 from sparsenet.nn import SparseLinear
 
-
-def zero_fraction(module, frac, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.Linear):
-                m.weight[torch.rand(m.weight.shape, generator=g) < frac] = 0
-    return module
+from layer_twins import zero_linear_weights
 
 
 def mlp():
@@ -22,7 +15,7 @@ def mlp():
 
 
 def test_swaps_sparse_layers_and_keeps_outputs():
-    model = zero_fraction(mlp(), 0.8)
+    model = zero_linear_weights(mlp(), 0.8)
     x = torch.randn(7, 20)
     sparse, report = sparsenet.sparsify(model, min_sparsity=0.5)
     assert sparse is not model and all(isinstance(m, nn.Linear) for m in model if not isinstance(m, nn.ReLU))
@@ -38,7 +31,7 @@ def test_swaps_sparse_layers_and_keeps_outputs():
 
 def test_min_sparsity_threshold_and_inplace():
     model = mlp()
-    zero_fraction(model[0], 0.9)
+    zero_linear_weights(model[0], 0.9)
     same, report = sparsenet.sparsify(model, min_sparsity=0.5, inplace=True)
     assert same is model
     assert isinstance(model[0], SparseLinear) and isinstance(model[2], nn.Linear)
@@ -114,22 +107,22 @@ def test_hugging_face_bert_from_config():
 
 
 def test_densify_round_trip():
-    model = zero_fraction(mlp(), 0.8)
+    model = zero_linear_weights(mlp(), 0.8)
     sparse, _ = sparsenet.sparsify(model)
     dense = sparsenet.densify(sparse)
     assert all(type(m) is nn.Linear for m in dense if not isinstance(m, nn.ReLU))
     for a, b in zip(dense.parameters(), model.parameters()):
         assert torch.equal(a, b)
     assert isinstance(sparse[0], SparseLinear)  # not in place by default
-    single, _ = sparsenet.sparsify(zero_fraction(nn.Linear(8, 8), 0.9))
+    single, _ = sparsenet.sparsify(zero_linear_weights(nn.Linear(8, 8), 0.9))
     assert isinstance(single, SparseLinear)
     assert type(sparsenet.densify(single)) is nn.Linear
 
 
 def test_model_without_linear_layers_gives_empty_report():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    model = nn.Sequential(nn.LayerNorm(3), nn.ReLU())
     same, report = sparsenet.sparsify(model)
-    assert len(report) == 0 and "no nn.Linear layers" in str(report)
+    assert len(report) == 0 and "no Linear, Conv1D or Conv2d layers" in str(report)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, "0.5", None, float("nan")])
@@ -146,7 +139,7 @@ def test_bad_model_type():
 
 
 def test_non_float32_layers_stay_dense_with_a_reason():
-    model = zero_fraction(mlp(), 0.9)
+    model = zero_linear_weights(mlp(), 0.9)
     model[2].double()
     sparse, report = sparsenet.sparsify(model)
     notes = {r.name: r.note for r in report.rows}
@@ -155,7 +148,7 @@ def test_non_float32_layers_stay_dense_with_a_reason():
 
 
 def test_inplace_failure_leaves_every_layer_as_it_was():
-    model = zero_fraction(mlp(), 0.8)
+    model = zero_linear_weights(mlp(), 0.8)
     with torch.no_grad():
         model[4].weight[0, 0] = float("nan")  # the last layer fails after the first two converted
     layers = list(model)
@@ -167,7 +160,7 @@ def test_inplace_failure_leaves_every_layer_as_it_was():
 
 
 def test_inplace_any_conversion_error_swaps_nothing(monkeypatch):
-    model = zero_fraction(mlp(), 0.8)
+    model = zero_linear_weights(mlp(), 0.8)
     layers, real = list(model), SparseLinear.from_dense.__func__
 
     def fail_on_last(cls, linear, mask=None):
@@ -185,7 +178,7 @@ def test_linear_registered_twice_is_swapped_under_both_names():
     class Twice(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a = self.b = zero_fraction(nn.Linear(8, 8), 0.9)
+            self.a = self.b = zero_linear_weights(nn.Linear(8, 8), 0.9)
 
         def forward(self, x):
             return self.b(self.a(x))
@@ -199,7 +192,7 @@ def test_linear_registered_twice_is_swapped_under_both_names():
 
 
 def test_weight_norm_layer_stays_dense_with_a_note():
-    model = zero_fraction(mlp(), 0.6)  # sparse enough to convert; no all-zero row (weight_norm divides by its norm)
+    model = zero_linear_weights(mlp(), 0.6)  # sparse enough to convert; no all-zero row (weight_norm divides by its norm)
     torch.nn.utils.parametrizations.weight_norm(model[2])
     x = torch.randn(4, 20)
     sparse, report = sparsenet.sparsify(model)
@@ -210,3 +203,62 @@ def test_weight_norm_layer_stays_dense_with_a_note():
     assert torch.allclose(sparse(x), model(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="layer '2' has a parametrization on `weight`"):
         sparsenet.prune(model, 0.5, progress=False)
+
+
+# ---- exclude=, Conv1D, Conv2d rows -------------------------------------------------------------------
+
+def test_exclude_leaves_layers_dense_and_checks_its_patterns():
+    model = zero_linear_weights(mlp(), 0.8)
+    sparse, report = sparsenet.sparsify(model, exclude=["4"])
+    assert [type(m).__name__ for m in sparse][::2] == ["SparseLinear", "SparseLinear", "Linear"]
+    assert {r.name: r.note for r in report.rows}["4"] == "excluded"
+    sparse, _ = sparsenet.sparsify(model, exclude="[02]")  # one glob, a string
+    assert [type(m).__name__ for m in sparse][::2] == ["Linear", "Linear", "SparseLinear"]
+    with pytest.raises(ValueError, match="match no module"):
+        sparsenet.sparsify(model, exclude=["fc9"])
+    with pytest.raises(TypeError, match="exclude"):
+        sparsenet.sparsify(model, exclude=[3])
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32, bos_token_id=0,
+                        eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_conv1d_layers_convert_as_the_linears_they_are():
+    from sparsenet._weights import is_conv1d
+
+    model = tiny_gpt2()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if is_conv1d(m):
+                m.weight.mul_(torch.rand(m.weight.shape, generator=g) < 0.3)
+    ids = torch.randint(0, 100, (2, 9), generator=g)
+    with torch.no_grad():
+        expected = model(ids).logits
+        sparse, report = sparsenet.sparsify(model)
+        got = sparse(ids).logits
+    assert (got - expected).abs().max() < 1e-5
+    converted = {r.name for r in report.converted}
+    assert converted == {f"transformer.h.{i}.{p}" for i in range(2)
+                         for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    c_fc = sparse.transformer.h[0].mlp.c_fc
+    assert isinstance(c_fc, SparseLinear) and (c_fc.out_features, c_fc.in_features) == (128, 32)
+    rows = {r.name: r for r in report.rows}
+    assert rows["transformer.h.0.mlp.c_fc"].shape == (128, 32)  # (out, in), like a Linear
+    assert rows["lm_head"].format == "dense" and "tied to transformer.wte" in rows["lm_head"].note
+
+
+def test_conv2d_layers_are_listed_with_the_reason_they_stay_dense():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    sparsenet.prune(model, 0.7).finalize()
+    sparse, report = sparsenet.sparsify(model)
+    rows = {r.name: r for r in report.rows}
+    assert rows["0"].format == "dense" and "Conv2d" in rows["0"].note and rows["0"].shape == (8, 27)
+    assert 0.69 < rows["0"].sparsity < 0.71
+    assert rows["2"].format == "csr" and "1 of 2 layers converted" in str(report)

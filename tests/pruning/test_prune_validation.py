@@ -125,10 +125,11 @@ def test_foreign_parametrization_raises(mlp):
         prune(mlp, 0.5, progress=False)
 
 
-def test_tied_weights_raise():
+def test_only_tied_layers_left_raises_with_their_reasons():
     a, b = nn.Linear(4, 4), nn.Linear(4, 4)
     b.weight = a.weight
-    with pytest.raises(ValueError, match="shares its weight"):
+    with pytest.raises(ValueError, match=r"no prunable layers left: 0: weight tied to 1 \(a Linear\); "
+                                         r"left dense; 1: weight tied to 0 \(a Linear\); left dense"):
         prune(nn.Sequential(a, b), 0.5, progress=False)
 
 
