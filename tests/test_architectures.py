@@ -246,6 +246,8 @@ def test_whole_flow(arch, tmp_path):
         trial = copy.deepcopy(model)
         pruner = sparsenet.prune(trial, 0.5, criterion=criterion, calib=calib, progress=False)
         assert pruner.masks, criterion
+        for name, mask in pruner.masks.items():  # layer scope: half of every pruned layer
+            assert abs(1 - mask.float().mean().item() - 0.5) < 0.01, (criterion, name)
         pruner.finalize()
 
     result = sparsenet.reconstruct(model, calib, 0.5, epochs=1, progress=False)
