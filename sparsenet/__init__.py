@@ -7,7 +7,7 @@ import torch  # noqa: F401
 
 __version__ = "0.1.0"
 
-from sparsenet import formats, nn, ops, pruning, reconstruction  # noqa: E402
+from sparsenet import formats, nn, ops, pruning, reconstruction, structure  # noqa: E402
 from sparsenet.io import load, save  # noqa: E402
 from sparsenet.nn import SparseLinear, densify, sparsify  # noqa: E402
 from sparsenet.ops.runtime import (  # noqa: E402
@@ -21,10 +21,11 @@ from sparsenet.ops.runtime import (  # noqa: E402
 )
 from sparsenet.pruning import prune  # noqa: E402
 from sparsenet.reconstruction import finetune, reconstruct  # noqa: E402
+from sparsenet.structure import shrink  # noqa: E402
 
 _init_from_environment()
 
 __all__ = [
-    "__version__", "formats", "nn", "ops", "pruning", "prune", "reconstruction", "reconstruct", "finetune", "sparsify", "densify", "SparseLinear", "save", "load",
+    "__version__", "formats", "nn", "ops", "pruning", "prune", "reconstruction", "reconstruct", "finetune", "structure", "shrink", "sparsify", "densify", "SparseLinear", "save", "load",
     "set_num_threads", "get_num_threads", "set_isa", "get_isa", "available_isas", "show_config",
 ]

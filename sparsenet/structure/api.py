@@ -1,0 +1,294 @@
+"""``sparsenet.shrink``: remove whole channels (neurons, filters) and rebuild a smaller dense network.
+
+1. Trace the model on the example inputs and find its channel groups (:mod:`.graph`).
+2. Score each group's channels: the pruning package's criterion on every weight a channel owns
+   (its producer rows, norm parameters, consumer columns), reduced per channel with the same norm
+   ``structure="channel"`` uses.
+3. Decide how many channels each group loses: the pruning package's scopes ("global": one ranking
+   across groups, by score, until ``ratio`` of the shrinkable parameters is gone; "layer": every
+   group loses ``ratio`` of its channels), never a whole group, widths rounded to ``round_to``.
+4. Slice every member and update the modules (:mod:`.removal`); check the forward still runs.
+
+Groups the graph cannot prove safe to shrink are left as they are and listed with the reason.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .._names import check_exclude, check_patterns_match, is_excluded
+from .._validate import integer
+from ..pruning.scope import get_scope
+from ..pruning.structures import _group_score
+from .graph import DependencyGraph, Group, build_graph
+from .removal import remove_channels
+
+IMPORTANCES = ("magnitude",)
+
+
+@dataclass
+class GroupRow:
+    """One channel group: the layers that produce it, its width before and after, and why it was
+    left alone (empty when it was shrinkable)."""
+
+    producers: list[str]
+    width_before: int
+    width_after: int
+    params_before: int
+    params_after: int
+    reason: str = ""
+    removed: list[int] = field(default_factory=list)  # the group's channel indices taken out
+
+
+@dataclass
+class ShrinkReport:
+    rows: list[GroupRow] = field(default_factory=list)
+    ratio: float = 0.0
+    params_before: int = 0  # the whole model's
+    params_after: int = 0
+    shrinkable_before: int = 0  # parameters in tensors that shrinkable groups slice
+    shrinkable_after: int = 0
+
+    @property
+    def shrunk(self) -> list[GroupRow]:
+        return [r for r in self.rows if r.width_after < r.width_before]
+
+    @property
+    def skipped(self) -> list[GroupRow]:
+        return [r for r in self.rows if r.reason]
+
+    def __str__(self) -> str:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"shrink (ratio={self.ratio:g})")
+        for col in ("group (producers)", "width", "parameters", "note"):
+            table.add_column(col, justify="right" if col in ("width", "parameters") else "left")
+        for r in self.rows:
+            table.add_row(", ".join(r.producers) or "-", f"{r.width_before} -> {r.width_after}",
+                          f"{r.params_before:,} -> {r.params_after:,}", r.reason)
+        kept = self.params_after / self.params_before if self.params_before else 1.0
+        part = self.shrinkable_after / self.shrinkable_before if self.shrinkable_before else 1.0
+        table.caption = (f"{len(self.shrunk)} of {len(self.rows)} groups shrunk; shrinkable parameters "
+                         f"{self.shrinkable_before:,} -> {self.shrinkable_after:,} ({part:.1%}); model "
+                         f"{self.params_before:,} -> {self.params_after:,} ({kept:.1%})")
+        console = Console(width=140, record=True, force_terminal=False)
+        with console.capture() as cap:
+            console.print(table)
+        return cap.get()
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """A tensor, a tuple of positional arguments, a dict of keyword arguments, or (args, kwargs)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
+            and isinstance(example_inputs[1], dict)):
+        return example_inputs[0], example_inputs[1]
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError("example_inputs must be a tensor, a tuple of arguments, a dict of keyword arguments "
+                    f"or (args, kwargs), got {type(example_inputs).__name__}")
+
+
+def _tensors(model: nn.Module) -> dict[str, Tensor]:
+    return dict(model.state_dict(keep_vars=True))
+
+
+def _unit_matrix(group: Group, tensors: dict[str, Tensor]) -> Tensor:
+    """(channels, weights per channel): every parameter value a channel of ``group`` owns."""
+    pieces = []
+    for m in group.members:
+        t = tensors[m.name]
+        if not isinstance(t, nn.Parameter):
+            continue  # running statistics are no weights
+        span = t.detach().movedim(m.dim, 0)[m.offset:m.offset + m.length * m.repeat]
+        piece = span.reshape(m.length, -1).float()
+        full = torch.zeros(group.size, piece.shape[1])
+        full[m.first:m.first + m.length] = piece
+        pieces.append(full)
+    return torch.cat(pieces, dim=1) if pieces else torch.zeros(group.size, 0)
+
+
+def _params_per_unit(group: Group, tensors: dict[str, Tensor]) -> int:
+    """Parameters (not buffers) one channel of ``group`` owns across its members."""
+    total = 0
+    for m in group.members:
+        t = tensors[m.name]
+        if isinstance(t, nn.Parameter):
+            total += t.numel() // t.shape[m.dim] * m.repeat * m.length // group.size
+    return total
+
+
+def _eligible(graph: DependencyGraph, exclude: tuple[str, ...]) -> tuple[list[Group], dict[int, str]]:
+    groups, skipped = [], {}
+    for g in graph.groups:
+        if g.unsafe:
+            skipped[g.id] = "; ".join(g.unsafe)
+        elif exclude and any(is_excluded(p, exclude) for p in g.producers):
+            skipped[g.id] = "excluded"
+        elif g.size < 2:
+            skipped[g.id] = "a single channel"
+        else:
+            groups.append(g)
+    return groups, skipped
+
+
+def _round_kept(units: int, remove: int, round_to: int) -> int:
+    """Channels to remove so that what is kept is a multiple of ``round_to`` (and at least one)."""
+    if round_to <= 1:
+        return min(remove, units - 1)
+    kept = max(round_to, round((units - remove) / round_to) * round_to)
+    return max(0, units - min(kept, units))
+
+
+def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, importance: str = "magnitude",
+           scope: str = "global", round_to: int = 1, exclude=None) -> ShrinkReport:
+    """Remove whole channels (Linear neurons, Conv2d filters) from ``model`` in place, so that about
+    ``ratio`` of the parameters of its shrinkable layers are gone, and return a report.
+
+    Args:
+        model: any module that ``torch.export`` can trace on ``example_inputs``.
+        example_inputs: what ``model`` is called with: a tensor, a tuple of arguments, a dict of
+            keyword arguments (Hugging Face models: ``use_cache=False``) or ``(args, kwargs)``.
+        ratio: fraction of the shrinkable parameters to remove, in [0, 1).
+        importance: how channels are ranked ("magnitude": the norm of all the weights a channel
+            owns, from the pruning package's magnitude criterion).
+        scope: "global" (one ranking across all groups) or "layer" (each group loses ``ratio`` of
+            its channels).
+        round_to: keep every width a multiple of this (e.g. 8), and at least this.
+        exclude: module names or globs whose channels are left alone (as for ``prune``).
+
+    Channel groups that must shrink together (a residual stream, a concat's inputs, a layer and its
+    norm) shrink together; a group the graph cannot prove safe (channels reaching the model's
+    output, an op it does not follow) is left as it is and named in the report with the reason.
+    A group never loses all its channels. On any error the model is left as it was.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if importance not in IMPORTANCES:
+        raise ValueError(f"unknown importance {importance!r}; known: {', '.join(IMPORTANCES)}")
+    scope_obj = get_scope(scope)
+    round_to = integer(round_to, "round_to", 1)
+    exclude = check_exclude(exclude)
+    check_patterns_match(model, exclude)
+    args, kwargs = _split_inputs(example_inputs)
+
+    with torch.no_grad():
+        graph = build_graph(model, args, kwargs)
+    tensors = _tensors(model)
+    groups, skipped = _eligible(graph, exclude)
+    if not groups:
+        reasons = "; ".join(sorted(set(skipped.values())))[:400]
+        raise ValueError(f"nothing in the model can be shrunk: {reasons or 'it has no channel groups'}")
+
+    scores = [_group_score(_unit_matrix(g, tensors).abs(), "l2") for g in groups]
+    if scope_obj.name == "global":
+        # Ranked across groups relative to each group's mean: raw weight scales differ between
+        # layers (initialisation, width) far more than the importance of their channels does.
+        scores = [s / s.mean().clamp_min(torch.finfo(s.dtype).tiny) for s in scores]
+    counts = _allocate(groups, scores, tensors, float(ratio), scope_obj, round_to)
+    removed = {g.id: torch.sort(torch.topk(s, c, largest=False).indices).values if c else torch.zeros(0, dtype=torch.long)
+               for g, s, c in zip(groups, scores, counts)}
+    sizes = [_params_per_unit(g, tensors) for g in groups]
+
+    shrinkable = _member_tensors(groups, tensors)
+    report = ShrinkReport(ratio=float(ratio), params_before=_count(model),
+                          shrinkable_before=sum(tensors[n].numel() for n in shrinkable))
+
+    def check() -> None:
+        with torch.no_grad():
+            model(*args, **kwargs)
+
+    new_shapes = remove_channels(model, graph, removed, check) if any(counts) else {}
+    for g, size, count in zip(groups, sizes, counts):
+        report.rows.append(GroupRow(g.producers, g.size, g.size - count, size * g.size, size * (g.size - count),
+                                    removed=removed[g.id].tolist()))
+    for gid, reason in skipped.items():
+        g = graph.group(gid)
+        size = _params_per_unit(g, tensors)
+        report.rows.append(GroupRow(g.producers, g.size, g.size, size * g.size, size * g.size, reason))
+    report.params_after = _count(model)
+    report.shrinkable_after = sum(math.prod(new_shapes[n]) if n in new_shapes else tensors[n].numel()
+                                  for n in shrinkable)
+    return report
+
+
+def _allocate(groups: list[Group], scores: list[Tensor], tensors: dict[str, Tensor], ratio: float, scope,
+              round_to: int) -> list[int]:
+    """Channels each group loses so that ``ratio`` of the shrinkable parameters are removed.
+
+    A tensor that two groups slice (a convolution's filters and its input channels) shrinks in
+    both dimensions, so the scope's per-channel accounting overshoots; the ratio handed to the
+    scope is searched (bisection) until the parameters actually left match the target.
+    """
+    shrinkable = _member_tensors(groups, tensors)
+    total = sum(tensors[n].numel() for n in shrinkable)
+    sizes = [_params_per_unit(g, tensors) for g in groups]
+
+    def counts_for(r: float) -> Optional[list[int]]:
+        """Per-group removals at scope ratio ``r``; None where the floors make ``r`` infeasible."""
+        if scope.name == "global":
+            limits = [(0.0, (g.size - 1) / g.size) for g in groups]  # never a whole group
+            try:
+                raw = scope.allocate(scores, r, sizes, limits=limits, names=[", ".join(g.producers) for g in groups])
+            except ValueError:
+                return None
+        else:
+            raw = scope.allocate(scores, r, sizes)
+        return [_round_kept(g.size, c, round_to) for g, c in zip(groups, raw)]
+
+    def removed_fraction(counts: list[int]) -> float:
+        left = _params_left(groups, counts, shrinkable, tensors)
+        return 1.0 - left / total if total else 0.0
+
+    if ratio == 0.0:
+        return [0] * len(groups)
+    lo, hi = 0.0, ratio
+    best = counts_for(ratio) or [_round_kept(g.size, g.size - 1, round_to) for g in groups]
+    for _ in range(30):  # the removed fraction grows with r; find the r that lands on ratio
+        mid = (lo + hi) / 2
+        counts = counts_for(mid)
+        if counts is not None and removed_fraction(counts) < ratio:
+            lo = mid
+        else:
+            hi = mid
+            best = counts if counts is not None else best
+    return best
+
+
+def _member_tensors(groups: list[Group], tensors: dict[str, Tensor]) -> list[str]:
+    return list(dict.fromkeys(m.name for g in groups for m in g.members if isinstance(tensors[m.name], nn.Parameter)))
+
+
+def _params_left(groups: list[Group], counts: list[int], names: list[str], tensors: dict[str, Tensor]) -> int:
+    """Parameters of tensors ``names`` once each group has lost ``counts`` channels."""
+    lost: dict[tuple[str, int], float] = {}  # fraction of a dim's positions removed
+    for g, c in zip(groups, counts):
+        for m in g.members:
+            if m.name in tensors and c:
+                size = tensors[m.name].shape[m.dim]
+                lost[(m.name, m.dim)] = lost.get((m.name, m.dim), 0.0) + c / g.size * m.length * m.repeat / size
+    left = 0
+    for name in names:
+        t = tensors[name]
+        kept = 1.0
+        for d in range(t.dim()):
+            kept *= 1.0 - min(1.0, lost.get((name, d), 0.0))
+        left += round(t.numel() * kept)
+    return left
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["shrink", "ShrinkReport", "GroupRow", "IMPORTANCES"]

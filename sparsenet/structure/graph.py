@@ -1,0 +1,695 @@
+"""The dependency graph: which parameters must shrink together when channels are removed.
+
+Built from a traced forward pass (``torch.export`` on the user's example inputs), never from module
+names. Every tensor dimension that carries channels is followed through the graph:
+
+* a **group** is one space of channels, created where a layer produces them (a Linear's outputs, a
+  Conv2d's filters, an embedding's dimensions);
+* a **slot** is one dimension of one traced tensor, described by **segments**: which range of the
+  slot holds which range of which group, each group index spread over ``repeat`` consecutive
+  positions (a flatten of ``(C, H, W)`` into a Linear's inputs repeats each channel ``H * W`` times);
+* a **member** is one dimension of one parameter or buffer that must be sliced with a group: the
+  producer's rows and bias, a norm's affine parameters and statistics, a depthwise convolution's
+  filters, the consumer's input columns.
+
+Operations move, join and split segments: elementwise ops keep them, ``cat`` concatenates them with
+offsets, ``split``/``slice`` cut them, ``flatten`` repeats them, ``permute`` moves them, and a residual
+``add`` of two groups merges them into one (all members of a residual stream shrink together).
+Anything the graph cannot follow -- an op it does not know, channels split into attention heads,
+channels that reach the model's output, a parameter used in a way it did not model -- marks the
+groups involved **unsafe** with the reason; such groups are reported and never shrunk.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+# ---- segments ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Positions ``[start, start + length * repeat)`` of a slot hold group indices
+    ``[first, first + length)``, each repeated ``repeat`` times in a row."""
+
+    start: int
+    length: int
+    group: int
+    first: int
+    repeat: int = 1
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length * self.repeat
+
+
+Segments = tuple[Segment, ...]  # ordered by start; positions not covered are untracked
+
+
+def _shift(segs: Segments, offset: int) -> Segments:
+    return tuple(Segment(s.start + offset, s.length, s.group, s.first, s.repeat) for s in segs)
+
+
+def _cut(segs: Segments, lo: int, hi: int) -> Optional[Segments]:
+    """The segments of positions ``[lo, hi)``, rebased to 0; None when a repeated segment is cut
+    inside one group index (no whole channels to follow)."""
+    out = []
+    for s in segs:
+        a, b = max(s.start, lo), min(s.end, hi)
+        if a >= b:
+            continue
+        if (a - s.start) % s.repeat or (b - s.start) % s.repeat:
+            return None
+        skip = (a - s.start) // s.repeat
+        out.append(Segment(a - lo, (b - a) // s.repeat, s.group, s.first + skip, s.repeat))
+    return tuple(out)
+
+
+def _scale(segs: Segments, factor: int) -> Segments:
+    """Each position becomes ``factor`` consecutive positions (a flatten with the dims after it)."""
+    return tuple(Segment(s.start * factor, s.length, s.group, s.first, s.repeat * factor) for s in segs)
+
+
+# ---- groups and members -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Member:
+    """Dimension ``dim`` of parameter/buffer ``name``: group index ``i`` owns positions
+    ``[offset + i * repeat, offset + (i + 1) * repeat)`` there (before ``first`` is subtracted)."""
+
+    name: str
+    dim: int
+    offset: int
+    first: int
+    length: int
+    repeat: int = 1
+
+
+@dataclass
+class Group:
+    id: int
+    size: int
+    producers: list[str] = field(default_factory=list)  # modules that create the channels
+    members: list[Member] = field(default_factory=list)
+    unsafe: list[str] = field(default_factory=list)  # why it cannot be shrunk; empty: it can
+
+
+class DependencyGraph:
+    """Groups of a traced model: ``groups`` (merged, by representative id), ``param_names`` (the
+    traced program's parameter and buffer names, as in ``model.state_dict``)."""
+
+    def __init__(self) -> None:
+        self._groups: list[Group] = []
+        self._parent: list[int] = []
+
+    # union-find over group ids: a residual add (or a shared parameter) merges two groups
+    def find(self, g: int) -> int:
+        while self._parent[g] != g:
+            self._parent[g] = self._parent[self._parent[g]]
+            g = self._parent[g]
+        return g
+
+    def new_group(self, size: int, producer: Optional[str]) -> int:
+        gid = len(self._groups)
+        self._groups.append(Group(gid, size, [producer] if producer else []))
+        self._parent.append(gid)
+        return gid
+
+    def group(self, g: int) -> Group:
+        return self._groups[self.find(g)]
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        ga, gb = self._groups[ra], self._groups[rb]
+        self._parent[rb] = ra
+        ga.producers += gb.producers
+        ga.members += gb.members
+        ga.unsafe += gb.unsafe
+
+    def add_member(self, seg: Segment, name: str, dim: int) -> None:
+        self.group(seg.group).members.append(Member(name, dim, seg.start, seg.first, seg.length, seg.repeat))
+
+    def mark_unsafe(self, segs: Segments, reason: str) -> None:
+        for s in segs:
+            g = self.group(s.group)
+            if reason not in g.unsafe:
+                g.unsafe.append(reason)
+
+    @property
+    def groups(self) -> list[Group]:
+        return [g for g in self._groups if self.find(g.id) == g.id]
+
+
+# ---- tracing --------------------------------------------------------------------------------------
+
+
+def trace(model: nn.Module, args: tuple, kwargs: dict):
+    """The model's forward as an ``ExportedProgram`` (ATen ops, shapes on every node)."""
+    try:
+        return torch.export.export(model, args, kwargs, strict=False)
+    except Exception as e:  # noqa: BLE001 (export raises many kinds; the user needs the cause)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"could not trace the model on the example inputs ({type(e).__name__}: {first}); pass "
+            "example_inputs the model runs on (for Hugging Face models: keyword arguments and "
+            "use_cache=False)"
+        ) from e
+
+
+def _shape(node) -> Optional[tuple[int, ...]]:
+    val = node.meta.get("val") if hasattr(node, "meta") else None
+    return tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _module_of(node) -> Optional[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    # export names modules like "L['self'].encoder.layer[0]" in some versions; keep dotted paths
+    return path.replace("L['self'].", "").replace("[", ".").replace("]", "").replace("'", "")
+
+
+_KEEP_SHAPE = {  # outputs with the input's channel layout, element by element
+    "relu", "relu_", "gelu", "silu", "silu_", "tanh", "sigmoid", "hardtanh", "hardtanh_", "hardswish",
+    "hardsigmoid", "leaky_relu", "elu", "softplus", "mish", "dropout", "clone", "contiguous", "alias",
+    "detach", "_to_copy", "to", "type_as", "neg", "abs", "exp", "erf", "sqrt", "rsqrt", "relu6",
+    "lift_fresh_copy", "feature_dropout", "native_dropout",
+}
+_BINARY = {"add", "sub", "mul", "div", "maximum", "minimum", "rsub", "add_", "mul_", "sub_", "div_", "pow"}
+_POOL = {"max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "max_pool2d_with_indices",
+         "upsample_nearest2d", "upsample_bilinear2d"}
+_CHECKS = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size", "sym_constrain_range",
+           "_assert_async"}
+
+
+def _opname(target) -> str:
+    if target is operator.getitem:
+        return "getitem"
+    name = getattr(target, "__name__", str(target))  # aten ops: "relu.default"
+    return name.split(".")[0]
+
+
+class _Propagator:
+    def __init__(self, program, model: nn.Module) -> None:
+        self.program = program
+        self.graph = DependencyGraph()
+        sig = program.graph_signature
+        self.param_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}  # placeholder -> name
+        self.slots: dict[Any, list[Segments]] = {}  # node -> per-dim segments (or tuple outputs)
+        self.modelled_uses: dict[str, set] = {}  # param name -> nodes that use it in a modelled way
+        self.model = model
+
+    # -- helpers
+    def segs(self, node, ndim: Optional[int] = None) -> list[Segments]:
+        if not isinstance(node, torch.fx.Node):
+            return [()] * (ndim or 0)
+        got = self.slots.get(node)
+        if got is None:
+            shape = _shape(node)
+            return [()] * (len(shape) if shape else 0)
+        return got
+
+    def tracked(self, node) -> list[Segments]:
+        return [s for s in self.segs(node) if s]
+
+    def param(self, node) -> Optional[str]:
+        return self.param_of.get(node.name) if isinstance(node, torch.fx.Node) else None
+
+    def use(self, param_node, user) -> Optional[str]:
+        name = self.param(param_node)
+        if name is not None:
+            self.modelled_uses.setdefault(name, set()).add(user)
+        return name
+
+    def unsafe_inputs(self, node, reason: str) -> None:
+        for arg in node.all_input_nodes:
+            for segs in self.segs(arg):
+                if segs:
+                    self.graph.mark_unsafe(segs, reason)
+
+    # -- the walk
+    def run(self) -> DependencyGraph:
+        for node in self.program.graph.nodes:
+            if node.op == "call_function":
+                self.visit(node)
+            elif node.op == "output":
+                for arg in node.all_input_nodes:
+                    for segs in self.segs(arg):
+                        self.graph.mark_unsafe(segs, "its channels reach the model's output")
+        self.check_parameter_uses()
+        return self.graph
+
+    def visit(self, node) -> None:
+        op = _opname(node.target)
+        if op in _CHECKS:  # assertions export inserts: they compute nothing
+            return
+        shape = _shape(node)
+        handler = getattr(self, f"op_{op}", None)
+        if handler is not None:
+            result = handler(node, shape)
+        elif op in _KEEP_SHAPE:
+            result = list(self.segs(node.args[0])) if shape == _shape(node.args[0]) else None
+        elif op in _BINARY:
+            result = self.binary(node, shape)
+        elif op in _POOL:
+            src = self.segs(node.args[0])
+            result = [()] * len(shape) if shape else None
+            if result is not None and len(src) == len(shape):
+                result[1] = src[1]  # pooling keeps the channel dimension (N, C, H, W)
+                if any(src[d] for d in range(2, len(src))):
+                    result = None
+        else:
+            result = None
+        if result is None:
+            if any(self.tracked(a) for a in node.all_input_nodes):
+                self.unsafe_inputs(node, f"its channels flow through {op}, which the graph cannot follow")
+            self.slots[node] = [()] * (len(shape) if shape else 0)
+        else:
+            self.slots[node] = result
+
+    # elementwise with broadcasting: dims aligned from the right; equal tracked dims are merged
+    def binary(self, node, shape):
+        if shape is None:
+            return None
+        out: list[Segments] = [()] * len(shape)
+        for arg in node.args[:2]:
+            if not isinstance(arg, torch.fx.Node):
+                continue
+            arg_shape = _shape(arg) or ()
+            segs = self.segs(arg)
+            name = self.param(arg)
+            for k in range(1, len(arg_shape) + 1):
+                d_out, d_in = len(shape) - k, len(arg_shape) - k
+                if arg_shape[d_in] != shape[d_out] or shape[d_out] == 1:
+                    continue
+                if name is not None:  # a parameter operand: a member, attached below
+                    continue
+                out[d_out] = self.join(out[d_out], segs[d_in] if d_in < len(segs) else (), node)
+        # A parameter operand (a learned scale or offset) along tracked channels is a member.
+        for arg in node.args[:2]:
+            name = self.param(arg) if isinstance(arg, torch.fx.Node) else None
+            if name is None:
+                continue
+            arg_shape = _shape(arg) or ()
+            self.use(arg, node)
+            for k in range(1, len(arg_shape) + 1):
+                d_out, d_in = len(shape) - k, len(arg_shape) - k
+                if arg_shape[d_in] == shape[d_out] and shape[d_out] > 1 and out[d_out]:
+                    for seg in out[d_out]:
+                        self.graph.add_member(seg, name, d_in)
+        return out
+
+    def join(self, a: Segments, b: Segments, node) -> Segments:
+        """Two operands' segments on one output dimension: equal layouts merge their groups."""
+        if not a:
+            if b and node is not None and self._untracked_operand(node):
+                self.graph.mark_unsafe(b, f"{_opname(node.target)} combines its channels with a tensor the "
+                                          "graph does not track")
+            return b
+        if not b:
+            return a
+        if [(s.start, s.length, s.repeat) for s in a] != [(s.start, s.length, s.repeat) for s in b]:
+            self.graph.mark_unsafe(a + b, "a residual connection joins differently laid-out channels")
+            return a
+        for sa, sb in zip(a, b):
+            ga, gb = self.graph.group(sa.group), self.graph.group(sb.group)
+            if sa.first != 0 or sb.first != 0 or sa.length != ga.size or sb.length != gb.size:
+                self.graph.mark_unsafe(a + b, "a residual connection joins parts of channel groups")
+                return a
+            self.graph.union(sa.group, sb.group)
+        return a
+
+    def _untracked_operand(self, node) -> bool:
+        """True when one tensor operand carries no tracked channels and is no parameter: shrinking
+        the other operand would leave it wider (e.g. x + a tensor computed from the inputs)."""
+        for arg in node.args[:2]:
+            if isinstance(arg, torch.fx.Node) and self.param(arg) is None:
+                shape = _shape(arg) or ()
+                if shape and not any(self.segs(arg)) and max(shape) > 1 and any(
+                    size > 1 for size in shape[-1:]
+                ):
+                    return True
+        return False
+
+    # -- layers
+    def op_linear(self, node, shape):
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else None
+        wname, bname = self.use(w, node), self.use(b, node)
+        xs = self.segs(x)
+        if wname is None or shape is None:
+            return None
+        for seg in xs[-1]:
+            self.graph.add_member(seg, wname, 1)  # the consumer's input columns
+        out = list(xs[:-1]) + [()]
+        gid = self.graph.new_group(shape[-1], _module_of(node))
+        seg = Segment(0, shape[-1], gid, 0)
+        self.graph.add_member(seg, wname, 0)
+        if bname is not None:
+            self.graph.add_member(seg, bname, 0)
+        out[-1] = (seg,)
+        return out
+
+    def op_addmm(self, node, shape):
+        """``bias + x @ w`` on 2-D operands: how transformers' Conv1D (GPT-2) computes, its weight
+        stored (in, out)."""
+        b, x, w = node.args[:3]
+        wname, bname = self.use(w, node), self.use(b, node)
+        xs = self.segs(x)
+        if wname is None or shape is None or xs[0]:
+            return None
+        for seg in xs[1]:
+            self.graph.add_member(seg, wname, 0)
+        gid = self.graph.new_group(shape[1], _module_of(node))
+        seg = Segment(0, shape[1], gid, 0)
+        self.graph.add_member(seg, wname, 1)
+        if bname is not None:
+            self.graph.add_member(seg, bname, 0)
+        return [(), (seg,)]
+
+    def op_conv2d(self, node, shape):
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else None
+        groups = node.args[6] if len(node.args) > 6 else 1
+        wname, bname = self.use(w, node), self.use(b, node)
+        xs = self.segs(x)
+        if wname is None or shape is None or any(xs[d] for d in (0, 2, 3)):
+            return None
+        out_channels, in_channels = shape[1], (_shape(x) or (0, 0))[1]
+        out: list[Segments] = [(), (), (), ()]
+        if groups == 1:
+            for seg in xs[1]:
+                self.graph.add_member(seg, wname, 1)
+            gid = self.graph.new_group(out_channels, _module_of(node))
+            out[1] = (Segment(0, out_channels, gid, 0),)
+        elif groups == in_channels == out_channels:
+            # Depthwise: channel c is filtered by filter c alone, so input and output channels are
+            # one group and the filters are its members.
+            if not xs[1]:
+                gid = self.graph.new_group(out_channels, _module_of(node))
+                out[1] = (Segment(0, out_channels, gid, 0),)
+            else:
+                out[1] = xs[1]
+        else:
+            if xs[1]:
+                self.graph.mark_unsafe(xs[1], "a grouped convolution (groups between 1 and its channels)")
+            gid = self.graph.new_group(out_channels, _module_of(node))
+            self.graph.group(gid).unsafe.append("produced by a grouped convolution")
+            out[1] = (Segment(0, out_channels, gid, 0),)
+        for seg in out[1]:
+            self.graph.add_member(seg, wname, 0)
+            if bname is not None:
+                self.graph.add_member(seg, bname, 0)
+        return out
+
+    def op_embedding(self, node, shape):
+        w = node.args[0]
+        wname = self.use(w, node)
+        if wname is None or shape is None:
+            return None
+        gid = self.graph.new_group(shape[-1], _module_of(node))
+        seg = Segment(0, shape[-1], gid, 0)
+        self.graph.add_member(seg, wname, 1)
+        return [()] * (len(shape) - 1) + [(seg,)]
+
+    def op_batch_norm(self, node, shape):
+        x = node.args[0]
+        xs = self.segs(x)
+        for arg in node.args[1:5]:
+            name = self.use(arg, node)
+            if name is not None:
+                for seg in xs[1]:
+                    self.graph.add_member(seg, name, 0)
+        return list(xs)
+
+    op__native_batch_norm_legit_no_training = op_batch_norm
+
+    def op_layer_norm(self, node, shape):
+        x, normalized = node.args[0], node.args[1]
+        xs = self.segs(x)
+        if len(normalized) != 1:
+            return None
+        for arg in node.args[2:4]:
+            name = self.use(arg, node)
+            if name is not None:
+                for seg in xs[-1]:
+                    self.graph.add_member(seg, name, 0)
+        return list(xs)
+
+    # -- layout
+    def op_cat(self, node, shape):
+        tensors, dim = node.args[0], (node.args[1] if len(node.args) > 1 else 0)
+        if shape is None:
+            return None
+        dim %= len(shape)
+        out: list[Segments] = [()] * len(shape)
+        offset = 0
+        for t in tensors:
+            segs = self.segs(t)
+            t_shape = _shape(t)
+            if t_shape is None:
+                return None
+            out[dim] = out[dim] + _shift(segs[dim], offset)
+            for d in range(len(shape)):
+                if d != dim:
+                    out[d] = self.join(out[d], segs[d], None)
+            offset += t_shape[dim]
+        return out
+
+    op_concat = op_cat
+
+    def _split(self, node, sizes: list[int], dim: int):
+        segs = self.segs(node.args[0])
+        dim %= len(segs) if segs else 1
+        pieces, start = [], 0
+        for size in sizes:
+            part = list(segs)
+            cut = _cut(segs[dim], start, start + size) if segs else ()
+            if cut is None:
+                return None
+            if segs:
+                part[dim] = cut
+            pieces.append(part)
+            start += size
+        return pieces
+
+    def op_split(self, node, shape):
+        x, size = node.args[0], node.args[1]
+        dim = node.args[2] if len(node.args) > 2 else 0
+        total = (_shape(x) or (0,))[dim]
+        sizes = [size] * (total // size) + ([total % size] if total % size else [])
+        return self._split(node, sizes, dim)
+
+    def op_split_with_sizes(self, node, shape):
+        dim = node.args[2] if len(node.args) > 2 else 0
+        return self._split(node, list(node.args[1]), dim)
+
+    def op_chunk(self, node, shape):
+        x, chunks = node.args[0], node.args[1]
+        dim = node.args[2] if len(node.args) > 2 else 0
+        total = (_shape(x) or (0,))[dim]
+        size = math.ceil(total / chunks)
+        return self._split(node, [min(size, total - i) for i in range(0, total, size)], dim)
+
+    def op_getitem(self, node, shape):
+        source, index = node.args
+        pieces = self.slots.get(source)
+        if isinstance(pieces, list) and pieces and isinstance(pieces[0], list):
+            return pieces[index]
+        return [()] * (len(shape) if shape else 0) if not any(self.tracked(source)) else None
+
+    def op_slice(self, node, shape):
+        x = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else 0
+        start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+        end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else None
+        step = node.args[4] if len(node.args) > 4 else 1
+        segs = list(self.segs(x))
+        x_shape = _shape(x)
+        if x_shape is None or shape is None:
+            return None
+        dim %= len(x_shape)
+        if not segs[dim]:
+            return segs
+        size = x_shape[dim]
+        start = max(0, start + size if start < 0 else start)
+        end = size if end is None else min(size, end + size if end < 0 else end)
+        cut = _cut(segs[dim], start, end) if step == 1 else None
+        if cut is None:
+            return None
+        segs[dim] = cut
+        return segs
+
+    def op_flatten(self, node, shape):
+        x = node.args[0]
+        x_shape = _shape(x)
+        if x_shape is None or shape is None:
+            return None
+        start = node.args[1] if len(node.args) > 1 else 0
+        end = node.args[2] if len(node.args) > 2 else -1
+        start, end = start % len(x_shape), end % len(x_shape)
+        return self._merge(x, x_shape, shape, start, end)
+
+    def _merge(self, x, x_shape, shape, start: int, end: int):
+        """Dims ``[start, end]`` of x become one: only the first of them may carry channels."""
+        segs = self.segs(x)
+        if any(segs[d] for d in range(start + 1, end + 1)):
+            return None
+        merged = _scale(segs[start], math.prod(x_shape[start + 1:end + 1])) if segs[start] else ()
+        return list(segs[:start]) + [merged] + list(segs[end + 1:])
+
+    def op_view(self, node, shape):
+        x = node.args[0]
+        x_shape = _shape(x)
+        if x_shape is None or shape is None:
+            return None
+        segs = self.segs(x)
+        if not any(segs):
+            return [()] * len(shape)
+        # Match dims by the running products of the sizes before them.
+        before = [math.prod(x_shape[:d]) for d in range(len(x_shape) + 1)]
+        after = [math.prod(shape[:d]) for d in range(len(shape) + 1)]
+        out: list[Segments] = [()] * len(shape)
+        for d, s in enumerate(segs):
+            if not s:
+                continue
+            if before[d] not in after:
+                return None  # merged behind another dim
+            e = after.index(before[d])
+            while e < len(shape) and shape[e] == 1 and after[e + 1] == before[d]:
+                e += 1
+            if e >= len(shape):
+                return None
+            if after[e + 1] == before[d + 1]:
+                out[e] = s
+            elif after[e + 1] > before[d + 1] and after[e + 1] % before[d + 1] == 0:
+                # merged with the dims after it (a flatten)
+                later = after[e + 1] // before[d + 1]
+                if any(segs[k] for k in range(d + 1, len(segs)) if before[k] < after[e + 1]):
+                    return None
+                out[e] = _scale(s, later)
+            else:
+                return None  # split (into attention heads, for one)
+        return out
+
+    op_reshape = op_view
+    op__unsafe_view = op_view
+
+    def op_unsqueeze(self, node, shape):
+        segs = list(self.segs(node.args[0]))
+        if shape is None:
+            return None
+        dim = node.args[1] % len(shape)
+        return segs[:dim] + [()] + segs[dim:]
+
+    def op_squeeze(self, node, shape):
+        x_shape = _shape(node.args[0])
+        if x_shape is None or shape is None:
+            return None
+        segs = self.segs(node.args[0])
+        return [s for s, size in zip(segs, x_shape) if size != 1] if len(shape) < len(x_shape) else list(segs)
+
+    def op_permute(self, node, shape):
+        segs = self.segs(node.args[0])
+        return [segs[d % len(segs)] for d in node.args[1]]
+
+    def op_transpose(self, node, shape):
+        segs = list(self.segs(node.args[0]))
+        a, b = node.args[1] % len(segs), node.args[2] % len(segs)
+        segs[a], segs[b] = segs[b], segs[a]
+        return segs
+
+    def op_t(self, node, shape):
+        return list(reversed(self.segs(node.args[0])))
+
+    def op_expand(self, node, shape):
+        segs = self.segs(node.args[0])
+        if shape is None:
+            return None
+        return [()] * (len(shape) - len(segs)) + list(segs)
+
+    def op_select(self, node, shape):
+        segs = list(self.segs(node.args[0]))
+        dim = node.args[1] % len(segs)
+        if segs[dim]:
+            return None
+        return segs[:dim] + segs[dim + 1:]
+
+    def op_softmax(self, node, shape):
+        segs = self.segs(node.args[0])
+        dim = node.args[1] % len(segs) if segs else 0
+        return None if segs and segs[dim] else list(segs)
+
+    op__softmax = op_softmax
+    op_log_softmax = op_softmax
+
+    def op_mean(self, node, shape):
+        x = node.args[0]
+        segs = self.segs(x)
+        dims = node.args[1] if len(node.args) > 1 else None
+        keepdim = node.args[2] if len(node.args) > 2 else False
+        if dims is None or shape is None:
+            return None
+        dims = {d % len(segs) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+        # A statistic over the channels themselves (RMSNorm's mean of squares, like LayerNorm's)
+        # carries no channel layout on: removing channels changes its value, not its shape.
+        return [s if d not in dims else () for d, s in enumerate(segs) if keepdim or d not in dims]
+
+    op_sum = op_mean
+    op_amax = op_mean
+
+    # -- parameters used in ways the graph did not model
+    def check_parameter_uses(self) -> None:
+        members: dict[str, list[int]] = {}
+        for g in self.graph.groups:
+            for m in g.members:
+                members.setdefault(m.name, []).append(g.id)
+        for node in self.program.graph.nodes:
+            if node.op != "placeholder":
+                continue
+            name = self.param_of.get(node.name)
+            if name is None or name not in members:
+                continue
+            unmodelled = [u for u in node.users if u not in self.modelled_uses.get(name, set())]
+            if unmodelled:
+                for gid in members[name]:
+                    reason = f"{name} is also used by {_opname(unmodelled[0].target)}"
+                    if reason not in self.graph.group(gid).unsafe:
+                        self.graph.group(gid).unsafe.append(reason)
+        # Two groups on one parameter dimension: fine on disjoint ranges (a concat's inputs); the
+        # same channels slicing it the same way are one group (tied weights); anything else
+        # cannot be sliced consistently.
+        spans: dict[tuple[str, int], list[tuple[Member, int]]] = {}
+        for g in list(self.graph.groups):
+            for m in g.members:
+                spans.setdefault((m.name, m.dim), []).append((m, g.id))
+        for entries in spans.values():
+            for i, (a, ga) in enumerate(entries):
+                for b, gb in entries[i + 1:]:
+                    if self.graph.find(ga) == self.graph.find(gb):
+                        continue
+                    if a.offset + a.length * a.repeat <= b.offset or b.offset + b.length * b.repeat <= a.offset:
+                        continue
+                    same = (a.offset, a.repeat, a.length, a.first) == (b.offset, b.repeat, b.length, b.first)
+                    if same and self.graph.group(ga).size == self.graph.group(gb).size:
+                        self.graph.union(ga, gb)
+                    else:
+                        for gid in (ga, gb):
+                            reason = f"{a.name} is sliced differently by two channel groups"
+                            if reason not in self.graph.group(gid).unsafe:
+                                self.graph.group(gid).unsafe.append(reason)
+
+
+def build_graph(model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None) -> DependencyGraph:
+    """Trace ``model(*args, **kwargs)`` and return its channel groups (nothing is modified)."""
+    program = trace(model, tuple(args), dict(kwargs or {}))
+    return _Propagator(program, model).run()

@@ -1,0 +1,168 @@
+"""sparsenet.shrink: channels physically removed, what stays computes what it computed, bad input."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sparsenet
+from sparsenet.structure import build_graph
+
+from models import MLP, ConvFlatten, DenseBlock, Depthwise, Residual, inputs
+
+MODELS = [MLP, ConvFlatten, Residual, DenseBlock, Depthwise]
+
+
+def built(cls):
+    torch.manual_seed(0)
+    model = cls().eval()
+    with torch.no_grad():  # BatchNorm statistics other than the identity, so they are tested too
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
+def test_ratio_zero_changes_nothing(cls):
+    model = built(cls)
+    x = inputs(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = model(x)
+    report = sparsenet.shrink(model, x, 0.0)
+    assert not report.shrunk and report.params_after == report.params_before
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(x), expected)
+
+
+def masked_copy(model, x, report):
+    """The original model with every parameter slice of each removed channel zeroed: what the
+    channel contributes downstream is gone, everything else is as before."""
+    masked = copy.deepcopy(model)
+    graph = build_graph(masked, (x,))
+    params = dict(masked.named_parameters())
+    by_producers = {tuple(sorted(g.producers)): g for g in graph.groups}
+    with torch.no_grad():
+        for row in report.rows:
+            group = by_producers[tuple(sorted(row.producers))]
+            for i in row.removed:
+                for m in group.members:
+                    if m.name in params and m.first <= i < m.first + m.length:
+                        start = m.offset + (i - m.first) * m.repeat
+                        params[m.name].narrow(m.dim, start, m.repeat).zero_()
+    return masked
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
+def test_removed_channels_are_gone_and_the_rest_computes_as_before(cls, scope):
+    model = built(cls)
+    x = inputs(model)
+    original = copy.deepcopy(model)
+    report = sparsenet.shrink(model, x, 0.5, scope=scope)
+    assert report.shrunk
+    # Removal is exact: the shrunk model computes what the original computes with those
+    # channels zeroed.
+    torch.testing.assert_close(model(x), masked_copy(original, x, report)(x), rtol=1e-5, atol=1e-5)
+    assert report.shrinkable_after <= 0.6 * report.shrinkable_before  # ~half gone, and really gone
+    assert report.params_after == sum(p.numel() for p in model.parameters()) < report.params_before
+    for row in report.rows:
+        assert row.width_after >= 1
+    exported = torch.export.export(model, (x,))  # a plain, smaller network: traces as any other
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_modules_report_their_new_sizes():
+    model = built(Depthwise)
+    x = inputs(model)
+    sparsenet.shrink(model, x, 0.5, scope="layer")
+    width = model.expand.out_channels
+    assert width < 16
+    assert model.expand.weight.shape[0] == model.bn1.num_features == model.dw.in_channels == width
+    assert model.dw.groups == model.dw.out_channels == width and model.dw.weight.shape == (width, 1, 3, 3)
+    assert model.project.in_channels == model.project.weight.shape[1] == width
+    mlp = built(MLP)
+    sparsenet.shrink(mlp, inputs(mlp), 0.5)
+    assert (mlp.fc1.out_features, mlp.fc2.in_features) == (mlp.fc1.weight.shape[0], mlp.fc2.weight.shape[1])
+    assert isinstance(mlp.fc1.weight, nn.Parameter) and mlp.fc1.weight.requires_grad
+
+
+def test_round_to_and_never_a_whole_group():
+    model = built(Residual)
+    x = inputs(model)
+    report = sparsenet.shrink(model, x, 0.5, round_to=4)
+    for row in report.rows:
+        if row.width_after != row.width_before:
+            assert row.width_after % 4 == 0
+    model = built(MLP)
+    report = sparsenet.shrink(model, inputs(model), 0.99)
+    assert all(row.width_after >= 1 for row in report.rows) and model(inputs(model)).shape == (3, 5)
+
+
+def test_global_scope_takes_the_lowest_channels_first():
+    model = built(MLP)
+    with torch.no_grad():  # channels 0-5 of fc1 own almost nothing: they must be the first to go
+        model.fc1.weight[:6] *= 1e-3
+        model.fc1.bias[:6] *= 1e-3
+        model.fc2.weight[:, :6] *= 1e-3
+    report = sparsenet.shrink(model, inputs(model), 0.1, exclude=["fc2"])
+    row = next(r for r in report.rows if r.producers == ["fc1"])
+    assert row.removed and set(row.removed) <= set(range(6))
+    assert next(r for r in report.rows if r.producers == ["fc2"]).reason == "excluded"
+
+
+def test_report_prints_every_group():
+    model = built(Residual)
+    text = str(sparsenet.shrink(model, inputs(model), 0.5))
+    assert "stem" in text and "reach the model's output" in text and "groups shrunk" in text
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, float("nan"), "0.5", True])
+def test_bad_ratio(ratio, untouched):
+    model = built(MLP)
+    check = untouched(model)
+    with pytest.raises(ValueError, match="ratio"):
+        sparsenet.shrink(model, inputs(model), ratio)
+    check()
+
+
+def test_nothing_removable_and_bad_inputs_leave_the_model_untouched(untouched):
+    single = nn.Linear(4, 3)
+    check = untouched(single)
+    with pytest.raises(ValueError, match="nothing in the model can be shrunk"):
+        sparsenet.shrink(single, torch.randn(2, 4), 0.5)
+    check()
+    model = built(MLP)
+    check = untouched(model)
+    with pytest.raises(ValueError, match="could not trace"):
+        sparsenet.shrink(model, torch.randn(2, 5), 0.5)
+    with pytest.raises(TypeError, match="example_inputs"):
+        sparsenet.shrink(model, "x", 0.5)
+    with pytest.raises(ValueError, match="exclude patterns match no module"):
+        sparsenet.shrink(model, inputs(model), 0.5, exclude=["nope"])
+    check()
+
+
+def test_a_failure_while_removing_restores_the_model(monkeypatch, untouched):
+    from sparsenet.structure import api as shrink_module
+
+    model = built(Residual)
+    x = inputs(model)
+    check = untouched(model)
+    sizes = {n: (m.in_channels, m.out_channels) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    real = shrink_module.remove_channels
+
+    def failing(model_, graph, removed, check_):
+        def boom():
+            raise RuntimeError("boom")
+        return real(model_, graph, removed, boom)
+
+    monkeypatch.setattr(shrink_module, "remove_channels", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        sparsenet.shrink(model, x, 0.5)
+    check()
+    assert sizes == {n: (m.in_channels, m.out_channels) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    with torch.no_grad():
+        assert math.isfinite(float(model(x).sum()))
