@@ -13,19 +13,24 @@ Groups the graph cannot prove safe to shrink are left as they are and listed wit
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .._names import check_exclude, check_patterns_match, is_excluded
-from .._validate import integer
+from .._validate import integer, real
+from .._weights import is_conv1d, stored_weight
+from ..calibration import check_calib
+from ..pruning.layers import is_prunable
 from ..pruning.scope import get_scope
 from ..pruning.structures import _group_score
 from .graph import DependencyGraph, Group, build_graph
-from .removal import remove_channels
+from .refit import DEFAULT_DAMP, RefitResult, refit_consumers
+from .removal import positions, remove_channels
 
 IMPORTANCES = ("magnitude",)
 
@@ -52,6 +57,7 @@ class ShrinkReport:
     params_after: int = 0
     shrinkable_before: int = 0  # parameters in tensors that shrinkable groups slice
     shrinkable_after: int = 0
+    refit: list[RefitResult] = field(default_factory=list)  # the consumers refit on calib
 
     @property
     def shrunk(self) -> list[GroupRow]:
@@ -79,6 +85,11 @@ class ShrinkReport:
         console = Console(width=140, record=True, force_terminal=False)
         with console.capture() as cap:
             console.print(table)
+            if self.refit:
+                before = sum(r.error_before for r in self.refit) / len(self.refit)
+                after = sum(r.error_after for r in self.refit) / len(self.refit)
+                console.print(f"refit {len(self.refit)} layers that read removed channels: mean relative "
+                              f"output error on the calibration data {before:.3g} -> {after:.3g}")
         return cap.get()
 
 
@@ -148,8 +159,9 @@ def _round_kept(units: int, remove: int, round_to: int) -> int:
     return max(0, units - min(kept, units))
 
 
-def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, importance: str = "magnitude",
-           scope: str = "global", round_to: int = 1, exclude=None) -> ShrinkReport:
+def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, calib: Optional[Iterable] = None,
+           reconstruct: bool = True, importance: str = "magnitude", scope: str = "global",
+           round_to: int = 1, exclude=None, damp: float = DEFAULT_DAMP) -> ShrinkReport:
     """Remove whole channels (Linear neurons, Conv2d filters) from ``model`` in place, so that about
     ``ratio`` of the parameters of its shrinkable layers are gone, and return a report.
 
@@ -164,6 +176,13 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, importance: s
             its channels).
         round_to: keep every width a multiple of this (e.g. 8), and at least this.
         exclude: module names or globs whose channels are left alone (as for ``prune``).
+        calib: calibration batches (the protocol of ``sparsenet.reconstruct``: tensors,
+            ``(inputs, targets)`` pairs or dicts of keyword arguments). With ``reconstruct=True``
+            every layer that read removed channels is refit by least squares to what the original
+            layer computed on this data (:mod:`sparsenet.structure.refit`), its bias absorbing the
+            removed channels' mean contribution.
+        reconstruct: refit the consumers when ``calib`` is given.
+        damp: ridge damping of the refits, relative to the mean input energy.
 
     Channel groups that must shrink together (a residual stream, a concat's inputs, a layer and its
     norm) shrink together; a group the graph cannot prove safe (channels reaching the model's
@@ -181,6 +200,12 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, importance: s
     exclude = check_exclude(exclude)
     check_patterns_match(model, exclude)
     args, kwargs = _split_inputs(example_inputs)
+    if not isinstance(reconstruct, bool):
+        raise TypeError(f"reconstruct must be a bool, got {reconstruct!r}")
+    damp = real(damp, "damp", 0.0, low_open=True)
+    refitting = reconstruct and calib is not None
+    if refitting:
+        check_calib(calib)
 
     with torch.no_grad():
         graph = build_graph(model, args, kwargs)
@@ -204,9 +229,15 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, importance: s
     report = ShrinkReport(ratio=float(ratio), params_before=_count(model),
                           shrinkable_before=sum(tensors[n].numel() for n in shrinkable))
 
+    original = copy.deepcopy(model) if refitting and any(counts) else None
+
     def check() -> None:
+        # Runs with the channels removed; raising here restores the model (remove_channels).
         with torch.no_grad():
             model(*args, **kwargs)
+        if original is not None:
+            report.refit = refit_consumers(model, original, _consumers(graph, groups, removed, original),
+                                           calib, damp)
 
     new_shapes = remove_channels(model, graph, removed, check) if any(counts) else {}
     for g, size, count in zip(groups, sizes, counts):
@@ -285,6 +316,33 @@ def _params_left(groups: list[Group], counts: list[int], names: list[str], tenso
             kept *= 1.0 - min(1.0, lost.get((name, d), 0.0))
         left += round(t.numel() * kept)
     return left
+
+
+def _consumers(graph: DependencyGraph, groups: list[Group], removed: dict[int, Tensor],
+               original: nn.Module) -> dict[str, Tensor]:
+    """Layers whose inputs lost channels (Linear, Conv1D, ungrouped Conv2d) -> the rows of the
+    original layer's output they keep (all, unless the layer's own outputs shrank too)."""
+    drops = positions(graph, {g.id: removed[g.id] for g in groups})
+    modules = dict(original.named_modules())
+    found: dict[str, Tensor] = {}
+    for (name, dim), _ in drops.items():
+        layer_name, _, attr = name.rpartition(".")
+        layer = modules.get(layer_name)
+        if attr != "weight" or layer is None or not is_prunable(layer):
+            continue
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            continue  # a depthwise filter is its channel's member, not a consumer
+        in_dim = 0 if is_conv1d(layer) else 1
+        if dim != in_dim:
+            continue
+        out_dim = 1 - in_dim
+        rows = stored_weight(layer).shape[out_dim]
+        keep = torch.ones(rows, dtype=torch.bool)
+        gone = drops.get((name, out_dim))
+        if gone is not None:
+            keep[gone] = False
+        found[layer_name] = keep.nonzero().reshape(-1)
+    return found
 
 
 def _count(model: nn.Module) -> int:

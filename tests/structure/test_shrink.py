@@ -166,3 +166,66 @@ def test_a_failure_while_removing_restores_the_model(monkeypatch, untouched):
     assert sizes == {n: (m.in_channels, m.out_channels) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     with torch.no_grad():
         assert math.isfinite(float(model(x).sum()))
+
+
+# ---- refitting the layers that read removed channels ------------------------------------------------
+
+def held_out_error(model, reference, x):
+    with torch.no_grad():
+        ref = reference(x)
+        return ((model(x) - ref).pow(2).mean() / ref.pow(2).mean()).item()
+
+
+@pytest.mark.parametrize("cls", [MLP, Residual, DenseBlock, Depthwise], ids=lambda c: c.__name__)
+def test_refit_on_calibration_data_recovers_held_out_outputs(cls):
+    model = built(cls)
+    x = inputs(model)
+    g = torch.Generator().manual_seed(5)
+    calib = [torch.randn(32, *x.shape[1:], generator=g) for _ in range(4)]
+    held = torch.randn(64, *x.shape[1:], generator=g)
+    plain, fitted = copy.deepcopy(model), copy.deepcopy(model)
+    sparsenet.shrink(plain, x, 0.5)
+    report = sparsenet.shrink(fitted, x, 0.5, calib=calib)
+    assert report.refit and all(r.error_after <= r.error_before + 1e-9 for r in report.refit)
+    assert held_out_error(fitted, model, held) < 0.6 * held_out_error(plain, model, held)
+    assert "refit" in str(report)
+    skipped = copy.deepcopy(model)
+    sparsenet.shrink(skipped, x, 0.5, calib=calib, reconstruct=False)
+    assert all(torch.equal(a, b) for a, b in zip(skipped.state_dict().values(), plain.state_dict().values()))
+
+
+def test_a_removed_constant_channel_lands_in_the_bias():
+    # Channels 0-5 of fc1 output relu(1) = 1 whatever the input: removing them only shifts fc2's
+    # output by a constant, which the refit moves into fc2's bias exactly.
+    from sparsenet.structure.graph import build_graph
+    from sparsenet.structure.refit import refit_consumers
+    from sparsenet.structure.removal import remove_channels
+
+    model = built(MLP)
+    with torch.no_grad():
+        model.fc1.weight[:6] = 0
+        model.fc1.bias[:6] = 1.0
+    original = copy.deepcopy(model)
+    x = inputs(model)
+    graph = build_graph(model, (x,))
+    fc1 = next(g for g in graph.groups if g.producers == ["fc1"])
+    remove_channels(model, graph, {fc1.id: torch.arange(6)}, lambda: None)
+    assert model.fc1.out_features == 18
+    calib = [torch.randn(40, 12, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    results = refit_consumers(model, original, {"fc2": torch.arange(32)}, calib, damp=1e-8)
+    assert results[0].error_after < 1e-8
+    held = torch.randn(50, 12)
+    torch.testing.assert_close(model(held), original(held), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([torch.full((8, 12), float("nan"))], "NaN or Inf"),
+    ([torch.randn(8, 7)], "does not run through the model"),
+])
+def test_bad_calibration_data_leaves_the_model_untouched(bad, match, untouched):
+    model = built(MLP)
+    check = untouched(model)
+    with pytest.raises(ValueError, match=match):
+        sparsenet.shrink(model, inputs(model), 0.5, calib=bad)
+    check()
+    assert model.fc1.out_features == 24
