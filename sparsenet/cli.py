@@ -1,5 +1,5 @@
-"""The ``sparsenet`` command: ``sparsenet demo``, ``sparsenet prune``, ``sparsenet reconstruct`` and
-``sparsenet info``.
+"""The ``sparsenet`` command: ``sparsenet demo``, ``sparsenet prune``, ``sparsenet reconstruct``,
+``sparsenet shrink`` and ``sparsenet info``.
 
 Subcommands (``sparsenet COMMAND ...``) so more can join later. torch and sparsenet are imported only
 inside the commands, so ``--help`` and option errors answer at once.
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_prune_parser(sub)
     _add_reconstruct_parser(sub)
+
+    _add_shrink_parser(sub)
 
     info = sub.add_parser("info", help="print versions, ISA in use, threads and build facts",
                           description="Print sparsenet.show_config().")
@@ -728,6 +730,66 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     console.print(result)
     model = result.finalize()
     _save_output(console, model, args)
+    return 0
+
+
+# ---- sparsenet shrink ----------------------------------------------------------------------------
+
+def _add_shrink_parser(sub) -> None:
+    shrink = sub.add_parser(
+        "shrink", help="remove whole channels and rebuild a smaller dense model",
+        description="Remove whole neurons and filters (channel groups found by tracing the model on "
+                    "the first calibration batch), refit the layers that read them on the calibration "
+                    "data, print a per-group table and save the smaller model with sparsenet.save "
+                    "(sparsenet.load rebuilds it into the plain model).",
+        epilog=f"{_MODEL_EPILOG} {_CALIB_EPILOG}",
+    )
+    _add_model_options(shrink, "shrink")
+    shrink.add_argument("--ratio", type=_sparsity, required=True,
+                        help="fraction of the shrinkable parameters to remove, in [0, 1)")
+    shrink.add_argument("--scope", choices=("global", "layer"), default="global",
+                        help="one ranking across all channel groups, or the same fraction of each (default global)")
+    shrink.add_argument("--round-to", type=_int_at_least(1), default=1, metavar="N",
+                        help="keep every width a multiple of N (default 1)")
+    _add_exclude_option(shrink)
+    _add_calib_options(shrink, required=True)
+    shrink.add_argument("--no-reconstruct", action="store_true",
+                        help="remove only: do not refit the layers that read removed channels")
+    shrink.add_argument("-o", "--output", required=True, metavar="OUT", help="where to save the shrunk model")
+    shrink.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    shrink.set_defaults(func=_cmd_shrink)
+
+
+def _example_inputs(batch):
+    """The first calibration batch as shrink's example inputs: a tensor, (inputs, targets) or kwargs."""
+    return batch[0] if isinstance(batch, tuple) else batch
+
+
+def _cmd_shrink(args: argparse.Namespace) -> int:
+    import sparsenet
+
+    _check_output(args.output)
+    model, scripted = _load_model(args)
+    if scripted:
+        raise CommandError("shrink needs the eager model (pkg.module:factory, hf:...): it traces the forward "
+                           "and rebuilds modules, which a TorchScript model does not allow")
+    calib = _load_calib(args.calib, args.calib_batch)
+    try:
+        report = sparsenet.shrink(
+            model, _example_inputs(calib[0]), args.ratio, calib=calib, reconstruct=not args.no_reconstruct,
+            scope=args.scope, round_to=args.round_to, exclude=args.exclude, progress=_progress(args),
+        )
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CommandError(str(e)) from e
+    except (Exception, SystemExit) as e:  # anything else comes from the model's own forward
+        raise _user_code_failed("the model's forward", e) from e
+    console = _console()
+    print(str(report).rstrip("\n"))
+    try:
+        size = sparsenet.save(model, args.output)
+    except (ValueError, OSError) as e:
+        raise CommandError(f"cannot save {args.output!r}: {e}") from e
+    console.print(f"saved {args.output}: {size}")
     return 0
 
 

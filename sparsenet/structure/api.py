@@ -161,7 +161,8 @@ def _round_kept(units: int, remove: int, round_to: int) -> int:
 
 def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, calib: Optional[Iterable] = None,
            reconstruct: bool = True, importance: str = "magnitude", scope: str = "global",
-           round_to: int = 1, exclude=None, damp: float = DEFAULT_DAMP) -> ShrinkReport:
+           round_to: int = 1, exclude=None, damp: float = DEFAULT_DAMP,
+           progress: Optional[bool] = None) -> ShrinkReport:
     """Remove whole channels (Linear neurons, Conv2d filters) from ``model`` in place, so that about
     ``ratio`` of the parameters of its shrinkable layers are gone, and return a report.
 
@@ -183,6 +184,7 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, calib: Option
             removed channels' mean contribution.
         reconstruct: refit the consumers when ``calib`` is given.
         damp: ridge damping of the refits, relative to the mean input energy.
+        progress: a progress bar over the refits (None: only when stderr is a terminal).
 
     Channel groups that must shrink together (a residual stream, a concat's inputs, a layer and its
     norm) shrink together; a group the graph cannot prove safe (channels reaching the model's
@@ -237,7 +239,7 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, calib: Option
             model(*args, **kwargs)
         if original is not None:
             report.refit = refit_consumers(model, original, _consumers(graph, groups, removed, original),
-                                           calib, damp)
+                                           calib, damp, progress)
 
     new_shapes = remove_channels(model, graph, removed, check) if any(counts) else {}
     for g, size, count in zip(groups, sizes, counts):

@@ -21,6 +21,9 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from tqdm.auto import tqdm
+
+from .._progress import bar_disabled
 from .._weights import as_matrix, from_matrix, stored_weight
 from ..calibration import eval_mode, iter_batches
 from ..calibration.capture import model_device
@@ -137,17 +140,18 @@ def _capture(shrunk: nn.Module, original: nn.Module, name: str, calib: Iterable)
 
 
 def refit_consumers(shrunk: nn.Module, original: nn.Module, consumers: dict[str, Tensor],
-                    calib: Iterable, damp: float = DEFAULT_DAMP) -> list[RefitResult]:
+                    calib: Iterable, damp: float = DEFAULT_DAMP, progress: Optional[bool] = None) -> list[RefitResult]:
     """Refit each layer named in ``consumers`` (layer name -> the original layer's output rows it
     kept) of ``shrunk`` against the same-named layer of ``original`` on ``calib``; in place.
 
     Sequential, in module order: each layer is fit on the inputs the already refit layers before it
     produce, so it also absorbs what their refits could not recover (one pass over the data per
-    layer, each stopped at that layer).
+    layer, each stopped at that layer). ``progress``: True / False force the bar on / off; None
+    shows it when stderr is a terminal.
     """
     order = [name for name, _ in shrunk.named_modules() if name in consumers]
     results = []
-    for name in order:
+    for name in tqdm(order, desc="refit", unit="layer", disable=bar_disabled(progress), leave=False):
         m = _capture(shrunk, original, name, calib)
         if m is None:
             continue  # never reached by the calibration data: left as removal made it
