@@ -209,8 +209,9 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, calib: Option
     if refitting:
         check_calib(calib)
 
-    with torch.no_grad():
-        graph = build_graph(model, args, kwargs)
+    # Traced with autograd on: fused inference paths (torch's TransformerEncoderLayer in eval
+    # mode) step aside for the plain ops the graph can follow.
+    graph = build_graph(model, args, kwargs)
     tensors = _tensors(model)
     groups, skipped = _eligible(graph, exclude)
     if not groups:

@@ -206,6 +206,8 @@ class _Propagator:
         self.param_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}  # placeholder -> name
         self.slots: dict[Any, list[Segments]] = {}  # node -> per-dim segments (or tuple outputs)
         self.modelled_uses: dict[str, set] = {}  # param name -> nodes that use it in a modelled way
+        self._rescaled: dict[Segment, Segment] = {}  # a segment before a coarsening -> after it
+        self.derived: dict[Any, tuple[str, tuple[Optional[int], ...]]] = {}  # node -> (param, dims)
         self.model = model
 
     # -- helpers
@@ -224,6 +226,35 @@ class _Propagator:
     def param(self, node) -> Optional[str]:
         return self.param_of.get(node.name) if isinstance(node, torch.fx.Node) else None
 
+    def origin(self, node, dim: int) -> Optional[tuple[str, int]]:
+        """(parameter, its dim) that ``node``'s dim ``dim`` comes from, for a tensor that is a
+        parameter reshaped without mixing (unsqueeze, expand, a copy): a class token, a position
+        embedding, a learned scale."""
+        got = self.derived.get(node) if isinstance(node, torch.fx.Node) else None
+        if got is None or not 0 <= dim < len(got[1]) or got[1][dim] is None:
+            return None
+        return got[0], got[1][dim]
+
+    def _derive(self, node, op: str, shape) -> None:
+        """Follow a parameter through ops that only add, broadcast or copy dims."""
+        src = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        got = self.derived.get(src) if src is not None else None
+        if got is None or shape is None:
+            return
+        name, dims = got
+        if op == "unsqueeze":
+            at = node.args[1] % len(shape)
+            dims = dims[:at] + (None,) + dims[at:]
+        elif op == "expand":
+            src_shape = _shape(src) or ()
+            lead = len(shape) - len(dims)
+            dims = (None,) * lead + tuple(
+                d if src_shape[i] == shape[lead + i] else None for i, d in enumerate(dims))
+        elif op not in _KEEP_SHAPE or shape != _shape(src):
+            return
+        self.derived[node] = (name, dims)
+        self.modelled_uses.setdefault(name, set()).add(node)
+
     def use(self, param_node, user) -> Optional[str]:
         name = self.param(param_node)
         if name is not None:
@@ -239,7 +270,9 @@ class _Propagator:
     # -- the walk
     def run(self) -> DependencyGraph:
         for node in self.program.graph.nodes:
-            if node.op == "call_function":
+            if node.op == "placeholder" and node.name in self.param_of:
+                self.derived[node] = (self.param_of[node.name], tuple(range(len(_shape(node) or ()))))
+            elif node.op == "call_function":
                 self.visit(node)
             elif node.op == "output":
                 for arg in node.all_input_nodes:
@@ -269,6 +302,8 @@ class _Propagator:
                     result = None
         else:
             result = None
+        if op in ("unsqueeze", "expand") or op in _KEEP_SHAPE:
+            self._derive(node, op, shape)
         if result is None:
             if any(self.tracked(a) for a in node.all_input_nodes):
                 self.unsafe_inputs(node, f"its channels flow through {op}, which the graph cannot follow")
@@ -281,42 +316,51 @@ class _Propagator:
         if shape is None:
             return None
         out: list[Segments] = [()] * len(shape)
-        for arg in node.args[:2]:
-            if not isinstance(arg, torch.fx.Node):
+        operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+        for k in range(1, len(shape) + 1):
+            d_out = len(shape) - k
+            tracked, plain, params = [], 0, []
+            for arg in operands:
+                arg_shape = _shape(arg) or ()
+                d_in = len(arg_shape) - k
+                if d_in < 0 or arg_shape[d_in] != shape[d_out] or shape[d_out] == 1:
+                    continue  # broadcast along this dim: it does not meet the channels
+                origin = self.origin(arg, d_in)
+                segs = self.segs(arg)
+                if origin is not None:
+                    params.append(origin)
+                    self.modelled_uses.setdefault(origin[0], set()).add(node)
+                elif d_in < len(segs) and segs[d_in]:
+                    tracked.append(segs[d_in])
+                else:
+                    plain += 1
+            if not tracked:
                 continue
-            arg_shape = _shape(arg) or ()
-            segs = self.segs(arg)
-            name = self.param(arg)
-            for k in range(1, len(arg_shape) + 1):
-                d_out, d_in = len(shape) - k, len(arg_shape) - k
-                if arg_shape[d_in] != shape[d_out] or shape[d_out] == 1:
-                    continue
-                if name is not None:  # a parameter operand: a member, attached below
-                    continue
-                out[d_out] = self.join(out[d_out], segs[d_in] if d_in < len(segs) else (), node)
-        # A parameter operand (a learned scale or offset) along tracked channels is a member.
-        for arg in node.args[:2]:
-            name = self.param(arg) if isinstance(arg, torch.fx.Node) else None
-            if name is None:
-                continue
-            arg_shape = _shape(arg) or ()
+            joined = tracked[0]
+            for other in tracked[1:]:
+                joined = self.join(joined, other)
+            if plain:  # shrinking the channels would leave the other operand wider
+                self.graph.mark_unsafe(joined, f"{_opname(node.target)} combines its channels with a tensor "
+                                               "the graph does not track")
+            for name, d_in in params:  # a learned scale or offset along the channels: a member
+                for seg in joined:
+                    self.graph.add_member(seg, name, d_in)
+            out[d_out] = joined
+        for arg in operands:
             self.use(arg, node)
-            for k in range(1, len(arg_shape) + 1):
-                d_out, d_in = len(shape) - k, len(arg_shape) - k
-                if arg_shape[d_in] == shape[d_out] and shape[d_out] > 1 and out[d_out]:
-                    for seg in out[d_out]:
-                        self.graph.add_member(seg, name, d_in)
-        return out
+        return [self.segs_now(o) for o in out]
 
-    def join(self, a: Segments, b: Segments, node) -> Segments:
-        """Two operands' segments on one output dimension: equal layouts merge their groups."""
-        if not a:
-            if b and node is not None and self._untracked_operand(node):
-                self.graph.mark_unsafe(b, f"{_opname(node.target)} combines its channels with a tensor the "
-                                          "graph does not track")
-            return b
-        if not b:
-            return a
+    def join(self, a: Segments, b: Segments) -> Segments:
+        """Two operands' segments on one dimension: equal layouts merge their groups (a residual
+        add); layouts that differ only in how many positions each index spans (heads shared by
+        several query heads under GQA) are first coarsened to agree."""
+        if not a or not b:
+            return a or b
+        if len(a) == len(b) == 1 and a[0].repeat != b[0].repeat:
+            fine, coarse = (a, b) if a[0].repeat < b[0].repeat else (b, a)
+            if coarse[0].repeat % fine[0].repeat == 0:
+                self.coarsen(fine[0].group, coarse[0].repeat // fine[0].repeat)
+                a, b = self.segs_now(a), self.segs_now(b)
         if [(s.start, s.length, s.repeat) for s in a] != [(s.start, s.length, s.repeat) for s in b]:
             self.graph.mark_unsafe(a + b, "a residual connection joins differently laid-out channels")
             return a
@@ -328,17 +372,43 @@ class _Propagator:
             self.graph.union(sa.group, sb.group)
         return a
 
-    def _untracked_operand(self, node) -> bool:
-        """True when one tensor operand carries no tracked channels and is no parameter: shrinking
-        the other operand would leave it wider (e.g. x + a tensor computed from the inputs)."""
-        for arg in node.args[:2]:
-            if isinstance(arg, torch.fx.Node) and self.param(arg) is None:
-                shape = _shape(arg) or ()
-                if shape and not any(self.segs(arg)) and max(shape) > 1 and any(
-                    size > 1 for size in shape[-1:]
-                ):
-                    return True
-        return False
+    def segs_now(self, segs: Segments) -> Segments:
+        """``segs`` as they are after any coarsening since they were read."""
+        out = []
+        for s in segs:
+            while s in self._rescaled:
+                s = self._rescaled[s]
+            out.append(s)
+        return tuple(out)
+
+    def coarsen(self, gid: int, factor: int) -> bool:
+        """Make each index of group ``gid`` stand for ``factor`` consecutive ones (channels become
+        heads), everywhere the group appears; False (nothing changed) where that would split one."""
+        root = self.graph.find(gid)
+        group = self.graph.group(root)
+        if factor == 1:
+            return True
+        found = [(dims, d, s) for dims in self._all_dims() for d, ss in enumerate(dims) for s in ss
+                 if self.graph.find(s.group) == root]
+        if group.size % factor or any(m.first % factor or m.length % factor for m in group.members) or any(
+                s.first % factor or s.length % factor for _, _, s in found):
+            return False
+        group.size //= factor
+        group.members = [Member(m.name, m.dim, m.offset, m.first // factor, m.length // factor, m.repeat * factor)
+                         for m in group.members]
+        for dims, d, s in found:
+            new = Segment(s.start, s.length // factor, s.group, s.first // factor, s.repeat * factor)
+            dims[d] = tuple(new if x == s else x for x in dims[d])
+            self._rescaled[s] = new
+        return True
+
+    def _all_dims(self):
+        """Every per-dimension segment list recorded so far (a split's pieces included)."""
+        for dims in self.slots.values():
+            if dims and isinstance(dims[0], list):
+                yield from dims
+            elif dims:
+                yield dims
 
     # -- layers
     def op_linear(self, node, shape):
@@ -459,10 +529,27 @@ class _Propagator:
             if t_shape is None:
                 return None
             out[dim] = out[dim] + _shift(segs[dim], offset)
-            for d in range(len(shape)):
-                if d != dim:
-                    out[d] = self.join(out[d], segs[d], None)
             offset += t_shape[dim]
+        for d in range(len(shape)):  # along every other dim the pieces must agree
+            if d == dim or shape[d] == 1:
+                continue
+            tracked = [self.segs(t)[d] for t in tensors if self.segs(t)[d]]
+            if not tracked:
+                continue
+            joined = tracked[0]
+            for other in tracked[1:]:
+                joined = self.join(joined, other)
+            for t in tensors:
+                if self.segs(t)[d]:
+                    continue
+                origin = self.origin(t, d)
+                if origin is None:  # shrinking the others would leave this piece wider
+                    self.graph.mark_unsafe(joined, "cat joins its channels with a tensor the graph does not track")
+                else:  # a parameter's piece (a class token): it shrinks with them
+                    for seg in joined:
+                        self.graph.add_member(seg, *origin)
+                    self.modelled_uses.setdefault(origin[0], set()).add(node)
+            out[d] = self.segs_now(joined)
         return out
 
     op_concat = op_cat
@@ -578,11 +665,60 @@ class _Propagator:
                     return None
                 out[e] = _scale(s, later)
             else:
-                return None  # split (into attention heads, for one)
+                split = self._split_heads(s, shape, after, e, before[d + 1])
+                if split is None:
+                    return None
+                out[e] = split
         return out
+
+    def _split_heads(self, segs: Segments, shape, after, e: int, end: int) -> Optional[Segments]:
+        """Channels viewed as (heads, head size): the groups coarsen to whole heads (a head is
+        removed whole, so the head-size dim keeps its size and is not followed); the heads dim gets
+        the segments. Any other split: None."""
+        if e + 2 >= len(after) or after[e + 2] != end:
+            return None
+        size = shape[e + 1]
+        if any(s.repeat != 1 or s.start % size or s.length % size for s in segs):
+            return None
+        if not all(self.coarsen(s.group, size) for s in segs):
+            return None
+        return tuple(Segment(s.start // size, s.length, s.group, s.first, s.repeat // size)
+                     for s in self.segs_now(segs))
 
     op_reshape = op_view
     op__unsafe_view = op_view
+
+    def op_scaled_dot_product_attention(self, node, shape):
+        """Attention over (batch, heads, tokens, head size): query, key and value heads are one
+        group (a key/value head with the query heads that share it, under GQA); only the heads dim
+        may carry channels."""
+        q, k, v = node.args[:3]
+        parts = [self.segs(t) for t in (q, k, v)]
+        if shape is None or any(p[d] for p in parts for d in (-2, -1)) or any(
+                not p[-3] for p in parts) or self.tracked(node.args[3]) if len(node.args) > 3 and isinstance(
+                node.args[3], torch.fx.Node) else False:
+            return None
+        heads = parts[0][-3]
+        for other in parts[1:]:
+            heads = self.join(heads, other[-3])
+        heads = self.segs_now(heads)
+        return [()] * (len(shape) - 3) + [heads, (), ()]
+
+    def op_matmul(self, node, shape):
+        a, b = node.args[:2]
+        sa, sb = self.segs(a), self.segs(b)
+        if shape is None or len(sa) < 2 or len(sb) < 2 or sa[-1] or sb[-2]:
+            return None  # contracting tracked channels with something untracked
+        batch = len(shape) - 2
+        out: list[Segments] = [()] * len(shape)
+        for k in range(1, batch + 1):
+            left = sa[-2 - k] if len(sa) - 2 - k >= 0 else ()
+            right = sb[-2 - k] if len(sb) - 2 - k >= 0 else ()
+            out[batch - k] = self.join(left, right)
+        out[-2], out[-1] = sa[-2], sb[-1]
+        return [self.segs_now(o) for o in out]
+
+    op_bmm = op_matmul
 
     def op_unsqueeze(self, node, shape):
         segs = list(self.segs(node.args[0]))
@@ -653,11 +789,8 @@ class _Propagator:
         for g in self.graph.groups:
             for m in g.members:
                 members.setdefault(m.name, []).append(g.id)
-        for node in self.program.graph.nodes:
-            if node.op != "placeholder":
-                continue
-            name = self.param_of.get(node.name)
-            if name is None or name not in members:
+        for node, (name, _) in self.derived.items():  # the parameter and what it was reshaped into
+            if name not in members:
                 continue
             unmodelled = [u for u in node.users if u not in self.modelled_uses.get(name, set())]
             if unmodelled:

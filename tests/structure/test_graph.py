@@ -82,16 +82,33 @@ def test_unknown_op_and_heads_are_refused_with_the_reason():
     group = groups_by_producer_of(TopK(), torch.randn(2, 4))[("fc1",)]
     assert any("topk" in r for r in group.unsafe)
 
-    class Heads(nn.Module):
+    class ThreeWaySplit(nn.Module):
         def __init__(self):
             super().__init__()
             self.q, self.out = nn.Linear(8, 8), nn.Linear(8, 8)
 
         def forward(self, x):
-            h = self.q(x).view(x.shape[0], x.shape[1], 2, 4).transpose(1, 2)
-            return self.out(h.transpose(1, 2).reshape(x.shape[0], x.shape[1], 8))
+            h = self.q(x).view(x.shape[0], x.shape[1], 2, 2, 2).transpose(2, 4)
+            return self.out(h.reshape(x.shape[0], x.shape[1], 8))
 
-    assert groups_by_producer_of(Heads(), torch.randn(2, 3, 8))[("q",)].unsafe
+    assert groups_by_producer_of(ThreeWaySplit(), torch.randn(2, 3, 8))[("q",)].unsafe
+
+
+def test_channels_viewed_as_heads_are_removed_in_whole_heads():
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.out = (nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = (p(x).view(b, t, -1, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+            h = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.out(h.transpose(1, 2).reshape(b, t, 8))
+
+    group = groups_by_producer_of(Heads(), torch.randn(2, 3, 8))[("k", "q", "v")]
+    assert not group.unsafe and group.size == 2  # two heads of four channels
+    assert ("q.weight", 0, 0, 0, 2, 4) in members(group) and ("out.weight", 1, 0, 0, 2, 4) in members(group)
 
 
 def groups_by_producer_of(model, x):

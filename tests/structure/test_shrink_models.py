@@ -1,0 +1,117 @@
+"""sparsenet.shrink on real architectures (small configs, random weights): heads, FFNs, channels
+really removed; ratio 0 changes nothing; the shrunk model runs, exports and generates."""
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import sparsenet
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the architecture builders
+from test_architectures import MobileNetV2, ResNet18, bert, gpt2, llama, vit  # noqa: E402
+from models import DenseBlock  # noqa: E402
+
+
+def tokens(causal):
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, **({"use_cache": False} if causal else {})}
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+CASES = {
+    "bert": (bert, lambda: tokens(False)),
+    "vit": (vit, lambda: {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))}),
+    "llama_gqa": (llama, lambda: tokens(True)),
+    "gpt2": (gpt2, lambda: tokens(True)),
+    "resnet18": (ResNet18, lambda: {"pixel_values": torch.randn(2, 3, 32, 32)}),
+    "mobilenetv2": (MobileNetV2, lambda: {"pixel_values": torch.randn(2, 3, 32, 32)}),
+    "densenet_block": (DenseBlock, lambda: {"x": torch.randn(2, 3, 8, 8)}),
+    "transformer_encoder_layer": (Encoder, lambda: {"x": torch.randn(2, 5, 32)}),
+}
+
+
+def output(model, batch):
+    out = model(**batch)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def built(build):
+    torch.manual_seed(0)
+    return build().eval()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ratio_zero_is_bit_identical(name):
+    build, batch = CASES[name]
+    model, x = built(build), batch()
+    with torch.no_grad():
+        expected = output(model, x)
+    sparsenet.shrink(model, x, 0.0)
+    with torch.no_grad():
+        assert torch.equal(output(model, x), expected)
+
+
+def attention_heads(model):
+    """Query heads per attention module, read from the query projection's rows."""
+    heads = {}
+    for name, m in model.named_modules():
+        q = getattr(m, "query", None) or getattr(m, "q_proj", None)
+        head_dim = getattr(m, "attention_head_size", None) or getattr(m, "head_dim", None)
+        if isinstance(q, nn.Linear) and head_dim:
+            heads[name] = q.out_features // head_dim
+    return heads
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_half_the_shrinkable_parameters_really_go(name):
+    build, batch = CASES[name]
+    model, x = built(build), batch()
+    heads_before = attention_heads(model)
+    report = sparsenet.shrink(model, x, 0.5)
+    assert report.shrinkable_after <= 0.6 * report.shrinkable_before, str(report)
+    assert sum(p.numel() for p in model.parameters()) == report.params_after
+    with torch.no_grad():
+        assert torch.isfinite(output(model, x)).all()
+    heads_after = attention_heads(model)
+    for module, before in heads_before.items():  # every eligible attention layer lost heads
+        assert heads_after[module] < before, (module, heads_after)
+    torch.export.export(model, (), x, strict=False)
+    if name in ("llama_gqa", "gpt2"):
+        prompt = x["input_ids"][:, :4]
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False,
+                             pad_token_id=0)
+        assert out.shape == (2, 7)
+
+
+def test_gqa_keeps_each_key_value_head_with_its_query_heads():
+    model = built(llama)
+    attn = model.model.layers[0].self_attn
+    groups = attn.num_key_value_groups
+    sparsenet.shrink(model, tokens(True), 0.5)
+    kv_heads = attn.k_proj.out_features // attn.head_dim
+    assert attn.v_proj.out_features == attn.k_proj.out_features
+    assert attn.q_proj.out_features == kv_heads * groups * attn.head_dim  # query heads follow their kv head
+    assert attn.o_proj.in_features == attn.q_proj.out_features
+
+
+def test_transformer_encoder_layer_feed_forward_shrinks():
+    model = built(Encoder)
+    report = sparsenet.shrink(model, {"x": torch.randn(2, 5, 32)}, 0.5)
+    assert model.layer.linear1.out_features < 64 and model.layer.linear2.in_features == model.layer.linear1.out_features
+    # nn.MultiheadAttention's fused in_proj is split by unflatten, which the graph does not follow
+    # yet: its heads are left as they are, and the report says why.
+    attention = next(r for r in report.rows if r.producers == ["layer.self_attn"])
+    assert attention.width_after == attention.width_before and "unflatten" in attention.reason
