@@ -9,6 +9,7 @@ else as is) plus one JSON document under the key ``"sparsenet"`` of the safetens
      "aliases": {"head.weight": "embed.weight"},   # tied tensors, stored once
      "dtype_views": {"fc1.col_indices": "uint16"},  # stored bit-for-bit as int16
      "crc32": {"fc1.values": 123456789, ...},        # per stored tensor
+     "sizes": {"fc1": {"in_features": 128, "out_features": 96}, "norm": {"normalized_shape": [96]}, ...},
      "stored_bytes": ..., "dense_bytes": ...}
 
 Design choices, and why:
@@ -29,6 +30,12 @@ Design choices, and why:
   sparse where the model has an ``nn.Linear`` or Hugging Face ``Conv1D`` of that shape gets a
   SparseLinear in its place. The checks run against a stand-in of the converted model that shares
   every tensor with the skeleton, so nothing is swapped until the whole file has passed them.
+* ``sizes`` records, under every name, the size attributes (``in_features``, ``out_channels``,
+  ``groups``, ``normalized_shape``, ...) of each module that has any, so that a model narrowed by
+  ``sparsenet.shrink`` loads into the plain model built from its original config: a Linear,
+  Conv1D, Conv2d, BatchNorm, LayerNorm or Embedding the file records narrower is resized first
+  (in the stand-in for the checks, then in place). Files without the entry (written before it
+  existed) load as they always did.
 """
 from __future__ import annotations
 
@@ -43,7 +50,10 @@ from typing import Collection, Optional
 import torch
 from torch import nn
 
+from sparsenet._weights import is_conv1d
 from sparsenet.formats import PackedCSR
+# Shrink's own account of which attributes are sizes and how they follow from a module's tensors.
+from sparsenet.structure.removal import fix_sizes, module_sizes, shapes_at
 
 FILE_FORMAT_VERSION = 1
 _METADATA_KEY = "sparsenet"
@@ -72,6 +82,22 @@ def _sparse_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def _prefix(name: str) -> str:
     return f"{name}." if name else ""
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _recorded_sizes(module: nn.Module) -> dict:
+    """The module's size attributes as the file records them (JSON: ``normalized_shape`` as a
+    list). A value that is no size (a custom module's ``groups`` may be anything) is left out."""
+    sizes = {}
+    for attr, value in module_sizes(module).items():
+        if isinstance(value, (tuple, list)) and all(_is_size(v) for v in value):
+            sizes[attr] = list(value)
+        elif _is_size(value):
+            sizes[attr] = value
+    return sizes
 
 
 def _checksum(t: torch.Tensor) -> int:
@@ -217,6 +243,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> SizeReport:
         "aliases": aliases,
         "dtype_views": dtype_views,
         "crc32": {name: _checksum(t) for name, t in stored.items()},
+        # Every name of a module: the model loaded into may not share what the saved one shared.
+        "sizes": {name: sizes for name, m in model.named_modules(remove_duplicate=False)
+                  if (sizes := _recorded_sizes(m))},
         "stored_bytes": report.stored_bytes,
         "dense_bytes": report.dense_bytes,
     }
@@ -313,7 +342,19 @@ def _parse_header(path: str, raw: dict | None) -> dict:
             raise ValueError(f"{path!r}: the sparsenet metadata lacks a valid {key!r} entry")
     for entry in header["modules"]:
         _check_module_entry(path, entry)
+    _check_sizes_entry(path, header.get("sizes", {}))  # absent from files written before it existed
     return header
+
+
+def _check_sizes_entry(path: str, sizes) -> None:
+    if not isinstance(sizes, dict):
+        raise ValueError(f"{path!r}: the sparsenet metadata lacks a valid 'sizes' entry")
+    for name, record in sizes.items():
+        valid = isinstance(record, dict) and all(
+            isinstance(attr, str) and (_is_size(v) or isinstance(v, list) and all(_is_size(x) for x in v))
+            for attr, v in record.items())
+        if not valid:
+            raise ValueError(f"{path!r}: malformed sizes entry for module {name!r}: {record!r}")
 
 
 def _check_module_entry(path: str, entry) -> None:
@@ -466,6 +507,108 @@ def _sparse_swaps(path: str, header: dict, model: nn.Module) -> dict[str, nn.Mod
     return {alias: shell for key, shell in shells.items() for alias in names[key]}
 
 
+def _resize_swaps(path: str, header: dict, model: nn.Module) -> dict[str, nn.Module]:
+    """name -> the model's module resized to the file's recorded sizes (see :func:`_resized`), under
+    every name it has, for each module whose recorded sizes differ from its own. A record of other
+    attributes than the module's (another kind of module) is left to the later checks, which name
+    the layer or tensor that does not fit."""
+    from sparsenet.nn.convert import all_module_names
+
+    wanted: dict[int, tuple[str, nn.Module, dict]] = {}
+    for name, sizes in header.get("sizes", {}).items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # a module the model lacks: its tensors, if it has any, are refused by name
+        sizes = _in_own_terms(module, sizes)
+        if sizes.keys() != _recorded_sizes(module).keys():
+            continue  # another kind of module: the checks of its sparse layer or its tensors say so
+        first, _, earlier = wanted.setdefault(id(module), (name, module, sizes))
+        if earlier != sizes:
+            raise ValueError(f"{path!r}: {first!r} and {name!r} are one module in the model, but the file "
+                             f"records different sizes for them ({_described(earlier)}; {_described(sizes)})")
+    replacements: dict[int, torch.Tensor] = {}
+    twins = {key: _resized(path, name, module, sizes, replacements)
+             for key, (name, module, sizes) in wanted.items() if sizes != _recorded_sizes(module)}
+    names = all_module_names(model) if twins else {}
+    return {alias: twin for key, twin in twins.items() for alias in names[key]}
+
+
+def _in_own_terms(module: nn.Module, sizes: dict) -> dict:
+    """Sizes recorded for a SparseLinear, in the terms of the transformers Conv1D that the plain
+    model has in its place (``nf`` outputs, ``nx`` inputs); other records already are in the
+    module's terms."""
+    if not is_conv1d(module) or sizes.keys() != {"in_features", "out_features"}:
+        return sizes
+    own = {"nf": sizes["out_features"], "nx": sizes["in_features"]}
+    return {attr: own[attr] for attr in _recorded_sizes(module)}  # older transformers have no nx
+
+
+def _described(sizes: dict) -> str:
+    return ", ".join(f"{attr}={value}" for attr, value in sizes.items())
+
+
+def _resized(path: str, name: str, module: nn.Module, sizes: dict, replacements: dict[int, torch.Tensor]) -> nn.Module:
+    """A twin of ``module`` (its own attributes, not a copy of its tensors) at the recorded ``sizes``:
+    each tensor whose shape changes is a new tensor of the same dtype, device and
+    requires_grad (a Parameter stays one), and the size attributes are read back from the tensors
+    as ``shrink`` sets them. ``replacements`` (id of an old tensor -> its new one) keeps tied
+    tensors tied. ValueError where the module cannot be resized to ``sizes``."""
+    from torch.nn.utils import parametrize
+
+    kind, own = type(module).__name__, _recorded_sizes(module)
+    mismatch = (f"{path!r}: {name!r} is {_described(sizes)} in the file, but the model's {kind} {name!r} is "
+                f"{_described(own)}")
+    if parametrize.is_parametrized(module):
+        raise ValueError(f"{mismatch}, and a parametrized module is not resized: load into the plain model")
+    if not _narrower(sizes, own):
+        raise ValueError(f"{mismatch}: a file loads into the model it was saved from, or into the plain model "
+                         "built from the config it was shrunk from, which is never narrower")
+    shapes = shapes_at(module, sizes)
+    if shapes is None:
+        raise ValueError(f"{mismatch}; only Linear, Conv1D, Conv2d, BatchNorm, LayerNorm and Embedding layers are "
+                         "resized to a file's sizes: pass a model of the architecture the file was saved from")
+    twin = _shallow_copy(module)
+    for registry in ("_parameters", "_buffers"):
+        tensors = vars(twin)[registry] = dict(vars(module)[registry])
+        for attr, old in tensors.items():
+            if old is None or attr not in shapes or tuple(old.shape) == shapes[attr]:
+                continue
+            new = replacements.setdefault(id(old), _blank(old, shapes[attr]))
+            if tuple(new.shape) != shapes[attr]:
+                raise ValueError(f"{path!r}: {name}.{attr} is tied to a tensor that the file records at another size")
+            tensors[attr] = new
+    fix_sizes(twin)
+    if _recorded_sizes(twin) != sizes:  # e.g. a plain conv given other groups, or channels groups do not divide
+        raise ValueError(f"{path!r}: the file records {name!r} as {_described(sizes)}, which a {kind} like the "
+                         f"model's cannot be: the file is inconsistent")
+    return twin
+
+
+def _narrower(sizes: dict, own: dict) -> bool:
+    """Every recorded size between 1 and the model's: shrinking narrows, never widens or empties."""
+    def flat(value):
+        return value if isinstance(value, list) else [value]
+
+    pairs = [(flat(sizes[attr]), flat(own[attr])) for attr in own]
+    return all(len(new) == len(old) and all(1 <= n <= o for n, o in zip(new, old)) for new, old in pairs)
+
+
+def _blank(old: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    # Uninitialised (no second pass over a large model's memory): only weight, bias and running
+    # statistics are resized, all in the file, and load_state_dict writes every one of them.
+    new = torch.empty(shape, dtype=old.dtype, device=old.device)
+    return nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object holding ``module``'s attributes (its registries are the same dicts)."""
+    # Not copy.copy: parametrized modules refuse to be copied that way.
+    twin = type(module).__new__(type(module))
+    vars(twin).update(vars(module))
+    return twin
+
+
 def _stand_in(model: nn.Module, swaps: dict[str, nn.Module]) -> nn.Module:
     """``model`` as it will be once ``swaps`` are made, built without changing it: each module on the
     way to a swapped one is a shallow copy with a registry of children of its own; every other
@@ -477,9 +620,7 @@ def _stand_in(model: nn.Module, swaps: dict[str, nn.Module]) -> nn.Module:
 
     def copy_of(module: nn.Module) -> nn.Module:
         if id(module) not in copies:
-            # Not copy.copy: parametrized modules refuse to be copied that way.
-            twin = type(module).__new__(type(module))
-            vars(twin).update(vars(module))
+            twin = _shallow_copy(module)
             vars(twin)["_modules"] = dict(module._modules)
             copies[id(module)] = copies[id(twin)] = twin  # a module reached twice is copied once
         return copies[id(module)]
@@ -514,7 +655,11 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     ``model`` has an ``nn.Linear`` or a Hugging Face ``Conv1D`` of the same shape and bias is replaced
     by a SparseLinear (under every name it is registered by); the result is ``model`` itself, or a
     new SparseLinear when ``model`` is itself such a layer. Sparse layers may hold a different number
-    of non-zeros than the skeleton's.
+    of non-zeros than the skeleton's. A model narrowed by ``sparsenet.shrink`` loads into the plain
+    model built from its original config: each Linear, Conv1D, Conv2d (a depthwise one's ``groups``
+    too), BatchNorm, LayerNorm or Embedding that the file records narrower is resized in place
+    first (new tensors, tied ones still tied, Parameters still Parameters; size attributes as in
+    the file); any other module whose sizes differ, or one recorded wider, is refused.
 
     Everything is validated before anything changes: any problem raises ValueError and leaves
     ``model`` as it was, with no layer replaced and no tensor copied. A Hugging Face model that ends
@@ -526,13 +671,18 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     path = os.fspath(path)
-    # The header says which dense layers become SparseLinear; the file is then read and checked in
-    # full against that converted model (should the file change in between, those checks catch it).
-    swaps = _sparse_swaps(path, read_metadata(path), model)
-    target = _stand_in(model, swaps) if swaps else model
+    # The header says which modules are resized and which dense layers (as resized) become
+    # SparseLinear; the file is then read and checked in full against that model (should the file
+    # change in between, those checks catch it).
+    header = read_metadata(path)
+    resizes = _resize_swaps(path, header, model)
+    swaps = _sparse_swaps(path, header, _stand_in(model, resizes) if resizes else model)
+    target = _stand_in(model, {**resizes, **swaps}) if resizes or swaps else model
     header, tensors = _read(path, expected=target.state_dict().keys())
     state = _restore_tensors(path, header, tensors)
     _check_against_model(path, header, state, target)
+    for name, twin in resizes.items():  # in place: the model's modules stay the objects they are
+        vars(model.get_submodule(name)).update(vars(twin))
     model = _apply_swaps(model, swaps)
     model.load_state_dict(state, strict=True)
     return guard_save_pretrained(model)

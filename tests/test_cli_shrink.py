@@ -56,6 +56,9 @@ def test_shrink_saves_a_smaller_model(tmp_path, calib, capsys):
         widths = {k: f.get_slice(k).get_shape() for k in f.keys()}
     assert widths["a.weight"][0] < 8 and widths["a.weight"][0] % 2 == 0  # a's filters were removed
     assert widths["b.weight"][1] == widths["a.weight"][0]  # and b reads only those left
+    small = sparsenet.load(out, residual_factory())  # the plain model, rebuilt at the saved widths
+    assert small.a.out_channels == widths["a.weight"][0]
+    assert small(torch.randn(2, 3, 6, 6)).shape == (2, 4)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -7,7 +7,7 @@ tensors. :func:`remove_channels` is all or nothing: on any error the model is re
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +48,7 @@ def _holders(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:
     return names
 
 
-def _fix_sizes(module: nn.Module) -> None:
+def fix_sizes(module: nn.Module) -> None:
     """Size attributes read back from the (possibly sliced) tensors."""
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
@@ -73,7 +73,7 @@ _SIZE_ATTRIBUTES = ("in_features", "out_features", "nf", "nx", "in_channels", "o
                     "num_features", "normalized_shape", "embedding_dim")
 
 
-def _sizes(module: nn.Module) -> dict[str, object]:
+def module_sizes(module: nn.Module) -> dict[str, object]:
     return {a: getattr(module, a) for a in _SIZE_ATTRIBUTES if a in vars(module)}
 
 
@@ -101,11 +101,11 @@ def remove_channels(model: nn.Module, graph: DependencyGraph, removed: dict[int,
             for holder, holder_attr in holders[name]:
                 registry = holder._parameters if holder_attr in holder._parameters else holder._buffers
                 saved_tensors.append((registry, holder_attr, registry[holder_attr]))
-                saved_sizes.setdefault(id(holder), (holder, _sizes(holder)))
+                saved_sizes.setdefault(id(holder), (holder, module_sizes(holder)))
                 registry[holder_attr] = new
             changed[name] = tuple(new.shape)
         for holder, _ in saved_sizes.values():
-            _fix_sizes(holder)
+            fix_sizes(holder)
         check()
     except BaseException:
         for registry, attr, old in reversed(saved_tensors):
@@ -128,3 +128,23 @@ def _sliced(old: Tensor, cuts: list[tuple[int, Tensor]]) -> Tensor:
     if isinstance(old, nn.Parameter):
         return nn.Parameter(new, requires_grad=old.requires_grad)
     return new
+
+
+def shapes_at(module: nn.Module, sizes: dict) -> Optional[dict[str, tuple[int, ...]]]:
+    """The shape of each of ``module``'s tensors at ``sizes`` (the inverse of ``fix_sizes``), or
+    None for a module that is not resized."""
+    if isinstance(module, nn.Linear):
+        return {"weight": (sizes["out_features"], sizes["in_features"]), "bias": (sizes["out_features"],)}
+    if is_conv1d(module):  # weight stored (in, out)
+        return {"weight": (sizes.get("nx", module.weight.shape[0]), sizes["nf"]), "bias": (sizes["nf"],)}
+    if isinstance(module, nn.Conv2d):
+        out, per_group = sizes["out_channels"], sizes["in_channels"] // sizes["groups"]
+        return {"weight": (out, per_group, *module.weight.shape[2:]), "bias": (out,)}
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        n = (sizes["num_features"],)
+        return {"weight": n, "bias": n, "running_mean": n, "running_var": n}
+    if isinstance(module, nn.LayerNorm):
+        return {"weight": tuple(sizes["normalized_shape"]), "bias": tuple(sizes["normalized_shape"])}
+    if isinstance(module, nn.Embedding):
+        return {"weight": (module.weight.shape[0], sizes["embedding_dim"])}
+    return None

@@ -1,6 +1,5 @@
 """sparsenet.shrink on real architectures (small configs, random weights): heads, FFNs, channels
 really removed; ratio 0 changes nothing; the shrunk model runs, exports and generates."""
-import copy
 import sys
 from pathlib import Path
 
