@@ -58,6 +58,8 @@ class ShrinkReport:
     shrinkable_before: int = 0  # parameters in tensors that shrinkable groups slice
     shrinkable_after: int = 0
     refit: list[RefitResult] = field(default_factory=list)  # the consumers refit on calib
+    macs_before: int = 0  # multiply-adds of the traced call's Linear / Conv layers
+    macs_after: int = 0
 
     @property
     def shrunk(self) -> list[GroupRow]:
@@ -79,9 +81,11 @@ class ShrinkReport:
                           f"{r.params_before:,} -> {r.params_after:,}", r.reason)
         kept = self.params_after / self.params_before if self.params_before else 1.0
         part = self.shrinkable_after / self.shrinkable_before if self.shrinkable_before else 1.0
+        macs = self.macs_after / self.macs_before if self.macs_before else 1.0
         table.caption = (f"{len(self.shrunk)} of {len(self.rows)} groups shrunk; shrinkable parameters "
                          f"{self.shrinkable_before:,} -> {self.shrinkable_after:,} ({part:.1%}); model "
-                         f"{self.params_before:,} -> {self.params_after:,} ({kept:.1%})")
+                         f"{self.params_before:,} -> {self.params_after:,} ({kept:.1%}); multiply-adds on the "
+                         f"example inputs {self.macs_before:,} -> {self.macs_after:,} ({macs:.1%})")
         console = Console(width=140, record=True, force_terminal=False)
         with console.capture() as cap:
             console.print(table)
@@ -127,13 +131,15 @@ def _unit_matrix(group: Group, tensors: dict[str, Tensor]) -> Tensor:
     return torch.cat(pieces, dim=1) if pieces else torch.zeros(group.size, 0)
 
 
-def _params_per_unit(group: Group, tensors: dict[str, Tensor]) -> int:
-    """Parameters (not buffers) one channel of ``group`` owns across its members."""
+def _params_per_unit(group: Group, tensors: dict[str, Tensor], cost: Optional[dict[str, int]] = None) -> int:
+    """Parameters (not buffers) one channel of ``group`` owns across its members (times ``cost``
+    per element of each tensor, when given)."""
     total = 0
     for m in group.members:
         t = tensors[m.name]
         if isinstance(t, nn.Parameter):
-            total += t.numel() // t.shape[m.dim] * m.repeat * m.length // group.size
+            weight = cost[m.name] if cost is not None else 1
+            total += t.numel() // t.shape[m.dim] * m.repeat * m.length // group.size * weight
     return total
 
 
@@ -159,7 +165,11 @@ def _round_kept(units: int, remove: int, round_to: int) -> int:
     return max(0, units - min(kept, units))
 
 
-def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, calib: Optional[Iterable] = None,
+TARGETS = ("params", "flops")
+
+
+def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str = "params",
+           calib: Optional[Iterable] = None,
            reconstruct: bool = True, importance: str = "magnitude", scope: str = "global",
            round_to: int = 1, exclude=None, damp: float = DEFAULT_DAMP,
            progress: Optional[bool] = None) -> ShrinkReport:
@@ -170,7 +180,9 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, calib: Option
         model: any module that ``torch.export`` can trace on ``example_inputs``.
         example_inputs: what ``model`` is called with: a tensor, a tuple of arguments, a dict of
             keyword arguments (Hugging Face models: ``use_cache=False``) or ``(args, kwargs)``.
-        ratio: fraction of the shrinkable parameters to remove, in [0, 1).
+        ratio: fraction of the shrinkable parameters (``target="params"``) or of the shrinkable
+            layers' multiply-adds on the example inputs (``target="flops"``) to remove, in [0, 1).
+        target: what ``ratio`` counts: "params" or "flops".
         importance: how channels are ranked ("magnitude": the norm of all the weights a channel
             owns, from the pruning package's magnitude criterion).
         scope: "global" (one ranking across all groups) or "layer" (each group loses ``ratio`` of
@@ -195,6 +207,8 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, calib: Option
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
     if importance not in IMPORTANCES:
         raise ValueError(f"unknown importance {importance!r}; known: {', '.join(IMPORTANCES)}")
     scope_obj = get_scope(scope)
@@ -223,7 +237,11 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, calib: Option
         # Ranked across groups relative to each group's mean: raw weight scales differ between
         # layers (initialisation, width) far more than the importance of their channels does.
         scores = [s / s.mean().clamp_min(torch.finfo(s.dtype).tiny) for s in scores]
-    counts = _allocate(groups, scores, tensors, float(ratio), scope_obj, round_to)
+    # What removing a tensor's elements saves: one each (parameters), or the multiply-adds each
+    # element does on the example inputs (FLOPs: a weight's output positions; other tensors none).
+    cost = ({name: 1 for name in tensors} if target == "params"
+            else {name: graph.positions.get(name, 0) for name in tensors})
+    counts = _allocate(groups, scores, tensors, cost, float(ratio), scope_obj, round_to)
     removed = {g.id: torch.sort(torch.topk(s, c, largest=False).indices).values if c else torch.zeros(0, dtype=torch.long)
                for g, s, c in zip(groups, scores, counts)}
     sizes = [_params_per_unit(g, tensors) for g in groups]
@@ -251,22 +269,25 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, calib: Option
         size = _params_per_unit(g, tensors)
         report.rows.append(GroupRow(g.producers, g.size, g.size, size * g.size, size * g.size, reason))
     report.params_after = _count(model)
-    report.shrinkable_after = sum(math.prod(new_shapes[n]) if n in new_shapes else tensors[n].numel()
-                                  for n in shrinkable)
+    numel = lambda n: math.prod(new_shapes[n]) if n in new_shapes else tensors[n].numel()  # noqa: E731
+    report.shrinkable_after = sum(numel(n) for n in shrinkable)
+    report.macs_before = sum(tensors[n].numel() * p for n, p in graph.positions.items())
+    report.macs_after = sum(numel(n) * p for n, p in graph.positions.items())
     return report
 
 
-def _allocate(groups: list[Group], scores: list[Tensor], tensors: dict[str, Tensor], ratio: float, scope,
-              round_to: int) -> list[int]:
-    """Channels each group loses so that ``ratio`` of the shrinkable parameters are removed.
+def _allocate(groups: list[Group], scores: list[Tensor], tensors: dict[str, Tensor], cost: dict[str, int],
+              ratio: float, scope, round_to: int) -> list[int]:
+    """Channels each group loses so that ``ratio`` of the shrinkable cost (``cost[name]`` per element
+    of tensor ``name``: 1 for parameters, output positions for FLOPs) is removed.
 
     A tensor that two groups slice (a convolution's filters and its input channels) shrinks in
     both dimensions, so the scope's per-channel accounting overshoots; the ratio handed to the
     scope is searched (bisection) until the parameters actually left match the target.
     """
     shrinkable = _member_tensors(groups, tensors)
-    total = sum(tensors[n].numel() for n in shrinkable)
-    sizes = [_params_per_unit(g, tensors) for g in groups]
+    total = sum(tensors[n].numel() * cost[n] for n in shrinkable)
+    sizes = [max(1, _params_per_unit(g, tensors, cost)) for g in groups]
 
     def counts_for(r: float) -> Optional[list[int]]:
         """Per-group removals at scope ratio ``r``; None where the floors make ``r`` infeasible."""
@@ -281,7 +302,7 @@ def _allocate(groups: list[Group], scores: list[Tensor], tensors: dict[str, Tens
         return [_round_kept(g.size, c, round_to) for g, c in zip(groups, raw)]
 
     def removed_fraction(counts: list[int]) -> float:
-        left = _params_left(groups, counts, shrinkable, tensors)
+        left = _params_left(groups, counts, shrinkable, tensors, cost)
         return 1.0 - left / total if total else 0.0
 
     if ratio == 0.0:
@@ -303,8 +324,10 @@ def _member_tensors(groups: list[Group], tensors: dict[str, Tensor]) -> list[str
     return list(dict.fromkeys(m.name for g in groups for m in g.members if isinstance(tensors[m.name], nn.Parameter)))
 
 
-def _params_left(groups: list[Group], counts: list[int], names: list[str], tensors: dict[str, Tensor]) -> int:
-    """Parameters of tensors ``names`` once each group has lost ``counts`` channels."""
+def _params_left(groups: list[Group], counts: list[int], names: list[str], tensors: dict[str, Tensor],
+                 cost: Optional[dict[str, int]] = None) -> int:
+    """Elements (times ``cost`` each) of tensors ``names`` once each group has lost ``counts``
+    channels."""
     lost: dict[tuple[str, int], float] = {}  # fraction of a dim's positions removed
     for g, c in zip(groups, counts):
         for m in g.members:
@@ -317,7 +340,7 @@ def _params_left(groups: list[Group], counts: list[int], names: list[str], tenso
         kept = 1.0
         for d in range(t.dim()):
             kept *= 1.0 - min(1.0, lost.get((name, d), 0.0))
-        left += round(t.numel() * kept)
+        left += round(t.numel() * kept * (cost[name] if cost is not None else 1))
     return left
 
 
@@ -352,4 +375,4 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["shrink", "ShrinkReport", "GroupRow", "IMPORTANCES"]
+__all__ = ["shrink", "ShrinkReport", "GroupRow", "IMPORTANCES", "TARGETS"]

@@ -101,12 +101,15 @@ class Group:
 
 
 class DependencyGraph:
-    """Groups of a traced model: ``groups`` (merged, by representative id), ``param_names`` (the
-    traced program's parameter and buffer names, as in ``model.state_dict``)."""
+    """Groups of a traced model (``groups``: merged, by representative id) and, per weight that a
+    layer multiplies, the output positions it is applied at in the traced call (``positions``: a
+    Linear's tokens, a convolution's output pixels, batch included), from which multiply-adds are
+    its element count times that."""
 
     def __init__(self) -> None:
         self._groups: list[Group] = []
         self._parent: list[int] = []
+        self.positions: dict[str, int] = {}
 
     # union-find over group ids: a residual add (or a shared parameter) merges two groups
     def find(self, g: int) -> int:
@@ -411,6 +414,10 @@ class _Propagator:
                 yield dims
 
     # -- layers
+    def _count(self, weight: str, out_shape, out_channels: int) -> None:
+        """Output positions of a layer's call (a weight used twice counts both calls)."""
+        self.graph.positions[weight] = self.graph.positions.get(weight, 0) + math.prod(out_shape) // max(out_channels, 1)
+
     def op_linear(self, node, shape):
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else None
@@ -420,6 +427,7 @@ class _Propagator:
             return None
         for seg in xs[-1]:
             self.graph.add_member(seg, wname, 1)  # the consumer's input columns
+        self._count(wname, shape, shape[-1])
         out = list(xs[:-1]) + [()]
         gid = self.graph.new_group(shape[-1], _module_of(node))
         seg = Segment(0, shape[-1], gid, 0)
@@ -439,6 +447,7 @@ class _Propagator:
             return None
         for seg in xs[1]:
             self.graph.add_member(seg, wname, 0)
+        self._count(wname, shape, shape[1])
         gid = self.graph.new_group(shape[1], _module_of(node))
         seg = Segment(0, shape[1], gid, 0)
         self.graph.add_member(seg, wname, 1)
@@ -455,6 +464,7 @@ class _Propagator:
         if wname is None or shape is None or any(xs[d] for d in (0, 2, 3)):
             return None
         out_channels, in_channels = shape[1], (_shape(x) or (0, 0))[1]
+        self._count(wname, shape, out_channels)
         out: list[Segments] = [(), (), (), ()]
         if groups == 1:
             for seg in xs[1]:

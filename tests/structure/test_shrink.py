@@ -229,3 +229,26 @@ def test_bad_calibration_data_leaves_the_model_untouched(bad, match, untouched):
         sparsenet.shrink(model, inputs(model), 0.5, calib=bad)
     check()
     assert model.fc1.out_features == 24
+
+
+def flops(model, x):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("cls", [Residual, DenseBlock, ConvFlatten], ids=lambda c: c.__name__)
+def test_flops_target_removes_that_share_of_the_multiply_adds(cls):
+    model = built(cls)
+    x = inputs(model)
+    before = flops(model, x)
+    report = sparsenet.shrink(model, x, 0.5, target="flops")
+    after = flops(model, x)
+    # torch's own count (2 per multiply-add) agrees with the report's, and about half are gone.
+    assert report.macs_before * 2 == before and report.macs_after * 2 == after
+    shrinkable = report.macs_before  # every Linear / Conv here reads or makes shrinkable channels
+    assert 0.4 <= 1 - after / before <= 0.6, (before, after, shrinkable)
+    with pytest.raises(ValueError, match="unknown target"):
+        sparsenet.shrink(model, x, 0.5, target="latency")
