@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .._names import check_exclude, check_patterns_match, is_excluded
 from .._validate import integer, real
 from .._weights import is_conv1d, stored_weight
-from ..calibration import check_calib
+from ..calibration import capture_input_sq_norms, check_calib
 from ..pruning.layers import is_prunable
 from ..pruning.scope import get_scope
 from ..pruning.structures import _group_score
@@ -32,7 +32,7 @@ from .graph import DependencyGraph, Group, build_graph
 from .refit import DEFAULT_DAMP, RefitResult, refit_consumers
 from .removal import positions, remove_channels
 
-IMPORTANCES = ("magnitude",)
+IMPORTANCES = ("magnitude", "activation")
 
 
 @dataclass
@@ -183,8 +183,11 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
         ratio: fraction of the shrinkable parameters (``target="params"``) or of the shrinkable
             layers' multiply-adds on the example inputs (``target="flops"``) to remove, in [0, 1).
         target: what ``ratio`` counts: "params" or "flops".
-        importance: how channels are ranked ("magnitude": the norm of all the weights a channel
-            owns, from the pruning package's magnitude criterion).
+        importance: how channels are ranked: "magnitude" (the norm of all the weights a channel
+            owns) or "activation" (what a channel feeds its consumers on ``calib``: the norm of its
+            values there times the norm of the consumer weights that read it, summed over
+            consumers; the statistics Wanda and the activation criterion use). "activation" needs
+            ``calib``.
         scope: "global" (one ranking across all groups) or "layer" (each group loses ``ratio`` of
             its channels).
         round_to: keep every width a multiple of this (e.g. 8), and at least this.
@@ -211,6 +214,8 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
         raise ValueError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
     if importance not in IMPORTANCES:
         raise ValueError(f"unknown importance {importance!r}; known: {', '.join(IMPORTANCES)}")
+    if importance == "activation" and calib is None:
+        raise ValueError("importance='activation' ranks channels by their values on calibration data: pass calib")
     scope_obj = get_scope(scope)
     round_to = integer(round_to, "round_to", 1)
     exclude = check_exclude(exclude)
@@ -232,7 +237,11 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
         reasons = "; ".join(sorted(set(skipped.values())))[:400]
         raise ValueError(f"nothing in the model can be shrunk: {reasons or 'it has no channel groups'}")
 
-    scores = [_group_score(_unit_matrix(g, tensors).abs(), "l2") for g in groups]
+    if importance == "activation":
+        check_calib(calib)
+        scores = _activation_scores(model, groups, tensors, calib)
+    else:
+        scores = [_group_score(_unit_matrix(g, tensors).abs(), "l2") for g in groups]
     if scope_obj.name == "global":
         # Ranked across groups relative to each group's mean: raw weight scales differ between
         # layers (initialisation, width) far more than the importance of their channels does.
@@ -318,6 +327,44 @@ def _allocate(groups: list[Group], scores: list[Tensor], tensors: dict[str, Tens
             hi = mid
             best = counts if counts is not None else best
     return best
+
+
+def _consumer_dim(module: nn.Module) -> Optional[int]:
+    """The weight dim a layer reads its input features along (None: not a plain consumer)."""
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return None
+    if is_conv1d(module):
+        return 0
+    return 1 if is_prunable(module) else None
+
+
+def _activation_scores(model: nn.Module, groups: list[Group], tensors: dict[str, Tensor], calib) -> list[Tensor]:
+    """Per channel: sum over the layers that read it of ``||x_j|| * ||W[:, j]||`` at each of its input
+    positions ``j`` (the channel's values on ``calib`` times the weights that carry them on)."""
+    modules = dict(model.named_modules())
+    readers: dict[str, nn.Module] = {}
+    for g in groups:
+        for m in g.members:
+            layer_name, _, attr = m.name.rpartition(".")
+            layer = modules.get(layer_name)
+            if attr == "weight" and layer is not None and _consumer_dim(layer) == m.dim:
+                readers[layer_name] = layer
+    norms = capture_input_sq_norms(model, readers, calib) if readers else {}
+    scores = []
+    for g in groups:
+        score = torch.zeros(g.size, dtype=torch.float64)
+        for m in g.members:
+            layer_name, _, attr = m.name.rpartition(".")
+            if layer_name not in readers or attr != "weight" or m.dim != _consumer_dim(readers[layer_name]):
+                continue
+            w = stored_weight(readers[layer_name]).detach().double().movedim(m.dim, 0)
+            column = w.reshape(w.shape[0], -1).norm(dim=1)  # per input feature / channel
+            x = norms[layer_name].double().clamp_min(0).sqrt().to(column.device)
+            span = slice(m.offset, m.offset + m.length * m.repeat)
+            per_position = (x[span] * column[span]).reshape(m.length, m.repeat).sum(dim=1)
+            score[m.first:m.first + m.length] += per_position.cpu()
+        scores.append(score.float())
+    return scores
 
 
 def _member_tensors(groups: list[Group], tensors: dict[str, Tensor]) -> list[str]:

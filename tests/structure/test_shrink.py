@@ -252,3 +252,22 @@ def test_flops_target_removes_that_share_of_the_multiply_adds(cls):
     assert 0.4 <= 1 - after / before <= 0.6, (before, after, shrinkable)
     with pytest.raises(ValueError, match="unknown target"):
         sparsenet.shrink(model, x, 0.5, target="latency")
+
+
+def test_activation_importance_removes_channels_that_carry_nothing():
+    # Channels 0-5 of fc1 have the largest weights but a bias that keeps them at relu(...) = 0 on
+    # every input: magnitude keeps them, activation removes them first.
+    model = built(MLP)
+    with torch.no_grad():
+        model.fc1.weight[:6] *= 10
+        model.fc1.bias[:6] = -1e4
+    x = inputs(model)
+    calib = [torch.randn(32, 12, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    by_magnitude = sparsenet.shrink(copy.deepcopy(model), x, 0.1, exclude=["fc2"])
+    by_activation = sparsenet.shrink(copy.deepcopy(model), x, 0.1, exclude=["fc2"], importance="activation",
+                                     calib=calib)
+    fc1 = lambda report: next(r for r in report.rows if r.producers == ["fc1"])  # noqa: E731
+    assert not set(fc1(by_magnitude).removed) & set(range(6))
+    assert fc1(by_activation).removed and set(fc1(by_activation).removed) <= set(range(6))
+    with pytest.raises(ValueError, match="pass calib"):
+        sparsenet.shrink(model, x, 0.5, importance="activation")
