@@ -29,7 +29,8 @@ from ..pruning.layers import is_prunable
 from ..pruning.scope import get_scope
 from ..pruning.structures import _group_score
 from .graph import DependencyGraph, Group, build_graph
-from .refit import DEFAULT_DAMP, RefitResult, refit_consumers
+from ..reconstruction.blockwise import LOSSES, FitResult
+from .refit import DEFAULT_DAMP, RefitResult, fit_outputs, refit_consumers
 from .removal import positions, remove_channels
 
 IMPORTANCES = ("magnitude", "activation")
@@ -58,6 +59,7 @@ class ShrinkReport:
     shrinkable_before: int = 0  # parameters in tensors that shrinkable groups slice
     shrinkable_after: int = 0
     refit: list[RefitResult] = field(default_factory=list)  # the consumers refit on calib
+    final: Optional[FitResult] = None  # the end-to-end fit to the original's output, if run
     macs_before: int = 0  # multiply-adds of the traced call's Linear / Conv layers
     macs_after: int = 0
 
@@ -94,6 +96,10 @@ class ShrinkReport:
                 after = sum(r.error_after for r in self.refit) / len(self.refit)
                 console.print(f"refit {len(self.refit)} layers that read removed channels: mean relative "
                               f"output error on the calibration data {before:.3g} -> {after:.3g}")
+            if self.final is not None:
+                console.print(f"fit to the original model's output: held-out loss {self.final.before:.3g} -> "
+                              f"{self.final.after:.3g} ({self.final.epochs} epochs, kept epoch "
+                              f"{self.final.best_epoch})")
         return cap.get()
 
 
@@ -171,8 +177,8 @@ TARGETS = ("params", "flops")
 def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str = "params",
            calib: Optional[Iterable] = None,
            reconstruct: bool = True, importance: str = "magnitude", scope: str = "global",
-           round_to: int = 1, exclude=None, damp: float = DEFAULT_DAMP,
-           progress: Optional[bool] = None) -> ShrinkReport:
+           round_to: int = 1, exclude=None, damp: float = DEFAULT_DAMP, final: Optional[str] = None,
+           epochs: int = 10, lr: float = 3e-4, progress: Optional[bool] = None) -> ShrinkReport:
     """Remove whole channels (Linear neurons, Conv2d filters) from ``model`` in place, so that about
     ``ratio`` of the parameters of its shrinkable layers are gone, and return a report.
 
@@ -199,6 +205,10 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
             removed channels' mean contribution.
         reconstruct: refit the consumers when ``calib`` is given.
         damp: ridge damping of the refits, relative to the mean input energy.
+        final: after the refits, fit the parameters of every shrunk or refit layer end to end to
+            the original model's output on ``calib`` ("mse", "cosine" or "kl", as in
+            ``sparsenet.reconstruct``), with the last fifth of the batches held out for early
+            stopping; ``epochs`` and ``lr`` set that fit. Default off.
         progress: a progress bar over the refits (None: only when stderr is a terminal).
 
     Channel groups that must shrink together (a residual stream, a concat's inputs, a layer and its
@@ -225,6 +235,14 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
         raise TypeError(f"reconstruct must be a bool, got {reconstruct!r}")
     damp = real(damp, "damp", 0.0, low_open=True)
     refitting = reconstruct and calib is not None
+    if final is not None:
+        if final not in LOSSES:
+            raise ValueError(f"final must be None or one of {', '.join(LOSSES)}, got {final!r}")
+        if not refitting:
+            raise ValueError("final fits the shrunk model to the original on calibration data: pass calib "
+                             "(and keep reconstruct=True)")
+    epochs = integer(epochs, "epochs")
+    lr = real(lr, "lr", 0.0, low_open=True)
     if refitting:
         check_calib(calib)
 
@@ -266,8 +284,11 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
         with torch.no_grad():
             model(*args, **kwargs)
         if original is not None:
-            report.refit = refit_consumers(model, original, _consumers(graph, groups, removed, original),
-                                           calib, damp, progress)
+            consumers = _consumers(graph, groups, removed, original)
+            report.refit = refit_consumers(model, original, consumers, calib, damp, progress)
+            if final is not None:
+                report.final = fit_outputs(model, original, _fitted_parameters(model, graph, removed, consumers),
+                                           calib, final, epochs, lr)
 
     new_shapes = remove_channels(model, graph, removed, check) if any(counts) else {}
     for g, size, count in zip(groups, sizes, counts):
@@ -327,6 +348,21 @@ def _allocate(groups: list[Group], scores: list[Tensor], tensors: dict[str, Tens
             hi = mid
             best = counts if counts is not None else best
     return best
+
+
+def _fitted_parameters(model: nn.Module, graph: DependencyGraph, removed: dict[int, Tensor],
+                       consumers: dict[str, Tensor]) -> list[nn.Parameter]:
+    """The parameters of every layer that lost channels or was refit (what the output fit trains)."""
+    modules = dict(model.named_modules())
+    names = {name.rpartition(".")[0] for name, _ in positions(graph, removed)} | set(consumers)
+    seen, params = set(), []
+    for name in names:
+        module = modules.get(name)
+        for p in (module.parameters(recurse=False) if module is not None else ()):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
 
 
 def _consumer_dim(module: nn.Module) -> Optional[int]:

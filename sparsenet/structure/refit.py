@@ -167,3 +167,23 @@ def refit_consumers(shrunk: nn.Module, original: nn.Module, consumers: dict[str,
                 layer.bias.copy_(wb[:, -1].to(layer.bias.dtype))
         results.append(RefitResult(name, _error(before, target, m), _error(wb, target, m)))
     return results
+
+
+def fit_outputs(shrunk: nn.Module, original: nn.Module, params: list[nn.Parameter], calib: Iterable,
+                loss: str, epochs: int, lr: float, holdout: float = 0.2, seed: int = 0):
+    """Adam on ``params`` (the shrunk layers') so the shrunk model's output matches the original's
+    on ``calib``, the last batches held out for early stopping (reconstruction's block fit, on the
+    whole model): what the layer-wise refits cannot see -- the non-linearities between layers, the
+    errors that add up through them -- is fit here."""
+    from ..calibration.outputs import model_output
+    from ..reconstruction.blockwise import LOSSES, fit
+
+    batches = list(iter_batches(calib, model_device(shrunk)))
+    with eval_mode(original), torch.no_grad():
+        targets = [model_output(original(*b.args, **b.kwargs)).detach() for b in batches]
+
+    def forward(i: int) -> Tensor:
+        return model_output(shrunk(*batches[i].args, **batches[i].kwargs))
+
+    with eval_mode(shrunk):
+        return fit(params, forward, targets, loss=LOSSES[loss], epochs=epochs, lr=lr, holdout=holdout, seed=seed)

@@ -271,3 +271,17 @@ def test_activation_importance_removes_channels_that_carry_nothing():
     assert fc1(by_activation).removed and set(fc1(by_activation).removed) <= set(range(6))
     with pytest.raises(ValueError, match="pass calib"):
         sparsenet.shrink(model, x, 0.5, importance="activation")
+
+
+def test_final_output_fit_never_leaves_held_out_loss_worse():
+    model = built(Residual)
+    x = inputs(model)
+    g = torch.Generator().manual_seed(7)
+    calib = [torch.randn(16, *x.shape[1:], generator=g) for _ in range(5)]
+    report = sparsenet.shrink(model, x, 0.5, calib=calib, final="mse", epochs=5, lr=1e-3)
+    assert report.final is not None and report.final.after <= report.final.before
+    assert "fit to the original model's output" in str(report)
+    with pytest.raises(ValueError, match="final must be"):
+        sparsenet.shrink(built(Residual), x, 0.5, calib=calib, final="l1")
+    with pytest.raises(ValueError, match="pass calib"):
+        sparsenet.shrink(built(Residual), x, 0.5, final="mse")
