@@ -23,17 +23,15 @@ from torch import Tensor, nn
 
 from .._names import check_exclude, check_patterns_match, is_excluded
 from .._validate import integer, real
-from .._weights import is_conv1d, stored_weight
-from ..calibration import capture_input_sq_norms, check_calib
-from ..pruning.layers import is_prunable
+from .._weights import stored_weight
+from ..calibration import check_calib
 from ..pruning.scope import get_scope
-from ..pruning.structures import _group_score
 from .graph import DependencyGraph, Group, build_graph
+from .importance import IMPORTANCES, activation_scores, magnitude_scores, obs_scores, reader_dim
 from ..reconstruction.blockwise import LOSSES, FitResult
 from .refit import DEFAULT_DAMP, RefitResult, fit_outputs, refit_consumers
 from .removal import positions, remove_channels
 
-IMPORTANCES = ("magnitude", "activation")
 
 
 @dataclass
@@ -120,21 +118,6 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 
 def _tensors(model: nn.Module) -> dict[str, Tensor]:
     return dict(model.state_dict(keep_vars=True))
-
-
-def _unit_matrix(group: Group, tensors: dict[str, Tensor]) -> Tensor:
-    """(channels, weights per channel): every parameter value a channel of ``group`` owns."""
-    pieces = []
-    for m in group.members:
-        t = tensors[m.name]
-        if not isinstance(t, nn.Parameter):
-            continue  # running statistics are no weights
-        span = t.detach().movedim(m.dim, 0)[m.offset:m.offset + m.length * m.repeat]
-        piece = span.reshape(m.length, -1).float()
-        full = torch.zeros(group.size, piece.shape[1])
-        full[m.first:m.first + m.length] = piece
-        pieces.append(full)
-    return torch.cat(pieces, dim=1) if pieces else torch.zeros(group.size, 0)
 
 
 def _params_per_unit(group: Group, tensors: dict[str, Tensor], cost: Optional[dict[str, int]] = None) -> int:
@@ -224,8 +207,8 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
         raise ValueError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
     if importance not in IMPORTANCES:
         raise ValueError(f"unknown importance {importance!r}; known: {', '.join(IMPORTANCES)}")
-    if importance == "activation" and calib is None:
-        raise ValueError("importance='activation' ranks channels by their values on calibration data: pass calib")
+    if importance != "magnitude" and calib is None:
+        raise ValueError(f"importance={importance!r} ranks channels on calibration data: pass calib")
     scope_obj = get_scope(scope)
     round_to = integer(round_to, "round_to", 1)
     exclude = check_exclude(exclude)
@@ -255,14 +238,16 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
         reasons = "; ".join(sorted(set(skipped.values())))[:400]
         raise ValueError(f"nothing in the model can be shrunk: {reasons or 'it has no channel groups'}")
 
-    if importance == "activation":
+    scores = magnitude_scores(groups, tensors)
+    if importance != "magnitude":
         check_calib(calib)
-        scores = _activation_scores(model, groups, tensors, calib)
-    else:
-        scores = [_group_score(_unit_matrix(g, tensors).abs(), "l2") for g in groups]
-    if scope_obj.name == "global":
+        with torch.no_grad():
+            scores = (activation_scores(model, groups, calib) if importance == "activation"
+                      else obs_scores(model, groups, calib, damp, scores))
+    if scope_obj.name == "global" and importance != "obs":
         # Ranked across groups relative to each group's mean: raw weight scales differ between
         # layers (initialisation, width) far more than the importance of their channels does.
+        # (OBS scores are relative output errors already: comparable as they are.)
         scores = [s / s.mean().clamp_min(torch.finfo(s.dtype).tiny) for s in scores]
     # What removing a tensor's elements saves: one each (parameters), or the multiply-adds each
     # element does on the example inputs (FLOPs: a weight's output positions; other tensors none).
@@ -365,44 +350,6 @@ def _fitted_parameters(model: nn.Module, graph: DependencyGraph, removed: dict[i
     return params
 
 
-def _consumer_dim(module: nn.Module) -> Optional[int]:
-    """The weight dim a layer reads its input features along (None: not a plain consumer)."""
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        return None
-    if is_conv1d(module):
-        return 0
-    return 1 if is_prunable(module) else None
-
-
-def _activation_scores(model: nn.Module, groups: list[Group], tensors: dict[str, Tensor], calib) -> list[Tensor]:
-    """Per channel: sum over the layers that read it of ``||x_j|| * ||W[:, j]||`` at each of its input
-    positions ``j`` (the channel's values on ``calib`` times the weights that carry them on)."""
-    modules = dict(model.named_modules())
-    readers: dict[str, nn.Module] = {}
-    for g in groups:
-        for m in g.members:
-            layer_name, _, attr = m.name.rpartition(".")
-            layer = modules.get(layer_name)
-            if attr == "weight" and layer is not None and _consumer_dim(layer) == m.dim:
-                readers[layer_name] = layer
-    norms = capture_input_sq_norms(model, readers, calib) if readers else {}
-    scores = []
-    for g in groups:
-        score = torch.zeros(g.size, dtype=torch.float64)
-        for m in g.members:
-            layer_name, _, attr = m.name.rpartition(".")
-            if layer_name not in readers or attr != "weight" or m.dim != _consumer_dim(readers[layer_name]):
-                continue
-            w = stored_weight(readers[layer_name]).detach().double().movedim(m.dim, 0)
-            column = w.reshape(w.shape[0], -1).norm(dim=1)  # per input feature / channel
-            x = norms[layer_name].double().clamp_min(0).sqrt().to(column.device)
-            span = slice(m.offset, m.offset + m.length * m.repeat)
-            per_position = (x[span] * column[span]).reshape(m.length, m.repeat).sum(dim=1)
-            score[m.first:m.first + m.length] += per_position.cpu()
-        scores.append(score.float())
-    return scores
-
-
 def _member_tensors(groups: list[Group], tensors: dict[str, Tensor]) -> list[str]:
     return list(dict.fromkeys(m.name for g in groups for m in g.members if isinstance(tensors[m.name], nn.Parameter)))
 
@@ -437,12 +384,9 @@ def _consumers(graph: DependencyGraph, groups: list[Group], removed: dict[int, T
     for (name, dim), _ in drops.items():
         layer_name, _, attr = name.rpartition(".")
         layer = modules.get(layer_name)
-        if attr != "weight" or layer is None or not is_prunable(layer):
-            continue
-        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
-            continue  # a depthwise filter is its channel's member, not a consumer
-        in_dim = 0 if is_conv1d(layer) else 1
-        if dim != in_dim:
+        # (a depthwise filter is its channel's member, not a reader: reader_dim is None for it)
+        in_dim = reader_dim(layer) if attr == "weight" and layer is not None else None
+        if in_dim is None or dim != in_dim:
             continue
         out_dim = 1 - in_dim
         rows = stored_weight(layer).shape[out_dim]

@@ -285,3 +285,42 @@ def test_final_output_fit_never_leaves_held_out_loss_worse():
         sparsenet.shrink(built(Residual), x, 0.5, calib=calib, final="l1")
     with pytest.raises(ValueError, match="pass calib"):
         sparsenet.shrink(built(Residual), x, 0.5, final="mse")
+
+
+def _refit_error(model, keep, calib):
+    """fc2's relative output error over ``calib`` when only fc1 units ``keep`` remain and fc2 is
+    refit optimally (least squares with bias) on those inputs: what OBS estimates."""
+    with torch.no_grad():
+        h = torch.cat([torch.relu(model.fc1(x)) for x in calib]).double()
+        target = model.fc2(torch.relu(model.fc1(torch.cat(calib)))).double()
+        xs = torch.cat([h[:, keep], torch.ones(h.shape[0], 1, dtype=h.dtype)], dim=1)
+        sol = torch.linalg.lstsq(xs, target).solution
+        fc2_in = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype)], dim=1)
+        reference = fc2_in @ torch.cat([model.fc2.weight.T, model.fc2.bias[None]]).double()
+        return float(((xs @ sol - reference).pow(2).sum()) / reference.pow(2).sum())
+
+
+def test_obs_choice_matches_a_brute_force_search():
+    import itertools
+
+    class Small(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(3)
+    model = Small().eval()
+    calib = [torch.randn(50, 5, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    for k in (1, 2):
+        shrunk = copy.deepcopy(model)
+        # Every fc1 unit owns 1/6 of the shrinkable parameters: k of them just over k/6 - 0.01.
+        report = sparsenet.shrink(shrunk, calib[0], k / 6 - 0.01, importance="obs", calib=calib,
+                                  scope="layer", damp=1e-9)
+        row = next(r for r in report.rows if r.producers == ["fc1"])
+        assert len(row.removed) == k, row
+        errors = {gone: _refit_error(model, [u for u in range(6) if u not in gone], calib)
+                  for gone in itertools.combinations(range(6), k)}
+        assert tuple(sorted(row.removed)) == min(errors, key=errors.get)
