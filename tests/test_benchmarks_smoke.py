@@ -61,3 +61,21 @@ def test_pruning_pipeline_runs_on_a_tiny_model():
     finally:
         sys.modules.pop("pruning_pipeline", None)
     assert code in (0, None)
+
+
+def test_shrink_bert_benchmark_runs_on_a_tiny_encoder(monkeypatch, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    sys.path.insert(0, str(BENCH))  # it imports memory.py and ab_native.py as the script would
+    try:
+        bench = load("shrink_bert")
+        monkeypatch.setattr(sys, "argv", ["shrink_bert.py", "--layers", "1", "--hidden", "32", "--ffn", "64",
+                                          "--heads", "4", "--sequences", "8", "--tokens", "8", "--rounds", "1",
+                                          "--threads", "1"])
+        bench.main()
+    finally:
+        sys.path.remove(str(BENCH))
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "encoder-layer parameters" in out and "speedup" in out and "batch 32" in out
