@@ -39,16 +39,19 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    def __init__(self, classes: int = 1000) -> None:
+    """ResNet-18's layout; ``width`` is the first stage's channels (64 in the original; the tests
+    use a narrow one)."""
+
+    def __init__(self, width: int = 64, classes: int = 1000) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
                                   nn.MaxPool2d(3, 2, 1))
-        blocks, cin = [], 64
-        for i, cout in enumerate((64, 128, 256, 512)):
+        blocks, cin = [], width
+        for i, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
             blocks += [BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1)]
             cin = cout
         self.layers = nn.Sequential(*blocks)
-        self.fc = nn.Linear(512, classes)
+        self.fc = nn.Linear(cin, classes)
 
     def forward(self, pixel_values):
         return self.fc(self.layers(self.stem(pixel_values)).mean(dim=(2, 3)))

@@ -9,6 +9,7 @@ and layers the report names with a reason.
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -117,39 +118,25 @@ def bart():
                                                    **HF_COMMON))
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+def _resnet_module():
+    """The ResNet-18 of benchmarks/shrink_resnet.py (one definition for the benchmark and the tests)."""
+    import importlib.util
+    from pathlib import Path
 
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return torch.relu(y + (x if self.down is None else self.down(x)))
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "shrink_resnet.py"
+    spec = importlib.util.spec_from_file_location("_sparsenet_bench_resnet", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))  # it imports its sibling scripts
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
 
 
-class ResNet18(nn.Module):
+def ResNet18():  # noqa: N802 (a model class in the other tests' eyes)
     """ResNet-18's layout (stem, four stages of two basic blocks, pooled linear head), narrow."""
-
-    def __init__(self, width=8, classes=10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
-        blocks, cin = [], width
-        for i, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
-            blocks += [BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.layers = nn.Sequential(*blocks)
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, pixel_values):
-        x = self.layers(self.stem(pixel_values))
-        return self.fc(x.mean(dim=(2, 3)))
+    return _resnet_module().ResNet18(width=8, classes=10)
 
 
 class InvertedResidual(nn.Module):
