@@ -53,7 +53,7 @@ from torch import nn
 from sparsenet._weights import is_conv1d
 from sparsenet.formats import PackedCSR
 # Shrink's own account of which attributes are sizes and how they follow from a module's tensors.
-from sparsenet.structure.removal import fix_sizes, module_sizes, shapes_at
+from sparsenet.structure.removal import fix_head_counts, fix_sizes, module_sizes, shapes_at
 
 FILE_FORMAT_VERSION = 1
 _METADATA_KEY = "sparsenet"
@@ -684,6 +684,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     for name, twin in resizes.items():  # in place: the model's modules stay the objects they are
         vars(model.get_submodule(name)).update(vars(twin))
     model = _apply_swaps(model, swaps)
+    if resizes:
+        for module in model.modules():  # attention modules whose projections lost heads
+            fix_head_counts(module)
     model.load_state_dict(state, strict=True)
     return guard_save_pretrained(model)
 

@@ -73,6 +73,34 @@ _SIZE_ATTRIBUTES = ("in_features", "out_features", "nf", "nx", "in_channels", "o
                     "num_features", "normalized_shape", "embedding_dim")
 
 
+# An attention module's head counts, read back from its projections (Hugging Face names them so).
+_HEAD_COUNTS = ("num_attention_heads", "num_heads", "all_head_size", "num_key_value_heads")
+
+
+def _out_features(layer: nn.Module) -> Optional[int]:
+    width = getattr(layer, "out_features", None)  # nn.Linear, SparseLinear
+    if width is None and is_conv1d(layer):
+        width = layer.weight.shape[1]
+    return width if isinstance(width, int) else None
+
+
+def fix_head_counts(module: nn.Module) -> None:
+    """Head counts of an attention module (``num_attention_heads``, ``all_head_size``, ...) from its
+    query / key projections and its head size, so they never go stale after heads are removed."""
+    head = next((v for v in (getattr(module, a, None) for a in ("attention_head_size", "head_dim"))
+                 if isinstance(v, int) and v > 0), None)
+    query = next((getattr(module, a) for a in ("query", "q_proj") if isinstance(getattr(module, a, None), nn.Module)), None)
+    key = next((getattr(module, a) for a in ("key", "k_proj") if isinstance(getattr(module, a, None), nn.Module)), None)
+    if head is None or query is None or _out_features(query) is None or _out_features(query) % head:
+        return
+    width = _out_features(query)
+    for attr, value in (("num_attention_heads", width // head), ("num_heads", width // head), ("all_head_size", width)):
+        if attr in vars(module):
+            setattr(module, attr, value)
+    if "num_key_value_heads" in vars(module) and key is not None and _out_features(key):
+        module.num_key_value_heads = _out_features(key) // head
+
+
 def module_sizes(module: nn.Module) -> dict[str, object]:
     return {a: getattr(module, a) for a in _SIZE_ATTRIBUTES if a in vars(module)}
 
@@ -88,6 +116,7 @@ def remove_channels(model: nn.Module, graph: DependencyGraph, removed: dict[int,
         by_name.setdefault(name, []).append((dim, drop))
     saved_tensors: list[tuple[dict, str, Tensor]] = []  # (registry, attribute, old tensor)
     saved_sizes: dict[int, tuple[nn.Module, dict]] = {}
+    saved_heads: list[tuple[nn.Module, dict]] = []
     changed: dict[str, tuple[int, ...]] = {}
     done: set[int] = set()  # a tensor shared under several names is sliced once
     try:
@@ -106,11 +135,15 @@ def remove_channels(model: nn.Module, graph: DependencyGraph, removed: dict[int,
             changed[name] = tuple(new.shape)
         for holder, _ in saved_sizes.values():
             fix_sizes(holder)
+        for module in model.modules():
+            if any(a in vars(module) for a in _HEAD_COUNTS):
+                saved_heads.append((module, {a: vars(module)[a] for a in _HEAD_COUNTS if a in vars(module)}))
+                fix_head_counts(module)
         check()
     except BaseException:
         for registry, attr, old in reversed(saved_tensors):
             registry[attr] = old
-        for holder, sizes in saved_sizes.values():
+        for holder, sizes in [*saved_sizes.values(), *saved_heads]:
             for attr, value in sizes.items():
                 setattr(holder, attr, value)
         raise

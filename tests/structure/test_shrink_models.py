@@ -114,3 +114,15 @@ def test_transformer_encoder_layer_feed_forward_shrinks():
     # yet: its heads are left as they are, and the report says why.
     attention = next(r for r in report.rows if r.producers == ["layer.self_attn"])
     assert attention.width_after == attention.width_before and "unflatten" in attention.reason
+
+
+def test_attention_head_counts_follow_the_projections(tmp_path):
+    model = built(bert)
+    sparsenet.shrink(model, tokens(False), 0.5)
+    attention = model.bert.encoder.layer[0].attention.self
+    assert attention.num_attention_heads == attention.query.out_features // attention.attention_head_size < 4
+    assert attention.all_head_size == attention.query.out_features
+    path = tmp_path / "bert.safetensors"
+    sparsenet.save(model, path)
+    loaded = sparsenet.load(path, built(bert)).bert.encoder.layer[0].attention.self  # the plain model
+    assert (loaded.num_attention_heads, loaded.all_head_size) == (attention.num_attention_heads, attention.all_head_size)
