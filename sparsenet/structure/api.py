@@ -266,8 +266,15 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
 
     def check() -> None:
         # Runs with the channels removed; raising here restores the model (remove_channels).
-        with torch.no_grad():
-            model(*args, **kwargs)
+        try:
+            with torch.no_grad():
+                model(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 (whatever the model raises, the cause is the same)
+            raise RuntimeError(
+                f"the model no longer runs with its channels removed ({type(e).__name__}: {e}); it was "
+                "restored. A module keeps a size of its own that sparsenet does not update: exclude "
+                "its layers, or report the model"
+            ) from e
         if original is not None:
             consumers = _consumers(graph, groups, removed, original)
             report.refit = refit_consumers(model, original, consumers, calib, damp, progress)

@@ -367,6 +367,11 @@ class _Propagator:
         if [(s.start, s.length, s.repeat) for s in a] != [(s.start, s.length, s.repeat) for s in b]:
             self.graph.mark_unsafe(a + b, "a residual connection joins differently laid-out channels")
             return a
+        if len(a) == 1 and a[0].group == b[0].group and a[0].first != b[0].first:
+            # Two equal ranges of one group meet (the query and key parts of a fused QKV
+            # projection): index i of one is index i of the other, so the group folds onto them.
+            if self.fold(a[0].group, a[0].length, a[0].first, b[0].first):
+                a, b = self.segs_now(a), self.segs_now(b)
         for sa, sb in zip(a, b):
             ga, gb = self.graph.group(sa.group), self.graph.group(sb.group)
             if sa.first != 0 or sb.first != 0 or sa.length != ga.size or sb.length != gb.size:
@@ -376,13 +381,50 @@ class _Propagator:
         return a
 
     def segs_now(self, segs: Segments) -> Segments:
-        """``segs`` as they are after any coarsening since they were read."""
-        out = []
-        for s in segs:
-            while s in self._rescaled:
-                s = self._rescaled[s]
-            out.append(s)
+        """``segs`` as they are after any coarsening or folding since they were read."""
+        out: list[Segment] = []
+        pending = list(segs)
+        while pending:
+            s = pending.pop(0)
+            if s in self._rescaled:
+                got = self._rescaled[s]
+                pending[:0] = list(got) if isinstance(got, tuple) else [got]
+            else:
+                out.append(s)
         return tuple(out)
+
+    def fold(self, gid: int, period: int, *firsts: int) -> bool:
+        """Identify index ``i`` of group ``gid`` with ``i + period``, ``i + 2 period``, ...: the group
+        shrinks to ``period`` indices, each member or segment spanning several periods splits into
+        one piece per period. Only where every range starts on a period boundary and ``firsts``
+        (the ranges that met) are distinct periods; False (nothing changed) otherwise."""
+        root = self.graph.find(gid)
+        group = self.graph.group(root)
+        if period <= 0 or group.size % period or any(f % period for f in firsts):
+            return False
+        found = [(dims, d, s) for dims in self._all_dims() for d, ss in enumerate(dims) for s in ss
+                 if self.graph.find(s.group) == root]
+        ranges = [(m.first, m.length) for m in group.members] + [(s.first, s.length) for _, _, s in found]
+        if any(first % period or length % period and length > period for first, length in ranges):
+            return False
+        if any(first // period != (first + length - 1) // period and length % period for first, length in ranges):
+            return False
+
+        def pieces(first: int, length: int, start: int, repeat: int):
+            for a in range(first, first + length, period):
+                b = min(a + period, first + length)
+                yield start + (a - first) * repeat, a % period, b - a
+
+        group.members = [Member(m.name, m.dim, offset, f, n, m.repeat)
+                         for m in group.members for offset, f, n in pieces(m.first, m.length, m.offset, m.repeat)]
+        group.size = period
+        for dims, d, s in found:
+            split = tuple(Segment(start, n, s.group, f, s.repeat) for start, f, n in pieces(s.first, s.length, s.start, s.repeat))
+            if split == (s,):
+                continue
+            dims[d] = tuple(x for old in dims[d] for x in (split if old == s else (old,)))
+            self._rescaled[s] = split if len(split) > 1 else split[0]
+        return True
 
     def coarsen(self, gid: int, factor: int) -> bool:
         """Make each index of group ``gid`` stand for ``factor`` consecutive ones (channels become
@@ -402,7 +444,8 @@ class _Propagator:
         for dims, d, s in found:
             new = Segment(s.start, s.length // factor, s.group, s.first // factor, s.repeat * factor)
             dims[d] = tuple(new if x == s else x for x in dims[d])
-            self._rescaled[s] = new
+            if new != s:
+                self._rescaled[s] = new
         return True
 
     def _all_dims(self):
@@ -688,9 +731,11 @@ class _Propagator:
         if e + 2 >= len(after) or after[e + 2] != end:
             return None
         size = shape[e + 1]
-        if any(s.repeat != 1 or s.start % size or s.length % size for s in segs):
+        if any(s.start % size or s.repeat not in (1, size) or (s.repeat == 1 and s.length % size) for s in segs):
             return None
-        if not all(self.coarsen(s.group, size) for s in segs):
+        # Channel-level segments coarsen their group to heads; a group already in heads (the key
+        # part of a fused QKV projection, after its query part) is split as it is.
+        if not all(self.coarsen(s.group, size) for s in segs if s.repeat == 1):
             return None
         return tuple(Segment(s.start // size, s.length, s.group, s.first, s.repeat // size)
                      for s in self.segs_now(segs))

@@ -74,7 +74,7 @@ _SIZE_ATTRIBUTES = ("in_features", "out_features", "nf", "nx", "in_channels", "o
 
 
 # An attention module's head counts, read back from its projections (Hugging Face names them so).
-_HEAD_COUNTS = ("num_attention_heads", "num_heads", "all_head_size", "num_key_value_heads")
+_HEAD_COUNTS = ("num_attention_heads", "num_heads", "all_head_size", "num_key_value_heads", "split_size")
 
 
 def _out_features(layer: nn.Module) -> Optional[int]:
@@ -89,6 +89,12 @@ def fix_head_counts(module: nn.Module) -> None:
     query / key projections and its head size, so they never go stale after heads are removed."""
     head = next((v for v in (getattr(module, a, None) for a in ("attention_head_size", "head_dim"))
                  if isinstance(v, int) and v > 0), None)
+    fused = getattr(module, "c_attn", None)  # GPT-2: one projection for query, key and value
+    if head and isinstance(fused, nn.Module) and "split_size" in vars(module) and _out_features(fused):
+        module.split_size = _out_features(fused) // 3
+        if "num_heads" in vars(module):
+            module.num_heads = module.split_size // head
+        return
     query = next((getattr(module, a) for a in ("query", "q_proj") if isinstance(getattr(module, a, None), nn.Module)), None)
     key = next((getattr(module, a) for a in ("key", "k_proj") if isinstance(getattr(module, a, None), nn.Module)), None)
     if head is None or query is None or _out_features(query) is None or _out_features(query) % head:

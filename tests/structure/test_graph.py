@@ -64,10 +64,11 @@ def test_grouped_convolution_is_refused():
     assert any("grouped convolution" in r for r in groups[("a",)].unsafe)
 
 
-def test_chunk_splits_one_group_into_ranges():
+def test_chunk_halves_that_meet_fold_into_one_group():
     group = groups_by_producer(Split())[("fc1",)]
-    # a * sigmoid(b) joins the two halves of one group: a layout the graph refuses to guess at.
-    assert group.unsafe and "residual connection joins parts" in group.unsafe[0]
+    # a * sigmoid(b) (GLU): channel i of a meets channel i of b, so fc1's rows i and 8 + i go together.
+    assert not group.unsafe and group.size == 8
+    assert {("fc1.weight", 0, 0, 0, 8, 1), ("fc1.weight", 0, 8, 0, 8, 1), ("fc2.weight", 1, 0, 0, 8, 1)} <= members(group)
 
 
 def test_unknown_op_and_heads_are_refused_with_the_reason():

@@ -126,3 +126,38 @@ def test_attention_head_counts_follow_the_projections(tmp_path):
     sparsenet.save(model, path)
     loaded = sparsenet.load(path, built(bert)).bert.encoder.layer[0].attention.self  # the plain model
     assert (loaded.num_attention_heads, loaded.all_head_size) == (attention.num_attention_heads, attention.all_head_size)
+
+
+def test_fused_qkv_heads_are_removed_across_query_key_and_value():
+    # GPT-2's c_attn computes q, k and v in one Conv1D, split in three: head h of each is one unit.
+    model = built(gpt2)
+    x = tokens(True)
+    with torch.no_grad():
+        reference = model(**x).logits
+    report = sparsenet.shrink(model, x, 0.5)
+    for block in model.transformer.h:
+        attn = block.attn
+        width = attn.num_heads * attn.head_dim
+        assert attn.num_heads < 4 and attn.split_size == width
+        assert attn.c_attn.weight.shape[1] == 3 * width and attn.c_proj.weight.shape[0] == width
+    assert torch.isfinite(model(**x).logits).all() and reference.shape == model(**x).logits.shape
+    assert not any("view" in r.reason for r in report.rows)  # the heads are no longer refused
+
+
+def test_a_module_with_a_stale_size_is_restored_with_a_clear_error(untouched):
+    class Stale(nn.Module):
+        """Splits its projection at a width it keeps in an attribute sparsenet does not know."""
+
+        def __init__(self):
+            super().__init__()
+            self.proj, self.out, self.width = nn.Linear(8, 16), nn.Linear(8, 2), 8
+
+        def forward(self, x):
+            a, b = self.proj(x).split(self.width, dim=-1)
+            return self.out(a * b)
+
+    model = Stale().eval()
+    check = untouched(model)
+    with pytest.raises(RuntimeError, match="no longer runs with its channels removed"):
+        sparsenet.shrink(model, torch.randn(3, 8), 0.5)
+    check()
