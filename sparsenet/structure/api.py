@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -60,6 +62,7 @@ class ShrinkReport:
     final: Optional[FitResult] = None  # the end-to-end fit to the original's output, if run
     macs_before: int = 0  # multiply-adds of the traced call's Linear / Conv layers
     macs_after: int = 0
+    speedup: Optional[float] = None  # target="latency": the last trial's measured speedup
 
     @property
     def shrunk(self) -> list[GroupRow]:
@@ -94,6 +97,9 @@ class ShrinkReport:
                 after = sum(r.error_after for r in self.refit) / len(self.refit)
                 console.print(f"refit {len(self.refit)} layers that read removed channels: mean relative "
                               f"output error on the calibration data {before:.3g} -> {after:.3g}")
+            if self.speedup is not None:
+                console.print(f"measured on the example inputs (a trial shrink, before refitting): "
+                              f"{self.speedup:.2f}x faster")
             if self.final is not None:
                 console.print(f"fit to the original model's output: held-out loss {self.final.before:.3g} -> "
                               f"{self.final.after:.3g} ({self.final.epochs} epochs, kept epoch "
@@ -154,7 +160,7 @@ def _round_kept(units: int, remove: int, round_to: int) -> int:
     return max(0, units - min(kept, units))
 
 
-TARGETS = ("params", "flops")
+TARGETS = ("params", "flops", "latency")
 
 
 def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str = "params",
@@ -169,9 +175,14 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
         model: any module that ``torch.export`` can trace on ``example_inputs``.
         example_inputs: what ``model`` is called with: a tensor, a tuple of arguments, a dict of
             keyword arguments (Hugging Face models: ``use_cache=False``) or ``(args, kwargs)``.
-        ratio: fraction of the shrinkable parameters (``target="params"``) or of the shrinkable
-            layers' multiply-adds on the example inputs (``target="flops"``) to remove, in [0, 1).
-        target: what ``ratio`` counts: "params" or "flops".
+        ratio: fraction of the shrinkable parameters (``target="params"``), of the shrinkable
+            layers' multiply-adds on the example inputs (``target="flops"``), or of the measured
+            forward time on the example inputs (``target="latency"``: 0.5 asks for 2x faster) to
+            remove, in [0, 1).
+        target: what ``ratio`` counts: "params", "flops" or "latency". For latency, trial shrinks
+            (without refit) at a bisected share of multiply-adds are timed against the model as it
+            is, interleaved, until the measured speedup reaches the target; the report keeps the
+            last measurement.
         importance: how channels are ranked: "magnitude" (the norm of all the weights a channel
             owns) or "activation" (what a channel feeds its consumers on ``calib``: the norm of its
             values there times the norm of the consumer weights that read it, summed over
@@ -249,6 +260,11 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
         # layers (initialisation, width) far more than the importance of their channels does.
         # (OBS scores are relative output errors already: comparable as they are.)
         scores = [s / s.mean().clamp_min(torch.finfo(s.dtype).tiny) for s in scores]
+    measured: Optional[float] = None
+    if target == "latency":  # found as the share of multiply-adds that reaches it, measured
+        ratio, measured = _flops_for_latency(model, args, kwargs, float(ratio), importance, scope, round_to,
+                                             exclude, calib)
+        target = "flops"
     # What removing a tensor's elements saves: one each (parameters), or the multiply-adds each
     # element does on the example inputs (FLOPs: a weight's output positions; other tensors none).
     cost = ({name: 1 for name in tensors} if target == "params"
@@ -293,6 +309,8 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
     report.params_after = _count(model)
     numel = lambda n: math.prod(new_shapes[n]) if n in new_shapes else tensors[n].numel()  # noqa: E731
     report.shrinkable_after = sum(numel(n) for n in shrinkable)
+    if measured is not None:
+        report.speedup = measured
     report.macs_before = sum(tensors[n].numel() * p for n, p in graph.positions.items())
     report.macs_after = sum(numel(n) * p for n, p in graph.positions.items())
     return report
@@ -379,6 +397,41 @@ def _params_left(groups: list[Group], counts: list[int], names: list[str], tenso
             kept *= 1.0 - min(1.0, lost.get((name, d), 0.0))
         left += round(t.numel() * kept * (cost[name] if cost is not None else 1))
     return left
+
+
+def _speedup(dense: nn.Module, small: nn.Module, args: tuple, kwargs: dict, rounds: int = 7) -> float:
+    """Median forward time of ``dense`` over that of ``small``, the two interleaved call by call."""
+    times: tuple[list[float], list[float]] = ([], [])
+    with torch.inference_mode():
+        for m in (dense, small):
+            m(*args, **kwargs)
+        for r in range(rounds):
+            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                start = time.perf_counter()
+                (dense, small)[i](*args, **kwargs)
+                times[i].append(time.perf_counter() - start)
+    return statistics.median(times[0]) / max(statistics.median(times[1]), 1e-12)
+
+
+def _flops_for_latency(model, args, kwargs, ratio, importance, scope, round_to, exclude, calib):
+    """The share of multiply-adds to remove for ``ratio`` of the forward time: bisection over trial
+    shrinks (no refit; removal alone decides the shapes), each timed against ``model``. Returns
+    (flops ratio, last measured speedup)."""
+    if ratio == 0.0:
+        return 0.0, 1.0
+    want = 1.0 / (1.0 - ratio)
+    lo, hi, best, measured = 0.0, 0.95, 0.95, None
+    for _ in range(6):
+        mid = (lo + hi) / 2
+        trial = copy.deepcopy(model)
+        shrink(trial, (args, kwargs), mid, target="flops", calib=calib, reconstruct=False, importance=importance,
+               scope=scope, round_to=round_to, exclude=exclude)
+        got = _speedup(model, trial, args, kwargs)
+        if got >= want:
+            hi, best, measured = mid, mid, got
+        else:
+            lo = mid
+    return best, measured
 
 
 def _consumers(graph: DependencyGraph, groups: list[Group], removed: dict[int, Tensor],
