@@ -29,7 +29,7 @@ from .._weights import stored_weight
 from ..calibration import check_calib
 from ..pruning.scope import get_scope
 from .graph import DependencyGraph, Group, build_graph
-from .importance import IMPORTANCES, activation_scores, magnitude_scores, obs_scores, reader_dim
+from .importance import IMPORTANCES, activation_scores, magnitude_scores, obs_scores, reader_dim, taylor_scores
 from ..reconstruction.blockwise import LOSSES, FitResult
 from .refit import DEFAULT_DAMP, RefitResult, fit_outputs, refit_consumers
 from .removal import positions, remove_channels
@@ -167,7 +167,7 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
            calib: Optional[Iterable] = None,
            reconstruct: bool = True, importance: str = "magnitude", scope: str = "global",
            round_to: int = 1, exclude=None, damp: float = DEFAULT_DAMP, final: Optional[str] = None,
-           epochs: int = 10, lr: float = 3e-4, progress: Optional[bool] = None) -> ShrinkReport:
+           epochs: int = 10, lr: float = 3e-4, loss_fn=None, progress: Optional[bool] = None) -> ShrinkReport:
     """Remove whole channels (Linear neurons, Conv2d filters) from ``model`` in place, so that about
     ``ratio`` of the parameters of its shrinkable layers are gone, and return a report.
 
@@ -183,11 +183,12 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
             (without refit) at a bisected share of multiply-adds are timed against the model as it
             is, interleaved, until the measured speedup reaches the target; the report keeps the
             last measurement.
-        importance: how channels are ranked: "magnitude" (the norm of all the weights a channel
-            owns) or "activation" (what a channel feeds its consumers on ``calib``: the norm of its
-            values there times the norm of the consumer weights that read it, summed over
-            consumers; the statistics Wanda and the activation criterion use). "activation" needs
-            ``calib``.
+        importance: how channels are ranked (:mod:`sparsenet.structure.importance`): "magnitude"
+            (the norm of all the weights a channel owns), "activation" (its values on ``calib``
+            times the weights that read them), "taylor" (``|w dL/dw|`` over its weights on
+            ``calib``, the loss ``loss_fn(output, batch)`` or cross-entropy against the batches'
+            targets) or "obs" (the output error of removing it after the optimal refit of its
+            readers, greedy, on ``calib``). All but "magnitude" need ``calib``.
         scope: "global" (one ranking across all groups) or "layer" (each group loses ``ratio`` of
             its channels).
         round_to: keep every width a multiple of this (e.g. 8), and at least this.
@@ -203,6 +204,7 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
             the original model's output on ``calib`` ("mse", "cosine" or "kl", as in
             ``sparsenet.reconstruct``), with the last fifth of the batches held out for early
             stopping; ``epochs`` and ``lr`` set that fit. Default off.
+        loss_fn: the loss of ``importance="taylor"`` (as for ``sparsenet.prune``'s Taylor criterion).
         progress: a progress bar over the refits (None: only when stderr is a terminal).
 
     Channel groups that must shrink together (a residual stream, a concat's inputs, a layer and its
@@ -250,7 +252,10 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
         raise ValueError(f"nothing in the model can be shrunk: {reasons or 'it has no channel groups'}")
 
     scores = magnitude_scores(groups, tensors)
-    if importance != "magnitude":
+    if importance == "taylor":
+        check_calib(calib)
+        scores = taylor_scores(model, groups, calib, loss_fn)
+    elif importance != "magnitude":
         check_calib(calib)
         with torch.no_grad():
             scores = (activation_scores(model, groups, calib) if importance == "activation"
@@ -263,7 +268,7 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
     measured: Optional[float] = None
     if target == "latency":  # found as the share of multiply-adds that reaches it, measured
         ratio, measured = _flops_for_latency(model, args, kwargs, float(ratio), importance, scope, round_to,
-                                             exclude, calib)
+                                             exclude, calib, loss_fn)
         target = "flops"
     # What removing a tensor's elements saves: one each (parameters), or the multiply-adds each
     # element does on the example inputs (FLOPs: a weight's output positions; other tensors none).
@@ -413,7 +418,7 @@ def _speedup(dense: nn.Module, small: nn.Module, args: tuple, kwargs: dict, roun
     return statistics.median(times[0]) / max(statistics.median(times[1]), 1e-12)
 
 
-def _flops_for_latency(model, args, kwargs, ratio, importance, scope, round_to, exclude, calib):
+def _flops_for_latency(model, args, kwargs, ratio, importance, scope, round_to, exclude, calib, loss_fn):
     """The share of multiply-adds to remove for ``ratio`` of the forward time: bisection over trial
     shrinks (no refit; removal alone decides the shapes), each timed against ``model``. Returns
     (flops ratio, last measured speedup)."""
@@ -425,7 +430,7 @@ def _flops_for_latency(model, args, kwargs, ratio, importance, scope, round_to, 
         mid = (lo + hi) / 2
         trial = copy.deepcopy(model)
         shrink(trial, (args, kwargs), mid, target="flops", calib=calib, reconstruct=False, importance=importance,
-               scope=scope, round_to=round_to, exclude=exclude)
+               scope=scope, round_to=round_to, exclude=exclude, loss_fn=loss_fn)
         got = _speedup(model, trial, args, kwargs)
         if got >= want:
             hi, best, measured = mid, mid, got

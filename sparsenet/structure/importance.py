@@ -5,6 +5,8 @@
 * ``activation``: what a channel carries on to the layers that read it, on calibration data: the
   norm of its values at each reader's input times the norm of the weights that read them (the
   input statistics Wanda and the activation criterion use), summed over readers.
+* ``taylor``: ``|w dL/dw|`` summed over the layer weights a channel owns, on calibration data (the
+  pruning package's Taylor criterion): the first-order change of the loss when it is removed.
 * ``obs``: the second-order cost of removal (Optimal Brain Surgeon applied to whole structures, as
   in ZipLM / SlimGPT): removing a unit's input block ``B`` from a reader ``W`` and optimally
   refitting the rest costs ``tr(W_B (H⁻¹_BB)⁻¹ W_Bᵀ)``, ``H`` the reader's input Gram on calibration
@@ -27,7 +29,7 @@ from ..pruning.layers import is_prunable
 from ..pruning.structures import _group_score
 from .graph import Group, Member
 
-IMPORTANCES = ("magnitude", "activation", "obs")
+IMPORTANCES = ("magnitude", "activation", "taylor", "obs")
 
 
 def reader_dim(module: nn.Module) -> Optional[int]:
@@ -65,16 +67,37 @@ def _positions(m: Member, unit: int) -> slice:
 
 
 def magnitude_scores(groups: list[Group], tensors: dict[str, Tensor]) -> list[Tensor]:
-    return [_group_score(_unit_matrix(g, tensors).abs(), "l2") for g in groups]
+    # Parameters only: running statistics are no weights.
+    weights = {name: t for name, t in tensors.items() if isinstance(t, nn.Parameter)}
+    return [_group_score(_unit_matrix(g, weights).abs(), "l2") for g in groups]
+
+
+def taylor_scores(model: nn.Module, groups: list[Group], calib: Iterable, loss_fn) -> list[Tensor]:
+    """Per channel, the sum of ``|w dL/dw|`` over the layer weights it owns (producer rows, reader
+    columns), from the pruning package's Taylor criterion: the first-order loss change of removing
+    it."""
+    from ..pruning.gradients import taylor_scores as weight_scores
+
+    modules = dict(model.named_modules())
+    layers = {}
+    for g in groups:
+        for m in g.members:
+            layer_name, _, attr = m.name.rpartition(".")
+            if attr == "weight" and is_prunable(modules.get(layer_name, nn.Identity())):
+                layers[layer_name] = modules[layer_name]
+    scores = weight_scores(model, layers, calib, loss_fn)
+    per_weight = {f"{name}.weight": s for name, s in scores.items()}
+    return [_unit_matrix(g, per_weight).abs().sum(dim=1) for g in groups]
 
 
 def _unit_matrix(group: Group, tensors: dict[str, Tensor]) -> Tensor:
-    """(channels, weights per channel): every parameter value a channel of ``group`` owns."""
+    """(channels, values per channel): the entries of ``tensors`` (by member name) a channel of
+    ``group`` owns; members not in ``tensors`` are left out."""
     pieces = []
     for m in group.members:
-        t = tensors[m.name]
-        if not isinstance(t, nn.Parameter):
-            continue  # running statistics are no weights
+        t = tensors.get(m.name)
+        if t is None:
+            continue
         span = t.detach().movedim(m.dim, 0)[m.offset:m.offset + m.length * m.repeat]
         piece = span.reshape(m.length, -1).float()
         full = torch.zeros(group.size, piece.shape[1])

@@ -342,3 +342,16 @@ def test_latency_target_searches_the_multiply_adds_that_reach_it(monkeypatch):
     assert report.speedup is not None and report.speedup >= 2.0
     assert 0.45 <= 1 - flops(model, x) / before <= 0.6
     assert "faster" in str(report)
+
+
+def test_taylor_importance_removes_channels_the_loss_does_not_feel():
+    model = built(MLP)
+    with torch.no_grad():  # as in the activation test: big weights, never active
+        model.fc1.weight[:6] *= 10
+        model.fc1.bias[:6] = -1e4
+    g = torch.Generator().manual_seed(2)
+    calib = [(torch.randn(32, 12, generator=g), torch.randint(0, 5, (32,), generator=g)) for _ in range(3)]
+    report = sparsenet.shrink(model, calib[0][0], 0.1, exclude=["fc2"], importance="taylor", calib=calib)
+    fc1 = next(r for r in report.rows if r.producers == ["fc1"])
+    assert fc1.removed and set(fc1.removed) <= set(range(6))
+    assert all(p.grad is None for p in model.parameters())  # gradients gathered and cleared
