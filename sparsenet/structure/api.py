@@ -31,7 +31,7 @@ from ..pruning.scope import get_scope
 from .graph import DependencyGraph, Group, build_graph
 from .importance import IMPORTANCES, activation_scores, magnitude_scores, obs_scores, reader_dim, taylor_scores
 from ..reconstruction.blockwise import LOSSES, FitResult
-from .refit import DEFAULT_DAMP, RefitResult, fit_outputs, refit_consumers
+from .refit import DEFAULT_DAMP, RefitResult, fit_blocks, fit_outputs, refit_consumers
 from .removal import positions, remove_channels
 
 
@@ -59,6 +59,7 @@ class ShrinkReport:
     shrinkable_before: int = 0  # parameters in tensors that shrinkable groups slice
     shrinkable_after: int = 0
     refit: list[RefitResult] = field(default_factory=list)  # the consumers refit on calib
+    blocks: list[tuple[str, FitResult]] = field(default_factory=list)  # block fits, if run
     final: Optional[FitResult] = None  # the end-to-end fit to the original's output, if run
     macs_before: int = 0  # multiply-adds of the traced call's Linear / Conv layers
     macs_after: int = 0
@@ -100,6 +101,9 @@ class ShrinkReport:
             if self.speedup is not None:
                 console.print(f"measured on the example inputs (a trial shrink, before refitting): "
                               f"{self.speedup:.2f}x faster")
+            for name, fit_ in self.blocks:
+                console.print(f"block {name}: held-out loss {fit_.before:.3g} -> {fit_.after:.3g} "
+                              f"({fit_.epochs} epochs)")
             if self.final is not None:
                 console.print(f"fit to the original model's output: held-out loss {self.final.before:.3g} -> "
                               f"{self.final.after:.3g} ({self.final.epochs} epochs, kept epoch "
@@ -166,7 +170,8 @@ TARGETS = ("params", "flops", "latency")
 def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str = "params",
            calib: Optional[Iterable] = None,
            reconstruct: bool = True, importance: str = "magnitude", scope: str = "global",
-           round_to: int = 1, exclude=None, damp: float = DEFAULT_DAMP, final: Optional[str] = None,
+           round_to: int = 1, exclude=None, damp: float = DEFAULT_DAMP, blockwise: bool = False,
+           final: Optional[str] = None,
            epochs: int = 10, lr: float = 3e-4, loss_fn=None, progress: Optional[bool] = None) -> ShrinkReport:
     """Remove whole channels (Linear neurons, Conv2d filters) from ``model`` in place, so that about
     ``ratio`` of the parameters of its shrinkable layers are gone, and return a report.
@@ -200,7 +205,11 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
             removed channels' mean contribution.
         reconstruct: refit the consumers when ``calib`` is given.
         damp: ridge damping of the refits, relative to the mean input energy.
-        final: after the refits, fit the parameters of every shrunk or refit layer end to end to
+        blockwise: after the refits, fit each block that holds shrunk or refit layers (a
+            transformer layer, a residual block) to the original block's output on ``calib``, one
+            block after another, on the shrunk model's own inputs, with held-out early stopping
+            (``epochs``, ``lr``). Default off.
+        final: after the refits (and block fits), fit the parameters of every shrunk or refit layer end to end to
             the original model's output on ``calib`` ("mse", "cosine" or "kl", as in
             ``sparsenet.reconstruct``), with the last fifth of the batches held out for early
             stopping; ``epochs`` and ``lr`` set that fit. Default off.
@@ -231,6 +240,11 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
         raise TypeError(f"reconstruct must be a bool, got {reconstruct!r}")
     damp = real(damp, "damp", 0.0, low_open=True)
     refitting = reconstruct and calib is not None
+    if not isinstance(blockwise, bool):
+        raise TypeError(f"blockwise must be a bool, got {blockwise!r}")
+    if blockwise and not refitting:
+        raise ValueError("blockwise fits the shrunk blocks to the original on calibration data: pass calib "
+                         "(and keep reconstruct=True)")
     if final is not None:
         if final not in LOSSES:
             raise ValueError(f"final must be None or one of {', '.join(LOSSES)}, got {final!r}")
@@ -299,6 +313,9 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
         if original is not None:
             consumers = _consumers(graph, groups, removed, original)
             report.refit = refit_consumers(model, original, consumers, calib, damp, progress)
+            if blockwise:
+                touched = sorted({name.rpartition(".")[0] for name, _ in positions(graph, removed)} | set(consumers))
+                report.blocks = fit_blocks(model, original, touched, calib, epochs, lr)
             if final is not None:
                 report.final = fit_outputs(model, original, _fitted_parameters(model, graph, removed, consumers),
                                            calib, final, epochs, lr)

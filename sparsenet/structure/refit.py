@@ -187,3 +187,38 @@ def fit_outputs(shrunk: nn.Module, original: nn.Module, params: list[nn.Paramete
 
     with eval_mode(shrunk):
         return fit(params, forward, targets, loss=LOSSES[loss], epochs=epochs, lr=lr, holdout=holdout, seed=seed)
+
+
+def fit_blocks(shrunk: nn.Module, original: nn.Module, layers: list[str], calib: Iterable, epochs: int,
+               lr: float, holdout: float = 0.2, seed: int = 0) -> list:
+    """Each block (transformer layer, residual block: reconstruction's automatic stages) holding a
+    layer in ``layers``, in execution order: Adam on its parameters so its output on the shrunk
+    model's own inputs matches the original block's output on the original's (EBFT / Wanda++, as in
+    ``sparsenet.reconstruct``), the last batches held out for early stopping. Sees what the
+    least-squares refits cannot: the non-linearities inside the block. A block whose output itself
+    lost channels (a shrunk residual stream) has no target to fit and is skipped. Returns
+    (name, FitResult) per block fitted."""
+    from ..calibration.outputs import model_output
+    from ..reconstruction.blockwise import fit, relative_mse
+    from ..reconstruction.stages import capture_inputs, find_stages, probe, run_stage
+
+    modules = dict(shrunk.named_modules())
+    stages = probe(shrunk, find_stages(shrunk, {n: modules[n] for n in layers if n in modules}), calib)
+    results = []
+    for stage in stages:
+        if len(stage.layers) < 2:
+            continue  # a lone layer: its least-squares refit is already its optimum
+        inputs = capture_inputs(shrunk, stage.module, calib)
+        dense = original.get_submodule(stage.name)
+        targets = run_stage(dense, capture_inputs(original, dense, calib))
+        if not inputs or run_stage(stage.module, inputs[:1])[0].shape != targets[0].shape:
+            continue  # the block's own output lost channels (a shrunk residual stream): no target
+
+        def forward(i: int, module=stage.module, inputs=inputs) -> Tensor:
+            return model_output(module(*inputs[i].args, **inputs[i].kwargs))
+
+        params = [p for p in stage.module.parameters() if p.requires_grad]
+        with eval_mode(stage.module):
+            results.append((stage.name, fit(params, forward, targets, loss=relative_mse, epochs=epochs, lr=lr,
+                                            holdout=holdout, seed=seed)))
+    return results

@@ -161,3 +161,19 @@ def test_a_module_with_a_stale_size_is_restored_with_a_clear_error(untouched):
     with pytest.raises(RuntimeError, match="no longer runs with its channels removed"):
         sparsenet.shrink(model, torch.randn(3, 8), 0.5)
     check()
+
+
+def test_block_fits_after_the_refit_never_leave_a_block_worse():
+    model = built(bert)
+    g = torch.Generator().manual_seed(4)
+    calib = [{"input_ids": torch.randint(3, 96, (4, 7), generator=g)} for _ in range(5)]
+    # The residual stream is left as it is (exclude its producers), so each layer's output keeps its
+    # width and can be fit to the original's.
+    report = sparsenet.shrink(model, calib[0], 0.5, calib=calib, blockwise=True, epochs=3, lr=1e-3,
+                              exclude=["bert.embeddings.word_embeddings"])
+    names = [name for name, _ in report.blocks]
+    assert names == ["bert.encoder.layer.0", "bert.encoder.layer.1"]  # the transformer layers, in order
+    assert all(fit.after <= fit.before for _, fit in report.blocks)
+    assert "block bert.encoder.layer.0" in str(report)
+    with pytest.raises(ValueError, match="pass calib"):
+        sparsenet.shrink(built(bert), calib[0], 0.5, blockwise=True)
