@@ -749,9 +749,11 @@ class _Propagator:
         may carry channels."""
         q, k, v = node.args[:3]
         parts = [self.segs(t) for t in (q, k, v)]
-        if shape is None or any(p[d] for p in parts for d in (-2, -1)) or any(
-                not p[-3] for p in parts) or self.tracked(node.args[3]) if len(node.args) > 3 and isinstance(
-                node.args[3], torch.fx.Node) else False:
+        mask = node.args[3] if len(node.args) > 3 else None
+        if (shape is None or any(len(p) < 3 for p in parts)
+                or any(p[d] for p in parts for d in (-2, -1))  # tokens or head size carry channels
+                or any(not p[-3] for p in parts)  # a part whose heads the graph does not track
+                or (isinstance(mask, torch.fx.Node) and self.tracked(mask))):
             return None
         heads = parts[0][-3]
         for other in parts[1:]:
@@ -787,7 +789,13 @@ class _Propagator:
         if x_shape is None or shape is None:
             return None
         segs = self.segs(node.args[0])
-        return [s for s, size in zip(segs, x_shape) if size != 1] if len(shape) < len(x_shape) else list(segs)
+        if len(shape) == len(x_shape):
+            return list(segs)
+        dims = node.args[1] if len(node.args) > 1 else None
+        gone = ({d % len(x_shape) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+                if dims is not None else {d for d, size in enumerate(x_shape) if size == 1})
+        gone = {d for d in gone if x_shape[d] == 1}
+        return [s for d, s in enumerate(segs) if d not in gone]
 
     def op_permute(self, node, shape):
         segs = self.segs(node.args[0])

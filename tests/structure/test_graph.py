@@ -134,3 +134,22 @@ def test_tied_parameter_joins_its_groups():
 def test_untraceable_example_input_is_a_clear_error():
     with pytest.raises(ValueError, match="could not trace the model"):
         build_graph(MLP(), (torch.randn(2, 7),))
+
+
+def test_attention_with_an_untracked_query_is_refused():
+    class Cross(nn.Module):
+        """Keys and values from layers, queries from a tensor the graph does not track."""
+
+        def __init__(self):
+            super().__init__()
+            self.k, self.v, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x, q):
+            b, t, _ = x.shape
+            k, v = (p(x).view(b, t, -1, 4).transpose(1, 2) for p in (self.k, self.v))
+            h = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.out(h.transpose(1, 2).reshape(b, t, 8))
+
+    graph = build_graph(Cross().eval(), (torch.randn(2, 3, 8), torch.randn(2, 2, 3, 4)))
+    groups = {tuple(sorted(g.producers)): g for g in graph.groups}
+    assert groups[("k",)].unsafe and groups[("v",)].unsafe
