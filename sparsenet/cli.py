@@ -27,6 +27,7 @@ inside the commands, so ``--help`` and option errors answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -207,6 +208,18 @@ def _progress(args: argparse.Namespace):
 
 class CommandError(Exception):
     """A failure a user can fix (bad file, unknown factory): printed as one line, exit status 1."""
+
+
+@contextlib.contextmanager
+def _library_errors():
+    """Around a call of prune / reconstruct / shrink: sparsenet's own refusals (bad settings, data
+    that does not fit the model) and anything the model's forward raises, as one error line."""
+    try:
+        yield
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CommandError(str(e)) from e
+    except (Exception, SystemExit) as e:  # the model's own code (exit() included)
+        raise _user_code_failed("the model's forward", e) from e
 
 
 def _user_code_failed(what: str, e: BaseException) -> CommandError:
@@ -589,7 +602,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                            "prune the eager model (pkg.module:factory) to sparsify it")
     calib = _load_calib(args.calib, args.calib_batch) if args.calib is not None else None
     target, originals = _script_layers(model) if scripted else (model, None)
-    try:
+    with _library_errors():
         pruner = sparsenet.prune(
             target, args.sparsity, criterion=args.criterion, scope=args.scope, exclude=args.exclude,
             seed=args.seed, structure=args.structure, block=args.block, calib=calib,
@@ -598,10 +611,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         report = pruner.report()
         if calib is not None:  # FLOPs per sample need the layers' real output sizes
             report = report.with_positions(output_positions(model, pruner.layers, calib[0]))
-    except (ValueError, TypeError, RuntimeError) as e:  # bad settings or data that does not fit the model
-        raise CommandError(str(e)) from e
-    except (Exception, SystemExit) as e:  # anything else comes from the model's own forward
-        raise _user_code_failed("the model's forward", e) from e
     if scripted:
         with torch.no_grad():
             for name, mask in pruner.masks.items():
@@ -637,7 +646,7 @@ def _save_output(console, model, args: argparse.Namespace) -> None:
     import sparsenet
 
     try:
-        if args.sparsify:
+        if getattr(args, "sparsify", False):  # (shrink has no --sparsify)
             model, sparsify_report = sparsenet.sparsify(
                 model, min_sparsity=0.5 if args.min_sparsity is None else args.min_sparsity, inplace=True)
             print(str(sparsify_report).rstrip("\n"))
@@ -714,7 +723,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
                            "parametrizations, which scripted code does not run; pass the eager model as "
                            "pkg.module:factory (with --weights)")
     calib = _load_calib(args.calib, args.calib_batch)
-    try:
+    with _library_errors():
         result = sparsenet.reconstruct(
             model, calib, args.sparsity, structure=args.structure, block=args.block, method=args.method,
             blockwise=not args.no_blockwise, correct=not args.no_correct, allocation=args.allocation,
@@ -722,10 +731,6 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
             # Only what was given: otherwise the library's own defaults apply.
             **{k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None},
         )
-    except (ValueError, TypeError, RuntimeError) as e:  # bad settings or data that does not fit the model
-        raise CommandError(str(e)) from e
-    except (Exception, SystemExit) as e:  # anything else comes from the model's own forward
-        raise _user_code_failed("the model's forward", e) from e
     console = _console()
     console.print(result)
     model = result.finalize()
@@ -777,23 +782,15 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
         raise CommandError("shrink needs the eager model (pkg.module:factory, hf:...): it traces the forward "
                            "and rebuilds modules, which a TorchScript model does not allow")
     calib = _load_calib(args.calib, args.calib_batch)
-    try:
+    with _library_errors():
         report = sparsenet.shrink(
             model, _example_inputs(calib[0]), args.ratio, target=args.target, calib=calib,
             reconstruct=not args.no_reconstruct,
             scope=args.scope, round_to=args.round_to, exclude=args.exclude, progress=_progress(args),
         )
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise CommandError(str(e)) from e
-    except (Exception, SystemExit) as e:  # anything else comes from the model's own forward
-        raise _user_code_failed("the model's forward", e) from e
     console = _console()
     print(str(report).rstrip("\n"))
-    try:
-        size = sparsenet.save(model, args.output)
-    except (ValueError, OSError) as e:
-        raise CommandError(f"cannot save {args.output!r}: {e}") from e
-    console.print(f"saved {args.output}: {size}")
+    _save_output(console, model, args)
     return 0
 
 
