@@ -142,8 +142,6 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
     exclude = check_exclude(exclude)
     check_patterns_match(model, exclude)
-    from sparsenet.pruning import effective_weight_and_mask
-
     if not inplace:
         model = _copy_model(model)
     report = SparsifyReport(min_sparsity=float(min_sparsity))
@@ -152,7 +150,7 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
     for name, module in model.named_modules():
         if not (is_linear(module) or isinstance(module, nn.Conv2d)):
             continue
-        weight, mask = _weight_and_mask(module, effective_weight_and_mask)
+        weight, mask = _weight_and_mask(module)
         kept = weight != 0 if mask is None else (mask & (weight != 0))
         numel = weight.numel()
         sparsity = 1.0 - kept.sum().item() / numel if numel else 0.0
@@ -193,10 +191,10 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
     return guard_save_pretrained(model), report
 
 
-def _weight_and_mask(module: nn.Module, effective_weight_and_mask):
+def _weight_and_mask(module: nn.Module):
     """The weight as the layer uses it and sparsenet's (or torch.nn.utils.prune's) mask, if any; a
     weight under another parametrization (weight_norm) is read as the layer computes it."""
-    from sparsenet.pruning.masks import has_foreign_parametrization
+    from sparsenet.pruning.masks import effective_weight_and_mask, has_foreign_parametrization
 
     if has_foreign_parametrization(module):
         with torch.no_grad():

@@ -253,7 +253,7 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
                              "(and keep reconstruct=True)")
     epochs = integer(epochs, "epochs")
     lr = real(lr, "lr", 0.0, low_open=True)
-    if refitting:
+    if calib is not None:
         check_calib(calib)
 
     # Traced with autograd on: fused inference paths (torch's TransformerEncoderLayer in eval
@@ -265,32 +265,37 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
         reasons = "; ".join(sorted(set(skipped.values())))[:400]
         raise ValueError(f"nothing in the model can be shrunk: {reasons or 'it has no channel groups'}")
 
-    scores = magnitude_scores(groups, tensors)
     if importance == "taylor":
-        check_calib(calib)
         scores = taylor_scores(model, groups, calib, loss_fn)
-    elif importance != "magnitude":
-        check_calib(calib)
+    elif importance == "activation":
         with torch.no_grad():
-            scores = (activation_scores(model, groups, calib) if importance == "activation"
-                      else obs_scores(model, groups, calib, damp, scores))
+            scores = activation_scores(model, groups, calib)
+    else:
+        scores = magnitude_scores(groups, tensors)
+        if importance == "obs":
+            with torch.no_grad():
+                scores = obs_scores(model, groups, calib, damp, fallback=scores)
     if scope_obj.name == "global" and importance != "obs":
         # Ranked across groups relative to each group's mean: raw weight scales differ between
         # layers (initialisation, width) far more than the importance of their channels does.
         # (OBS scores are relative output errors already: comparable as they are.)
         scores = [s / s.mean().clamp_min(torch.finfo(s.dtype).tiny) for s in scores]
-    measured: Optional[float] = None
-    if target == "latency":  # found as the share of multiply-adds that reaches it, measured
-        ratio, measured = _flops_for_latency(model, args, kwargs, float(ratio), importance, scope, round_to,
-                                             exclude, calib, loss_fn)
-        target = "flops"
+
     # What removing a tensor's elements saves: one each (parameters), or the multiply-adds each
     # element does on the example inputs (FLOPs: a weight's output positions; other tensors none).
-    cost = ({name: 1 for name in tensors} if target == "params"
-            else {name: graph.positions.get(name, 0) for name in tensors})
-    counts = _allocate(groups, scores, tensors, cost, float(ratio), scope_obj, round_to)
-    removed = {g.id: torch.sort(torch.topk(s, c, largest=False).indices).values if c else torch.zeros(0, dtype=torch.long)
-               for g, s, c in zip(groups, scores, counts)}
+    flops = {name: graph.positions.get(name, 0) for name in tensors}
+
+    def plan(r: float, cost: dict[str, int]) -> tuple[list[int], dict[int, Tensor]]:
+        """Channels each group loses for ``r`` of ``cost``, and which (its lowest-scored)."""
+        counts = _allocate(groups, scores, tensors, cost, r, scope_obj, round_to)
+        return counts, {g.id: torch.sort(torch.topk(s, c, largest=False).indices).values for g, s, c
+                        in zip(groups, scores, counts)}
+
+    measured: Optional[float] = None
+    if target == "latency":  # found as the share of multiply-adds that reaches it, measured
+        ratio, measured = _flops_for_latency(model, graph, args, kwargs, float(ratio), lambda r: plan(r, flops)[1])
+    counts, removed = plan(float(ratio), {name: 1 for name in tensors} if target == "params" else flops)
+    drops = positions(graph, removed)  # (tensor, dim) -> positions removed there
     sizes = [_params_per_unit(g, tensors) for g in groups]
 
     shrinkable = _member_tensors(groups, tensors)
@@ -311,14 +316,13 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
                 "its layers, or report the model"
             ) from e
         if original is not None:
-            consumers = _consumers(graph, groups, removed, original)
+            consumers = _consumers(drops, original)
             report.refit = refit_consumers(model, original, consumers, calib, damp, progress)
+            touched = sorted({name.rpartition(".")[0] for name, _ in drops} | set(consumers))
             if blockwise:
-                touched = sorted({name.rpartition(".")[0] for name, _ in positions(graph, removed)} | set(consumers))
                 report.blocks = fit_blocks(model, original, touched, calib, epochs, lr)
             if final is not None:
-                report.final = fit_outputs(model, original, _fitted_parameters(model, graph, removed, consumers),
-                                           calib, final, epochs, lr)
+                report.final = fit_outputs(model, original, _parameters_of(model, touched), calib, final, epochs, lr)
 
     new_shapes = remove_channels(model, graph, removed, check) if any(counts) else {}
     for g, size, count in zip(groups, sizes, counts):
@@ -382,11 +386,9 @@ def _allocate(groups: list[Group], scores: list[Tensor], tensors: dict[str, Tens
     return best
 
 
-def _fitted_parameters(model: nn.Module, graph: DependencyGraph, removed: dict[int, Tensor],
-                       consumers: dict[str, Tensor]) -> list[nn.Parameter]:
-    """The parameters of every layer that lost channels or was refit (what the output fit trains)."""
+def _parameters_of(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
+    """The trainable parameters of the modules ``names`` (each once; what the output fit trains)."""
     modules = dict(model.named_modules())
-    names = {name.rpartition(".")[0] for name, _ in positions(graph, removed)} | set(consumers)
     seen, params = set(), []
     for name in names:
         module = modules.get(name)
@@ -435,19 +437,19 @@ def _speedup(dense: nn.Module, small: nn.Module, args: tuple, kwargs: dict, roun
     return statistics.median(times[0]) / max(statistics.median(times[1]), 1e-12)
 
 
-def _flops_for_latency(model, args, kwargs, ratio, importance, scope, round_to, exclude, calib, loss_fn):
+def _flops_for_latency(model: nn.Module, graph: DependencyGraph, args: tuple, kwargs: dict, ratio: float,
+                       removal) -> tuple[float, Optional[float]]:
     """The share of multiply-adds to remove for ``ratio`` of the forward time: bisection over trial
-    shrinks (no refit; removal alone decides the shapes), each timed against ``model``. Returns
-    (flops ratio, last measured speedup)."""
+    removals (``removal(flops ratio)`` -> group indices; no refit, removal alone decides the shapes)
+    on copies of ``model``, each timed against it. Returns (flops ratio, last measured speedup)."""
     if ratio == 0.0:
         return 0.0, 1.0
     want = 1.0 / (1.0 - ratio)
     lo, hi, best, measured = 0.0, 0.95, 0.95, None
     for _ in range(6):
         mid = (lo + hi) / 2
-        trial = copy.deepcopy(model)
-        shrink(trial, (args, kwargs), mid, target="flops", calib=calib, reconstruct=False, importance=importance,
-               scope=scope, round_to=round_to, exclude=exclude, loss_fn=loss_fn)
+        trial = copy.deepcopy(model)  # same tensor names: the graph's members apply to it as they are
+        remove_channels(trial, graph, removal(mid), lambda: None)
         got = _speedup(model, trial, args, kwargs)
         if got >= want:
             hi, best, measured = mid, mid, got
@@ -456,11 +458,10 @@ def _flops_for_latency(model, args, kwargs, ratio, importance, scope, round_to, 
     return best, measured
 
 
-def _consumers(graph: DependencyGraph, groups: list[Group], removed: dict[int, Tensor],
-               original: nn.Module) -> dict[str, Tensor]:
+def _consumers(drops: dict[tuple[str, int], Tensor], original: nn.Module) -> dict[str, Tensor]:
     """Layers whose inputs lost channels (Linear, Conv1D, ungrouped Conv2d) -> the rows of the
-    original layer's output they keep (all, unless the layer's own outputs shrank too)."""
-    drops = positions(graph, {g.id: removed[g.id] for g in groups})
+    original layer's output they keep (all, unless the layer's own outputs shrank too); ``drops``:
+    the positions removed per (tensor, dim)."""
     modules = dict(original.named_modules())
     found: dict[str, Tensor] = {}
     for (name, dim), _ in drops.items():

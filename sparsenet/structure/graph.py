@@ -404,10 +404,9 @@ class _Propagator:
             return False
         found = [(dims, d, s) for dims in self._all_dims() for d, ss in enumerate(dims) for s in ss
                  if self.graph.find(s.group) == root]
+        # Every range must start a period and lie within one, or cover whole periods.
         ranges = [(m.first, m.length) for m in group.members] + [(s.first, s.length) for _, _, s in found]
-        if any(first % period or length % period and length > period for first, length in ranges):
-            return False
-        if any(first // period != (first + length - 1) // period and length % period for first, length in ranges):
+        if any(first % period or (length > period and length % period) for first, length in ranges):
             return False
 
         def pieces(first: int, length: int, start: int, repeat: int):

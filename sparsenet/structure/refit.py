@@ -28,6 +28,9 @@ from .._weights import as_matrix, from_matrix, stored_weight
 from ..calibration import eval_mode, iter_batches
 from ..calibration.capture import model_device
 from ..calibration.gram import CHUNK_ROWS, input_rows
+from ..calibration.outputs import model_output
+from ..reconstruction.blockwise import LOSSES, fit, relative_mse
+from ..reconstruction.stages import capture_inputs, find_stages, probe, run_stage
 
 DEFAULT_DAMP = 1e-4
 
@@ -175,8 +178,6 @@ def fit_outputs(shrunk: nn.Module, original: nn.Module, params: list[nn.Paramete
     on ``calib``, the last batches held out for early stopping (reconstruction's block fit, on the
     whole model): what the layer-wise refits cannot see -- the non-linearities between layers, the
     errors that add up through them -- is fit here."""
-    from ..calibration.outputs import model_output
-    from ..reconstruction.blockwise import LOSSES, fit
 
     batches = list(iter_batches(calib, model_device(shrunk)))
     with eval_mode(original), torch.no_grad():
@@ -198,9 +199,6 @@ def fit_blocks(shrunk: nn.Module, original: nn.Module, layers: list[str], calib:
     least-squares refits cannot: the non-linearities inside the block. A block whose output itself
     lost channels (a shrunk residual stream) has no target to fit and is skipped. Returns
     (name, FitResult) per block fitted."""
-    from ..calibration.outputs import model_output
-    from ..reconstruction.blockwise import fit, relative_mse
-    from ..reconstruction.stages import capture_inputs, find_stages, probe, run_stage
 
     modules = dict(shrunk.named_modules())
     stages = probe(shrunk, find_stages(shrunk, {n: modules[n] for n in layers if n in modules}), calib)
