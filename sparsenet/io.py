@@ -566,7 +566,7 @@ def _resized(path: str, name: str, module: nn.Module, sizes: dict, replacements:
                          "built from the config it was shrunk from, which is never narrower")
     shapes = shapes_at(module, sizes)
     if shapes is None:
-        raise ValueError(f"{mismatch}; only Linear, Conv1D, Conv2d, BatchNorm, LayerNorm and Embedding layers are "
+        raise ValueError(f"{mismatch}; only Linear, Conv1D, Conv2d, BatchNorm, LayerNorm, Embedding and MultiheadAttention layers are "
                          "resized to a file's sizes: pass a model of the architecture the file was saved from")
     twin = _shallow_copy(module)
     for registry in ("_parameters", "_buffers"):
@@ -682,7 +682,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     state = _restore_tensors(path, header, tensors)
     _check_against_model(path, header, state, target)
     for name, twin in resizes.items():  # in place: the model's modules stay the objects they are
-        vars(model.get_submodule(name)).update(vars(twin))
+        module = model.get_submodule(name)
+        vars(module).update(vars(twin))
+        module.__class__ = type(twin)  # an attention module that lost heads gets the forward for it
     model = _apply_swaps(model, swaps)
     if resizes:
         for module in model.modules():  # attention modules whose projections lost heads

@@ -29,6 +29,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..nn.attention import supports_head_removal
+
 # ---- segments ---------------------------------------------------------------------------------
 
 
@@ -73,6 +75,55 @@ def _cut(segs: Segments, lo: int, hi: int) -> Optional[Segments]:
 def _scale(segs: Segments, factor: int) -> Segments:
     """Each position becomes ``factor`` consecutive positions (a flatten with the dims after it)."""
     return tuple(Segment(s.start * factor, s.length, s.group, s.first, s.repeat * factor) for s in segs)
+
+
+_RETRY = object()  # a view's placement changed the groups: place again
+
+
+def _tiles(segs: Segments, period: int, total: int) -> Optional[list[Segments]]:
+    """``segs`` cut into consecutive tiles of ``period`` positions, each rebased to 0."""
+    tiles = [_cut(segs, a, a + period) for a in range(0, total, period)]
+    return None if any(t is None for t in tiles) else tiles
+
+
+def _flattened(segs: Segments, size: int, before: int, after: int) -> Optional[Segments]:
+    """Segments of a dim of ``size`` once merged with ``before`` positions of dims ahead of it (the
+    layout repeats per index there) and ``after`` positions behind (each channel spans them); None
+    where the repeats would be too many to follow (a batch merged into the channels)."""
+    if before > 4096:
+        return None
+    scaled = _scale(segs, after)
+    return tuple(s for k in range(before) for s in _shift(scaled, k * size * after))
+
+
+def _blocks(x_shape, shape) -> Optional[list[tuple[tuple[int, int], tuple[int, int]]]]:
+    """The smallest runs of dims of ``x_shape`` and ``shape`` with equal element counts, in order:
+    ((input dims), (output dims)) ranges; a reshape only moves elements within such a run."""
+    blocks, i, j = [], 0, 0
+    while i < len(x_shape) or j < len(shape):
+        i0, j0, a, b = i, j, 1, 1
+        if i < len(x_shape):
+            a, i = x_shape[i], i + 1
+        if j < len(shape):
+            b, j = shape[j], j + 1
+        while a != b:
+            if a < b and i < len(x_shape):
+                a, i = a * x_shape[i], i + 1
+            elif b < a and j < len(shape):
+                b, j = b * shape[j], j + 1
+            else:
+                return None
+        blocks.append(((i0, i), (j0, j)))
+    return blocks
+
+
+def _squeezed(shape, dims) -> set[int]:
+    """The dims a squeeze removes: those named (all when None) that have size 1."""
+    if shape is None:
+        return set()
+    named = (range(len(shape)) if dims is None
+             else [d % len(shape) for d in (dims if isinstance(dims, (list, tuple)) else [dims])])
+    return {d for d in named if shape[d] == 1}
 
 
 # ---- groups and members -------------------------------------------------------------------------
@@ -668,76 +719,124 @@ class _Propagator:
         segs[dim] = cut
         return segs
 
-    def op_flatten(self, node, shape):
-        x = node.args[0]
-        x_shape = _shape(x)
-        if x_shape is None or shape is None:
-            return None
-        start = node.args[1] if len(node.args) > 1 else 0
-        end = node.args[2] if len(node.args) > 2 else -1
-        start, end = start % len(x_shape), end % len(x_shape)
-        return self._merge(x, x_shape, shape, start, end)
-
-    def _merge(self, x, x_shape, shape, start: int, end: int):
-        """Dims ``[start, end]`` of x become one: only the first of them may carry channels."""
-        segs = self.segs(x)
-        if any(segs[d] for d in range(start + 1, end + 1)):
-            return None
-        merged = _scale(segs[start], math.prod(x_shape[start + 1:end + 1])) if segs[start] else ()
-        return list(segs[:start]) + [merged] + list(segs[end + 1:])
-
     def op_view(self, node, shape):
+        """Any reshape (view, flatten, unflatten): the dims are cut into blocks of equal element
+        count, and the one tracked dim of a block (two: not followed) is laid out flat over the
+        block, then placed on one of the block's output dims (see :meth:`_placed`)."""
         x = node.args[0]
         x_shape = _shape(x)
         if x_shape is None or shape is None:
             return None
         segs = self.segs(x)
-        if not any(segs):
-            return [()] * len(shape)
-        # Match dims by the running products of the sizes before them.
-        before = [math.prod(x_shape[:d]) for d in range(len(x_shape) + 1)]
-        after = [math.prod(shape[:d]) for d in range(len(shape) + 1)]
         out: list[Segments] = [()] * len(shape)
-        for d, s in enumerate(segs):
-            if not s:
+        if not any(segs):
+            return out
+        blocks = _blocks(x_shape, shape)
+        if blocks is None:
+            return None
+        for (i0, i1), (o0, o1) in blocks:
+            tracked = [d for d in range(i0, i1) if segs[d]]
+            if not tracked:
                 continue
-            if before[d] not in after:
-                return None  # merged behind another dim
-            e = after.index(before[d])
-            while e < len(shape) and shape[e] == 1 and after[e + 1] == before[d]:
-                e += 1
-            if e >= len(shape):
+            if len(tracked) > 1:
                 return None
-            if after[e + 1] == before[d + 1]:
-                out[e] = s
-            elif after[e + 1] > before[d + 1] and after[e + 1] % before[d + 1] == 0:
-                # merged with the dims after it (a flatten)
-                later = after[e + 1] // before[d + 1]
-                if any(segs[k] for k in range(d + 1, len(segs)) if before[k] < after[e + 1]):
-                    return None
-                out[e] = _scale(s, later)
-            else:
-                split = self._split_heads(s, shape, after, e, before[d + 1])
-                if split is None:
-                    return None
-                out[e] = split
+            t = tracked[0]
+            placed = _RETRY
+            for _ in range(3):  # a fold or coarsening changes the input's segments: read them again
+                flat = _flattened(self.segs(x)[t], x_shape[t], math.prod(x_shape[i0:t]), math.prod(x_shape[t + 1:i1]))
+                placed = self._placed(node, flat, shape[o0:o1], o0) if flat is not None else None
+                if placed is not _RETRY:
+                    break
+            if placed is None or placed is _RETRY:
+                return None
+            dim, placed_segs = placed
+            out[o0 + dim] = placed_segs
         return out
 
-    def _split_heads(self, segs: Segments, shape, after, e: int, end: int) -> Optional[Segments]:
-        """Channels viewed as (heads, head size): the groups coarsen to whole heads (a head is
-        removed whole, so the head-size dim keeps its size and is not followed); the heads dim gets
-        the segments. Any other split: None."""
-        if e + 2 >= len(after) or after[e + 2] != end:
+    op_flatten = op_view
+    op_unflatten = op_view
+
+    def _placed(self, node, segs: Segments, sizes, first_dim: int):
+        """Flat segments over dims ``sizes`` of ``node`` (the output dims ``first_dim...`` of one
+        block): (which of those dims carries them, its segments); None where they cannot be
+        placed; ``_RETRY`` after a group was folded or coarsened to fit (the input's segments have
+        changed: flatten them again).
+
+        The channels go to the innermost dim ``j`` whose layout repeats identically for every index
+        of the dims before it; the dims after it then lie within one unit: channels coarsen to
+        units of that many (channels viewed as (heads, head size): whole heads). Where the layout
+        repeats except that each repeat holds the next range of the same group (a fused projection
+        viewed as (3, width)), and the dim before is taken apart by index (q, k and v selected),
+        the group folds onto those ranges: index i of each part is one unit."""
+        for j in range(len(sizes) - 1, -1, -1):
+            inner = math.prod(sizes[j + 1:])
+            period = sizes[j] * inner
+            tiles = _tiles(segs, period, math.prod(sizes))
+            if tiles is None:
+                continue
+            if any(t != tiles[0] for t in tiles) and j > 0 and self._foldable(tiles, period):
+                if any(self._indexed_later(node, first_dim + k) for k in range(j)):
+                    s = tiles[0][0]
+                    if self.fold(s.group, s.length, *(t[0].first for t in tiles)):
+                        return _RETRY
+            if any(t != tiles[0] for t in tiles):
+                continue
+            unit = self._units(tiles[0], inner)
+            return unit if unit is None or unit is _RETRY else (j, unit)
+        return None
+
+    def _foldable(self, tiles: list[Segments], period: int) -> bool:
+        """Each tile one full-width range of one group, the ranges consecutive (0, p, 2p, ...)."""
+        if any(len(t) != 1 for t in tiles):
+            return False
+        s0 = tiles[0][0]
+        return all(t[0].start == 0 and t[0].length * t[0].repeat == period and t[0].group == s0.group
+                   and t[0].repeat == s0.repeat and t[0].first == s0.first + k * s0.length
+                   for k, t in enumerate(tiles))
+
+    def _units(self, segs: Segments, inner: int):
+        """``segs`` with every ``inner`` consecutive positions made one; ``_RETRY`` after
+        coarsening the groups whose indices span fewer positions; None where a unit would hold
+        parts of two indices."""
+        if any(s.start % inner or (s.length * s.repeat) % inner for s in segs):
             return None
-        size = shape[e + 1]
-        if any(s.start % size or s.repeat not in (1, size) or (s.repeat == 1 and s.length % size) for s in segs):
+        finer = [s for s in segs if s.repeat % inner]
+        if not finer:
+            return tuple(Segment(s.start // inner, s.length, s.group, s.first, s.repeat // inner) for s in segs)
+        if any(inner % s.repeat or s.first % (inner // s.repeat) or s.length % (inner // s.repeat) for s in finer):
             return None
-        # Channel-level segments coarsen their group to heads; a group already in heads (the key
-        # part of a fused QKV projection, after its query part) is split as it is.
-        if not all(self.coarsen(s.group, size) for s in segs if s.repeat == 1):
-            return None
-        return tuple(Segment(s.start // size, s.length, s.group, s.first, s.repeat // size)
-                     for s in self.segs_now(segs))
+        factors = {self.graph.find(s.group): inner // s.repeat for s in finer}
+        if len(factors) < len({(self.graph.find(s.group), inner // s.repeat) for s in finer}):
+            return None  # one group at two granularities
+        return _RETRY if all(self.coarsen(g, f) for g, f in factors.items()) else None
+
+    def _indexed_later(self, node, dim: int) -> bool:
+        """Whether dim ``dim`` of ``node`` is, past ops that only move dims, taken apart by index
+        (select, unbind): the parts of a fused projection, not heads."""
+        pending = [(node, dim)]
+        while pending:
+            n, d = pending.pop()
+            rank = len(_shape(n) or ())
+            for user in n.users:
+                op = _opname(user.target)
+                args = user.args
+                if op in ("select", "unbind"):
+                    if (args[1] if len(args) > 1 else 0) % rank == d:
+                        return True
+                elif op == "unsqueeze":
+                    pending.append((user, d + (args[1] % (rank + 1) <= d)))
+                elif op == "transpose":
+                    a, b = args[1] % rank, args[2] % rank
+                    pending.append((user, b if d == a else a if d == b else d))
+                elif op == "permute":
+                    pending.append((user, [p % rank for p in args[1]].index(d)))
+                elif op == "squeeze":
+                    gone = _squeezed(_shape(n), args[1] if len(args) > 1 else None)
+                    if d not in gone:
+                        pending.append((user, d - sum(g < d for g in gone)))
+                elif op in ("contiguous", "clone", "alias", "detach", "_to_copy"):
+                    pending.append((user, d))
+        return False
 
     op_reshape = op_view
     op__unsafe_view = op_view
@@ -790,10 +889,7 @@ class _Propagator:
         segs = self.segs(node.args[0])
         if len(shape) == len(x_shape):
             return list(segs)
-        dims = node.args[1] if len(node.args) > 1 else None
-        gone = ({d % len(x_shape) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
-                if dims is not None else {d for d, size in enumerate(x_shape) if size == 1})
-        gone = {d for d in gone if x_shape[d] == 1}
+        gone = _squeezed(x_shape, node.args[1] if len(node.args) > 1 else None)
         return [s for d, s in enumerate(segs) if d not in gone]
 
     def op_permute(self, node, shape):
@@ -814,6 +910,16 @@ class _Propagator:
         if shape is None:
             return None
         return [()] * (len(shape) - len(segs)) + list(segs)
+
+    def op_unbind(self, node, shape):
+        segs = list(self.segs(node.args[0]))
+        x_shape = _shape(node.args[0])
+        if not segs or x_shape is None:
+            return None
+        dim = (node.args[1] if len(node.args) > 1 else 0) % len(segs)
+        if segs[dim]:
+            return None
+        return [segs[:dim] + segs[dim + 1:] for _ in range(x_shape[dim])]
 
     def op_select(self, node, shape):
         segs = list(self.segs(node.args[0]))
@@ -887,4 +993,11 @@ class _Propagator:
 def build_graph(model: nn.Module, args: tuple = (), kwargs: Optional[dict] = None) -> DependencyGraph:
     """Trace ``model(*args, **kwargs)`` and return its channel groups (nothing is modified)."""
     program = trace(model, tuple(args), dict(kwargs or {}))
-    return _Propagator(program, model).run()
+    graph = _Propagator(program, model).run()
+    for name, module in model.named_modules():
+        reason = supports_head_removal(module) if isinstance(module, nn.MultiheadAttention) else None
+        if reason:  # its forward could not run the narrower projections
+            for g in graph.groups:
+                if any(m.name.startswith(f"{name}.") for m in g.members) and reason not in g.unsafe:
+                    g.unsafe.append(reason)
+    return graph

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .._weights import is_conv1d
+from ..nn.attention import HeadPrunedMultiheadAttention, fit_attention_class
 from .graph import DependencyGraph
 
 
@@ -67,6 +68,8 @@ def fix_sizes(module: nn.Module) -> None:
         module.normalized_shape = tuple(module.weight.shape)
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = module.weight.shape[1]
+    elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        fit_attention_class(module)
 
 
 _SIZE_ATTRIBUTES = ("in_features", "out_features", "nf", "nx", "in_channels", "out_channels", "groups",
@@ -87,6 +90,12 @@ def _out_features(layer: nn.Module) -> Optional[int]:
 def fix_head_counts(module: nn.Module) -> None:
     """Head counts of an attention module (``num_attention_heads``, ``all_head_size``, ...) from its
     query / key projections and its head size, so they never go stale after heads are removed."""
+    if isinstance(module, nn.TransformerEncoder) and any(
+            isinstance(m, HeadPrunedMultiheadAttention) for m in module.modules()):
+        # Its fast path checks only the first layer before handing every layer nested tensors,
+        # which the rebuilt attention does not take.
+        module.use_nested_tensor = False
+        return
     head = next((v for v in (getattr(module, a, None) for a in ("attention_head_size", "head_dim"))
                  if isinstance(v, int) and v > 0), None)
     fused = getattr(module, "c_attn", None)  # GPT-2: one projection for query, key and value
@@ -108,7 +117,17 @@ def fix_head_counts(module: nn.Module) -> None:
 
 
 def module_sizes(module: nn.Module) -> dict[str, object]:
+    if isinstance(module, nn.MultiheadAttention):
+        return {"num_heads": module.num_heads}
     return {a: getattr(module, a) for a in _SIZE_ATTRIBUTES if a in vars(module)}
+
+
+# Every attribute removal may change: restored, with the module's class, when it fails.
+_CHANGED = (*_SIZE_ATTRIBUTES, *_HEAD_COUNTS, "_qkv_same_embed_dim", "use_nested_tensor")
+
+
+def _snapshot(model: nn.Module) -> list[tuple[nn.Module, type, dict]]:
+    return [(m, type(m), {a: vars(m)[a] for a in _CHANGED if a in vars(m)}) for m in model.modules()]
 
 
 def remove_channels(model: nn.Module, graph: DependencyGraph, removed: dict[int, Tensor],
@@ -121,8 +140,8 @@ def remove_channels(model: nn.Module, graph: DependencyGraph, removed: dict[int,
     for (name, dim), drop in positions(graph, removed).items():
         by_name.setdefault(name, []).append((dim, drop))
     saved_tensors: list[tuple[dict, str, Tensor]] = []  # (registry, attribute, old tensor)
-    saved_sizes: dict[int, tuple[nn.Module, dict]] = {}
-    saved_heads: list[tuple[nn.Module, dict]] = []
+    saved_modules = _snapshot(model)
+    resized: dict[int, nn.Module] = {}
     changed: dict[str, tuple[int, ...]] = {}
     done: set[int] = set()  # a tensor shared under several names is sliced once
     try:
@@ -136,22 +155,20 @@ def remove_channels(model: nn.Module, graph: DependencyGraph, removed: dict[int,
             for holder, holder_attr in holders[name]:
                 registry = holder._parameters if holder_attr in holder._parameters else holder._buffers
                 saved_tensors.append((registry, holder_attr, registry[holder_attr]))
-                saved_sizes.setdefault(id(holder), (holder, module_sizes(holder)))
+                resized[id(holder)] = holder
                 registry[holder_attr] = new
             changed[name] = tuple(new.shape)
-        for holder, _ in saved_sizes.values():
+        for holder in resized.values():
             fix_sizes(holder)
         for module in model.modules():
-            if any(a in vars(module) for a in _HEAD_COUNTS):
-                saved_heads.append((module, {a: vars(module)[a] for a in _HEAD_COUNTS if a in vars(module)}))
-                fix_head_counts(module)
+            fix_head_counts(module)
         check()
     except BaseException:
         for registry, attr, old in reversed(saved_tensors):
             registry[attr] = old
-        for holder, sizes in [*saved_sizes.values(), *saved_heads]:
-            for attr, value in sizes.items():
-                setattr(holder, attr, value)
+        for module, kind, attributes in saved_modules:
+            module.__class__ = kind
+            vars(module).update(attributes)
         raise
     return changed
 
@@ -186,4 +203,7 @@ def shapes_at(module: nn.Module, sizes: dict) -> Optional[dict[str, tuple[int, .
         return {"weight": tuple(sizes["normalized_shape"]), "bias": tuple(sizes["normalized_shape"])}
     if isinstance(module, nn.Embedding):
         return {"weight": (module.weight.shape[0], sizes["embedding_dim"])}
+    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        inner = sizes["num_heads"] * module.head_dim
+        return {"in_proj_weight": (3 * inner, module.embed_dim), "in_proj_bias": (3 * inner,)}
     return None

@@ -1,9 +1,12 @@
 """The dependency graph: which parameters shrink together, found by tracing, and what it refuses."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from sparsenet.structure import build_graph
+from sparsenet.structure.removal import remove_channels
 
 from models import MLP, ConvFlatten, DenseBlock, Depthwise, Grouped, Residual, Split, inputs
 
@@ -83,6 +86,19 @@ def test_unknown_op_and_heads_are_refused_with_the_reason():
     group = groups_by_producer_of(TopK(), torch.randn(2, 4))[("fc1",)]
     assert any("topk" in r for r in group.unsafe)
 
+    class TokensIntoChannels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.out = nn.Linear(8, 8), nn.Linear(6, 2)
+
+        def forward(self, x):  # (b, 3 tokens, 8) viewed as (b, 4, 6): channels cut across tokens
+            return self.out(self.q(x).view(x.shape[0], 4, 6))
+
+    group = groups_by_producer_of(TokensIntoChannels(), torch.randn(2, 3, 8))[("q",)]
+    assert any("view" in r for r in group.unsafe)
+
+
+def test_channels_viewed_in_several_dims_and_moved_are_followed_exactly():
     class ThreeWaySplit(nn.Module):
         def __init__(self):
             super().__init__()
@@ -92,7 +108,23 @@ def test_unknown_op_and_heads_are_refused_with_the_reason():
             h = self.q(x).view(x.shape[0], x.shape[1], 2, 2, 2).transpose(2, 4)
             return self.out(h.reshape(x.shape[0], x.shape[1], 8))
 
-    assert groups_by_producer_of(ThreeWaySplit(), torch.randn(2, 3, 8))[("q",)].unsafe
+    torch.manual_seed(0)
+    model, x = ThreeWaySplit().eval(), torch.randn(2, 3, 8)
+    graph = build_graph(model, (x,))
+    group = next(g for g in graph.groups if g.producers == ["q"])
+    # Channel 4a + 2b + c lands at input 4c + 2b + a of out: units of 4 channels (a), whose
+    # columns in out are every other one.
+    assert not group.unsafe and group.size == 2
+    assert {("out.weight", 1, o, 0, 2, 1) for o in (0, 2, 4, 6)} <= members(group)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.q.weight[4:] = 0
+        reference.q.bias[4:] = 0
+    remove_channels(model, graph, {group.id: torch.tensor([1])}, check=lambda: None)
+    assert model.q.out_features == 4 and model.out.in_features == 4
+    # (the model's forward hard-codes the view; the same computation with one unit left)
+    shrunk = model.out(model.q(x).view(2, 3, 1, 2, 2).transpose(2, 4).reshape(2, 3, 4))
+    torch.testing.assert_close(shrunk, reference(x))
 
 
 def test_channels_viewed_as_heads_are_removed_in_whole_heads():

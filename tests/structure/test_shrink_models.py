@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import sparsenet
+from sparsenet.nn.attention import HeadPrunedMultiheadAttention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the architecture builders
 from test_architectures import MobileNetV2, ResNet18, bert, gpt2, llama, vit  # noqa: E402
@@ -67,6 +68,9 @@ def attention_heads(model):
     """Query heads per attention module, read from the query projection's rows."""
     heads = {}
     for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            heads[name] = m.in_proj_weight.shape[0] // 3 // m.head_dim
+            continue
         q = getattr(m, "query", None) or getattr(m, "q_proj", None)
         head_dim = getattr(m, "attention_head_size", None) or getattr(m, "head_dim", None)
         if isinstance(q, nn.Linear) and head_dim:
@@ -106,14 +110,64 @@ def test_gqa_keeps_each_key_value_head_with_its_query_heads():
     assert attn.o_proj.in_features == attn.q_proj.out_features
 
 
-def test_transformer_encoder_layer_feed_forward_shrinks():
+def test_transformer_encoder_layer_loses_heads_and_feed_forward_neurons():
     model = built(Encoder)
-    report = sparsenet.shrink(model, {"x": torch.randn(2, 5, 32)}, 0.5)
+    sparsenet.shrink(model, {"x": torch.randn(2, 5, 32)}, 0.5)
+    attn = model.layer.self_attn
     assert model.layer.linear1.out_features < 64 and model.layer.linear2.in_features == model.layer.linear1.out_features
-    # nn.MultiheadAttention's fused in_proj is split by unflatten, which the graph does not follow
-    # yet: its heads are left as they are, and the report says why.
-    attention = next(r for r in report.rows if r.producers == ["layer.self_attn"])
-    assert attention.width_after == attention.width_before and "unflatten" in attention.reason
+    assert isinstance(attn, HeadPrunedMultiheadAttention) and attn.num_heads < 4
+    assert attn.in_proj_weight.shape == (3 * attn.num_heads * attn.head_dim, 32)
+    assert attn.out_proj.in_features == attn.num_heads * attn.head_dim and attn.embed_dim == 32
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2,
+                                             enable_nested_tensor=True)
+
+    def forward(self, x, pad):
+        return self.encoder(x, src_key_padding_mask=pad)
+
+
+def test_transformer_encoder_with_padding_runs_saves_and_loads_after_losing_heads(tmp_path):
+    # Evaluated without grad with a padding mask, torch's encoder takes its fused, nested-tensor
+    # fast path; a layer whose heads were removed must leave it.
+    model, x = built(Stack), torch.randn(3, 6, 32)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, -2:] = True
+    exclude = ["encoder.layers.0.self_attn"]  # the first layer (the one the fast path checks) keeps its heads
+    sparsenet.shrink(model, {"x": x, "pad": pad}, 0.5, exclude=exclude)
+    heads = attention_heads(model)
+    assert heads["encoder.layers.0.self_attn"] == 4 and heads["encoder.layers.1.self_attn"] < 4
+    with torch.no_grad():
+        fast = model(x, pad)
+    slow = model(x, pad)  # with grad: the plain path
+    torch.testing.assert_close(fast[~pad], slow[~pad], rtol=1e-4, atol=1e-4)
+    path = tmp_path / "stack.sn"
+    sparsenet.save(model, path)
+    fresh = sparsenet.load(path, built(Stack))
+    assert isinstance(fresh.encoder.layers[1].self_attn, HeadPrunedMultiheadAttention)
+    assert attention_heads(fresh) == heads
+    torch.testing.assert_close(fresh(x, pad), slow, rtol=0, atol=0)
+    torch.export.export(fresh, (x, pad), strict=False)
+
+
+def test_multihead_attention_it_cannot_rebuild_keeps_its_heads_and_says_why():
+    class BiasKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, add_bias_kv=True, batch_first=True)
+            self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 2)
+
+        def forward(self, x):
+            return self.down(self.up(self.attn(x, x, x, need_weights=False)[0]).relu())
+
+    model = built(BiasKV)
+    report = sparsenet.shrink(model, torch.randn(2, 5, 16), 0.5)
+    assert model.attn.in_proj_weight.shape[0] == 48 and type(model.attn) is nn.MultiheadAttention
+    assert model.up.out_features < 32  # the rest of the model still shrinks
+    assert any("add_bias_kv" in r.reason for r in report.rows), str(report)
 
 
 def test_attention_head_counts_follow_the_projections(tmp_path):
