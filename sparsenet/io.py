@@ -53,6 +53,7 @@ from torch import nn
 from sparsenet._weights import is_conv1d
 from sparsenet.formats import PackedCSR
 # Shrink's own account of which attributes are sizes and how they follow from a module's tensors.
+from sparsenet.structure.hf_config import ffn_layers, sync_config
 from sparsenet.structure.removal import fix_head_counts, fix_sizes, module_sizes, shapes_at
 
 FILE_FORMAT_VERSION = 1
@@ -681,6 +682,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     header, tensors = _read(path, expected=target.state_dict().keys())
     state = _restore_tensors(path, header, tensors)
     _check_against_model(path, header, state, target)
+    ffn = ffn_layers(model) if resizes else {}
     for name, twin in resizes.items():  # in place: the model's modules stay the objects they are
         module = model.get_submodule(name)
         vars(module).update(vars(twin))
@@ -689,6 +691,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     if resizes:
         for module in model.modules():  # attention modules whose projections lost heads
             fix_head_counts(module)
+        sync_config(model, ffn)  # a Hugging Face config that can describe the file's sizes does
     model.load_state_dict(state, strict=True)
     return guard_save_pretrained(model)
 

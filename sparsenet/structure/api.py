@@ -29,6 +29,7 @@ from .._weights import stored_weight
 from ..calibration import check_calib
 from ..pruning.scope import get_scope
 from .graph import DependencyGraph, Group, build_graph
+from .hf_config import ffn_layers, sync_config
 from .importance import IMPORTANCES, activation_scores, magnitude_scores, obs_scores, reader_dim, taylor_scores
 from ..reconstruction.blockwise import LOSSES, FitResult
 from .refit import DEFAULT_DAMP, RefitResult, fit_blocks, fit_outputs, refit_consumers
@@ -64,6 +65,8 @@ class ShrinkReport:
     macs_before: int = 0  # multiply-adds of the traced call's Linear / Conv layers
     macs_after: int = 0
     speedup: Optional[float] = None  # target="latency": the last trial's measured speedup
+    config: dict[str, tuple[int, int]] = field(default_factory=dict)  # Hugging Face config fields set
+    config_notes: list[str] = field(default_factory=list)  # config fields left as they were, and why
 
     @property
     def shrunk(self) -> list[GroupRow]:
@@ -98,6 +101,10 @@ class ShrinkReport:
                 after = sum(r.error_after for r in self.refit) / len(self.refit)
                 console.print(f"refit {len(self.refit)} layers that read removed channels: mean relative "
                               f"output error on the calibration data {before:.3g} -> {after:.3g}")
+            for name, (before, after) in self.config.items():
+                console.print(f"config.{name}: {before} -> {after}")
+            for note in self.config_notes:
+                console.print(note)
             if self.speedup is not None:
                 console.print(f"measured on the example inputs (a trial shrink, before refitting): "
                               f"{self.speedup:.2f}x faster")
@@ -324,7 +331,9 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
             if final is not None:
                 report.final = fit_outputs(model, original, _parameters_of(model, touched), calib, final, epochs, lr)
 
+    ffn = ffn_layers(model)
     new_shapes = remove_channels(model, graph, removed, check) if any(counts) else {}
+    report.config, report.config_notes = sync_config(model, ffn)
     for g, size, count in zip(groups, sizes, counts):
         report.rows.append(GroupRow(g.producers, g.size, g.size - count, size * g.size, size * (g.size - count),
                                     removed=removed[g.id].tolist()))

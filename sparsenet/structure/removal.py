@@ -87,6 +87,26 @@ def _out_features(layer: nn.Module) -> Optional[int]:
     return width if isinstance(width, int) else None
 
 
+def head_counts(module: nn.Module) -> Optional[tuple[int, int, int]]:
+    """(query heads, key/value heads, head size) of a Hugging Face style attention module, read
+    from its projections (``query``/``q_proj``, ``key``/``k_proj``, or GPT-2's fused ``c_attn``);
+    None for any other module."""
+    head = next((v for v in (getattr(module, a, None) for a in ("attention_head_size", "head_dim"))
+                 if isinstance(v, int) and v > 0), None)
+    if head is None:
+        return None
+    fused = getattr(module, "c_attn", None)  # GPT-2: one projection for query, key and value
+    if isinstance(fused, nn.Module) and _out_features(fused) and _out_features(fused) % (3 * head) == 0:
+        heads = _out_features(fused) // 3 // head
+        return heads, heads, head
+    query = next((getattr(module, a) for a in ("query", "q_proj") if isinstance(getattr(module, a, None), nn.Module)), None)
+    key = next((getattr(module, a) for a in ("key", "k_proj") if isinstance(getattr(module, a, None), nn.Module)), None)
+    widths = [_out_features(p) if p is not None else None for p in (query, key)]
+    if widths[0] is None or widths[0] % head or (widths[1] is not None and widths[1] % head):
+        return None
+    return widths[0] // head, (widths[1] or widths[0]) // head, head
+
+
 def fix_head_counts(module: nn.Module) -> None:
     """Head counts of an attention module (``num_attention_heads``, ``all_head_size``, ...) from its
     query / key projections and its head size, so they never go stale after heads are removed."""
@@ -96,24 +116,16 @@ def fix_head_counts(module: nn.Module) -> None:
         # which the rebuilt attention does not take.
         module.use_nested_tensor = False
         return
-    head = next((v for v in (getattr(module, a, None) for a in ("attention_head_size", "head_dim"))
-                 if isinstance(v, int) and v > 0), None)
-    fused = getattr(module, "c_attn", None)  # GPT-2: one projection for query, key and value
-    if head and isinstance(fused, nn.Module) and "split_size" in vars(module) and _out_features(fused):
-        module.split_size = _out_features(fused) // 3
-        if "num_heads" in vars(module):
-            module.num_heads = module.split_size // head
+    counts = head_counts(module)
+    if counts is None:
         return
-    query = next((getattr(module, a) for a in ("query", "q_proj") if isinstance(getattr(module, a, None), nn.Module)), None)
-    key = next((getattr(module, a) for a in ("key", "k_proj") if isinstance(getattr(module, a, None), nn.Module)), None)
-    if head is None or query is None or _out_features(query) is None or _out_features(query) % head:
-        return
-    width = _out_features(query)
-    for attr, value in (("num_attention_heads", width // head), ("num_heads", width // head), ("all_head_size", width)):
+    heads, kv_heads, head = counts
+    if "split_size" in vars(module):  # GPT-2 splits its fused projection at this width
+        module.split_size = heads * head
+    for attr, value in (("num_attention_heads", heads), ("num_heads", heads), ("all_head_size", heads * head),
+                        ("num_key_value_heads", kv_heads)):
         if attr in vars(module):
             setattr(module, attr, value)
-    if "num_key_value_heads" in vars(module) and key is not None and _out_features(key):
-        module.num_key_value_heads = _out_features(key) // head
 
 
 def module_sizes(module: nn.Module) -> dict[str, object]:

@@ -231,3 +231,43 @@ def test_block_fits_after_the_refit_never_leave_a_block_worse():
     assert "block bert.encoder.layer.0" in str(report)
     with pytest.raises(ValueError, match="pass calib"):
         sparsenet.shrink(built(bert), calib[0], 0.5, blockwise=True)
+
+
+def test_config_follows_widths_that_it_can_describe():
+    from transformers import LlamaForCausalLM
+
+    model, x = built(llama), tokens(True)
+    original = model.config
+    report = sparsenet.shrink(model, x, 0.5, scope="layer")  # every layer alike: one config fits them all
+    attn = model.model.layers[0].self_attn
+    assert report.config == {"hidden_size": (32, model.model.embed_tokens.embedding_dim),
+                             "intermediate_size": (64, model.model.layers[0].mlp.up_proj.out_features),
+                             "num_attention_heads": (4, attn.q_proj.out_features // attn.head_dim),
+                             "num_key_value_heads": (2, attn.k_proj.out_features // attn.head_dim)}, str(report)
+    assert "config.num_attention_heads: 4 ->" in str(report)
+    assert original.num_attention_heads == 4  # a new config object: the caller's is left alone
+    assert all(m.config is model.config for m in model.modules() if "config" in vars(m))
+    rebuilt = LlamaForCausalLM(model.config).eval()  # the config alone builds the shrunk model
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(**x).logits, model(**x).logits)
+
+
+def test_config_fields_it_cannot_describe_are_left_with_the_reason(tmp_path):
+    # BERT's head size is hidden_size / num_attention_heads: fewer heads of the same size cannot
+    # be written in its config, a narrower FFN can.
+    model = built(bert)
+    report = sparsenet.shrink(model, tokens(False), 0.5, scope="layer", exclude=["bert.embeddings.word_embeddings"])
+    width = model.bert.encoder.layer[0].intermediate.dense.out_features
+    assert report.config == {"intermediate_size": (64, width)}
+    assert model.config.num_attention_heads == 4
+    assert any(n.startswith("config.num_attention_heads left at 4") for n in report.config_notes)
+    path = tmp_path / "bert.sn"
+    sparsenet.save(model, path)
+    fresh = sparsenet.load(path, built(bert))  # the plain model's config follows on load too
+    assert fresh.config.intermediate_size == width and fresh.config.num_attention_heads == 4
+
+    model = built(bert)
+    report = sparsenet.shrink(model, tokens(False), 0.5)  # global: the layers differ
+    assert report.config == {} and model.config.intermediate_size == 64
+    assert any("the layers now differ" in n for n in report.config_notes)
