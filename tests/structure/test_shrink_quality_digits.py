@@ -84,6 +84,14 @@ def per_layer_refit(real):
     return refit
 
 
+def calibration(data, batch=32):
+    """The inputs of the training and calibration splits (1,453 digits; Kwon et al. calibrate on
+    2k samples): with the 256 of the calibration split alone, the end-to-end fit overfits them
+    (the best recipe then lost 2.03 points on average, 5.8 on one seed)."""
+    x, y = torch.cat([data.x_train, data.x_calib]), torch.cat([data.y_train, data.y_calib])
+    return list(zip(x.split(batch), y.split(batch)))
+
+
 @pytest.mark.slow
 def test_bert_half_the_heads_and_feed_forward_neurons(monkeypatch):
     from digits_models import DigitsBert
@@ -102,7 +110,7 @@ def test_bert_half_the_heads_and_feed_forward_neurons(monkeypatch):
         acc = evaluate(dense, dense, data)[0]
         for name, recipe in recipes.items():
             model = copy.deepcopy(dense)
-            kwargs = {**recipe, "calib": calib_batches(data, 16)} if recipe.get("calib") else dict(recipe)
+            kwargs = {**recipe, "calib": calibration(data)} if recipe.get("calib") else dict(recipe)
             with monkeypatch.context() as patch:
                 if name.startswith("per-layer"):
                     patch.setattr(api, "refit_consumers", per_layer_refit(api.refit_consumers))
@@ -117,5 +125,4 @@ def test_bert_half_the_heads_and_feed_forward_neurons(monkeypatch):
     for name, (lost, cos) in mean.items():
         print(f"  {name:28s} accuracy lost {100 * lost:5.2f} points, 1 - cos {cos:.4f}")
     assert mean["sparsenet"][1] <= 0.5 * mean["per-layer refit (baseline)"][1]
-    # The issue asks for at most 2 points; measured 2.03 (seeds 0.6, 5.8, -0.3): not met yet.
-    assert mean["sparsenet"][0] <= 0.03
+    assert mean["sparsenet"][0] <= 0.02
