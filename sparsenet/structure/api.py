@@ -384,15 +384,46 @@ def _allocate(groups: list[Group], scores: list[Tensor], tensors: dict[str, Tens
         return [0] * len(groups)
     lo, hi = 0.0, ratio
     best = counts_for(ratio) or [_round_kept(g.size, g.size - 1, round_to) for g in groups]
+    below = None  # the last counts that removed less than ratio
     for _ in range(30):  # the removed fraction grows with r; find the r that lands on ratio
         mid = (lo + hi) / 2
         counts = counts_for(mid)
         if counts is not None and removed_fraction(counts) < ratio:
-            lo = mid
+            lo, below = mid, counts
         else:
             hi = mid
             best = counts if counts is not None else best
-    return best
+    if below is None or round_to <= 1 or scope.name != "global":
+        return best
+    # Rounded widths make the removed fraction jump by whole groups' steps between ``below`` and
+    # ``best``: step from below in units of ``round_to`` and keep whichever lands nearer.
+    stepped = _step_towards(groups, scores, below, ratio, round_to, removed_fraction)
+    return min((stepped, best), key=lambda c: abs(removed_fraction(c) - ratio))
+
+
+def _step_towards(groups: list[Group], scores: list[Tensor], below: list[int], ratio: float, round_to: int,
+                  removed_fraction) -> list[int]:
+    """From removals ``below`` the target, take ``round_to`` more channels at a time from the group
+    whose next ones score lowest, among the steps that stay below it; then the smallest step past
+    it if that lands nearer."""
+    ranked = [torch.sort(s).values for s in scores]
+    counts, removed = list(below), removed_fraction(below)
+    while True:
+        options = []  # (stays below the target, how important the channels are, group, result)
+        for i, (g, c) in enumerate(zip(groups, counts)):
+            if g.size - c - round_to >= round_to:
+                trial = counts.copy()
+                trial[i] += round_to
+                got = removed_fraction(trial)
+                options.append((got >= ratio, float(ranked[i][c:c + round_to].mean()), got, trial))
+        under = [o for o in options if not o[0]]
+        if under:  # the least important step that does not reach the target yet
+            _, _, removed, counts = min(under, key=lambda o: o[1])
+            continue
+        if not options:
+            return counts
+        _, _, got, trial = min(options, key=lambda o: o[2])  # the smallest step past it
+        return trial if got - ratio < ratio - removed else counts
 
 
 def _parameters_of(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
