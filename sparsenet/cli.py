@@ -759,6 +759,10 @@ def _add_shrink_parser(sub) -> None:
                         help="one ranking across all channel groups, or the same fraction of each (default global)")
     shrink.add_argument("--round-to", type=_int_at_least(1), default=1, metavar="N",
                         help="keep every width a multiple of N (default 1)")
+    shrink.add_argument("--min-ratio", type=_sparsity, metavar="R",
+                        help="global scope: every channel group loses at least this fraction of its channels")
+    shrink.add_argument("--max-ratio", type=_sparsity, metavar="R",
+                        help="global scope: no channel group loses more than this fraction of its channels")
     _add_exclude_option(shrink)
     _add_calib_options(shrink, required=True)
     shrink.add_argument("--no-reconstruct", action="store_true",
@@ -787,6 +791,7 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
             model, _example_inputs(calib[0]), args.ratio, target=args.target, calib=calib,
             reconstruct=not args.no_reconstruct,
             scope=args.scope, round_to=args.round_to, exclude=args.exclude, progress=_progress(args),
+            min_ratio=args.min_ratio, max_ratio=args.max_ratio,
         )
     console = _console()
     print(str(report).rstrip("\n"))

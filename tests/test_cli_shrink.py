@@ -61,8 +61,21 @@ def test_shrink_saves_a_smaller_model(tmp_path, calib, capsys):
     assert small(torch.randn(2, 3, 6, 6)).shape == (2, 4)
 
 
+def test_group_bounds_reach_the_library(tmp_path, calib, capsys):
+    out = tmp_path / "capped.sn"
+    code, stdout, err = run(["--model", FACTORY, "--ratio", "0.3", "--calib", calib, "--max-ratio", "0.25",
+                             "-o", out], capsys)
+    assert code == 0, err
+    small = sparsenet.load(out, residual_factory())
+    assert small.a.out_channels >= 6 and small.stem.out_channels >= 6  # at most 25% of 8 from each group
+    code, _, err = run(["--model", FACTORY, "--ratio", "0.4", "--calib", calib, "--max-ratio", "0.25",
+                        "--scope", "layer", "-o", out], capsys)
+    assert code == 1 and "need scope='global'" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--ratio", "1.5"], "must be a number in [0, 1)"),
+    (["--ratio", "0.5", "--min-ratio", "-1"], "must be a number in [0, 1)"),
     (["--ratio", "0.5", "--scope", "everywhere"], "invalid choice"),
 ])
 def test_option_errors(tmp_path, calib, capsys, argv, message):

@@ -27,6 +27,7 @@ from .._names import check_exclude, check_patterns_match, is_excluded
 from .._validate import integer, real
 from .._weights import stored_weight
 from ..calibration import check_calib
+from ..pruning.allocation import check_bounds
 from ..pruning.scope import get_scope
 from .graph import DependencyGraph, Group, build_graph
 from .hf_config import ffn_layers, sync_config
@@ -177,7 +178,8 @@ TARGETS = ("params", "flops", "latency")
 def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str = "params",
            calib: Optional[Iterable] = None,
            reconstruct: bool = True, importance: str = "magnitude", scope: str = "global",
-           round_to: int = 1, exclude=None, damp: float = DEFAULT_DAMP, blockwise: bool = False,
+           round_to: int = 1, exclude=None, min_ratio: Optional[float] = None, max_ratio: Optional[float] = None,
+           damp: float = DEFAULT_DAMP, blockwise: bool = False,
            final: Optional[str] = None,
            epochs: int = 10, lr: float = 3e-4, loss_fn=None, progress: Optional[bool] = None) -> ShrinkReport:
     """Remove whole channels (Linear neurons, Conv2d filters) from ``model`` in place, so that about
@@ -204,6 +206,10 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
         scope: "global" (one ranking across all groups) or "layer" (each group loses ``ratio`` of
             its channels).
         round_to: keep every width a multiple of this (e.g. 8), and at least this.
+        min_ratio, max_ratio: ``scope="global"`` only: every group loses at least ``min_ratio`` and at
+            most ``max_ratio`` of its channels (before rounding to ``round_to``), the rest following
+            the global ranking, as ``prune``'s ``min_sparsity`` / ``max_sparsity``; infeasible bounds
+            raise ValueError.
         exclude: module names or globs whose channels are left alone (as for ``prune``).
         calib: calibration batches (the protocol of ``sparsenet.reconstruct``: tensors,
             ``(inputs, targets)`` pairs or dicts of keyword arguments). With ``reconstruct=True``
@@ -240,6 +246,11 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
         raise ValueError(f"importance={importance!r} ranks channels on calibration data: pass calib")
     scope_obj = get_scope(scope)
     round_to = integer(round_to, "round_to", 1)
+    bounds = None
+    if min_ratio is not None or max_ratio is not None:
+        if scope_obj.name != "global":
+            raise ValueError("min_ratio / max_ratio need scope='global' (scope='layer' removes ratio of every group)")
+        bounds = check_bounds(min_ratio, max_ratio)
     exclude = check_exclude(exclude)
     check_patterns_match(model, exclude)
     args, kwargs = _split_inputs(example_inputs)
@@ -294,7 +305,7 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
 
     def plan(r: float, cost: dict[str, int]) -> tuple[list[int], dict[int, Tensor]]:
         """Channels each group loses for ``r`` of ``cost``, and which (its lowest-scored)."""
-        counts = _allocate(groups, scores, tensors, cost, r, scope_obj, round_to)
+        counts = _allocate(groups, scores, tensors, cost, r, scope_obj, round_to, bounds)
         return counts, {g.id: torch.sort(torch.topk(s, c, largest=False).indices).values for g, s, c
                         in zip(groups, scores, counts)}
 
@@ -352,7 +363,7 @@ def shrink(model: nn.Module, example_inputs: Any, ratio: float, *, target: str =
 
 
 def _allocate(groups: list[Group], scores: list[Tensor], tensors: dict[str, Tensor], cost: dict[str, int],
-              ratio: float, scope, round_to: int) -> list[int]:
+              ratio: float, scope, round_to: int, bounds: Optional[tuple[float, float]] = None) -> list[int]:
     """Channels each group loses so that ``ratio`` of the shrinkable cost (``cost[name]`` per element
     of tensor ``name``: 1 for parameters, output positions for FLOPs) is removed.
 
@@ -363,13 +374,19 @@ def _allocate(groups: list[Group], scores: list[Tensor], tensors: dict[str, Tens
     shrinkable = _member_tensors(groups, tensors)
     total = sum(tensors[n].numel() * cost[n] for n in shrinkable)
     sizes = [max(1, _params_per_unit(g, tensors, cost)) for g in groups]
+    floor, cap = bounds or (0.0, 1.0)
+    limits = [(min(floor, (g.size - 1) / g.size), min(cap, (g.size - 1) / g.size)) for g in groups]  # never a whole group
+
+    floor_units = [math.floor(lo * g.size) for g, (lo, _) in zip(groups, limits)]
+    # Below this scope ratio the floors alone decide (the scope would refuse it as infeasible).
+    floor_share = sum(f * w for f, w in zip(floor_units, sizes)) / sum(g.size * w for g, w in zip(groups, sizes))
 
     def counts_for(r: float) -> Optional[list[int]]:
-        """Per-group removals at scope ratio ``r``; None where the floors make ``r`` infeasible."""
+        """Per-group removals at scope ratio ``r``; None where the caps make ``r`` infeasible."""
         if scope.name == "global":
-            limits = [(0.0, (g.size - 1) / g.size) for g in groups]  # never a whole group
             try:
-                raw = scope.allocate(scores, r, sizes, limits=limits, names=[", ".join(g.producers) for g in groups])
+                raw = scope.allocate(scores, max(r, floor_share), sizes, limits=limits,
+                                     names=[", ".join(g.producers) for g in groups])
             except ValueError:
                 return None
         else:
@@ -383,7 +400,18 @@ def _allocate(groups: list[Group], scores: list[Tensor], tensors: dict[str, Tens
     if ratio == 0.0:
         return [0] * len(groups)
     lo, hi = 0.0, ratio
-    best = counts_for(ratio) or [_round_kept(g.size, g.size - 1, round_to) for g in groups]
+    best = counts_for(ratio)
+    if bounds is not None:
+        most = [_round_kept(g.size, math.floor(hi * g.size), round_to) for g, (_, hi) in zip(groups, limits)]
+        if removed_fraction(most) < ratio - 0.01:
+            raise ValueError(f"max_ratio={bounds[1]:g} keeps too many channels: at most "
+                             f"{removed_fraction(most):.1%} can go, ratio={ratio:g} asks for more")
+        best = best or most
+        floors = counts_for(0.0)
+        if floors is not None and removed_fraction(floors) > ratio + 0.01:
+            raise ValueError(f"min_ratio={bounds[0]:g} alone removes {removed_fraction(floors):.1%}, more than "
+                             f"ratio={ratio:g}")
+    best = best or [_round_kept(g.size, g.size - 1, round_to) for g in groups]
     below = None  # the last counts that removed less than ratio
     for _ in range(30):  # the removed fraction grows with r; find the r that lands on ratio
         mid = (lo + hi) / 2
@@ -397,12 +425,13 @@ def _allocate(groups: list[Group], scores: list[Tensor], tensors: dict[str, Tens
         return best
     # Rounded widths make the removed fraction jump by whole groups' steps between ``below`` and
     # ``best``: step from below in units of ``round_to`` and keep whichever lands nearer.
-    stepped = _step_towards(groups, scores, below, ratio, round_to, removed_fraction)
+    caps = [round(hi * g.size) for g, (_, hi) in zip(groups, limits)]
+    stepped = _step_towards(groups, scores, below, ratio, round_to, removed_fraction, caps)
     return min((stepped, best), key=lambda c: abs(removed_fraction(c) - ratio))
 
 
 def _step_towards(groups: list[Group], scores: list[Tensor], below: list[int], ratio: float, round_to: int,
-                  removed_fraction) -> list[int]:
+                  removed_fraction, caps: list[int]) -> list[int]:
     """From removals ``below`` the target, take ``round_to`` more channels at a time from the group
     whose next ones score lowest, among the steps that stay below it; then the smallest step past
     it if that lands nearer."""
@@ -411,7 +440,7 @@ def _step_towards(groups: list[Group], scores: list[Tensor], below: list[int], r
     while True:
         options = []  # (stays below the target, how important the channels are, group, result)
         for i, (g, c) in enumerate(zip(groups, counts)):
-            if g.size - c - round_to >= round_to:
+            if g.size - c - round_to >= round_to and c + round_to <= caps[i]:
                 trial = counts.copy()
                 trial[i] += round_to
                 got = removed_fraction(trial)

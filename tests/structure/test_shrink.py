@@ -369,3 +369,31 @@ def test_rounded_widths_still_land_near_the_target(round_to, target):
     left = report.shrinkable_after / report.shrinkable_before if target == "params" else report.macs_after / report.macs_before
     assert abs((1 - left) - 0.5) <= 0.015, str(report)
     assert all(r.width_after % round_to == 0 for r in report.shrunk)
+
+
+def test_per_group_floors_and_caps_in_global_scope():
+    def mlp():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 4)).eval()
+        with torch.no_grad():  # 30 of the first layer's 40 neurons are near zero
+            model[0].weight[:30].mul_(0.01)
+            model[0].bias[:30].mul_(0.01)
+        return model
+
+    x = torch.randn(4, 16)
+    free = sparsenet.shrink(mlp(), x, 0.25)
+    assert min(r.width_after for r in free.rows) < 28  # the ranking takes most from the first layer
+    assert max(r.width_after for r in free.rows if r.width_before == 40) > 30
+    capped = sparsenet.shrink(mlp(), x, 0.25, max_ratio=0.3)
+    assert all(r.width_after >= 28 for r in capped.rows if r.width_before == 40)  # at most 30% of 40 each
+    assert abs(1 - capped.shrinkable_after / capped.shrinkable_before - 0.25) < 0.03
+    free = sparsenet.shrink(mlp(), x, 0.35)
+    assert max(r.width_after for r in free.rows if r.width_before == 40) > 32
+    floored = sparsenet.shrink(mlp(), x, 0.35, min_ratio=0.2)  # (both dims of the middle layer shrink)
+    assert all(r.width_after <= 32 for r in floored.rows if r.width_before == 40)  # at least 20% of 40 each
+    with pytest.raises(ValueError, match="min_ratio=0.9 alone removes"):
+        sparsenet.shrink(mlp(), x, 0.3, min_ratio=0.9)
+    with pytest.raises(ValueError, match="max_ratio=0.1 keeps too many channels"):
+        sparsenet.shrink(mlp(), x, 0.5, max_ratio=0.1)
+    with pytest.raises(ValueError, match="need scope='global'"):
+        sparsenet.shrink(mlp(), x, 0.5, scope="layer", max_ratio=0.6)
