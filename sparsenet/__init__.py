@@ -5,7 +5,7 @@ from __future__ import annotations
 # share a single thread pool instead of two pools contending for the same cores.
 import torch  # noqa: F401
 
-__version__ = "0.1.0"
+from sparsenet._version import __version__  # noqa: E402
 
 from sparsenet import formats, nn, ops, pruning, reconstruction, structure  # noqa: E402
 from sparsenet.io import load, save  # noqa: E402

@@ -53,6 +53,7 @@ from torch import nn
 from sparsenet._weights import is_conv1d
 from sparsenet.formats import PackedCSR
 # Shrink's own account of which attributes are sizes and how they follow from a module's tensors.
+from sparsenet._version import __version__
 from sparsenet.structure.hf_config import ffn_layers, sync_config
 from sparsenet.structure.removal import fix_head_counts, fix_sizes, module_sizes, shapes_at
 
@@ -112,17 +113,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _sparsenet_version() -> str:
-    import sparsenet
-
-    version = getattr(sparsenet, "__version__", None)
-    if version:
-        return str(version)
-    try:
-        from importlib.metadata import version as dist_version
-
-        return dist_version("sparsenet")
-    except Exception:  # not installed as a distribution (e.g. run from a source tree)
-        return "unknown"
+    return __version__
 
 
 # ---- save ----------------------------------------------------------------------------------------

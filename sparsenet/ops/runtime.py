@@ -71,7 +71,7 @@ def openmp_libraries() -> list[str]:
 
 
 def config() -> dict:
-    from sparsenet import __version__
+    from sparsenet._version import __version__
 
     return {
         "sparsenet": __version__,
