@@ -50,12 +50,11 @@ from typing import Collection, Optional
 import torch
 from torch import nn
 
+from sparsenet._hf_config import ffn_layers, sync_config
+from sparsenet._sizes import fix_head_counts, fix_sizes, module_sizes, shapes_at
+from sparsenet._version import __version__
 from sparsenet._weights import is_conv1d
 from sparsenet.formats import PackedCSR
-# Shrink's own account of which attributes are sizes and how they follow from a module's tensors.
-from sparsenet._version import __version__
-from sparsenet.structure.hf_config import ffn_layers, sync_config
-from sparsenet.structure.removal import fix_head_counts, fix_sizes, module_sizes, shapes_at
 
 FILE_FORMAT_VERSION = 1
 _METADATA_KEY = "sparsenet"

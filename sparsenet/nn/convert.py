@@ -83,8 +83,8 @@ def _tensor_bytes(*tensors) -> int:
 
 def _skip_reasons(model: nn.Module) -> dict[str, str]:
     """Linear (and Conv1D) layers that must keep their type, with the reason."""
-    from sparsenet.pruning.layers import tie_reasons
-    from sparsenet.pruning.masks import WeightMask, has_foreign_parametrization
+    from sparsenet._weights import tie_reasons
+    from sparsenet._masks import WeightMask, has_foreign_parametrization
 
     reasons: dict[str, str] = {}
     for name, module in model.named_modules():
@@ -194,7 +194,7 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
 def _weight_and_mask(module: nn.Module):
     """The weight as the layer uses it and sparsenet's (or torch.nn.utils.prune's) mask, if any; a
     weight under another parametrization (weight_norm) is read as the layer computes it."""
-    from sparsenet.pruning.masks import effective_weight_and_mask, has_foreign_parametrization
+    from sparsenet._masks import effective_weight_and_mask, has_foreign_parametrization
 
     if has_foreign_parametrization(module):
         with torch.no_grad():

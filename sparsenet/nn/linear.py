@@ -119,7 +119,7 @@ class SparseLinear(nn.Module):
         """
         if not is_linear(linear):
             raise TypeError(f"linear must be an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
-        from sparsenet.pruning import effective_weight_and_mask
+        from sparsenet._masks import effective_weight_and_mask
 
         weight, own_mask = effective_weight_and_mask(linear)
         if mask is not None:

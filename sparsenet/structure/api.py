@@ -23,6 +23,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from .._hf_config import ffn_layers, sync_config
 from .._names import check_exclude, check_patterns_match, is_excluded
 from .._validate import integer, real
 from .._weights import stored_weight
@@ -30,7 +31,6 @@ from ..calibration import check_calib
 from ..pruning.allocation import check_bounds
 from ..pruning.scope import get_scope
 from .graph import DependencyGraph, Group, build_graph
-from .hf_config import ffn_layers, sync_config
 from .importance import IMPORTANCES, activation_scores, magnitude_scores, obs_scores, reader_dim, taylor_scores
 from ..reconstruction.blockwise import LOSSES, FitResult
 from .refit import DEFAULT_DAMP, RefitResult, fit_blocks, fit_outputs, refit_consumers

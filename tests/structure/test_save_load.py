@@ -9,7 +9,7 @@ from torch import nn
 import sparsenet
 import sparsenet.io as sio
 from sparsenet.nn import SparseLinear
-from sparsenet.structure.removal import module_sizes
+from sparsenet._sizes import module_sizes
 
 from models import MLP, ConvFlatten, Depthwise, inputs
 from test_io import rewrite, same_tensors, setitem, snapshot, unchanged

@@ -7,6 +7,8 @@ one same new value *and* a model built from the changed config has exactly the s
 tensors that field governs: built on the meta device and compared. Otherwise the field keeps its
 value and the report says why; the saved file then loads into a model built from the original
 config (``sparsenet.load`` narrows it), as it always does.
+
+A leaf module: ``shrink`` and ``sparsenet.load`` both use it.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .removal import _out_features, head_counts
+from ._sizes import head_counts, out_width
 
 FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim", "d_ff")
 HEAD_FIELDS = ("num_attention_heads", "n_head")
@@ -41,7 +43,7 @@ def ffn_layers(model: nn.Module) -> dict[str, list[str]]:
     for field in FFN_FIELDS:
         value = getattr(config, field, None)
         if isinstance(value, int) and value > 0:
-            found[field] = [n for n, m in model.named_modules() if _out_features(m) == value]
+            found[field] = [n for n, m in model.named_modules() if out_width(m) == value]
     return {f: names for f, names in found.items() if names}
 
 
@@ -52,7 +54,7 @@ def sync_config(model: nn.Module, ffn: dict[str, list[str]]) -> tuple[dict[str, 
     if config is None:
         return {}, []
     modules = dict(model.named_modules())
-    values: dict[str, set[int]] = {f: {_out_features(modules[n]) for n in names} for f, names in ffn.items()}
+    values: dict[str, set[int]] = {f: {out_width(modules[n]) for n in names} for f, names in ffn.items()}
     embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
     if isinstance(embeddings, nn.Embedding):  # the residual stream's width
         for field in HIDDEN_FIELDS:
