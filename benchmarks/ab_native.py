@@ -17,9 +17,7 @@ Measures the native call only (DLPack in, DLPack out); Python-side changes need 
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib.util
-import platform
 import statistics
 import time
 
@@ -30,24 +28,7 @@ import sparsenet
 from sparsenet import _C as new_C
 from sparsenet.formats import PackedCSR, hugepages
 
-
-def last_level_cache_bytes() -> int:
-    """The largest cache sysfs lists for CPU 0 (the last level)."""
-    sizes = []
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        text = open(path).read().strip()
-        sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1))
-    return max(sizes, default=32 * 2**20)
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from machine import cpu_name, last_level_cache_bytes
 
 
 def load_baseline(path: str):

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 
 import sparsenet
+from machine import last_level_cache_bytes
 from sparsenet.nn import SparseLinear
 
 SHAPES = [(4096, 4096), (1536, 384), (384, 1536)]  # (out_features, in_features)
 SPARSITIES = [0.5, 0.7, 0.9, 0.95]
 BATCHES = [1, 8, 64, 256]
-LLC_BYTES = 32 * 2**20  # this machine's L3; rotation sets hold at least 2x this per method
+LLC_BYTES = last_level_cache_bytes()  # read from the machine; rotation sets hold at least 2x this per method
 MAX_COPIES = 400
 
 
@@ -121,11 +122,12 @@ def check_agreement(c: Contenders, x: torch.Tensor, tolerance: float = 1e-4) -> 
 
 
 class ReadProbe:
-    """A streaming read of 256 MiB (torch.sum, current threads), timed with the same statistic as
-    the kernels it is the limit for (the median), next to them in time. Not interleaved with their
-    rounds: a 256 MiB read flushes every cache and TLB, which would change what small layers cost."""
+    """A streaming read of twice the last-level cache, at least 256 MiB (torch.sum, current threads),
+    timed with the same statistic as the kernels it is the limit for (the median), next to them in
+    time. Not interleaved with their rounds: such a read flushes every cache and TLB, which would
+    change what small layers cost. (On a 300 MiB L3 a 256 MiB probe would measure the cache.)"""
 
-    BYTES = 256 * 2**20
+    BYTES = max(256 * 2**20, 2 * LLC_BYTES)
 
     def __init__(self):
         self.buf = torch.ones(self.BYTES // 4)

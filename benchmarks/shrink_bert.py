@@ -20,7 +20,7 @@ import torch
 
 import sparsenet
 from memory import PeakMeter
-from ab_native import cpu_name
+from machine import cpu_name
 
 
 def encoder(layers: int, hidden: int, ffn: int, heads: int):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import sparsenet
-from ab_native import cpu_name
+from machine import cpu_name
 from shrink_bert import timed
 
 

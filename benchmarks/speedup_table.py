@@ -7,7 +7,7 @@
 Rounds are interleaved (dense, torch.sparse, sparsenet, dense, ...) so a shared machine's noise hits
 all three alike, and every ratio compares times taken in the same run. Beside each figure is its
 physical limit: the speedup sparsenet would have if it ran at the read bandwidth measured in the same
-cell (median of seven 256 MiB torch.sum; bytes it must read / bandwidth) or at the practical FLOP
+cell (median of seven torch.sum over twice the last-level cache, at least 256 MiB; bytes it must read / bandwidth) or at the practical FLOP
 peak (a large dense GEMM), whichever binds.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(__file__))
+from machine import cpu_label  # noqa: E402
 from common import (  # noqa: E402
     BATCHES, SHAPES, SPARSITIES, ReadProbe, callables, check_agreement, make_contenders, peak_flops, set_threads,
 )
@@ -88,7 +89,7 @@ def print_table(rows, markdown: bool) -> None:
         for c in cells:
             print("| " + " | ".join(c) + " |")
     else:
-        table = Table(title="y = x W^T, float32: median time per call and speedup of sparsenet")
+        table = Table(title=f"y = x W^T, float32, {cpu_label()}: median time per call and speedup of sparsenet")
         for c in cols:
             table.add_column(c, justify="right")
         for c in cells:
@@ -96,7 +97,7 @@ def print_table(rows, markdown: bool) -> None:
         Console(width=160).print(table)
     bw = statistics.median(r["bandwidth_gbs"] for r in rows)
     print(f"\noutputs agree: max relative error vs dense {max(r['max_rel_err'] for r in rows):.1e} (all cells)")
-    print(f"read bandwidth (torch.sum over 256 MiB, same threads, median of 7 before each cell; "
+    print(f"read bandwidth (torch.sum over {ReadProbe.BYTES / 2**20:.0f} MiB, same threads, median of 7 before each cell; "
           f"median over cells): {bw:.1f} GB/s; "
           f"practical FLOP peak (1024x2048x2048 sgemm): {rows[0]['peak_gflops']:.0f} GFLOP/s")
 
