@@ -21,6 +21,7 @@
 
 #include "bindings/dlpack_abi.h"
 
+#include "cpu/bitmap_view.h"
 #include "cpu/csr_view.h"
 #include "cpu/dispatch.h"
 #include "cpu/huge_alloc.h"
@@ -170,6 +171,51 @@ py::object new_output(int64_t rows, int64_t cols, Dense2D* out) {
   return py::reinterpret_steal<py::object>(capsule);
 }
 
+// x as the kernels read it: float32 (batch, cols), unit stride along features, rows not overlapping.
+void check_x(const Dense2D& x, int64_t cols) {
+  if (!x.float32) throw py::type_error("x must be float32");
+  if (x.rows < 0) throw py::value_error("x has a negative batch size");
+  if (x.cols != cols)
+    throw py::value_error("x has " + std::to_string(x.cols) + " features, the weight expects " + std::to_string(cols));
+  if (x.cols > 1 && x.col_stride != 4) throw py::value_error("x needs unit stride along features");
+  if (x.rows > 1 && (x.row_stride % 4 != 0 || x.row_stride < 4 * x.cols))
+    throw py::value_error("x rows must not overlap (row stride at least the feature count)");
+}
+
+// The kernels' arguments for y = x A^T (+ bias) with A of `rows` outputs and `cols` inputs, once
+// out is checked: float32 (batch, rows), contiguous, not overlapping x (which passed check_x).
+sparsenet::DenseArgs dense_args(const Dense2D& x, const Dense2D& y, int64_t rows, int64_t cols, const float* bias) {
+  if (!y.float32) throw py::type_error("out must be float32");
+  const int64_t batch = x.rows;
+  if (y.rows != batch || y.cols != rows)
+    throw py::value_error("out must have shape (" + std::to_string(batch) + ", " + std::to_string(rows) + ")");
+  if ((y.cols > 1 && y.col_stride != 4) || (batch > 1 && y.row_stride != 4 * y.cols))
+    throw py::value_error("out must be contiguous");
+  const char* ylo = y.ptr;
+  const char* yhi = ylo + 4 * batch * rows;
+  const char* xlo = x.ptr;
+  const char* xhi = xlo + (batch > 0 ? x.row_stride * (batch - 1) + 4 * cols : 0);
+  if (batch > 0 && rows > 0 && ylo < xhi && xlo < yhi) throw py::value_error("out must not overlap x");
+  sparsenet::DenseArgs d;
+  d.x = reinterpret_cast<const float*>(x.ptr);
+  d.batch = batch;
+  d.ldx = batch > 1 ? x.row_stride / 4 : cols;
+  d.y = reinterpret_cast<float*>(y.ptr);
+  d.ldy = rows;
+  d.num_threads = g_num_threads.load(std::memory_order_relaxed);
+  d.bias = bias;
+  return d;
+}
+
+const float* bias_pointer(const py::object& bias, int64_t rows) {
+  if (bias.is_none()) return nullptr;
+  const auto bi = vector_info(bias.cast<py::buffer>(), "bias");
+  if (!format_is(bi, 'f', 4)) throw py::type_error("bias must be float32");
+  if (bi.size != rows)
+    throw py::value_error("bias has " + std::to_string(bi.size) + " entries, expected " + std::to_string(rows));
+  return static_cast<const float*>(bi.ptr);
+}
+
 // A packed CSR weight checked once and ready to multiply (see csrc/cpu/csr_view.h for the layout).
 //
 // The handle owns a private copy of the structure (row pointers and column indices), made and then
@@ -215,7 +261,7 @@ class CsrHandle {
     view_.values = static_cast<const float*>(va.ptr);
     sparsenet::validate_csr(view_);  // throws std::invalid_argument -> ValueError
     if (!bias.is_none() && !keep) throw py::value_error("bias is kept only by a handle with keep=True");
-    bias_ = bias_pointer(bias);
+    bias_ = bias_pointer(bias, view_.rows);
     // Holding the exporters keeps the memory alive (numpy arrays pin what they view).
     if (keep) owners_ = std::make_shared<const py::tuple>(py::make_tuple(values, bias));
     else view_.values = nullptr;  // handed over again on every matmul
@@ -231,8 +277,8 @@ class CsrHandle {
                             std::to_string(view_.nnz));
     const py::buffer_info xi = x.request(), yi = y.request(/*writable=*/true);
     const Dense2D xd = dense_from_buffer(xi, "x");
-    check_x(xd);
-    run(static_cast<const float*>(va.ptr), xd, dense_from_buffer(yi, "out"), bias_pointer(bias));
+    check_x(xd, view_.cols);
+    run(static_cast<const float*>(va.ptr), xd, dense_from_buffer(yi, "out"), bias_pointer(bias, view_.rows));
   }
 
   // x A^T (+ the bias given at construction) as a new (batch, rows) float32 tensor; x and the
@@ -243,7 +289,7 @@ class CsrHandle {
   py::object forward(const py::object& x) const {
     if (!owners_) throw py::value_error("this handle does not keep its buffers (keep=False): use matmul");
     const Dense2D xd = dense_from_dlpack(x, "x");
-    check_x(xd);
+    check_x(xd, view_.cols);
     Dense2D yd;
     py::object y = new_output(xd.rows, view_.rows, &yd);
     run(view_.values, xd, yd, bias_);
@@ -270,39 +316,10 @@ class CsrHandle {
   bool keeps_buffers() const { return static_cast<bool>(owners_); }
 
  private:
-  void check_x(const Dense2D& x) const {
-    if (!x.float32) throw py::type_error("x must be float32");
-    if (x.rows < 0) throw py::value_error("x has a negative batch size");
-    if (x.cols != view_.cols)
-      throw py::value_error("x has " + std::to_string(x.cols) + " features, the weight expects " +
-                            std::to_string(view_.cols));
-    if (x.cols > 1 && x.col_stride != 4) throw py::value_error("x needs unit stride along features");
-    if (x.rows > 1 && (x.row_stride % 4 != 0 || x.row_stride < 4 * x.cols))
-      throw py::value_error("x rows must not overlap (row stride at least the feature count)");
-  }
-
   // x has passed check_x (before forward allocates its output).
   void run(const float* values, const Dense2D& x, const Dense2D& y, const float* bias) const {
-    if (!y.float32) throw py::type_error("out must be float32");
-    const int64_t batch = x.rows;
-    if (y.rows != batch || y.cols != view_.rows)
-      throw py::value_error("out must have shape (" + std::to_string(batch) + ", " + std::to_string(view_.rows) + ")");
-    if ((y.cols > 1 && y.col_stride != 4) || (batch > 1 && y.row_stride != 4 * y.cols))
-      throw py::value_error("out must be contiguous");
-    const char* ylo = y.ptr;
-    const char* yhi = ylo + 4 * batch * view_.rows;
-    const char* xlo = x.ptr;
-    const char* xhi = xlo + (batch > 0 ? x.row_stride * (batch - 1) + 4 * view_.cols : 0);
-    if (batch > 0 && view_.rows > 0 && ylo < xhi && xlo < yhi) throw py::value_error("out must not overlap x");
-
-    sparsenet::DenseArgs d;
-    d.x = reinterpret_cast<const float*>(x.ptr);
-    d.batch = batch;
-    d.ldx = batch > 1 ? x.row_stride / 4 : view_.cols;
-    d.y = reinterpret_cast<float*>(y.ptr);
-    d.ldy = view_.rows;
-    d.num_threads = g_num_threads.load(std::memory_order_relaxed);
-    d.bias = bias;
+    const sparsenet::DenseArgs d = dense_args(x, y, view_.rows, view_.cols, bias);
+    const int64_t batch = d.batch;
     if (batch == 0 || view_.rows == 0) return;
     const auto kernel = sparsenet::cpu::csr_matmul_kernel();
     sparsenet::CsrView view = view_;
@@ -311,15 +328,6 @@ class CsrHandle {
     py::gil_scoped_release nogil;
     kernel(view, d);
     sparsenet::propagate_nonfinite(view, d);
-  }
-
-  const float* bias_pointer(const py::object& bias) const {
-    if (bias.is_none()) return nullptr;
-    const auto bi = vector_info(bias.cast<py::buffer>(), "bias");
-    if (!format_is(bi, 'f', 4)) throw py::type_error("bias must be float32");
-    if (bi.size != view_.rows)
-      throw py::value_error("bias has " + std::to_string(bi.size) + " entries, expected " + std::to_string(view_.rows));
-    return static_cast<const float*>(bi.ptr);
   }
 
   // The column-tiled copy (cpu/tiled.h), built on first use under the GIL (so two threads never
@@ -353,6 +361,81 @@ class CsrHandle {
   mutable const float* tiled_values_ = nullptr;  // the values tiled_ copied
 };
 
+
+// A bitmap-compressed weight checked once and ready to multiply (see csrc/cpu/bitmap_view.h for the
+// layout). As CsrHandle: it copies the structure (masks and row offsets), validates the copy and
+// reads only that; the values are handed over on every call (any float is memory-safe to read, and
+// the copy's row offsets, checked against the value count, bound every read of them).
+class BitmapHandle {
+ public:
+  BitmapHandle(int64_t rows, int64_t cols, const py::buffer& masks, const py::buffer& row_ptr, const py::buffer& values) {
+    if (rows < 0 || cols < 0) throw py::value_error("rows and cols must be non-negative");
+    const auto ma = vector_info(masks, "masks");
+    const auto rp = vector_info(row_ptr, "row_ptr");
+    const auto va = vector_info(values, "values");
+    if (!format_is(ma, 'H', 2)) throw py::type_error("masks must be uint16, got format '" + ma.format + "'");
+    if (!format_is(rp, 'q', 8)) throw py::type_error("row_ptr must be int64");
+    if (!format_is(va, 'f', 4)) throw py::type_error("values must be float32");
+    const int64_t chunks = sparsenet::bitmap_chunks(cols);
+    if (ma.size != rows * chunks)
+      throw py::value_error("masks has " + std::to_string(ma.size) + " entries, expected rows * ceil(cols / 16) = " +
+                            std::to_string(rows * chunks));
+    if (rp.size != rows + 1)
+      throw py::value_error("row_ptr has " + std::to_string(rp.size) + " entries, expected rows + 1 = " +
+                            std::to_string(rows + 1));
+    const auto* mask_data = static_cast<const uint16_t*>(ma.ptr);
+    const auto* rp_data = static_cast<const int64_t*>(rp.ptr);
+    masks_.assign(mask_data, mask_data + ma.size);
+    row_ptr_.assign(rp_data, rp_data + rp.size);
+    view_.rows = rows;
+    view_.cols = cols;
+    view_.chunks = chunks;
+    view_.nnz = va.size;
+    view_.masks = masks_.data();
+    view_.row_ptr = row_ptr_.data();
+    sparsenet::validate_bitmap(view_);  // throws std::invalid_argument -> ValueError
+  }
+
+  // out[:] = x A^T (+ bias) with A's values read from `values` (float32, nnz entries).
+  void matmul(const py::buffer& values, const py::buffer& x, const py::buffer& y, const py::object& bias) const {
+    const py::buffer_info va = vector_info(values, "values");
+    if (!format_is(va, 'f', 4)) throw py::type_error("values must be float32");
+    if (va.size != view_.nnz)
+      throw py::value_error("values has " + std::to_string(va.size) + " entries, the structure holds " +
+                            std::to_string(view_.nnz));
+    const py::buffer_info xi = x.request(), yi = y.request(/*writable=*/true);
+    const Dense2D xd = dense_from_buffer(xi, "x");
+    check_x(xd, view_.cols);
+    const sparsenet::DenseArgs d = dense_args(xd, dense_from_buffer(yi, "out"), view_.rows, view_.cols,
+                                              bias_pointer(bias, view_.rows));
+    if (d.batch == 0 || view_.rows == 0) return;
+    sparsenet::BitmapView view = view_;
+    view.values = static_cast<const float*>(va.ptr);
+    const auto kernel = sparsenet::cpu::bitmap_matmul_kernel();
+    py::gil_scoped_release nogil;
+    kernel(view, d);
+    sparsenet::propagate_nonfinite(view, d);
+  }
+
+  // (masks, row_ptr): read-only numpy views of the handle's validated copy, which they keep alive.
+  static py::tuple structure(const py::object& self) {
+    const BitmapHandle& h = self.cast<const BitmapHandle&>();
+    py::array masks(py::dtype::of<uint16_t>(), {static_cast<int64_t>(h.masks_.size())}, {int64_t{2}}, h.masks_.data(), self);
+    py::array row_ptr(py::dtype::of<int64_t>(), {h.view_.rows + 1}, {int64_t{8}}, h.row_ptr_.data(), self);
+    for (py::array* a : {&masks, &row_ptr}) a->attr("flags").attr("writeable") = false;
+    return py::make_tuple(masks, row_ptr);
+  }
+
+  int64_t rows() const { return view_.rows; }
+  int64_t cols() const { return view_.cols; }
+  int64_t nnz() const { return view_.nnz; }
+
+ private:
+  sparsenet::BitmapView view_;  // structure: this handle's private copy
+  std::vector<uint16_t, sparsenet::cpu::HugePageAllocator<uint16_t>> masks_;  // streamed on every call
+  std::vector<int64_t> row_ptr_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -376,6 +459,18 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("cols", &CsrHandle::cols)
       .def_property_readonly("nnz", &CsrHandle::nnz)
       .def_property_readonly("index_bytes", &CsrHandle::index_bytes);
+
+  py::class_<BitmapHandle>(m, "BitmapHandle")
+      .def(py::init<int64_t, int64_t, const py::buffer&, const py::buffer&, const py::buffer&>(), py::arg("rows"),
+           py::arg("cols"), py::arg("masks"), py::arg("row_ptr"), py::arg("values"),
+           "Copy and validate a bitmap weight's structure once (values: only their count is taken); matmul is "
+           "handed the values on every call.")
+      .def("matmul", &BitmapHandle::matmul, py::arg("values"), py::arg("x"), py::arg("out"),
+           py::arg("bias") = py::none(), "out[:] = x @ A.T (+ bias), A being the validated structure with these values")
+      .def("structure", &BitmapHandle::structure, "(masks, row_ptr): read-only numpy views of the validated copy")
+      .def_property_readonly("rows", &BitmapHandle::rows)
+      .def_property_readonly("cols", &BitmapHandle::cols)
+      .def_property_readonly("nnz", &BitmapHandle::nnz);
 
   m.def("compiled_isas", &sparsenet::cpu::compiled_isas);
   m.def("supported_isas", &sparsenet::cpu::supported_isas);

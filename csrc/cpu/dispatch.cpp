@@ -17,24 +17,30 @@ bool cpu_has(const std::string& isa) {
   return isa == "fallback";
 }
 
-CsrMatmulFn kernel_for(const std::string& isa) {
+// The kernel table: one entry per format for each ISA.
+struct Kernels {
+  CsrMatmulFn csr = nullptr;
+  BitmapMatmulFn bitmap = nullptr;
+};
+
+Kernels kernels_for(const std::string& isa) {
 #ifdef SPARSENET_BUILD_AVX512
-  if (isa == "avx512") return avx512::csr_matmul;
+  if (isa == "avx512") return {avx512::csr_matmul, avx512::bitmap_matmul};
 #endif
 #ifdef SPARSENET_BUILD_AVX2
-  if (isa == "avx2") return avx2::csr_matmul;
+  if (isa == "avx2") return {avx2::csr_matmul, avx2::bitmap_matmul};
 #endif
-  if (isa == "fallback") return fallback::csr_matmul;
-  return nullptr;
+  if (isa == "fallback") return {fallback::csr_matmul, fallback::bitmap_matmul};
+  return {};
 }
 
 struct Active {
   std::string name;
-  CsrMatmulFn fn;
+  Kernels fn;
   Active() {
     const auto isas = supported_isas();
     name = isas.front();
-    fn = kernel_for(name);
+    fn = kernels_for(name);
   }
 };
 
@@ -72,9 +78,10 @@ void set_isa(const std::string& name) {
   if (!compiled) throw std::invalid_argument("ISA '" + name + "' is not compiled into this build");
   if (!cpu_has(name)) throw std::invalid_argument("this CPU cannot run ISA '" + name + "'");
   active().name = name;
-  active().fn = kernel_for(name);
+  active().fn = kernels_for(name);
 }
 
-CsrMatmulFn csr_matmul_kernel() { return active().fn; }
+CsrMatmulFn csr_matmul_kernel() { return active().fn.csr; }
+BitmapMatmulFn bitmap_matmul_kernel() { return active().fn.bitmap; }
 
 }  // namespace sparsenet::cpu

@@ -3,6 +3,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/bitmap_view.h"
 #include "cpu/csr_view.h"
 
 namespace sparsenet::cpu {
@@ -12,5 +13,6 @@ std::vector<std::string> supported_isas();  // what this binary contains and thi
 std::string active_isa();
 void set_isa(const std::string& name);      // throws std::invalid_argument if unknown/unsupported
 CsrMatmulFn csr_matmul_kernel();
+BitmapMatmulFn bitmap_matmul_kernel();
 
 }  // namespace sparsenet::cpu

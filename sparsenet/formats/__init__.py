@@ -1,4 +1,5 @@
 """Compact storage formats for sparse weights (pure data + torch; no kernels)."""
+from sparsenet.formats.bitmap import PackedBitmap
 from sparsenet.formats.csr import CSR, PackedCSR
 
-__all__ = ["CSR", "PackedCSR"]
+__all__ = ["CSR", "PackedCSR", "PackedBitmap"]

@@ -1,0 +1,66 @@
+// The threading skeleton of the bitmap kernels (compiled into each ISA's namespace: capability.h).
+// Rows are cut into chunks of equal cost, several per thread, handed out dynamically; a row's cost
+// is its stored weights plus a share per 16-column chunk (the mask and the loads of x it takes).
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu/bitmap_view.h"
+#include "cpu/capability.h"
+
+namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
+
+inline int64_t bitmap_cost_before(const BitmapView& a, int64_t row) { return a.row_ptr[row] + row * a.chunks / 2; }
+
+// rows(r0, r1): rows [r0, r1) for every batch entry.
+template <typename RowsFn>
+void bitmap_drive(const BitmapView& a, const DenseArgs& d, RowsFn rows) {
+  const int64_t total = bitmap_cost_before(a, a.rows);
+  // Below ~25k multiply-adds the fork/join costs more than a second thread saves (as for CSR).
+  const int nt = (d.num_threads <= 1 || (total + a.rows) * d.batch < 24576) ? 1 : d.num_threads;
+  const int parts = static_cast<int>(std::min<int64_t>(std::max<int64_t>(a.rows, 1), int64_t{nt} * 8));
+  auto row_at = [&](int p) -> int64_t {
+    if (p <= 0) return 0;
+    if (p >= parts) return a.rows;
+    const int64_t target = total / parts * p + total % parts * p / parts;
+    int64_t lo = 0, hi = a.rows;
+    while (lo < hi) {  // the first row whose cost before it reaches the target
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (bitmap_cost_before(a, mid) < target) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  if (nt == 1) {
+    rows(int64_t{0}, a.rows);
+    return;
+  }
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int p = 0; p < parts; ++p) rows(row_at(p), row_at(p + 1));
+}
+
+// row(std::integral_constant<int, NB>{}, r, m0) for each row of [r0, r1), and within it for the
+// samples in blocks of 8 and one last block of NB < 8: a row's values stay in L1 while the blocks
+// reuse them, and NB, a constant, lets the kernel keep its NB accumulators in registers.
+template <typename RowFn>
+inline void rows_in_sample_blocks(int64_t r0, int64_t r1, int64_t batch, RowFn row) {
+  using std::integral_constant;
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t m = 0;
+    for (; m + 8 <= batch; m += 8) row(integral_constant<int, 8>{}, r, m);
+    switch (batch - m) {
+      case 7: row(integral_constant<int, 7>{}, r, m); break;
+      case 6: row(integral_constant<int, 6>{}, r, m); break;
+      case 5: row(integral_constant<int, 5>{}, r, m); break;
+      case 4: row(integral_constant<int, 4>{}, r, m); break;
+      case 3: row(integral_constant<int, 3>{}, r, m); break;
+      case 2: row(integral_constant<int, 2>{}, r, m); break;
+      case 1: row(integral_constant<int, 1>{}, r, m); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY
