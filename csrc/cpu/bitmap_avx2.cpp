@@ -37,10 +37,13 @@ alignas(32) constexpr Tables kTables = make_tables();
 
 inline __m256i lanes(const int32_t (&row)[8]) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(row)); }
 
-// The 8 weights of half `bits` (at least one set), read from v, at their columns; advances v.
+// The 8 weights of half `bits`, read from v, at their columns (zero where no bit is set); advances
+// v. kInBounds: the 8 floats from v are inside the values, so a plain load serves (a masked load,
+// vmaskmovps, is slow on AMD cores).
+template <bool kInBounds>
 inline __m256 decode(unsigned bits, const float*& v) {
   const int count = __builtin_popcount(bits);
-  const __m256 packed = _mm256_maskload_ps(v, lanes(kTables.prefix[count]));
+  const __m256 packed = kInBounds ? _mm256_loadu_ps(v) : _mm256_maskload_ps(v, lanes(kTables.prefix[count]));
   v += count;
   const __m256 placed = _mm256_permutevar8x32_ps(packed, lanes(kTables.perm[bits]));
   return _mm256_and_ps(placed, _mm256_castsi256_ps(lanes(kTables.keep[bits])));
@@ -52,33 +55,41 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-// Row r for samples [m0, m0 + NB).
-template <int NB>
-inline void row(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) {
+// Row r for samples [m0, m0 + NB). Halves without a stored weight are not skipped: at the
+// densities this format is for, the branch would mispredict more often than it saves work.
+template <int NB, bool kInBounds>
+inline void row_in(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) {
   const float* x[NB];
+#pragma GCC unroll 8
   for (int i = 0; i < NB; ++i) x[i] = d.x + (m0 + i) * d.ldx;
   const uint16_t* mask = a.masks + r * a.chunks;
   const float* v = a.values + a.row_ptr[r];
   const int64_t full = a.cols / 8;  // 8-column halves whose columns all exist
   __m256 acc[NB];
+#pragma GCC unroll 8
   for (int i = 0; i < NB; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t h = 0; h < full; ++h) {
-    const unsigned bits = (mask[h / 2] >> (8 * (h % 2))) & 0xffu;
-    if (!bits) continue;
-    const __m256 w = decode(bits, v);
+    const __m256 w = decode<kInBounds>((mask[h / 2] >> (8 * (h % 2))) & 0xffu, v);
+#pragma GCC unroll 8
     for (int i = 0; i < NB; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x[i] + h * 8), acc[i]);
   }
   const int64_t rest = a.cols - full * 8;  // columns of a last, partial half
   if (rest) {
-    const unsigned bits = (mask[full / 2] >> (8 * (full % 2))) & 0xffu;
-    if (bits) {
-      const __m256 w = decode(bits, v);
-      for (int i = 0; i < NB; ++i)
-        acc[i] = _mm256_fmadd_ps(w, _mm256_maskload_ps(x[i] + full * 8, lanes(kTables.prefix[rest])), acc[i]);
-    }
+    const __m256 w = decode<kInBounds>((mask[full / 2] >> (8 * (full % 2))) & 0xffu, v);
+#pragma GCC unroll 8
+    for (int i = 0; i < NB; ++i)
+      acc[i] = _mm256_fmadd_ps(w, _mm256_maskload_ps(x[i] + full * 8, lanes(kTables.prefix[rest])), acc[i]);
   }
   const float b = d.bias ? d.bias[r] : 0.0f;
+#pragma GCC unroll 8
   for (int i = 0; i < NB; ++i) d.y[(m0 + i) * d.ldy + r] = hsum(acc[i]) + b;
+}
+
+template <int NB>
+inline void row(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) {
+  // A half's plain 8-float load reads at most 7 floats past the row's last value.
+  if (a.nnz - a.row_ptr[r + 1] >= 8) row_in<NB, true>(a, d, r, m0);
+  else row_in<NB, false>(a, d, r, m0);
 }
 
 }  // namespace

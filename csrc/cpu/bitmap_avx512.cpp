@@ -3,6 +3,7 @@
 // (The register form of expand, not the memory one: the memory form is microcoded on Zen 4.)
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "cpu/bitmap_drive.h"
@@ -15,9 +16,14 @@ namespace sparsenet::cpu::avx512 {
 
 namespace {
 
-// The weights of a 16-column chunk with mask `bits`, whose packed values start at v, at their columns.
+// The weights of a 16-column chunk with mask `bits`, whose packed values start at v, at their
+// columns. kInBounds: the 16 floats from v are all inside the values (then a plain load, which
+// saves the count-to-mask arithmetic of a masked one: most rows are followed by 16 more values).
+template <bool kInBounds>
 inline __m512 decode(unsigned bits, const float* v) {
-  const __m512 packed = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << __builtin_popcount(bits)) - 1u), v);
+  const __m512 packed = kInBounds
+      ? _mm512_loadu_ps(v)
+      : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << __builtin_popcount(bits)) - 1u), v);
   return _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), packed);
 }
 
@@ -25,16 +31,19 @@ inline __m512 decode(unsigned bits, const float* v) {
 // value offsets are popcounts of that one word, so the steps do not wait on each other (a pointer
 // advanced chunk by chunk made every chunk wait for the previous popcount), and one sample's sums
 // alternate between two accumulators (the FMA latency is not a chain either).
-template <int NB>
-inline void row(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) {
+template <int NB, bool kInBounds>
+inline void row_in(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) {
   constexpr int kAcc = NB <= 4 ? 2 : 1;
   const float* x[NB];
+#pragma GCC unroll 8
   for (int i = 0; i < NB; ++i) x[i] = d.x + (m0 + i) * d.ldx;
   const uint16_t* mask = a.masks + r * a.chunks;
   const float* v = a.values + a.row_ptr[r];
   const int64_t full = a.cols / kBitmapChunk;  // chunks whose 16 columns all exist
   __m512 acc[NB][kAcc];
+#pragma GCC unroll 8
   for (int i = 0; i < NB; ++i)
+#pragma GCC unroll 8
     for (int j = 0; j < kAcc; ++j) acc[i][j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 4 <= full; k += 4) {
@@ -47,7 +56,7 @@ inline void row(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) 
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
       const unsigned bits = static_cast<unsigned>(word >> (16 * c)) & 0xffffu;
-      const __m512 w = decode(bits, v + offsets[c]);
+      const __m512 w = decode<kInBounds>(bits, v + offsets[c]);
 #pragma GCC unroll 8
       for (int i = 0; i < NB; ++i)
         acc[i][c % kAcc] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x[i] + (k + c) * kBitmapChunk), acc[i][c % kAcc]);
@@ -57,27 +66,100 @@ inline void row(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) 
   for (; k < full; ++k) {
     const unsigned bits = mask[k];
     if (!bits) continue;
-    const __m512 w = decode(bits, v);
+    const __m512 w = decode<kInBounds>(bits, v);
     v += __builtin_popcount(bits);
+#pragma GCC unroll 8
     for (int i = 0; i < NB; ++i) acc[i][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x[i] + k * kBitmapChunk), acc[i][0]);
   }
   if (full < a.chunks && mask[full]) {  // the last chunk, past which x has no columns
     const __mmask16 cols = static_cast<__mmask16>((1u << (a.cols - full * kBitmapChunk)) - 1u);
-    const __m512 w = decode(mask[full], v);
+    const __m512 w = decode<kInBounds>(mask[full], v);
+#pragma GCC unroll 8
     for (int i = 0; i < NB; ++i)
       acc[i][0] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(cols, x[i] + full * kBitmapChunk), acc[i][0]);
   }
   const float b = d.bias ? d.bias[r] : 0.0f;
+#pragma GCC unroll 8
   for (int i = 0; i < NB; ++i) {
     __m512 sum = acc[i][0];
+#pragma GCC unroll 8
     for (int j = 1; j < kAcc; ++j) sum = _mm512_add_ps(sum, acc[i][j]);
     d.y[(m0 + i) * d.ldy + r] = _mm512_reduce_add_ps(sum) + b;
   }
 }
 
+// Batch 1: rows r and r + 1 together. Their chunks are independent work for the core to overlap
+// (each row alone waits on its own loads and popcounts), and one load of x serves both.
+template <bool kInBounds>
+inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
+  const float* x = d.x;
+  const uint16_t* mask0 = a.masks + r * a.chunks;
+  const uint16_t* mask1 = mask0 + a.chunks;
+  const float* v0 = a.values + a.row_ptr[r];
+  const float* v1 = a.values + a.row_ptr[r + 1];
+  const int64_t full = a.cols / kBitmapChunk;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 4 <= full; k += 4) {
+    uint64_t word0, word1;
+    std::memcpy(&word0, mask0 + k, sizeof word0);
+    std::memcpy(&word1, mask1 + k, sizeof word1);
+    const int off0[4] = {0, __builtin_popcountll(word0 & 0xffffull), __builtin_popcountll(word0 & 0xffffffffull),
+                         __builtin_popcountll(word0 & 0xffffffffffffull)};
+    const int off1[4] = {0, __builtin_popcountll(word1 & 0xffffull), __builtin_popcountll(word1 & 0xffffffffull),
+                         __builtin_popcountll(word1 & 0xffffffffffffull)};
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m512 xv = _mm512_loadu_ps(x + (k + c) * kBitmapChunk);
+      const __m512 w0 = decode<kInBounds>(static_cast<unsigned>(word0 >> (16 * c)) & 0xffffu, v0 + off0[c]);
+      const __m512 w1 = decode<kInBounds>(static_cast<unsigned>(word1 >> (16 * c)) & 0xffffu, v1 + off1[c]);
+      if (c % 2) {
+        acc1 = _mm512_fmadd_ps(w0, xv, acc1);
+        acc3 = _mm512_fmadd_ps(w1, xv, acc3);
+      } else {
+        acc0 = _mm512_fmadd_ps(w0, xv, acc0);
+        acc2 = _mm512_fmadd_ps(w1, xv, acc2);
+      }
+    }
+    v0 += __builtin_popcountll(word0);
+    v1 += __builtin_popcountll(word1);
+  }
+  for (; k < a.chunks; ++k) {  // the rest, the last chunk's x masked to the columns that exist
+    const int64_t valid = std::min<int64_t>(kBitmapChunk, a.cols - k * kBitmapChunk);
+    const __m512 xv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << valid) - 1u), x + k * kBitmapChunk);
+    acc0 = _mm512_fmadd_ps(decode<kInBounds>(mask0[k], v0), xv, acc0);
+    acc2 = _mm512_fmadd_ps(decode<kInBounds>(mask1[k], v1), xv, acc2);
+    v0 += __builtin_popcount(mask0[k]);
+    v1 += __builtin_popcount(mask1[k]);
+  }
+  const float b0 = d.bias ? d.bias[r] : 0.0f, b1 = d.bias ? d.bias[r + 1] : 0.0f;
+  d.y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + b0;
+  d.y[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(acc2, acc3)) + b1;
+}
+
+template <int NB>
+inline void row(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) {
+  // A chunk's plain 16-float load reads at most 15 floats past the row's last value.
+  if (a.nnz - a.row_ptr[r + 1] >= kBitmapChunk) row_in<NB, true>(a, d, r, m0);
+  else row_in<NB, false>(a, d, r, m0);
+}
+
 }  // namespace
 
 void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
+  if (d.batch == 1) {
+    bitmap_drive(a, d, [&](int64_t r0, int64_t r1) {
+      int64_t r = r0;
+      for (; r + 2 <= r1; r += 2) {
+        // The pair's plain loads read at most 15 floats past the second row's values.
+        if (a.nnz - a.row_ptr[r + 2] >= kBitmapChunk) row_pair_in<true>(a, d, r);
+        else row_pair_in<false>(a, d, r);
+      }
+      if (r < r1) row<1>(a, d, r, 0);
+    });
+    return;
+  }
   bitmap_drive(a, d, [&](int64_t r0, int64_t r1) {
     rows_in_sample_blocks(r0, r1, d.batch, [&](auto nb, int64_t r, int64_t m0) { row<decltype(nb)::value>(a, d, r, m0); });
   });
