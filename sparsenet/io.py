@@ -54,7 +54,7 @@ from sparsenet._hf_config import ffn_layers, sync_config
 from sparsenet._sizes import fix_head_counts, fix_sizes, module_sizes, shapes_at
 from sparsenet._version import __version__
 from sparsenet._weights import is_conv1d
-from sparsenet.formats import PackedCSR
+from sparsenet.formats import registry
 
 FILE_FORMAT_VERSION = 1
 _METADATA_KEY = "sparsenet"
@@ -352,14 +352,15 @@ def _check_module_entry(path: str, entry) -> None:
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise ValueError(f"{path!r}: malformed sparse module entry {entry!r}")
     name, fmt, version = entry["name"], entry.get("format"), entry.get("version")
-    if fmt != PackedCSR.FORMAT:
-        raise ValueError(f"{path!r}: module {name!r} uses format {fmt!r}, which this sparsenet cannot read")
+    if fmt not in registry.names():
+        raise ValueError(f"{path!r}: module {name!r} uses format {fmt!r}, which this sparsenet cannot read "
+                         f"(it reads {', '.join(registry.names())})")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ValueError(f"{path!r}: module {name!r} has invalid format version {version!r}")
-    if version > PackedCSR.VERSION:
+    if version > registry.get(fmt).VERSION:
         raise ValueError(
             f"{path!r}: module {name!r} uses {fmt} format version {version}; this sparsenet reads up to "
-            f"{PackedCSR.VERSION}: upgrade sparsenet"
+            f"{registry.get(fmt).VERSION}: upgrade sparsenet"
         )
 
 
@@ -431,17 +432,19 @@ def _check_against_model(path: str, header: dict, state: dict[str, torch.Tensor]
     resizable = set()  # a sparse layer may hold a different number of non-zeros than the skeleton
     for first, (m, names) in sparse.items():
         shape = (m.out_features, m.in_features)
+        spec = registry.get(m.format)
         for name in names:  # each name's tensors are validated: load_state_dict copies them all
             p = _prefix(name)
+            tensors = {n: state[p + n] for n in (*spec.STRUCTURE, "values")}
             try:
-                packed = PackedCSR(state[p + "crow_indices"], state[p + "col_indices"], state[p + "values"], shape)
+                packed = spec.from_tensors(tensors, shape)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{path!r}: sparse module {name!r} ({shape[0]}x{shape[1]}) is invalid: {e}") from None
-            described = {k: entries[first].get(k) for k in ("shape", "nnz", "index_dtype")}
+            described = {k: entries[first].get(k) for k in packed.metadata() if k not in ("format", "version")}
             actual = {k: packed.metadata()[k] for k in described}
             if described != actual:
                 raise ValueError(f"{path!r}: module {name!r} is described as {described} but holds {actual}")
-            resizable.update((p + "col_indices", p + "values"))
+            resizable.update(p + n for n in tensors)
 
     for key, want in skeleton.items():
         got = state[key]
@@ -478,7 +481,7 @@ def _sparse_shell(path: str, entry: dict, layer: nn.Module, has_bias: bool) -> n
     if has_bias != (getattr(layer, "bias", None) is not None):
         raise ValueError(f"{path!r}: sparse layer {name!r} has {'a' if has_bias else 'no'} bias in the file, "
                          f"but the model's {kind} {name!r} has {'none' if has_bias else 'one'}")
-    return SparseLinear(in_features, out_features, bias=has_bias)
+    return SparseLinear(in_features, out_features, bias=has_bias, format=entry["format"])
 
 
 def _sparse_swaps(path: str, header: dict, model: nn.Module) -> dict[str, nn.Module]:
@@ -702,7 +705,7 @@ def load_dense(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         if not isinstance(sparse, SparseLinear) or layer is None:
             continue
         with torch.no_grad():
-            layer.weight.copy_(from_matrix(layer, sparse.to_csr().to_dense()))
+            layer.weight.copy_(from_matrix(layer, sparse.to_dense()))
             if layer.bias is not None:
                 layer.bias.copy_(sparse.bias)
         if name:

@@ -112,6 +112,16 @@ def test_taylor_and_sparsify(tmp_path, calib, capsys):
     assert model.fc1.density == pytest.approx(0.1, abs=1 / model.fc1.in_features)
 
 
+def test_sparsify_to_bitmap(tmp_path, capsys):
+    out = tmp_path / "bitmap.sn"
+    code, stdout, err = run(["--model", FACTORY, "--sparsity", "0.6", "--sparsify", "--format", "bitmap", "-o", out],
+                            capsys)
+    assert code == 0, err
+    assert {m["format"] for m in sparsenet.io.read_metadata(out)["modules"]} == {"bitmap"}
+    model = sparsenet.load(out, factory())
+    assert isinstance(model.fc1, SparseLinear) and model.fc1.format == "bitmap"
+
+
 def test_keyword_calib_layout(tmp_path, capsys):
     # Any tensors besides "inputs" are keyword arguments: model(x=...).
     calib = tmp_path / "kw.safetensors"
@@ -213,6 +223,8 @@ def test_pickle_needs_trust(tmp_path, capsys):
     (["--criterion", "wanda", "--sparsity", "0.5"], "--criterion wanda needs calibration data"),
     (["--criterion", "obs", "--sparsity", "0.5"], "argument --criterion: invalid choice: 'obs'"),
     (["--min-sparsity", "0.3", "--sparsity", "0.5"], "--min-sparsity applies only with --sparsify"),
+    (["--format", "bitmap", "--sparsity", "0.5"], "--format applies only with --sparsify"),
+    (["--format", "bsr", "--sparsity", "0.5", "--sparsify"], "invalid choice: 'bsr'"),
 ])
 def test_bad_options_exit_2(tmp_path, capsys, argv, message):
     out = tmp_path / "out.safetensors"

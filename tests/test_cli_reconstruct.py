@@ -109,7 +109,7 @@ def test_help_lists_the_options(capsys):
     for option in ("--model", "--weights", "--trust-pickle", "--calib", "--calib-batch", "--sparsity",
                    "--structure", "--block", "--method", "--allocation", "--no-blockwise", "--no-correct",
                    "--final", "--epochs", "--lr", "--exclude", "--blocks", "--output", "--sparsify", "--min-sparsity",
-                   "--no-progress", "sparsegpt,admm,lsq", "uniform,owl,search", "TorchScript"):
+                   "--format", "--no-progress", "sparsegpt,admm,lsq", "uniform,owl,search", "TorchScript"):
         assert option in out, option
     assert cli.main(["--help"]) == 0
     assert "reconstruct" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """Compact storage formats for sparse weights (pure data + torch; no kernels)."""
 from sparsenet.formats.bitmap import PackedBitmap
 from sparsenet.formats.csr import CSR, PackedCSR
+from sparsenet.formats import registry
 
-__all__ = ["CSR", "PackedCSR", "PackedBitmap"]
+__all__ = ["CSR", "PackedCSR", "PackedBitmap", "registry"]

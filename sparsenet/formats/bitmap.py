@@ -41,6 +41,7 @@ class PackedBitmap:
 
     FORMAT = "bitmap"
     VERSION = 1
+    STRUCTURE = ("masks", "row_ptr")
 
     __slots__ = ("masks", "row_ptr", "values", "shape")
 
@@ -102,6 +103,20 @@ class PackedBitmap:
         row_ptr = torch.zeros(rows + 1, dtype=torch.int64)
         torch.cumsum(keep.sum(dim=1), dim=0, out=row_ptr[1:])
         return cls(masks.contiguous(), row_ptr, values, (rows, cols))
+
+    @classmethod
+    def empty(cls, rows: int, cols: int) -> "PackedBitmap":
+        """No stored weight: every mask word 0."""
+        return cls(torch.zeros(rows * chunks_for(cols), dtype=torch.uint16), torch.zeros(rows + 1, dtype=torch.int64),
+                   torch.empty(0, dtype=torch.float32), (rows, cols))
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, shape: Sequence[int]) -> "PackedBitmap":
+        """From tensors named as :meth:`tensors` names them (a module's buffers, a file's entries)."""
+        return cls(tensors["masks"], tensors["row_ptr"], tensors["values"], shape)
+
+    def tensors(self) -> dict:
+        return {"masks": self.masks, "row_ptr": self.row_ptr, "values": self.values}
 
     def to_dense(self) -> torch.Tensor:
         rows, cols = self.shape

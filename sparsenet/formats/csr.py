@@ -278,6 +278,7 @@ class PackedCSR(_CSRSizes):
 
     FORMAT = "csr"
     VERSION = 1
+    STRUCTURE = ("crow_indices", "col_indices")
 
     __slots__ = ("crow_indices", "col_indices", "values", "shape")
 
@@ -326,6 +327,20 @@ class PackedCSR(_CSRSizes):
     def from_dense(cls, dense: torch.Tensor, mask: torch.Tensor | None = None) -> "PackedCSR":
         """Shorthand for ``CSR.from_dense(dense, mask).pack()``."""
         return CSR.from_dense(dense, mask).pack()
+
+    @classmethod
+    def empty(cls, rows: int, cols: int) -> "PackedCSR":
+        """No stored weight: every row empty."""
+        return cls(torch.zeros(rows + 1, dtype=torch.int64), torch.empty(0, dtype=cls.index_dtype_for(cols)),
+                   torch.empty(0, dtype=torch.float32), (rows, cols))
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, shape: Sequence[int]) -> "PackedCSR":
+        """From tensors named as :meth:`tensors` names them (a module's buffers, a file's entries)."""
+        return cls(tensors["crow_indices"], tensors["col_indices"], tensors["values"], shape)
+
+    def tensors(self) -> dict:
+        return {"crow_indices": self.crow_indices, "col_indices": self.col_indices, "values": self.values}
 
     def to_csr(self) -> CSR:
         """Back to the public form with int64 indices (torch's default; uint16 has almost no torch ops)."""

@@ -1,4 +1,5 @@
-"""SparseLinear: a drop-in ``nn.Linear`` whose weight is stored as packed CSR and run natively."""
+"""SparseLinear: a drop-in ``nn.Linear`` whose weight is stored in a registered sparse format (packed
+CSR by default, or bitmap) and run natively."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,8 @@ from torch.compiler import is_compiling
 from torch.utils._python_dispatch import _disable_current_modes
 
 from sparsenet._weights import as_matrix, is_linear
-from sparsenet.formats import CSR, PackedCSR, hugepages
+from sparsenet.formats import CSR, PackedCSR, hugepages, registry
+from sparsenet.ops import LINEAR_OPS
 from sparsenet.ops.csr_linear import PreparedCSR, _needs_autograd, csr_linear
 
 
@@ -15,14 +17,13 @@ def _index_dtype(in_features: int) -> torch.dtype:
     return torch.uint16 if in_features <= 65536 else torch.int32
 
 
-def _weight_storage(nnz: int, index_dtype: torch.dtype, values_dtype: torch.dtype, device: torch.device):
-    """Uninitialised (col_indices, values). The values stream from memory on every call: on the CPU
-    they go in a huge-page region (sparsenet.formats.hugepages). The kernels read the column indices
-    from the native handle's own validated copy (in huge pages too), never from this tensor."""
-    col = torch.empty(nnz, dtype=index_dtype, device=device)
+def _values_storage(nnz: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised values. They stream from memory on every call: on the CPU they go in a
+    huge-page region (sparsenet.formats.hugepages). The kernels read the structure from the native
+    handle's own validated copy (in huge pages too), never from the module's buffers."""
     if device.type != "cpu":
-        return col, torch.empty(nnz, dtype=values_dtype, device=device)
-    return col, hugepages.empty_group([(nnz, values_dtype)])[0]
+        return torch.empty(nnz, dtype=dtype, device=device)
+    return hugepages.empty_group([(nnz, dtype)])[0]
 
 
 class WeightStandIn(torch.Tensor):
@@ -50,38 +51,51 @@ class WeightStandIn(torch.Tensor):
         if name not in cls._READABLE:
             raise RuntimeError(
                 f"SparseLinear.weight is a stand-in without data (the layer holds its weight sparse): "
-                f"{name or func} cannot run on it; call the layer itself, or use to_csr().to_dense()"
+                f"{name or func} cannot run on it; call the layer itself, or use to_dense()"
             )
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
 
 class SparseLinear(nn.Module):
-    """y = x @ W.T + b with W held as packed CSR; same forward semantics as ``nn.Linear``.
+    """y = x @ W.T + b with W held in a sparse ``format``; same forward semantics as ``nn.Linear``.
 
-    The non-zero weights are a ``Parameter(requires_grad=False)`` named ``values`` so that a later
-    fine-tuning feature keeps the same state_dict keys; the structure lives in the buffers
-    ``crow_indices`` (int64) and ``col_indices`` (uint16 when ``in_features <= 65536``, else int32).
-    Gradients flow to the input and the bias; the sparse weight is frozen.
+    The stored weights are a ``Parameter(requires_grad=False)`` named ``values``; the structure lives
+    in the format's buffers (:mod:`sparsenet.formats.registry`): for ``"csr"`` (the default)
+    ``crow_indices`` (int64) and ``col_indices`` (uint16 when ``in_features <= 65536``, else int32),
+    for ``"bitmap"`` ``masks`` (uint16, a bit per position) and ``row_ptr`` (int64). Gradients flow
+    to the input and the bias; the sparse weight is frozen.
     """
 
     # Built with inference mode off, even inside an inference_mode block: inference tensors carry no
     # version counter, which the op needs to notice in-place changes to the structure.
     @torch.inference_mode(False)
-    def __init__(self, in_features: int, out_features: int, nnz: int = 0, bias: bool = True) -> None:
+    def __init__(self, in_features: int, out_features: int, nnz: int = 0, bias: bool = True,
+                 format: str = "csr") -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features), ("nnz", nnz)):
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if nnz > in_features * out_features:
             raise ValueError(f"nnz={nnz} exceeds in_features * out_features = {in_features * out_features}")
+        spec = registry.get(format)
         self.in_features = in_features
         self.out_features = out_features
-        # An all-empty CSR: valid as it is (every row has no non-zeros).
-        self.register_buffer("crow_indices", torch.zeros(out_features + 1, dtype=torch.int64))
-        col, values = _weight_storage(nnz, _index_dtype(in_features), torch.float32, torch.device("cpu"))
-        self.register_buffer("col_indices", col.zero_())
-        self.values = nn.Parameter(values.zero_(), requires_grad=False)
+        self.format = spec.FORMAT
+        if self.format == "csr":
+            # An all-empty CSR: valid as it is (every row has no non-zeros).
+            self.register_buffer("crow_indices", torch.zeros(out_features + 1, dtype=torch.int64))
+            self.register_buffer("col_indices", torch.zeros(nnz, dtype=_index_dtype(in_features)))
+            self.values = nn.Parameter(_values_storage(nnz, torch.float32, torch.device("cpu")).zero_(),
+                                       requires_grad=False)
+        else:  # the format's empty weight: its structure says where nnz values would go, so none
+            if nnz:
+                raise ValueError(f"nnz must be 0 for format {format!r} (its structure places the values): "
+                                 "build it with from_dense or from_packed")
+            empty = spec.empty(out_features, in_features).tensors()
+            for name in spec.STRUCTURE:
+                self.register_buffer(name, empty[name])
+            self.values = nn.Parameter(empty["values"], requires_grad=False)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features))
         else:
@@ -90,11 +104,16 @@ class SparseLinear(nn.Module):
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     @torch.inference_mode(False)
-    def from_packed(cls, packed: PackedCSR, bias: torch.Tensor | None = None) -> "SparseLinear":
+    def from_packed(cls, packed, bias: torch.Tensor | None = None) -> "SparseLinear":
+        """From a packed weight of any registered format (``PackedCSR``, ``PackedBitmap``)."""
+        spec = registry.get(getattr(packed, "FORMAT", None))
+        if not isinstance(packed, spec):
+            raise TypeError(f"packed must be a registered packed format, got {type(packed).__name__}")
         out_features, in_features = packed.shape
-        layer = cls(in_features, out_features, nnz=0, bias=bias is not None)
-        layer.crow_indices = packed.crow_indices.clone()
-        layer.col_indices = packed.col_indices.clone()
+        layer = cls(in_features, out_features, nnz=0, bias=bias is not None, format=spec.FORMAT)
+        tensors = packed.tensors()
+        for name in spec.STRUCTURE:
+            setattr(layer, name, tensors[name].clone())
         layer.values = nn.Parameter(hugepages.copy_group([packed.values])[0], requires_grad=False)
         if bias is not None:
             bias = torch.as_tensor(bias).detach()
@@ -110,10 +129,10 @@ class SparseLinear(nn.Module):
         return cls.from_packed(csr.pack(), bias)
 
     @classmethod
-    def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None) -> "SparseLinear":
+    def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None, format: str = "csr") -> "SparseLinear":
         """Convert an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's Linear with a transposed
-        weight): zeros (and entries where ``mask``, in the layer's own weight layout, is False) are
-        dropped.
+        weight) to ``format``: zeros (and entries where ``mask``, in the layer's own weight layout,
+        is False) are dropped.
 
         A layer pruned by ``sparsenet.prune`` or ``torch.nn.utils.prune`` is read through its mask.
         """
@@ -131,23 +150,31 @@ class SparseLinear(nn.Module):
             own_mask = mask if own_mask is None else (own_mask & mask.to(own_mask.device))
         weight = as_matrix(linear, weight.detach())  # (out, in): transposed for Conv1D
         own_mask = None if own_mask is None else as_matrix(linear, own_mask)
-        csr = CSR.from_dense(weight.to(device="cpu", dtype=torch.float32).contiguous(),
-                             None if own_mask is None else own_mask.contiguous())
+        packed = registry.get(format).from_dense(weight.to(device="cpu", dtype=torch.float32).contiguous(),
+                                                 None if own_mask is None else own_mask.contiguous())
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls.from_csr(csr, bias)
+        return cls.from_packed(packed, bias)
 
     # ---- views --------------------------------------------------------------------------------
-    def to_packed(self) -> PackedCSR:
-        return PackedCSR(self.crow_indices, self.col_indices, self.values.detach(),
-                         (self.out_features, self.in_features))
+    def to_packed(self):
+        """The weight as its format's packed object (validated)."""
+        spec = registry.get(self.format)
+        tensors = {name: getattr(self, name) for name in spec.STRUCTURE}
+        return spec.from_tensors({**tensors, "values": self.values.detach()}, (self.out_features, self.in_features))
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense (out_features, in_features) weight."""
+        return self.to_packed().to_dense()
 
     def to_csr(self) -> CSR:
-        return self.to_packed().to_csr()
+        """The weight as a CSR (from another format: its non-zeros)."""
+        packed = self.to_packed()
+        return packed.to_csr() if isinstance(packed, PackedCSR) else CSR.from_dense(packed.to_dense())
 
     def to_dense_linear(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         with torch.no_grad():
-            linear.weight.copy_(self.to_csr().to_dense())
+            linear.weight.copy_(self.to_dense())
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
@@ -162,7 +189,7 @@ class SparseLinear(nn.Module):
         Nothing can compute with it, by design: a fused path that took the weight itself and never
         called ``forward`` would give silently wrong results. torch's fused paths refuse tensors with
         a ``__torch_function__`` (and meta tensors) and call the layers instead, and any other
-        computation with it fails loudly. The real weight: ``to_csr().to_dense()``.
+        computation with it fails loudly. The real weight: ``to_dense()``.
         """
         # Made outside any active dispatch mode (torch.export's fake tensors, proxies): the stand-in
         # is a plain meta tensor, not a traced value.
@@ -180,6 +207,11 @@ class SparseLinear(nn.Module):
         return self.nnz / total if total else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format != "csr":
+            buffers = self._buffers
+            structure = [buffers[name] for name in registry.get(self.format).STRUCTURE]
+            return LINEAR_OPS[self.format](x, *structure, self._parameters["values"], self._parameters["bias"],
+                                           self.in_features)
         if is_compiling():  # imported by name: one global lookup less per call
             return csr_linear(x, self.crow_indices, self.col_indices, self.values, self.bias, self.in_features)
         # Straight from the registries: nn.Module.__getattr__ costs ~0.6 us per name at batch 1.
@@ -221,24 +253,31 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, density={self.density:.4f}, nnz={self.nnz}, format=csr")
+                f"bias={self.bias is not None}, density={self.density:.4f}, nnz={self.nnz}, format={self.format}")
 
     # ---- state_dict with a different number of non-zeros ------------------------------------------
     @torch.inference_mode(False)
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        keys = {n: prefix + n for n in ("crow_indices", "col_indices", "values")}
-        if all(k in state_dict for k in keys.values()):
-            crow, col, values = (state_dict[keys[n]] for n in ("crow_indices", "col_indices", "values"))
+        spec = registry.get(self.format)
+        names = (*spec.STRUCTURE, "values")
+        if all(prefix + n in state_dict for n in names):
+            given = {n: state_dict[prefix + n] for n in names}
             try:
-                PackedCSR(crow, col, values, (self.out_features, self.in_features))
+                spec.from_tensors(given, (self.out_features, self.in_features))
             except (ValueError, TypeError) as e:
-                error_msgs.append(f"{prefix or 'SparseLinear'}: invalid packed CSR in state_dict: {e}")
+                error_msgs.append(f"{prefix or 'SparseLinear'}: invalid packed {self.format} weight in state_dict: {e}")
                 return
-            if values.numel() != self.values.numel():
-                # Resize first; the default loader below then copies into tensors of the right size.
-                new_col, new_values = _weight_storage(values.numel(), col.dtype, values.dtype, self.values.device)
-                self.col_indices = new_col
-                self.values = nn.Parameter(new_values, requires_grad=self.values.requires_grad)
+            # Tensors whose size follows the number of non-zeros are resized first; the default
+            # loader below then copies into tensors of the right size.
+            for name in names:
+                own = self.values if name == "values" else self._buffers[name]
+                if given[name].numel() == own.numel():
+                    continue
+                if name == "values":
+                    new = _values_storage(given[name].numel(), given[name].dtype, own.device)
+                    self.values = nn.Parameter(new, requires_grad=self.values.requires_grad)
+                else:
+                    self._buffers[name] = torch.empty_like(given[name], device=own.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

@@ -1,4 +1,4 @@
-"""Validated native handles for packed CSR weights, built once per weight and reused on every call.
+"""Validated native handles for sparse weights (packed CSR, bitmap), built once per weight and reused on every call.
 
 The native handle (``sparsenet._C.CsrHandle``) copies the packed structure (row pointers and column
 indices) when it is built, validates the copy (monotone row pointers, sorted in-range column indices)
@@ -53,15 +53,38 @@ def csr_handle(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, in_f
     # Checked before the cache is consulted: a strided view starting where a cached tensor starts
     # must be refused, not mistaken for it.
     check_packed(crow, col, values)
-    if crow.is_inference() or col.is_inference() or values.is_inference():
-        return _validated(crow, col, values, in_features)
-    key = (crow.data_ptr(), col.data_ptr(), values.data_ptr(), crow.numel(), values.numel(), col.dtype, in_features)
+    return _cached("csr", (crow, col, values), in_features, lambda: _validated(crow, col, values, in_features))
+
+
+def bitmap_handle(masks: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, in_features: int) -> _C.BitmapHandle:
+    """The native handle for this bitmap weight (``sparsenet.formats.PackedBitmap``'s layout),
+    validated once and cached exactly as :func:`csr_handle`'s."""
+    for name, t in (("masks", masks), ("row_ptr", row_ptr), ("values", values)):
+        if t.device.type != "cpu":
+            raise ValueError(f"{name} must be on the CPU, got {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if values.dtype != torch.float32:
+        raise TypeError(f"values must be float32, got {values.dtype}")
+    return _cached("bitmap", (masks, row_ptr, values), in_features, lambda: _C.BitmapHandle(
+        row_ptr.numel() - 1, in_features, masks.detach().numpy(), row_ptr.detach().numpy(), values.detach().numpy()))
+
+
+def _cached(kind: str, tensors: tuple, in_features: int, build):
+    """A handle built by ``build()`` from ``tensors``, reused while they are alive and unmodified."""
+    if any(t.is_inference() for t in tensors):
+        return build()
+    key = (kind, *(t.data_ptr() for t in tensors), *(t.numel() for t in tensors), *(t.dtype for t in tensors),
+           in_features)
     entry = _cache.get(key)
     if entry is not None:
         refs, versions, handle = entry
-        if all(ref() is t for ref, t in zip(refs, (crow, col, values))) and versions == _versions(crow, col, values):
+        if all(ref() is t for ref, t in zip(refs, tensors)) and versions == _versions(*tensors):
             return handle
-    return _build(key, crow, col, values, in_features)
+    handle = build()
+    evict = lambda _ref, key=key: _evict(key)  # noqa: E731  (any of them dying drops the entry)
+    _cache[key] = (tuple(weakref.ref(t, evict) for t in tensors), _versions(*tensors), handle)
+    return handle
 
 
 def _versions(*tensors) -> tuple:
@@ -86,14 +109,6 @@ def _validated(crow, col, values, in_features, keep: bool = False, bias=None) ->
         crow.numel() - 1, in_features, crow.detach().numpy(), col.detach().numpy(), values.detach().numpy(), keep,
         bias,
     )
-
-
-def _build(key: _Key, crow, col, values, in_features) -> _C.CsrHandle:
-    handle = _validated(crow, col, values, in_features)
-    evict = lambda _ref, key=key: _evict(key)  # noqa: E731  (any of the three dying drops the entry)
-    refs = tuple(weakref.ref(t, evict) for t in (crow, col, values))
-    _cache[key] = (refs, _versions(crow, col, values), handle)
-    return handle
 
 
 def cached_handles() -> int:

@@ -163,10 +163,10 @@ def test_inplace_any_conversion_error_swaps_nothing(monkeypatch):
     model = zero_linear_weights(mlp(), 0.8)
     layers, real = list(model), SparseLinear.from_dense.__func__
 
-    def fail_on_last(cls, linear, mask=None):
+    def fail_on_last(cls, linear, mask=None, format="csr"):
         if linear is layers[4]:
             raise RuntimeError("out of memory")
-        return real(cls, linear, mask)
+        return real(cls, linear, mask, format)
 
     monkeypatch.setattr(SparseLinear, "from_dense", classmethod(fail_on_last))
     with pytest.raises(RuntimeError, match="out of memory"):

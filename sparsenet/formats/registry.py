@@ -1,0 +1,45 @@
+"""The registry of sparse weight formats: what ``SparseLinear``, ``sparsify``, ``io`` and the CLI
+know formats by.
+
+A format is a packed class (``PackedCSR``, ``PackedBitmap``) with a common protocol:
+
+* ``FORMAT`` (its name, the tag saved files carry) and ``VERSION`` (of its layout);
+* ``STRUCTURE``: the names of its structure tensors (the module's buffers), besides ``values`` (the
+  stored weights, float32, the module's Parameter);
+* ``from_dense(dense, mask=None)``, ``empty(rows, cols)``, ``from_tensors(tensors, shape)`` (validated),
+  ``tensors()`` (structure and values by name), ``to_dense()``, ``nnz``, ``nbytes``, ``metadata()``.
+
+Adding a format means writing its module, its kernels and its op, and one ``register`` call.
+"""
+from __future__ import annotations
+
+from sparsenet.formats.bitmap import PackedBitmap
+from sparsenet.formats.csr import PackedCSR
+
+_FORMATS: dict[str, type] = {}
+
+
+def register(packed: type) -> type:
+    """Make ``packed`` (a class following the protocol above) known under its ``FORMAT`` name."""
+    for attr in ("FORMAT", "VERSION", "STRUCTURE", "from_dense", "empty", "from_tensors", "tensors", "to_dense",
+                 "metadata"):
+        if not hasattr(packed, attr):
+            raise TypeError(f"{packed.__name__} lacks {attr!r}, which every registered format has")
+    _FORMATS[packed.FORMAT] = packed
+    return packed
+
+
+def get(name: str) -> type:
+    """The packed class of format ``name``; ValueError naming the known formats otherwise."""
+    try:
+        return _FORMATS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown sparse format {name!r}; known: {', '.join(names())}") from None
+
+
+def names() -> list[str]:
+    return sorted(_FORMATS)
+
+
+register(PackedCSR)
+register(PackedBitmap)
