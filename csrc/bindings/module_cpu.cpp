@@ -207,6 +207,16 @@ sparsenet::DenseArgs dense_args(const Dense2D& x, const Dense2D& y, int64_t rows
   return d;
 }
 
+// The values handed to a matmul: float32, as many as the structure holds.
+const float* values_pointer(const py::buffer& values, int64_t nnz) {
+  const py::buffer_info va = vector_info(values, "values");
+  if (!format_is(va, 'f', 4)) throw py::type_error("values must be float32");
+  if (va.size != nnz)
+    throw py::value_error("values has " + std::to_string(va.size) + " entries, the structure holds " +
+                          std::to_string(nnz));
+  return static_cast<const float*>(va.ptr);
+}
+
 const float* bias_pointer(const py::object& bias, int64_t rows) {
   if (bias.is_none()) return nullptr;
   const auto bi = vector_info(bias.cast<py::buffer>(), "bias");
@@ -270,15 +280,11 @@ class CsrHandle {
   // y = x A^T (+ bias) with A's values read from `values` (float32, nnz entries); x is
   // (batch, cols) float32 with unit inner stride, y (batch, rows) likewise.
   void matmul(const py::buffer& values, const py::buffer& x, const py::buffer& y, const py::object& bias) const {
-    const py::buffer_info va = vector_info(values, "values");
-    if (!format_is(va, 'f', 4)) throw py::type_error("values must be float32");
-    if (va.size != view_.nnz)
-      throw py::value_error("values has " + std::to_string(va.size) + " entries, the structure holds " +
-                            std::to_string(view_.nnz));
+    const float* value_data = values_pointer(values, view_.nnz);
     const py::buffer_info xi = x.request(), yi = y.request(/*writable=*/true);
     const Dense2D xd = dense_from_buffer(xi, "x");
     check_x(xd, view_.cols);
-    run(static_cast<const float*>(va.ptr), xd, dense_from_buffer(yi, "out"), bias_pointer(bias, view_.rows));
+    run(value_data, xd, dense_from_buffer(yi, "out"), bias_pointer(bias, view_.rows));
   }
 
   // x A^T (+ the bias given at construction) as a new (batch, rows) float32 tensor; x and the
@@ -398,11 +404,7 @@ class BitmapHandle {
 
   // out[:] = x A^T (+ bias) with A's values read from `values` (float32, nnz entries).
   void matmul(const py::buffer& values, const py::buffer& x, const py::buffer& y, const py::object& bias) const {
-    const py::buffer_info va = vector_info(values, "values");
-    if (!format_is(va, 'f', 4)) throw py::type_error("values must be float32");
-    if (va.size != view_.nnz)
-      throw py::value_error("values has " + std::to_string(va.size) + " entries, the structure holds " +
-                            std::to_string(view_.nnz));
+    const float* value_data = values_pointer(values, view_.nnz);
     const py::buffer_info xi = x.request(), yi = y.request(/*writable=*/true);
     const Dense2D xd = dense_from_buffer(xi, "x");
     check_x(xd, view_.cols);
@@ -410,7 +412,7 @@ class BitmapHandle {
                                               bias_pointer(bias, view_.rows));
     if (d.batch == 0 || view_.rows == 0) return;
     sparsenet::BitmapView view = view_;
-    view.values = static_cast<const float*>(va.ptr);
+    view.values = value_data;
     const auto kernel = sparsenet::cpu::bitmap_matmul_kernel();
     py::gil_scoped_release nogil;
     kernel(view, d);

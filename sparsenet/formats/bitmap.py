@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from sparsenet.formats.csr import _check_finite, _check_shape, _check_vector, _density, _first, _nbytes
+from sparsenet.formats.csr import StoredSizes, _check_finite, _check_shape, _check_vector, _first
 
 CHUNK = 16  # columns per mask word
 _BITS = 1 << torch.arange(CHUNK, dtype=torch.int32)
@@ -36,12 +36,13 @@ def _unpacked(masks: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return ((words & _BITS) != 0).reshape(rows, chunks_for(cols) * CHUNK)
 
 
-class PackedBitmap:
+class PackedBitmap(StoredSizes):
     """A 2-D weight in the bitmap layout above, as kernels read it and files store it."""
 
     FORMAT = "bitmap"
     VERSION = 1
     STRUCTURE = ("masks", "row_ptr")
+    _STORED = (*STRUCTURE, "values")
 
     __slots__ = ("masks", "row_ptr", "values", "shape")
 
@@ -123,18 +124,6 @@ class PackedBitmap:
         dense = torch.zeros(rows, cols, dtype=torch.float32)
         dense[_unpacked(self.masks, rows, cols)[:, :cols]] = self.values
         return dense
-
-    @property
-    def nnz(self) -> int:
-        return self.values.numel()
-
-    @property
-    def density(self) -> float:
-        return _density(self.nnz, self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.masks, self.row_ptr, self.values)
 
     def metadata(self) -> dict:
         """JSON-able description, as stored in saved files."""

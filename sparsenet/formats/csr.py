@@ -138,10 +138,12 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 
 # ---- CSR ------------------------------------------------------------------------------------------
 
-class _CSRSizes:
-    """Sizes both CSR forms report the same way (they share the three tensor names)."""
+class StoredSizes:
+    """Sizes every sparse form reports the same way, from ``values`` and the tensors named in
+    ``_STORED`` (all that the form stores)."""
 
     shape: tuple[int, int]
+    _STORED: tuple[str, ...]
 
     @property
     def nnz(self) -> int:
@@ -154,7 +156,13 @@ class _CSRSizes:
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.crow_indices, self.col_indices, self.values)
+        return _nbytes(*(getattr(self, name) for name in self._STORED))
+
+
+class _CSRSizes(StoredSizes):
+    """Both CSR forms store the same three tensors."""
+
+    _STORED = ("crow_indices", "col_indices", "values")
 
 
 class CSR(_CSRSizes):

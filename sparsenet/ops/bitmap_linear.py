@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from sparsenet.formats.bitmap import CHUNK, chunks_for
-from sparsenet.ops.csr_linear import _check_input, _needs_autograd
+from sparsenet.ops.csr_linear import _check_input, _needs_autograd, register_linear_autograd
 from sparsenet.ops.handles import bitmap_handle
 
 _lib = torch.library.Library("sparsenet", "FRAGMENT")  # noqa: TOR901 (csr_linear defines the namespace)
@@ -60,25 +60,7 @@ def _grad_input_fake(grad_out, masks, row_ptr, values, in_features):
     return grad_out.new_empty(*grad_out.shape[:-1], in_features)
 
 
-def _setup_context(ctx, inputs, output):
-    _x, masks, row_ptr, values, _bias, in_features = inputs
-    ctx.save_for_backward(masks, row_ptr, values)
-    ctx.in_features = in_features
-
-
-def _backward(ctx, grad_out):
-    masks, row_ptr, values = ctx.saved_tensors
-    if ctx.needs_input_grad[3]:
-        raise RuntimeError("the sparse weight of a SparseLinear is frozen: set values.requires_grad_(False)")
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.sparsenet.bitmap_linear_grad_input(grad_out, masks, row_ptr, values, ctx.in_features)
-    if ctx.needs_input_grad[4]:
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-    return grad_x, None, None, None, grad_bias, None
-
-
-torch.library.register_autograd("sparsenet::bitmap_linear", _backward, setup_context=_setup_context)
+register_linear_autograd("bitmap_linear", lambda *args: torch.ops.sparsenet.bitmap_linear_grad_input(*args))
 
 
 def bitmap_linear(x, masks, row_ptr, values, bias, in_features: int) -> torch.Tensor:

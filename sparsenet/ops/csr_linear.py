@@ -71,25 +71,31 @@ def _grad_input_fake(grad_out, crow_indices, col_indices, values, in_features):
     return grad_out.new_empty(*grad_out.shape[:-1], in_features)
 
 
-def _setup_context(ctx, inputs, output):
-    _x, crow, col, values, _bias, in_features = inputs
-    ctx.save_for_backward(crow, col, values)
-    ctx.in_features = in_features
+def register_linear_autograd(op: str, grad_input) -> None:
+    """Autograd of a ``sparsenet::<op>(x, <2 structure tensors>, values, bias, in_features)`` linear op:
+    gradients to the input (``grad_input(grad_out, *structure, values, in_features)``, an op of its
+    own so compiled graphs trace it with fake tensors) and to the bias; the sparse weight is frozen."""
+
+    def setup_context(ctx, inputs, output):
+        _x, first, second, values, _bias, in_features = inputs
+        ctx.save_for_backward(first, second, values)
+        ctx.in_features = in_features
+
+    def backward(ctx, grad_out):
+        first, second, values = ctx.saved_tensors
+        if ctx.needs_input_grad[3]:
+            raise RuntimeError("the sparse weight of a SparseLinear is frozen: set values.requires_grad_(False)")
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_input(grad_out, first, second, values, ctx.in_features)
+        if ctx.needs_input_grad[4]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, None, None, grad_bias, None
+
+    torch.library.register_autograd(f"sparsenet::{op}", backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad_out):
-    crow, col, values = ctx.saved_tensors
-    if ctx.needs_input_grad[3]:
-        raise RuntimeError("the sparse weight of a SparseLinear is frozen: set values.requires_grad_(False)")
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.sparsenet.csr_linear_grad_input(grad_out, crow, col, values, ctx.in_features)
-    if ctx.needs_input_grad[4]:
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-    return grad_x, None, None, None, grad_bias, None
-
-
-torch.library.register_autograd("sparsenet::csr_linear", _backward, setup_context=_setup_context)
+register_linear_autograd("csr_linear", lambda *args: torch.ops.sparsenet.csr_linear_grad_input(*args))
 
 
 def _check_input(x, values, in_features: int) -> None:

@@ -33,14 +33,18 @@ def _evict(key: _Key) -> None:
 
 
 def check_packed(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> None:
-    """What the native handle needs of the tensors themselves: CPU, contiguous, float32 values."""
-    for name, t in (("crow_indices", crow), ("col_indices", col), ("values", values)):
+    """What the native CSR handle needs of the tensors themselves: CPU, contiguous, float32 values."""
+    _check_tensors(crow_indices=crow, col_indices=col, values=values)
+
+
+def _check_tensors(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
         if t.device.type != "cpu":
             raise ValueError(f"{name} must be on the CPU, got {t.device}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-    if values.dtype != torch.float32:
-        raise TypeError(f"values must be float32, got {values.dtype}")
+    if tensors["values"].dtype != torch.float32:
+        raise TypeError(f"values must be float32, got {tensors['values'].dtype}")
 
 
 def csr_handle(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, in_features: int) -> _C.CsrHandle:
@@ -59,13 +63,7 @@ def csr_handle(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, in_f
 def bitmap_handle(masks: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, in_features: int) -> _C.BitmapHandle:
     """The native handle for this bitmap weight (``sparsenet.formats.PackedBitmap``'s layout),
     validated once and cached exactly as :func:`csr_handle`'s."""
-    for name, t in (("masks", masks), ("row_ptr", row_ptr), ("values", values)):
-        if t.device.type != "cpu":
-            raise ValueError(f"{name} must be on the CPU, got {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    if values.dtype != torch.float32:
-        raise TypeError(f"values must be float32, got {values.dtype}")
+    _check_tensors(masks=masks, row_ptr=row_ptr, values=values)
     return _cached("bitmap", (masks, row_ptr, values), in_features, lambda: _C.BitmapHandle(
         row_ptr.numel() - 1, in_features, masks.detach().numpy(), row_ptr.detach().numpy(), values.detach().numpy()))
 

@@ -2,6 +2,19 @@
 import torch
 
 
+def reference(w, x, bias=None):
+    """x W^T (+ bias) in float64."""
+    y = x.double() @ w.double().T
+    return y if bias is None else y + bias.double()
+
+
+def assert_close(out, ref):
+    """Within float32 rounding of a float64 reference, relative to its largest entry."""
+    scale = ref.abs().max().clamp_min(1.0)
+    err = (out.double() - ref).abs().max() / scale
+    assert err < 1e-5, f"max error {err:.2e} relative to {scale:.2e}"
+
+
 def random_sparse(rows, cols, density, generator, empty_rows=()):
     """A float32 matrix with about `density` non-zeros (exactly 0 or all when density is 0 or 1)."""
     w = torch.randn(rows, cols, generator=generator)

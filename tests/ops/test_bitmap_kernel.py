@@ -8,6 +8,8 @@ import sparsenet
 from sparsenet import _C
 from sparsenet.formats.bitmap import PackedBitmap
 
+from csr_testing import assert_close, reference
+
 DENSITIES = [0.0, 0.05, 0.5, 0.9, 1.0]
 BATCHES = [1, 2, 3, 7, 8, 9, 16, 17, 33]
 COLS = [1, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100]
@@ -22,16 +24,6 @@ def run(w, x, bias=None):
     out = torch.full((x.shape[0], w.shape[0]), float("nan"))
     handle(b).matmul(b.values.numpy(), x.numpy(), out.numpy(), None if bias is None else bias.numpy())
     return out
-
-
-def reference(w, x, bias=None):
-    y = x.double() @ w.double().T
-    return y if bias is None else y + bias.double()
-
-
-def assert_close(out, ref):
-    scale = ref.abs().max().clamp_min(1.0)
-    assert ((out.double() - ref).abs().max() / scale) < 1e-5
 
 
 def weights(rows, cols, density, seed):

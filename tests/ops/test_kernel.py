@@ -10,7 +10,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 import sparsenet
 from sparsenet import _C
 
-from csr_testing import pack, random_sparse
+from csr_testing import assert_close, pack, random_sparse, reference
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -24,17 +24,6 @@ def run_kernel(w, x, bias=None):
     out = torch.full((x.shape[0], w.shape[0]), float("nan"))
     handle.matmul(values.numpy(), x.numpy(), out.numpy(), None if bias is None else bias.numpy())
     return out
-
-
-def reference(w, x, bias=None):
-    y = x.double() @ w.double().T
-    return y if bias is None else y + bias.double()
-
-
-def assert_close(out, ref):
-    scale = ref.abs().max().clamp_min(1.0)
-    err = (out.double() - ref).abs().max() / scale
-    assert err < 1e-5, f"max error {err:.2e} relative to {scale:.2e}"
 
 
 @pytest.mark.parametrize("density", DENSITIES)
