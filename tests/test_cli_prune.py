@@ -122,6 +122,19 @@ def test_sparsify_to_bitmap(tmp_path, capsys):
     assert isinstance(model.fc1, SparseLinear) and model.fc1.format == "bitmap"
 
 
+def test_sparsify_auto_times_each_layer(tmp_path, capsys, monkeypatch):
+    from sparsenet.nn import autoformat
+
+    monkeypatch.setenv("SPARSENET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autoformat, "time_calls", lambda calls: {n: (1.0 if n == "bitmap" else 2.0) for n in calls})
+    out = tmp_path / "auto.sn"
+    code, stdout, err = run(["--model", FACTORY, "--sparsity", "0.6", "--sparsify", "--format", "auto", "--rows", "4",
+                             "-o", out], capsys)
+    assert code == 0, err
+    assert "measured at rows=4" in stdout and "2.00x" in stdout
+    assert {m["format"] for m in sparsenet.io.read_metadata(out)["modules"]} == {"bitmap"}
+
+
 def test_keyword_calib_layout(tmp_path, capsys):
     # Any tensors besides "inputs" are keyword arguments: model(x=...).
     calib = tmp_path / "kw.safetensors"
@@ -225,6 +238,7 @@ def test_pickle_needs_trust(tmp_path, capsys):
     (["--min-sparsity", "0.3", "--sparsity", "0.5"], "--min-sparsity applies only with --sparsify"),
     (["--format", "bitmap", "--sparsity", "0.5"], "--format applies only with --sparsify"),
     (["--format", "bsr", "--sparsity", "0.5", "--sparsify"], "invalid choice: 'bsr'"),
+    (["--rows", "8", "--sparsity", "0.5", "--sparsify"], "--rows applies only with --format auto"),
 ])
 def test_bad_options_exit_2(tmp_path, capsys, argv, message):
     out = tmp_path / "out.safetensors"

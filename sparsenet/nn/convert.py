@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
 
 from sparsenet._names import check_exclude, check_patterns_match, is_excluded
 from sparsenet._weights import as_matrix, is_linear, linear_features
+from sparsenet.nn import autoformat
 from sparsenet.nn.hf import guard_save_pretrained
 from sparsenet.formats import registry
 from sparsenet.nn.linear import SparseLinear
@@ -23,6 +25,7 @@ class LayerRow:
     bytes_before: int
     bytes_after: int
     note: str = ""
+    gain: Optional[float] = None  # format="auto": measured dense time over the chosen format's
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -64,11 +67,15 @@ class SparsifyReport:
         from rich.table import Table
 
         table = Table(title=f"sparsify (min_sparsity={self.min_sparsity:g})")
-        for col in ("layer", "shape", "sparsity", "format", "bytes before", "bytes after", "note"):
-            table.add_column(col, justify="right" if col.startswith(("bytes", "sparsity")) else "left")
+        measured = any(r.gain is not None for r in self.rows)
+        cols = ("layer", "shape", "sparsity", "format", "bytes before", "bytes after", *(("gain",) if measured else ()),
+                "note")
+        for col in cols:
+            table.add_column(col, justify="right" if col.startswith(("bytes", "sparsity", "gain")) else "left")
         for r in self.rows:
+            gain = (f"{r.gain:.2f}x" if r.gain is not None else "",) if measured else ()
             table.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", f"{r.sparsity:.1%}", r.format,
-                          f"{r.bytes_before:,}", f"{r.bytes_after:,}", r.note)
+                          f"{r.bytes_before:,}", f"{r.bytes_after:,}", *gain, r.note)
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else 1.0
         table.caption = (f"{len(self.converted)} of {len(self.rows)} layers converted; "
                          f"{self.bytes_before:,} -> {self.bytes_after:,} bytes ({ratio:.1%})")
@@ -127,10 +134,15 @@ def _copy_model(model: nn.Module) -> nn.Module:
 
 
 def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False, exclude=None,
-             format: str = "csr"):
+             format: str = "csr", rows: int = 1):
     """Replace every ``nn.Linear`` (and Hugging Face ``Conv1D``, GPT-2's transposed Linear) with at
     least ``min_sparsity`` zeros by a ``SparseLinear`` holding its weight in ``format`` (a registered
     format: ``"csr"``, or ``"bitmap"`` for 30-80% density, where it reads fewer bytes).
+
+    ``format="auto"`` times, on this machine, dense against every registered format for each layer
+    at its shape on ``rows`` rows per call (batch x tokens for a transformer) and keeps the fastest:
+    a layer stays dense when no format beats it (:mod:`sparsenet.nn.autoformat`; timings are cached
+    on disk). The report shows each choice and its measured gain.
 
     Accepts layers pruned by ``sparsenet.prune`` (before or after ``finalize``) or by
     ``torch.nn.utils.prune`` (``weight_orig`` + ``weight_mask``). ``exclude``: module names or glob
@@ -145,12 +157,16 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
     exclude = check_exclude(exclude)
     check_patterns_match(model, exclude)
-    format = registry.get(format).FORMAT  # unknown formats: a ValueError naming the known ones
+    if format != "auto":
+        format = registry.get(format).FORMAT  # unknown formats: a ValueError naming the known ones
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be a positive int (rows per call of each layer), got {rows!r}")
+    timings = autoformat.TimingCache() if format == "auto" else None
     if not inplace:
         model = _copy_model(model)
     report = SparsifyReport(min_sparsity=float(min_sparsity))
     skip = _skip_reasons(model)
-    plan: list[tuple[str, nn.Module]] = []
+    plan: list[tuple[str, nn.Module, str]] = []
     for name, module in model.named_modules():
         if not (is_linear(module) or isinstance(module, nn.Conv2d)):
             continue
@@ -176,12 +192,24 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
             row.note = f"{str(weight.dtype).removeprefix('torch.')}: the kernels run float32 only"
         elif sparsity < min_sparsity:
             row.note = "below min_sparsity"
+        elif timings is not None:
+            measured = autoformat.measure(as_matrix(module, weight), None if mask is None else as_matrix(module, mask),
+                                          None if module.bias is None else module.bias.detach(), rows, timings)
+            row.gain = measured.gain
+            if measured.choice == "dense":
+                fastest = min((f for f in measured.seconds if f != "dense"), key=measured.seconds.get)
+                row.note = (f"dense measured fastest at rows={rows} ({1e3 * measured.seconds['dense']:.3f} ms, "
+                            f"{fastest} {1e3 * measured.seconds[fastest]:.3f} ms)")
+            else:
+                plan.append((name, module, measured.choice))
+                row.format = measured.choice
+                row.note = f"measured at rows={rows}" + (" (cached)" if measured.cached else "")
         else:
-            plan.append((name, module))
+            plan.append((name, module, format))
             row.format = format
     # All or nothing: every SparseLinear is built before the first swap, so a layer that cannot be
     # converted leaves the model (inplace=True) exactly as it was.
-    built = [(name, module, _convert(name, module, format)) for name, module in plan]
+    built = [(name, module, _convert(name, module, fmt)) for name, module, fmt in plan]
     rows = {r.name: r for r in report.rows}
     for name, _, sparse in built:
         rows[name].bytes_after = sparse.to_packed().nbytes + _tensor_bytes(sparse.bias)

@@ -1,0 +1,108 @@
+"""Dense vs every registered sparse format, side by side: time per call, speedup over dense, and how
+close each format comes to its own byte limit (the bytes it must read / the measured read bandwidth).
+
+    python benchmarks/formats_table.py [--shapes 4096x4096] [--sparsities 0.5,0.7,0.9] [--batches 1,8,64]
+
+Each contender rotates through enough independent copies of its weight to exceed twice the
+last-level cache (read from the machine), so every call reads from DRAM; contenders are interleaved
+call by call, medians reported, the bandwidth probe run beside each cell. Names the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import ReadProbe, Rotation, _copies, set_threads  # noqa: E402
+from machine import cpu_label  # noqa: E402
+
+from sparsenet.formats import registry  # noqa: E402
+from sparsenet.nn import SparseLinear  # noqa: E402
+
+
+def layer(weight: torch.Tensor, fmt: str) -> SparseLinear:
+    dense = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+    return SparseLinear.from_dense(dense, format=fmt)
+
+
+def cell(shape, sparsity: float, batches, rounds: int, probe: ReadProbe) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    dense_bytes = 4 * shape[0] * shape[1]
+    weights = [torch.randn(*shape, generator=g) * (torch.rand(*shape, generator=g) >= sparsity)
+               for _ in range(_copies(dense_bytes))]
+    rotations = {"dense": Rotation(weights)}
+    stored = {"dense": dense_bytes}
+    for fmt in registry.names():
+        first = layer(weights[0], fmt)
+        stored[fmt] = first.to_packed().nbytes
+        count = _copies(stored[fmt])
+        rotations[fmt] = Rotation([first] + [layer(weights[i % len(weights)], fmt) for i in range(1, count)])
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, shape[1], generator=g)
+        calls = {"dense": lambda: F.linear(x, rotations["dense"].next())}
+        calls.update({fmt: (lambda r=rotations[fmt]: r.next()(x)) for fmt in registry.names()})
+        reference = F.linear(x.double(), weights[0].double())
+        for fmt in registry.names():
+            got = rotations[fmt].items[0](x).double()
+            assert (got - reference).abs().max() <= 1e-4 * reference.abs().max().clamp_min(1), fmt
+        for r in rotations.values():
+            for _ in range(len(r.items)):
+                r.next()  # every copy once: first calls build handles and fault in pages
+        for fn in calls.values():
+            for _ in range(max(len(r.items) for r in rotations.values())):
+                fn()
+        bandwidth = probe.bandwidth()
+        times = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, fn in calls.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        t = {name: statistics.median(ts) for name, ts in times.items()}
+        io = 4 * batch * (shape[0] + shape[1])  # x read, y written
+        rows.append({"shape": f"{shape[0]}x{shape[1]}", "sparsity": sparsity, "batch": batch, "bandwidth": bandwidth,
+                     **{f"{n}_ms": v * 1e3 for n, v in t.items()},
+                     **{f"{n}_of_limit": (stored[n] + io) / bandwidth / t[n] for n in t}})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="4096x4096,1536x384,384x1536")
+    parser.add_argument("--sparsities", default="0.5,0.7,0.9")
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    probe = ReadProbe()
+    formats = registry.names()
+    print(f"{cpu_label()}, {args.threads} threads; median of {args.rounds} interleaved calls; weights rotated past "
+          f"twice the last-level cache; limit = (stored bytes + x + y) / read bandwidth (torch.sum over "
+          f"{ReadProbe.BYTES / 2**20:.0f} MiB)")
+    header = ["shape", "sparsity", "batch", "dense ms"] + [f"{f} ms" for f in formats] + \
+        [f"{f} vs dense" for f in formats] + [f"{f} % of byte limit" for f in formats]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    with torch.inference_mode():
+        for shape in shapes:
+            for sparsity in (float(s) for s in args.sparsities.split(",")):
+                for r in cell(shape, sparsity, [int(b) for b in args.batches.split(",")], args.rounds, probe):
+                    values = [r["shape"], f"{r['sparsity']:.0%}", str(r["batch"]), f"{r['dense_ms']:.3f}"]
+                    values += [f"{r[f + '_ms']:.3f}" for f in formats]
+                    values += [f"{r['dense_ms'] / r[f + '_ms']:.2f}x" for f in formats]
+                    values += [f"{r[f + '_of_limit']:.0%}" for f in formats]
+                    print("| " + " | ".join(values) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""``sparsify(format="auto")``: each layer's format chosen by measurement on this machine.
+
+For a layer, dense (``F.linear``) and every registered sparse format are built from its weight and
+timed at its real shape on ``rows`` rows per call (tokens x sequences for a transformer), calls
+interleaved, the caches flushed between rounds so that each call reads its weight from memory as it
+does inside a model larger than the cache. The fastest wins; a layer stays dense when nothing beats
+it.
+
+Timings are cached in a JSON file in the user's cache directory (``$SPARSENET_CACHE_DIR``, else
+``$XDG_CACHE_HOME/sparsenet``, else ``~/.cache/sparsenet``), keyed by CPU model, shape, density (to
+the percent), rows and threads: layers of one shape are timed once, and converting the same model
+again times nothing.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from sparsenet.formats import registry
+
+ROUNDS = 7  # interleaved timed calls per candidate (medians compared)
+
+
+@dataclass
+class Measured:
+    """Seconds per call of every candidate for one layer, and the one chosen."""
+
+    seconds: dict[str, float]
+    cached: bool = False
+
+    @property
+    def choice(self) -> str:
+        return min(self.seconds, key=self.seconds.get)
+
+    @property
+    def gain(self) -> float:
+        """Dense time over the chosen format's (1.0 when dense is chosen)."""
+        return self.seconds["dense"] / self.seconds[self.choice]
+
+
+def cache_path() -> str:
+    root = os.environ.get("SPARSENET_CACHE_DIR")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sparsenet")
+    return os.path.join(root, "format_timings.json")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _last_level_cache_bytes() -> int:
+    """The largest cache sysfs lists for CPU 0; 0 where it lists none (then nothing is flushed)."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip()
+            sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=0)
+
+
+class _Flusher:
+    """Reads twice the last-level cache between rounds, evicting the weights timed before."""
+
+    def __init__(self) -> None:
+        size = 2 * _last_level_cache_bytes()
+        self.buffer = torch.ones(size // 4) if size else None
+
+    def __call__(self) -> None:
+        if self.buffer is not None:
+            self.buffer.sum()
+
+
+def time_calls(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Median seconds per call of each of ``calls``, interleaved round by round, caches flushed
+    before every call. (Tests replace this function to check that choices follow the times.)"""
+    flush = _Flusher()
+    for fn in calls.values():  # first calls build handles and fault pages in
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(ROUNDS):
+        for name, fn in calls.items():
+            flush()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+class TimingCache:
+    """The JSON file of measured timings; an unreadable file is treated as empty and rewritten."""
+
+    def __init__(self, path: Optional[str] = None) -> None:
+        self.path = path or cache_path()
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            self.entries = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            self.entries = {}
+
+    @staticmethod
+    def key(shape: tuple[int, int], density: float, rows: int) -> str:
+        return f"{cpu_model()}|{shape[0]}x{shape[1]}|{density:.2f}|rows={rows}|threads={torch.get_num_threads()}"
+
+    def get(self, key: str, formats: list[str]) -> Optional[dict[str, float]]:
+        found = self.entries.get(key)
+        if isinstance(found, dict) and all(isinstance(found.get(f), (int, float)) for f in ["dense", *formats]):
+            return {f: float(found[f]) for f in ["dense", *formats]}
+        return None
+
+    def put(self, key: str, seconds: dict[str, float]) -> None:
+        self.entries[key] = seconds
+        try:  # written whole, then renamed: a concurrent reader never sees half a file
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.entries, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only home: the choice still holds for this call, it is just not remembered
+
+
+def measure(weight: torch.Tensor, keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], rows: int,
+            cache: TimingCache) -> Measured:
+    """Time dense against every registered format for this (out, in) float32 weight at ``rows``
+    rows per call (from the cache when this CPU has timed such a layer before)."""
+    from sparsenet.nn.linear import SparseLinear
+
+    formats = registry.names()
+    shape = tuple(weight.shape)
+    stored = int(keep.sum()) if keep is not None else int((weight != 0).sum())
+    density = stored / weight.numel() if weight.numel() else 0.0
+    key = cache.key(shape, density, rows)
+    seconds = cache.get(key, formats)
+    if seconds is not None:
+        return Measured(seconds, cached=True)
+    x = torch.randn(rows, shape[1])
+    dense_weight = weight.detach().to(torch.float32).contiguous()
+    layers = {f: SparseLinear.from_packed(registry.get(f).from_dense(dense_weight, keep), bias) for f in formats}
+    with torch.inference_mode():
+        calls = {"dense": lambda: F.linear(x, dense_weight, bias)}
+        calls.update({f: (lambda layer=layers[f]: layer(x)) for f in formats})
+        seconds = time_calls(calls)
+    cache.put(key, seconds)
+    return Measured(seconds)
