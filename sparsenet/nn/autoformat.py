@@ -13,7 +13,6 @@ again times nothing.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import statistics
@@ -25,6 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from sparsenet._machine import cpu_model, last_level_cache_bytes
 from sparsenet.formats import registry
 
 ROUNDS = 7  # interleaved timed calls per candidate (medians compared)
@@ -54,36 +54,11 @@ def cache_path() -> str:
     return os.path.join(root, "format_timings.json")
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def _last_level_cache_bytes() -> int:
-    """The largest cache sysfs lists for CPU 0; 0 where it lists none (then nothing is flushed)."""
-    sizes = []
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        try:
-            text = open(path).read().strip()
-            sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1))
-        except (OSError, ValueError):
-            continue
-    return max(sizes, default=0)
-
-
 class _Flusher:
     """Reads twice the last-level cache between rounds, evicting the weights timed before."""
 
     def __init__(self) -> None:
-        size = 2 * _last_level_cache_bytes()
+        size = 2 * last_level_cache_bytes()  # 0 where sysfs lists no cache: nothing is flushed
         self.buffer = torch.ones(size // 4) if size else None
 
     def __call__(self) -> None:
