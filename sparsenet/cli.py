@@ -328,8 +328,8 @@ def _add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--min-sparsity", type=_sparsity, help="with --sparsify: convert only "
                         "layers at least this sparse (default 0.5; below it CSR is no smaller than dense)")
     parser.add_argument("--format", choices=["auto", *registry.names()], help="with --sparsify: the sparse "
-                        "format (default csr; bitmap reads fewer bytes at 30-80%% density; auto times dense and "
-                        "every format per layer on this machine and keeps the fastest)")
+                        "format (default auto: dense and every format timed per layer on this machine, the "
+                        "fastest kept; bitmap reads fewer bytes at 30-80%% density)")
     parser.add_argument("--rows", type=_int_at_least(1), help="with --format auto: rows per call each layer "
                         "is timed at (batch x tokens; default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -371,8 +371,8 @@ def _check_target_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("--min-sparsity applies only with --sparsify")
     if args.format is not None and not args.sparsify:
         parser.error("--format applies only with --sparsify")
-    if args.rows is not None and args.format != "auto":
-        parser.error("--rows applies only with --format auto")
+    if args.rows is not None and (not args.sparsify or args.format not in (None, "auto")):
+        parser.error("--rows applies only with --sparsify and --format auto")
 
 
 def _check_prune_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -660,7 +660,7 @@ def _save_output(console, model, args: argparse.Namespace) -> None:
         if getattr(args, "sparsify", False):  # (shrink has no --sparsify)
             model, sparsify_report = sparsenet.sparsify(
                 model, min_sparsity=0.5 if args.min_sparsity is None else args.min_sparsity, inplace=True,
-                format=args.format or "csr", rows=args.rows or 1)
+                format=args.format or "auto", rows=args.rows or 1)
             print(str(sparsify_report).rstrip("\n"))
         size = sparsenet.save(model, args.output)
     except (ValueError, OSError) as e:  # a layer that cannot be stored (NaN), a full or read-only disk

@@ -4,6 +4,23 @@ import pytest
 import torch
 
 import sparsenet
+from sparsenet.nn import autoformat
+
+
+def _csr_first(calls):
+    return {name: (0.5 if name == "csr" else 1.0) for name in calls}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def format_timings(tmp_path_factory):
+    """sparsify's default, format="auto", times layers on the machine. Tests get a private timing
+    cache (never the user's) and a timer that ranks CSR first, so that conversions are the same on
+    every machine; tests of the choice itself (tests/nn/test_autoformat.py) put in their own timer,
+    or the real one."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPARSENET_CACHE_DIR", str(tmp_path_factory.mktemp("format_timings")))
+        patch.setattr(autoformat, "time_calls", _csr_first)
+        yield
 
 
 @pytest.fixture(params=sparsenet.available_isas())

@@ -238,7 +238,8 @@ def test_pickle_needs_trust(tmp_path, capsys):
     (["--min-sparsity", "0.3", "--sparsity", "0.5"], "--min-sparsity applies only with --sparsify"),
     (["--format", "bitmap", "--sparsity", "0.5"], "--format applies only with --sparsify"),
     (["--format", "bsr", "--sparsity", "0.5", "--sparsify"], "invalid choice: 'bsr'"),
-    (["--rows", "8", "--sparsity", "0.5", "--sparsify"], "--rows applies only with --format auto"),
+    (["--rows", "8", "--sparsity", "0.5"], "--rows applies only with --sparsify and --format auto"),
+    (["--rows", "8", "--sparsity", "0.5", "--sparsify", "--format", "csr"], "--rows applies only with"),
 ])
 def test_bad_options_exit_2(tmp_path, capsys, argv, message):
     out = tmp_path / "out.safetensors"

@@ -1,6 +1,7 @@
 """sparsify / densify: swap pruned ``nn.Linear`` layers for ``SparseLinear`` and back."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Optional
@@ -134,15 +135,17 @@ def _copy_model(model: nn.Module) -> nn.Module:
 
 
 def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False, exclude=None,
-             format: str = "csr", rows: int = 1):
+             format: str = "auto", rows: int = 1):
     """Replace every ``nn.Linear`` (and Hugging Face ``Conv1D``, GPT-2's transposed Linear) with at
-    least ``min_sparsity`` zeros by a ``SparseLinear`` holding its weight in ``format`` (a registered
-    format: ``"csr"``, or ``"bitmap"`` for 30-80% density, where it reads fewer bytes).
+    least ``min_sparsity`` zeros by a ``SparseLinear``.
 
-    ``format="auto"`` times, on this machine, dense against every registered format for each layer
-    at its shape on ``rows`` rows per call (batch x tokens for a transformer) and keeps the fastest:
-    a layer stays dense when no format beats it (:mod:`sparsenet.nn.autoformat`; timings are cached
-    on disk). The report shows each choice and its measured gain.
+    ``format="auto"`` (the default) times, on this machine, dense against every registered format
+    for each layer at its shape on ``rows`` rows per call (batch x tokens for a transformer; default
+    1) and keeps the fastest: a layer stays dense when no format beats it
+    (:mod:`sparsenet.nn.autoformat`; timings are cached on disk, so a model converts without timing
+    the second time). The report shows each choice and its measured gain. A registered format name
+    (``"csr"``, or ``"bitmap"`` for 30-80% density, where it reads fewer bytes) converts every
+    eligible layer to it without timing.
 
     Accepts layers pruned by ``sparsenet.prune`` (before or after ``finalize``) or by
     ``torch.nn.utils.prune`` (``weight_orig`` + ``weight_mask``). ``exclude``: module names or glob
@@ -193,8 +196,10 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
         elif sparsity < min_sparsity:
             row.note = "below min_sparsity"
         elif timings is not None:
-            measured = autoformat.measure(as_matrix(module, weight), None if mask is None else as_matrix(module, mask),
-                                          None if module.bias is None else module.bias.detach(), rows, timings)
+            with _naming(name):
+                measured = autoformat.measure(as_matrix(module, weight),
+                                              None if mask is None else as_matrix(module, mask),
+                                              None if module.bias is None else module.bias.detach(), rows, timings)
             row.gain = measured.gain
             if measured.choice == "dense":
                 fastest = min((f for f in measured.seconds if f != "dense"), key=measured.seconds.get)
@@ -242,9 +247,16 @@ def _overrides_forward(module: nn.Module) -> bool:
 
 
 def _convert(name: str, module: nn.Module, format: str) -> SparseLinear:
-    try:
+    with _naming(name):
         return SparseLinear.from_dense(module, format=format)
-    except ValueError as e:  # e.g. a NaN weight; say which layer
+
+
+@contextlib.contextmanager
+def _naming(name: str):
+    """A layer's conversion (or its timing) that fails names the layer (e.g. a NaN weight)."""
+    try:
+        yield
+    except ValueError as e:
         raise ValueError(f"sparsify: layer {name!r} cannot be converted: {e}") from e
 
 

@@ -8,6 +8,8 @@ from torch import nn
 import sparsenet
 from sparsenet.nn import SparseLinear, autoformat
 
+MEASURED = autoformat.time_calls  # the real timer (tests/conftest.py puts a scripted one in for the suite)
+
 
 def pruned(out_features, in_features, density, seed):
     g = torch.Generator().manual_seed(seed)
@@ -79,7 +81,8 @@ def test_choices_follow_the_measured_times_and_are_cached(cache_dir, monkeypatch
     assert other_rows[0].format == "csr"
 
 
-def test_real_timer_and_a_corrupt_cache(cache_dir):
+def test_real_timer_and_a_corrupt_cache(cache_dir, monkeypatch):
+    monkeypatch.setattr(autoformat, "time_calls", MEASURED)
     (cache_dir / "format_timings.json").write_text("{not json")
     dense = model()
     x = torch.randn(3, 48)
