@@ -25,6 +25,7 @@
 #include "cpu/csr_view.h"
 #include "cpu/dispatch.h"
 #include "cpu/huge_alloc.h"
+#include "cpu/planner.h"
 #include "cpu/tiled.h"
 #include "cpu/work_split.h"
 
@@ -337,18 +338,13 @@ class CsrHandle {
   }
 
   // The column-tiled copy (cpu/tiled.h), built on first use under the GIL (so two threads never
-  // build it at once), and only where a panel kernel gains from it. Measured on 4096x4096, weights
-  // from DRAM, tiled over row-by-row time, both ISAs: panels of one or two vectors per non-zero
-  // (batch 4-16) gain from 17% density (80%: 0.83-0.97, 85%: 0.99-1.12, 90%: 1.16-1.26), wider
-  // ones (batch 17 on) from 7.5% (90%: 0.77-0.88; 95%: 0.90-1.01 on AVX-512). Below that a row's
-  // share of a 256-column tile is too short for the L1 reuse to pay for its fixed cost, and the
-  // copy would only cost memory. It copies the values too, so it is rebuilt when handed others.
+  // build it at once), where the planner says a call gains from it. It copies the values too, so it
+  // is rebuilt when handed others.
   const sparsenet::cpu::TiledCsr* tiled_for(int64_t batch, const float* values) const {
-    if (batch < 4) return nullptr;  // the common batch-1 call pays nothing for this
-    if (sparsenet::cpu::active_isa() == "fallback") return nullptr;
-    const double density = sparsenet::cpu::baseline::density(view_);
-    const bool gains = batch > 16 ? density >= 0.075 : density >= 0.17;
-    if (!gains) return nullptr;
+    if (batch < sparsenet::cpu::plan::kPanelMinBatch) return nullptr;  // batch 1 pays nothing for this
+    if (!sparsenet::cpu::plan::wants_tiled_csr(sparsenet::cpu::active_isa(), batch,
+                                               sparsenet::cpu::baseline::density(view_)))
+      return nullptr;
     if (!tiled_ || tiled_values_ != values) {
       sparsenet::CsrView from = view_;
       from.values = values;

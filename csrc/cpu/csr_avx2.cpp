@@ -28,7 +28,7 @@ template <typename Idx>
 void run(const CsrView& a, const DenseArgs& d) {
   const Idx* col = static_cast<const Idx*>(a.col_idx);
   drive(
-      a, d, 8, 32, d.batch >= kPanelMinBatch,
+      a, d, 8, 32, d.batch >= plan::kPanelMinBatch,
       [&](int64_t r0, int64_t r1) { small_batch_rows(a, col, d, r0, r1); },
       [&](const float* xp, int64_t W, int64_t r0, int64_t r1, int64_t b0, int64_t valid) {
         panel_rows_any<Ops256, 4>(a, col, xp, W, r0, r1, b0, valid, d);
@@ -39,7 +39,7 @@ void run(const CsrView& a, const DenseArgs& d) {
 }  // namespace
 
 void csr_matmul(const CsrView& a, const DenseArgs& d) {
-  if (a.tiled != nullptr && d.batch >= kPanelMinBatch) return run_tiled<Ops256, 4>(a, d);
+  if (a.tiled != nullptr && d.batch >= plan::kPanelMinBatch) return run_tiled<Ops256, 4>(a, d);
   if (a.index_bytes == 2) run<uint16_t>(a, d);
   else run<int32_t>(a, d);
 }

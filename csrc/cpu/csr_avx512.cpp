@@ -32,14 +32,6 @@ struct Ops512 {
   static void store(float* p, V v) { _mm512_store_ps(p, v); }
 };
 
-// Panel width of the tiled loop: 64 inputs (four vectors per non-zero) on weights at most 30% dense,
-// 32 above. A 64-wide slice of a 256-column tile (64 KB) no longer fits L1, which costs where a
-// row's segment in a tile is long (50-65% sparse: 2-15% slower); on sparser weights each segment is
-// short, and its fixed cost (partial sums loaded and stored, a mispredicted loop exit) is shared by
-// twice the work: 2-12% faster at 70-90% sparsity at batch 64 and 256 (4096x4096, 1536x384,
-// 384x1536; weights from DRAM, interleaved A/B).
-constexpr double kWidePanelMaxDensity = 0.3;
-
 template <typename Idx>
 void run(const CsrView& a, const DenseArgs& d) {
   const Idx* col = static_cast<const Idx*>(a.col_idx);
@@ -55,11 +47,9 @@ void run(const CsrView& a, const DenseArgs& d) {
 }  // namespace
 
 void csr_matmul(const CsrView& a, const DenseArgs& d) {
-  // Below 16 inputs a 16-wide panel would be mostly padding: the AVX2 kernels' 8-wide panels
-  // measured 1.3x faster there (4096x4096, 50%, batch 4 and 8).
-  if (d.batch < 16) return avx2::csr_matmul(a, d);
+  if (d.batch < plan::kAvx512MinBatch) return avx2::csr_matmul(a, d);
   if (a.tiled != nullptr) {
-    if (density(a) <= kWidePanelMaxDensity) return run_tiled<Ops512, 4>(a, d);
+    if (density(a) <= plan::kWidePanelMaxDensity) return run_tiled<Ops512, 4>(a, d);
     return run_tiled<Ops512, SPARSENET_AVX512_PANEL / 16>(a, d);
   }
   if (a.index_bytes == 2) run<uint16_t>(a, d);

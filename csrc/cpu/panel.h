@@ -1,6 +1,6 @@
 // Shared helpers for the SIMD kernels: the per-thread scratch panel and the x -> panel transpose.
 //
-// For batch >= kPanelMinBatch the kernels vectorise along the batch: a tile of up to W (32 or 64)
+// For batch >= plan::kPanelMinBatch the kernels vectorise along the batch: a tile of up to W (32 or 64)
 // input rows is transposed into a panel xp[k][W] (W floats per input feature, zero padded), so each
 // non-zero w(r, k) becomes one broadcast and W/vector-width FMAs on a contiguous slice of the panel.
 // The panel (K * W * 4 bytes; 512 KiB for K = 4096) stays in L2 while every row of the weight streams
@@ -12,10 +12,9 @@
 #include <new>
 
 #include "cpu/capability.h"
+#include "cpu/planner.h"
 
 namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
-
-constexpr int64_t kPanelMinBatch = 4;
 
 // How far ahead (in non-zeros) the kernels prefetch the weight's value and index streams: they come
 // from DRAM, and the hardware prefetcher does not ramp up that far within one row.

@@ -1,0 +1,10 @@
+#include "cpu/planner.h"
+
+namespace sparsenet::cpu::plan {
+
+bool wants_tiled_csr(const std::string& isa, int64_t batch, double density) {
+  if (batch < kPanelMinBatch || isa == "fallback") return false;
+  return batch > kWideBatch ? density >= kTiledMinDensityWide : density >= kTiledMinDensityNarrow;
+}
+
+}  // namespace sparsenet::cpu::plan

@@ -1,0 +1,40 @@
+// The kernel planner: every threshold that decides which kernel and layout a call gets, in one place.
+// Kernels ask it; none keeps a threshold of its own. All figures were measured with weights from
+// DRAM (benchmarks/speedup_table.py, benchmarks/ab_native.py); the machine they were tuned on is in
+// BENCHMARKS.md.
+//
+// The table of kernels itself (which function runs a format on an ISA) is in dispatch.cpp; the
+// regime a CSR call runs in (row dot products, a batch panel, the column-tiled panel) follows from
+// the functions below.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace sparsenet::cpu::plan {
+
+// From this many inputs a tile of x is transposed into a panel (each non-zero one broadcast and a few
+// FMAs over inputs); below, each output is a dot product over its row's non-zeros.
+constexpr int64_t kPanelMinBatch = 4;
+
+// Below this many inputs the AVX-512 build runs the AVX2 kernels: a 16-wide panel would be mostly
+// padding (the 8-wide one measured 1.3x faster at batch 4 and 8, 4096x4096, 50%), and the
+// dot-product path compiled for AVX-512 measured 1.4x slower on Zen 4.
+constexpr int64_t kAvx512MinBatch = 16;
+
+// The column-tiled copy of a CSR weight (cpu/tiled.h) pays where a row's share of a 256-column tile
+// is long enough for its L1 reuse to beat its fixed cost: panels of one or two vectors per non-zero
+// (batch 4-16) from 17% density, wider ones (batch 17 on) from 7.5% (4096x4096, both ISAs).
+constexpr double kTiledMinDensityNarrow = 0.17;
+constexpr double kTiledMinDensityWide = 0.075;
+constexpr int64_t kWideBatch = 16;
+
+// AVX-512 tiled loop: 64-input panels (four vectors per non-zero) on weights at most 30% dense, 32
+// above (a 64-wide slice of a tile no longer fits L1 where rows are dense in it).
+constexpr double kWidePanelMaxDensity = 0.3;
+
+// Whether a CSR call on `isa` at this batch and density runs on the column-tiled copy (which the
+// handle then builds once and keeps). Defined in planner.cpp, compiled without ISA flags: this
+// header is included by ISA-flagged files, which must not emit a copy of it (capability.h).
+bool wants_tiled_csr(const std::string& isa, int64_t batch, double density);
+
+}  // namespace sparsenet::cpu::plan
