@@ -15,30 +15,37 @@ namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
 inline int64_t bitmap_cost_before(const BitmapView& a, int64_t row) { return a.row_ptr[row] + row * a.chunks / 2; }
 
+// The first row of part p of `parts` (rows cut into parts of equal cost).
+inline int64_t bitmap_part_start(const BitmapView& a, int p, int parts) {
+  if (p <= 0) return 0;
+  if (p >= parts) return a.rows;
+  const int64_t total = bitmap_cost_before(a, a.rows);
+  const int64_t target = total / parts * p + total % parts * p / parts;
+  int64_t lo = 0, hi = a.rows;
+  while (lo < hi) {  // the first row whose cost before it reaches the target
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (bitmap_cost_before(a, mid) < target) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// Threads worth waking: below ~25k multiply-adds the fork/join costs more than a second thread
+// saves (as for CSR).
+inline int bitmap_threads(const BitmapView& a, const DenseArgs& d) {
+  return (d.num_threads <= 1 || (bitmap_cost_before(a, a.rows) + a.rows) * d.batch < 24576) ? 1 : d.num_threads;
+}
+
 // rows(r0, r1): rows [r0, r1) for every batch entry.
 template <typename RowsFn>
 void bitmap_drive(const BitmapView& a, const DenseArgs& d, RowsFn rows) {
-  const int64_t total = bitmap_cost_before(a, a.rows);
-  // Below ~25k multiply-adds the fork/join costs more than a second thread saves (as for CSR).
-  const int nt = (d.num_threads <= 1 || (total + a.rows) * d.batch < 24576) ? 1 : d.num_threads;
-  const int parts = static_cast<int>(std::min<int64_t>(std::max<int64_t>(a.rows, 1), int64_t{nt} * 8));
-  auto row_at = [&](int p) -> int64_t {
-    if (p <= 0) return 0;
-    if (p >= parts) return a.rows;
-    const int64_t target = total / parts * p + total % parts * p / parts;
-    int64_t lo = 0, hi = a.rows;
-    while (lo < hi) {  // the first row whose cost before it reaches the target
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (bitmap_cost_before(a, mid) < target) lo = mid + 1; else hi = mid;
-    }
-    return lo;
-  };
+  const int nt = bitmap_threads(a, d);
   if (nt == 1) {
     rows(int64_t{0}, a.rows);
     return;
   }
+  const int parts = static_cast<int>(std::min<int64_t>(std::max<int64_t>(a.rows, 1), int64_t{nt} * 8));
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-  for (int p = 0; p < parts; ++p) rows(row_at(p), row_at(p + 1));
+  for (int p = 0; p < parts; ++p) rows(bitmap_part_start(a, p, parts), bitmap_part_start(a, p + 1, parts));
 }
 
 // row(std::integral_constant<int, NB>{}, r, m0) for each row of [r0, r1), and within it for the

@@ -32,6 +32,11 @@ constexpr int64_t kWideBatch = 16;
 // above (a 64-wide slice of a tile no longer fits L1 where rows are dense in it).
 constexpr double kWidePanelMaxDensity = 0.3;
 
+// Bitmap weights on AVX-512: from this many inputs x is transposed into a panel and each stored
+// weight becomes one broadcast and W/16 FMAs; below, each 16-column chunk is decoded (vexpandps)
+// once for up to 8 inputs, which also multiplies the decoded zeros.
+constexpr int64_t kBitmapPanelMinBatch = 4;
+
 // Whether a CSR call on `isa` at this batch and density runs on the column-tiled copy (which the
 // handle then builds once and keeps). Defined in planner.cpp, compiled without ISA flags: this
 // header is included by ISA-flagged files, which must not emit a copy of it (capability.h).

@@ -68,9 +68,10 @@ def test_large_and_threaded(isa):
 def test_non_finite_inputs_follow_dense_semantics(isa, bad):
     w = weights(6, 40, 0.4, 3)
     w[2] = 0  # a row storing nothing
-    x = torch.randn(3, 40)
+    x = torch.randn(6, 40)  # 6: the panel kernels too, where they exist (batch 4 and up)
     x[1, 5] = bad  # a column some rows store and others do not
     x[2, 39] = bad  # in the last, partial chunk
+    x[4, 17] = bad
     got = run(w, x)
     want = torch.nn.functional.linear(x.double(), w.double())
     assert torch.equal(torch.isnan(got), torch.isnan(want))
