@@ -370,7 +370,8 @@ class CsrHandle {
 // the copy's row offsets, checked against the value count, bound every read of them).
 class BitmapHandle {
  public:
-  BitmapHandle(int64_t rows, int64_t cols, const py::buffer& masks, const py::buffer& row_ptr, const py::buffer& values) {
+  BitmapHandle(int64_t rows, int64_t cols, const py::buffer& masks, const py::buffer& row_ptr, const py::buffer& values,
+               bool keep, const py::object& bias) {
     if (rows < 0 || cols < 0) throw py::value_error("rows and cols must be non-negative");
     const auto ma = vector_info(masks, "masks");
     const auto rp = vector_info(row_ptr, "row_ptr");
@@ -396,6 +397,25 @@ class BitmapHandle {
     view_.masks = masks_.data();
     view_.row_ptr = row_ptr_.data();
     sparsenet::validate_bitmap(view_);  // throws std::invalid_argument -> ValueError
+    if (!bias.is_none() && !keep) throw py::value_error("bias is kept only by a handle with keep=True");
+    bias_ = bias_pointer(bias, rows);
+    // keep=True: the handle holds the values (and bias) alive itself, for forward() (as CsrHandle).
+    if (keep) {
+      owners_ = std::make_shared<const py::tuple>(py::make_tuple(values, bias));
+      view_.values = static_cast<const float*>(va.ptr);
+    }
+  }
+
+  // x A^T (+ the bias given at construction) as a new tensor; x and the result are DLPack capsules
+  // (keep=True handles only): the few objects touched per call that a batch-1 call can afford.
+  py::object forward(const py::object& x) const {
+    if (!owners_) throw py::value_error("this handle does not keep its buffers (keep=False): use matmul");
+    const Dense2D xd = dense_from_dlpack(x, "x");
+    check_x(xd, view_.cols);
+    Dense2D yd;
+    py::object y = new_output(xd.rows, view_.rows, &yd);
+    run(view_, xd, yd, bias_);
+    return y;
   }
 
   // out[:] = x A^T (+ bias) with A's values read from `values` (float32, nnz entries).
@@ -404,15 +424,9 @@ class BitmapHandle {
     const py::buffer_info xi = x.request(), yi = y.request(/*writable=*/true);
     const Dense2D xd = dense_from_buffer(xi, "x");
     check_x(xd, view_.cols);
-    const sparsenet::DenseArgs d = dense_args(xd, dense_from_buffer(yi, "out"), view_.rows, view_.cols,
-                                              bias_pointer(bias, view_.rows));
-    if (d.batch == 0 || view_.rows == 0) return;
     sparsenet::BitmapView view = view_;
     view.values = value_data;
-    const auto kernel = sparsenet::cpu::bitmap_matmul_kernel();
-    py::gil_scoped_release nogil;
-    kernel(view, d);
-    sparsenet::propagate_nonfinite(view, d);
+    run(view, xd, dense_from_buffer(yi, "out"), bias_pointer(bias, view_.rows));
   }
 
   // (masks, row_ptr): read-only numpy views of the handle's validated copy, which they keep alive.
@@ -427,9 +441,22 @@ class BitmapHandle {
   int64_t rows() const { return view_.rows; }
   int64_t cols() const { return view_.cols; }
   int64_t nnz() const { return view_.nnz; }
+  bool keeps_buffers() const { return static_cast<bool>(owners_); }
 
  private:
-  sparsenet::BitmapView view_;  // structure: this handle's private copy
+  // x has passed check_x.
+  static void run(const sparsenet::BitmapView& view, const Dense2D& x, const Dense2D& y, const float* bias) {
+    const sparsenet::DenseArgs d = dense_args(x, y, view.rows, view.cols, bias);
+    if (d.batch == 0 || view.rows == 0) return;
+    const auto kernel = sparsenet::cpu::bitmap_matmul_kernel();
+    py::gil_scoped_release nogil;
+    kernel(view, d);
+    sparsenet::propagate_nonfinite(view, d);
+  }
+
+  const float* bias_ = nullptr;              // keep=True: the bias given at construction, if any
+  std::shared_ptr<const py::tuple> owners_;  // keep=True: the values (and bias), kept alive
+  sparsenet::BitmapView view_;  // structure: this handle's private copy; values: the kept buffer (keep=True)
   std::vector<uint16_t, sparsenet::cpu::HugePageAllocator<uint16_t>> masks_;  // streamed on every call
   std::vector<int64_t> row_ptr_;
 };
@@ -459,10 +486,14 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("index_bytes", &CsrHandle::index_bytes);
 
   py::class_<BitmapHandle>(m, "BitmapHandle")
-      .def(py::init<int64_t, int64_t, const py::buffer&, const py::buffer&, const py::buffer&>(), py::arg("rows"),
-           py::arg("cols"), py::arg("masks"), py::arg("row_ptr"), py::arg("values"),
-           "Copy and validate a bitmap weight's structure once (values: only their count is taken); matmul is "
-           "handed the values on every call.")
+      .def(py::init<int64_t, int64_t, const py::buffer&, const py::buffer&, const py::buffer&, bool, const py::object&>(),
+           py::arg("rows"), py::arg("cols"), py::arg("masks"), py::arg("row_ptr"), py::arg("values"),
+           py::arg("keep") = false, py::arg("bias") = py::none(),
+           "Copy and validate a bitmap weight's structure once; matmul is handed the values on every call. "
+           "keep=True holds the values (and the optional bias) instead, and enables forward().")
+      .def("forward", &BitmapHandle::forward, py::arg("x"),
+           "x @ A.T (+ bias) as a new tensor; x and the result are DLPack capsules (keep=True handles only)")
+      .def_property_readonly("keeps_buffers", &BitmapHandle::keeps_buffers)
       .def("matmul", &BitmapHandle::matmul, py::arg("values"), py::arg("x"), py::arg("out"),
            py::arg("bias") = py::none(), "out[:] = x @ A.T (+ bias), A being the validated structure with these values")
       .def("structure", &BitmapHandle::structure, "(masks, row_ptr): read-only numpy views of the validated copy")

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from sparsenet._weights import as_matrix, is_linear
 from sparsenet.formats import CSR, PackedCSR, hugepages, registry
 from sparsenet.ops import LINEAR_OPS
-from sparsenet.ops.csr_linear import PreparedCSR, _needs_autograd, csr_linear
+from sparsenet.ops.csr_linear import PreparedSparse, _needs_autograd
 
 
 def _index_dtype(in_features: int) -> torch.dtype:
@@ -24,6 +24,10 @@ def _values_storage(nnz: int, dtype: torch.dtype, device: torch.device) -> torch
     if device.type != "cpu":
         return torch.empty(nnz, dtype=dtype, device=device)
     return hugepages.empty_group([(nnz, dtype)])[0]
+
+
+# Each format's two structure buffers, in the order its op takes them.
+_STRUCTURE = {name: registry.get(name).STRUCTURE for name in registry.names()}
 
 
 class WeightStandIn(torch.Tensor):
@@ -207,28 +211,24 @@ class SparseLinear(nn.Module):
         return self.nnz / total if total else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.format != "csr":
-            buffers = self._buffers
-            structure = [buffers[name] for name in registry.get(self.format).STRUCTURE]
-            return LINEAR_OPS[self.format](x, *structure, self._parameters["values"], self._parameters["bias"],
-                                           self.in_features)
-        if is_compiling():  # imported by name: one global lookup less per call
-            return csr_linear(x, self.crow_indices, self.col_indices, self.values, self.bias, self.in_features)
         # Straight from the registries: nn.Module.__getattr__ costs ~0.6 us per name at batch 1.
         buffers, params = self._buffers, self._parameters
-        crow, col, values, bias = buffers["crow_indices"], buffers["col_indices"], params["values"], params["bias"]
-        if not isinstance(x, torch.Tensor) or _needs_autograd(x, bias):
-            return csr_linear(x, crow, col, values, bias, self.in_features)
-        # Eager inference: the prepared fast path (see PreparedCSR), rebuilt when the tensors change.
+        names = _STRUCTURE[self.format]
+        first, second, values, bias = buffers[names[0]], buffers[names[1]], params["values"], params["bias"]
+        if is_compiling() or not isinstance(x, torch.Tensor) or _needs_autograd(x, bias):
+            # the checked op of this format (csr_linear, bitmap_linear)
+            return LINEAR_OPS[self.format](x, first, second, values, bias, self.in_features)
+        # Eager inference: the prepared fast path (see PreparedSparse), rebuilt when the tensors change.
         prepared = self.__dict__.get("_prepared")
-        if prepared is None or not prepared.matches(crow, col, values, bias):
+        if prepared is None or not prepared.matches(first, second, values, bias):
             if values.device.type != "cpu" or x.device.type != "cpu" or any(
-                t is not None and t.is_inference() for t in (crow, col, values, bias)
+                t is not None and t.is_inference() for t in (first, second, values, bias)
             ):
                 # Errors for other devices, and inference tensors (no version counters) are
                 # re-validated on every call: both belong to the checked op path.
-                return csr_linear(x, crow, col, values, bias, self.in_features)
-            prepared = self.__dict__["_prepared"] = PreparedCSR(crow, col, values, bias, self.in_features)
+                return LINEAR_OPS[self.format](x, first, second, values, bias, self.in_features)
+            prepared = self.__dict__["_prepared"] = PreparedSparse(first, second, values, bias, self.in_features,
+                                                                   self.format)
         return prepared(x)
 
     def _apply(self, fn, recurse=True):

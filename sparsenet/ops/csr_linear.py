@@ -129,9 +129,10 @@ def csr_linear(x, crow_indices, col_indices, values, bias, in_features: int) -> 
     return torch.ops.sparsenet.csr_linear(x, crow_indices, col_indices, values, bias, in_features)
 
 
-class PreparedCSR:
-    """Everything an eager call needs, made once per weight: a validated handle that keeps the
-    packed buffers and the bias alive itself. A module keeps one (``SparseLinear``), so a forward at
+class PreparedSparse:
+    """Everything an eager call needs, made once per weight (of any format with two structure
+    tensors: CSR's row pointers and column indices, bitmap's masks and row offsets): a validated
+    handle that keeps the packed buffers and the bias alive itself. A module keeps one (``SparseLinear``), so a forward at
     batch 1 costs a few identity checks and one native call that also allocates the output.
 
     Few Python objects touched per call matters more than it seems: a layer that runs after another
@@ -148,11 +149,11 @@ class PreparedCSR:
 
     __slots__ = ("crow", "col", "values", "bias", "ptrs", "versions", "handle", "in_features", "out_features")
 
-    def __init__(self, crow, col, values, bias, in_features: int) -> None:
-        self.crow, self.col, self.values, self.bias = crow, col, values, bias
+    def __init__(self, crow, col, values, bias, in_features: int, format: str = "csr") -> None:
+        self.crow, self.col, self.values, self.bias = crow, col, values, bias  # (bitmap: masks, row_ptr)
         self.ptrs = self._ptrs(crow, col, values, bias)
         self.versions = self._versions(crow, col, values, bias)
-        self.handle = owning_handle(crow, col, values, in_features, bias)
+        self.handle = owning_handle(crow, col, values, in_features, bias, format)
         self.in_features = in_features
         self.out_features = self.handle.rows
 

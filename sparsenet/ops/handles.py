@@ -89,17 +89,22 @@ def _versions(*tensors) -> tuple:
     return tuple(t._version for t in tensors)
 
 
-def owning_handle(crow, col, values, in_features: int, bias=None) -> _C.CsrHandle:
-    """A handle that keeps the values (and the bias) alive itself (``keep=True``): not cached here,
-    it belongs to whoever holds the tensors (``SparseLinear``'s prepared path) and dies with it."""
+def owning_handle(first, second, values, in_features: int, bias=None, format: str = "csr"):
+    """A handle for a ``format`` weight (its two structure tensors and values) that keeps the values
+    (and the bias) alive itself (``keep=True``): not cached here, it belongs to whoever holds the
+    tensors (``SparseLinear``'s prepared path) and dies with it."""
     if bias is not None:
         if bias.dtype != torch.float32:
             raise TypeError(f"bias must be float32, got {bias.dtype}")
         if bias.device.type != "cpu" or not bias.is_contiguous():
             raise ValueError(f"bias must be a contiguous CPU tensor, got one on {bias.device}")
-    check_packed(crow, col, values)
-    return _validated(crow, col, values, in_features, keep=True,
-                      bias=None if bias is None else bias.detach().numpy())
+    bias_np = None if bias is None else bias.detach().numpy()
+    if format == "bitmap":
+        _check_tensors(masks=first, row_ptr=second, values=values)
+        return _C.BitmapHandle(second.numel() - 1, in_features, first.detach().numpy(), second.detach().numpy(),
+                               values.detach().numpy(), True, bias_np)
+    check_packed(first, second, values)
+    return _validated(first, second, values, in_features, keep=True, bias=bias_np)
 
 
 def _validated(crow, col, values, in_features, keep: bool = False, bias=None) -> _C.CsrHandle:

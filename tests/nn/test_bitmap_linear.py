@@ -113,7 +113,10 @@ def test_tracked_structure_edit_is_validated_again():
     sparse = SparseLinear.from_dense(pruned_linear(), format="bitmap")
     x = torch.randn(2, 37)
     with torch.no_grad():
-        sparse(x)
+        before = sparse(x)
+        assert sparse._prepared.handle.keeps_buffers  # eager inference: the prepared handle
+        sparse.values.mul_(2)  # a tracked edit of the values: a new handle, the new weights
+        torch.testing.assert_close(sparse(x) - sparse.bias, 2 * (before - sparse.bias))
         sparse.masks[0] = 0xFFFF  # row 0 now claims more weights than row_ptr gives it
         with pytest.raises(ValueError, match="row 0 stores"):
             sparse(x)
