@@ -208,6 +208,19 @@ sparsenet::DenseArgs dense_args(const Dense2D& x, const Dense2D& y, int64_t rows
   return d;
 }
 
+// forward() of a handle that keeps its buffers: x (a DLPack capsule) checked against `cols`, a new
+// (batch, rows) output made, `fill(x, y)` runs the kernel into it.
+template <typename FillFn>
+py::object forward_new(const py::object& x, bool keeps_buffers, int64_t rows, int64_t cols, FillFn fill) {
+  if (!keeps_buffers) throw py::value_error("this handle does not keep its buffers (keep=False): use matmul");
+  const Dense2D xd = dense_from_dlpack(x, "x");
+  check_x(xd, cols);
+  Dense2D yd;
+  py::object y = new_output(xd.rows, rows, &yd);
+  fill(xd, yd);
+  return y;
+}
+
 // The values handed to a matmul: float32, as many as the structure holds.
 const float* values_pointer(const py::buffer& values, int64_t nnz) {
   const py::buffer_info va = vector_info(values, "values");
@@ -294,13 +307,8 @@ class CsrHandle {
   // touched per call, which is what a batch-1 call after a cache-flushing layer pays for (building
   // a numpy view of x alone cost ~15 us there, exporting a capsule well under 1 us).
   py::object forward(const py::object& x) const {
-    if (!owners_) throw py::value_error("this handle does not keep its buffers (keep=False): use matmul");
-    const Dense2D xd = dense_from_dlpack(x, "x");
-    check_x(xd, view_.cols);
-    Dense2D yd;
-    py::object y = new_output(xd.rows, view_.rows, &yd);
-    run(view_.values, xd, yd, bias_);
-    return y;
+    return forward_new(x, static_cast<bool>(owners_), view_.rows, view_.cols,
+                       [&](const Dense2D& xd, const Dense2D& yd) { run(view_.values, xd, yd, bias_); });
   }
 
   // The validated structure as read-only numpy views of this handle's own copy, which they keep
@@ -409,13 +417,8 @@ class BitmapHandle {
   // x A^T (+ the bias given at construction) as a new tensor; x and the result are DLPack capsules
   // (keep=True handles only): the few objects touched per call that a batch-1 call can afford.
   py::object forward(const py::object& x) const {
-    if (!owners_) throw py::value_error("this handle does not keep its buffers (keep=False): use matmul");
-    const Dense2D xd = dense_from_dlpack(x, "x");
-    check_x(xd, view_.cols);
-    Dense2D yd;
-    py::object y = new_output(xd.rows, view_.rows, &yd);
-    run(view_, xd, yd, bias_);
-    return y;
+    return forward_new(x, static_cast<bool>(owners_), view_.rows, view_.cols,
+                       [&](const Dense2D& xd, const Dense2D& yd) { run(view_, xd, yd, bias_); });
   }
 
   // out[:] = x A^T (+ bias) with A's values read from `values` (float32, nnz entries).
