@@ -69,7 +69,7 @@ lin = nn.Linear(512, 512)
 with torch.no_grad():
     lin.weight.mul_(torch.rand_like(lin.weight) < 0.3)
 path = sys.argv[1]
-sparsenet.save(sparsenet.sparsify(nn.Sequential(lin))[0], path)
+sparsenet.save(sparsenet.sparsify(nn.Sequential(lin), format="csr")[0], path)
 model = sparsenet.load(path, nn.Sequential(sparsenet.SparseLinear(512, 512)))
 threads = min(2, sparsenet.ops.runtime.usable_threads())
 sparsenet.set_num_threads(threads)
