@@ -465,16 +465,20 @@ def _module_at(path: str, model: nn.Module, name: str) -> nn.Module:
 
 
 def _sparse_shell(path: str, entry: dict, layer: nn.Module, has_bias: bool) -> nn.Module:
-    """An empty SparseLinear to load the file's sparse layer ``entry`` into, in place of the model's
-    dense ``layer``; ValueError when ``layer`` cannot be that layer."""
+    """An empty SparseLinear of the file's format to load its sparse layer ``entry`` into, in place of
+    the model's ``layer`` (dense, or a SparseLinear of another format); ValueError when ``layer``
+    cannot be that layer."""
     from sparsenet._weights import is_linear, linear_features
     from sparsenet.nn import SparseLinear
 
     name, kind = entry["name"], type(layer).__name__
-    if not is_linear(layer):
+    if isinstance(layer, SparseLinear):
+        out_features, in_features = layer.out_features, layer.in_features
+    elif is_linear(layer):
+        out_features, in_features = linear_features(layer)
+    else:
         raise ValueError(f"{path!r} holds {name!r} as a sparse layer, but the model's {name!r} is a {kind}: "
                          "it must be an nn.Linear, a transformers Conv1D or a SparseLinear")
-    out_features, in_features = linear_features(layer)
     if entry.get("shape") != [out_features, in_features]:
         raise ValueError(f"{path!r}: sparse layer {name!r} has shape {entry.get('shape')} (out, in) in the file, "
                          f"but the model's {kind} {name!r} is [{out_features}, {in_features}]")
@@ -494,7 +498,9 @@ def _sparse_swaps(path: str, header: dict, model: nn.Module) -> dict[str, nn.Mod
     shells: dict[int, nn.Module] = {}
     for entry in header["modules"]:
         layer = _module_at(path, model, entry["name"])
-        if not isinstance(layer, SparseLinear) and id(layer) not in shells:
+        # a dense layer, or a sparse one of another format (format="auto" chooses per machine)
+        swap = not isinstance(layer, SparseLinear) or layer.format != entry["format"]
+        if swap and id(layer) not in shells:
             has_bias = _prefix(entry["name"]) + "bias" in provided
             shells[id(layer)] = _sparse_shell(path, entry, layer, has_bias)
     names = all_module_names(model) if shells else {}
