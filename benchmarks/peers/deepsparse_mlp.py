@@ -79,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for sparsity in (float(s) for s in args.sparsities.split(",")):
             dense = sparsenet.prune(mlp(args.width, args.layers), sparsity, scope="layer", progress=False).finalize()
-            csr, _ = sparsenet.sparsify(dense, min_sparsity=0.0)
+            csr, _ = sparsenet.sparsify(dense, min_sparsity=0.0, format="csr")
             for batch in (int(b) for b in args.batches.split(",")):
                 auto, report = sparsenet.sparsify(dense, min_sparsity=0.0, format="auto", rows=batch)
                 engine = deepsparse_engine(dense, args.width, batch, args.threads, folder)
