@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import statistics
-import time
 
 import torch
 
 import sparsenet
 from machine import cpu_label
+from shrink_bert import timed
 
 
 def encoder():
@@ -26,19 +25,6 @@ def encoder():
 
     torch.manual_seed(0)
     return BertModel(BertConfig()).eval()  # 12 layers, hidden 768, FFN 3072, 12 heads
-
-
-def timed(dense, sparse, x, rounds: int) -> tuple[float, float]:
-    times = ([], [])
-    with torch.inference_mode():
-        for model in (dense, sparse):
-            model(**x)
-        for r in range(rounds):
-            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-                start = time.perf_counter()
-                (dense, sparse)[i](**x)
-                times[i].append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main() -> None:
@@ -66,7 +52,7 @@ def main() -> None:
             with torch.inference_mode():
                 err = (sparse(**x).last_hidden_state - dense(**x).last_hidden_state).abs().max().item()
             assert err < 1e-2, err
-            t_dense, t_sparse = timed(dense, sparse, x, args.rounds)
+            t_dense, t_sparse = timed(dense, x, args.rounds, sparse)
             formats = ", ".join(f"{n} {f}" for f, n in sorted(chosen.items()))
             print(f"| {sparsity:.0%} | {batch} | {t_dense * 1e3:.1f} | {t_sparse * 1e3:.1f} | "
                   f"{t_dense / t_sparse:.2f}x | {formats} |", flush=True)

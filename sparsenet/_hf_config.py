@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ._sizes import head_counts, out_width
+from .nn.hf import _looks_like_pretrained_model
 
 FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim", "d_ff")
 HEAD_FIELDS = ("num_attention_heads", "n_head")
@@ -28,9 +29,7 @@ HIDDEN_FIELDS = ("hidden_size", "n_embd", "d_model", "dim")
 
 
 def _config(model: nn.Module) -> Optional[Any]:
-    config = getattr(model, "config", None)
-    is_hf = callable(getattr(type(model), "save_pretrained", None)) and hasattr(config, "to_dict")
-    return config if is_hf else None
+    return model.config if _looks_like_pretrained_model(model) else None
 
 
 def ffn_layers(model: nn.Module) -> dict[str, list[str]]:

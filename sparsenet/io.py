@@ -566,11 +566,12 @@ def _resized(path: str, name: str, module: nn.Module, sizes: dict, replacements:
                          "built from the config it was shrunk from, which is never narrower")
     shapes = shapes_at(module, sizes)
     if shapes is None:
-        raise ValueError(f"{mismatch}; only Linear, Conv1D, Conv2d, BatchNorm, LayerNorm, Embedding and MultiheadAttention layers are "
-                         "resized to a file's sizes: pass a model of the architecture the file was saved from")
+        raise ValueError(f"{mismatch}; only Linear, Conv1D, Conv2d, BatchNorm, LayerNorm, Embedding and "
+                         "MultiheadAttention layers are resized to a file's sizes: pass a model of the "
+                         "architecture the file was saved from")
     twin = _shallow_copy(module)
-    for registry in ("_parameters", "_buffers"):
-        tensors = vars(twin)[registry] = dict(vars(module)[registry])
+    for store in ("_parameters", "_buffers"):
+        tensors = vars(twin)[store] = dict(vars(module)[store])
         for attr, old in tensors.items():
             if old is None or attr not in shapes or tuple(old.shape) == shapes[attr]:
                 continue

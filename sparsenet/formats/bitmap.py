@@ -36,6 +36,11 @@ def _unpacked(masks: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return ((words & _BITS) != 0).reshape(rows, chunks_for(cols) * CHUNK)
 
 
+def stored_positions(masks: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(rows, cols) bool: the positions the masks store."""
+    return _unpacked(masks, rows, cols)[:, :cols]
+
+
 class PackedBitmap(StoredSizes):
     """A 2-D weight in the bitmap layout above, as kernels read it and files store it."""
 
@@ -122,7 +127,7 @@ class PackedBitmap(StoredSizes):
     def to_dense(self) -> torch.Tensor:
         rows, cols = self.shape
         dense = torch.zeros(rows, cols, dtype=torch.float32)
-        dense[_unpacked(self.masks, rows, cols)[:, :cols]] = self.values
+        dense[stored_positions(self.masks, rows, cols)] = self.values
         return dense
 
     def metadata(self) -> dict:

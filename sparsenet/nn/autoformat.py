@@ -18,7 +18,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -36,6 +36,7 @@ class Measured:
 
     seconds: dict[str, float]
     cached: bool = False
+    layers: dict = field(default_factory=dict)  # the SparseLinear built per format, when timed now
 
     @property
     def choice(self) -> str:
@@ -138,4 +139,4 @@ def measure(weight: torch.Tensor, keep: Optional[torch.Tensor], bias: Optional[t
         calls.update({f: (lambda layer=layers[f]: layer(x)) for f in formats})
         seconds = time_calls(calls)
     cache.put(key, seconds)
-    return Measured(seconds)
+    return Measured(seconds, layers=layers)

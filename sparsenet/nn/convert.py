@@ -169,7 +169,7 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
         model = _copy_model(model)
     report = SparsifyReport(min_sparsity=float(min_sparsity))
     skip = _skip_reasons(model)
-    plan: list[tuple[str, nn.Module, str]] = []
+    plan: list[tuple[str, nn.Module, str, Optional[SparseLinear]]] = []  # the layer, if timing built it
     for name, module in model.named_modules():
         if not (is_linear(module) or isinstance(module, nn.Conv2d)):
             continue
@@ -206,18 +206,19 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
                 row.note = (f"dense measured fastest at rows={rows} ({1e3 * measured.seconds['dense']:.3f} ms, "
                             f"{fastest} {1e3 * measured.seconds[fastest]:.3f} ms)")
             else:
-                plan.append((name, module, measured.choice))
+                plan.append((name, module, measured.choice, measured.layers.get(measured.choice)))
                 row.format = measured.choice
                 row.note = f"measured at rows={rows}" + (" (cached)" if measured.cached else "")
         else:
-            plan.append((name, module, format))
+            plan.append((name, module, format, None))
             row.format = format
     # All or nothing: every SparseLinear is built before the first swap, so a layer that cannot be
     # converted leaves the model (inplace=True) exactly as it was.
-    built = [(name, module, _convert(name, module, fmt)) for name, module, fmt in plan]
+    built = [(name, module, timed if timed is not None else _convert(name, module, fmt))
+             for name, module, fmt, timed in plan]
     rows = {r.name: r for r in report.rows}
     for name, _, sparse in built:
-        rows[name].bytes_after = sparse.to_packed().nbytes + _tensor_bytes(sparse.bias)
+        rows[name].bytes_after = _tensor_bytes(*sparse.buffers(), *sparse.parameters())
     if built and built[0][0] == "":  # the model is itself a single Linear
         return built[0][2], report
     names = all_module_names(model)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsenet.formats.bitmap import CHUNK, chunks_for
+from sparsenet.formats.bitmap import stored_positions
 from sparsenet.ops.csr_linear import _check_input, _needs_autograd, register_linear_autograd
 from sparsenet.ops.handles import bitmap_handle
 
@@ -45,8 +45,7 @@ def _grad_input_cpu(grad_out, masks, row_ptr, values, in_features):
     handle = bitmap_handle(masks, row_ptr, values, in_features)
     own_masks, _ = handle.structure()
     rows = handle.rows
-    words = torch.from_numpy(own_masks.astype("int32")).reshape(rows, chunks_for(in_features), 1)
-    keep = ((words >> torch.arange(CHUNK, dtype=torch.int32)) & 1).bool().reshape(rows, -1)[:, :in_features]
+    keep = stored_positions(torch.from_numpy(own_masks.astype("int32")), rows, in_features)
     weight = torch.zeros(rows, in_features, dtype=values.dtype)
     weight[keep] = values.detach()
     return (grad_out.reshape(-1, rows) @ weight).reshape(*grad_out.shape[:-1], in_features)

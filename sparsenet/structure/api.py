@@ -402,7 +402,7 @@ def _allocate(groups: list[Group], scores: list[Tensor], tensors: dict[str, Tens
     lo, hi = 0.0, ratio
     best = counts_for(ratio)
     if bounds is not None:
-        most = [_round_kept(g.size, math.floor(hi * g.size), round_to) for g, (_, hi) in zip(groups, limits)]
+        most = [_round_kept(g.size, math.floor(top * g.size), round_to) for g, (_, top) in zip(groups, limits)]
         if removed_fraction(most) < ratio - 0.01:
             raise ValueError(f"max_ratio={bounds[1]:g} keeps too many channels: at most "
                              f"{removed_fraction(most):.1%} can go, ratio={ratio:g} asks for more")
@@ -425,7 +425,7 @@ def _allocate(groups: list[Group], scores: list[Tensor], tensors: dict[str, Tens
         return best
     # Rounded widths make the removed fraction jump by whole groups' steps between ``below`` and
     # ``best``: step from below in units of ``round_to`` and keep whichever lands nearer.
-    caps = [round(hi * g.size) for g, (_, hi) in zip(groups, limits)]
+    caps = [round(top * g.size) for g, (_, top) in zip(groups, limits)]
     stepped = _step_towards(groups, scores, below, ratio, round_to, removed_fraction, caps)
     return min((stepped, best), key=lambda c: abs(removed_fraction(c) - ratio))
 
@@ -438,7 +438,7 @@ def _step_towards(groups: list[Group], scores: list[Tensor], below: list[int], r
     ranked = [torch.sort(s).values for s in scores]
     counts, removed = list(below), removed_fraction(below)
     while True:
-        options = []  # (stays below the target, how important the channels are, group, result)
+        options = []  # (reaches the target, mean score of the channels taken, removed fraction, counts)
         for i, (g, c) in enumerate(zip(groups, counts)):
             if g.size - c - round_to >= round_to and c + round_to <= caps[i]:
                 trial = counts.copy()
