@@ -26,7 +26,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 import sparsenet
 from sparsenet import _C as new_C
-from sparsenet.formats import PackedCSR, hugepages
+from sparsenet.formats import hugepages, registry
 
 from machine import cpu_name, last_level_cache_bytes
 
@@ -39,15 +39,23 @@ def load_baseline(path: str):
     return module
 
 
-def handles(module, packed: PackedCSR, bias: torch.Tensor, copies: int):
-    """`copies` handles over their own copies of the weight (keep=True: they hold them), indices and
-    values in one huge-page region each, so neither build is handed slower memory than the other."""
+# Each format's native handle and the structure tensor that streams beside the values.
+_HANDLES = {"csr": ("CsrHandle", "crow_indices", "col_indices"), "bitmap": ("BitmapHandle", "row_ptr", "masks")}
+
+
+def handles(module, packed, bias: torch.Tensor, copies: int):
+    """`copies` handles over their own copies of the weight (keep=True: they hold them), structure
+    stream and values in one huge-page region each, so neither build is handed slower memory."""
     out_features, in_features = packed.shape
+    kind, offsets, stream = _HANDLES[packed.FORMAT]
+    tensors = packed.tensors()
     made = []
     for _ in range(copies):
-        col, values = hugepages.copy_group([packed.col_indices, packed.values])
-        made.append(module.CsrHandle(out_features, in_features, packed.crow_indices.clone().numpy(), col.numpy(),
-                                     values.numpy(), True, bias.clone().numpy()))
+        streamed, values = hugepages.copy_group([tensors[stream], packed.values])
+        structure = {offsets: tensors[offsets].clone().numpy(), stream: streamed.numpy()}
+        ordered = [structure[name] for name in packed.STRUCTURE]
+        made.append(getattr(module, kind)(out_features, in_features, *ordered, values.numpy(), True,
+                                          bias.clone().numpy()))
     return made
 
 
@@ -56,6 +64,7 @@ def main() -> None:
     parser.add_argument("baseline", help="path of the baseline build's _C*.so")
     parser.add_argument("--shape", type=int, nargs=2, default=(4096, 4096), metavar=("OUT", "IN"))
     parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--format", default="csr", choices=sorted(_HANDLES))
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--threads", type=int, default=min(2, sparsenet.ops.runtime.usable_threads()))
     parser.add_argument("--rounds", type=int, default=40)
@@ -70,12 +79,12 @@ def main() -> None:
     weight = torch.randn(out_features, in_features)
     weight[torch.rand_like(weight) < args.sparsity] = 0
     bias = torch.randn(out_features)
-    packed = PackedCSR.from_dense(weight)
-    weight_bytes = packed.nnz * (4 + packed.col_indices.element_size()) + 8 * (out_features + 1)
+    packed = registry.get(args.format).from_dense(weight)
+    weight_bytes = packed.nbytes
     copies = max(2, -(-2 * last_level_cache_bytes() // weight_bytes))
     contenders = {"baseline": handles(base_C, packed, bias, copies), "new": handles(new_C, packed, bias, copies)}
     print(f"{cpu_name()}, {args.threads} threads; {out_features}x{in_features} at {args.sparsity:.0%} "
-          f"sparsity, {weight_bytes / 2**20:.1f} MiB per weight, {copies} copies per build")
+          f"sparsity, {args.format}, {weight_bytes / 2**20:.1f} MiB per weight, {copies} copies per build")
     for batch in args.batch:
         x = torch.randn(batch, in_features)
         reference = x.double() @ weight.double().T + bias.double()
