@@ -22,6 +22,7 @@
 #include "bindings/dlpack_abi.h"
 
 #include "cpu/bitmap_view.h"
+#include "cpu/bsr_view.h"
 #include "cpu/csr_view.h"
 #include "cpu/dispatch.h"
 #include "cpu/huge_alloc.h"
@@ -464,6 +465,102 @@ class BitmapHandle {
   std::vector<int64_t> row_ptr_;
 };
 
+// A block-sparse (BSR) weight checked once and ready to multiply (see csrc/cpu/bsr_view.h for the
+// layout). As CsrHandle: it copies the structure (block shape, block row pointers, block columns),
+// validates the copy and reads only that; the values are handed over on every call, their count
+// checked against the copy's blocks.
+class BsrHandle {
+ public:
+  BsrHandle(int64_t rows, int64_t cols, const py::buffer& block_shape, const py::buffer& block_ptr,
+            const py::buffer& block_cols, const py::buffer& values, bool keep, const py::object& bias) {
+    if (rows < 0 || cols < 0) throw py::value_error("rows and cols must be non-negative");
+    const auto bs = vector_info(block_shape, "block_shape");
+    const auto bp = vector_info(block_ptr, "block_ptr");
+    const auto bc = vector_info(block_cols, "block_cols");
+    const auto va = vector_info(values, "values");
+    if (!format_is(bs, 'q', 8) || bs.size != 2) throw py::type_error("block_shape must be 2 int64 (r, c)");
+    if (!format_is(bp, 'q', 8)) throw py::type_error("block_ptr must be int64");
+    if (!format_is(bc, 'i', 4)) throw py::type_error("block_cols must be int32, got format '" + bc.format + "'");
+    if (!format_is(va, 'f', 4)) throw py::type_error("values must be float32");
+    const auto* shape = static_cast<const int64_t*>(bs.ptr);
+    view_.rows = rows;
+    view_.cols = cols;
+    view_.r = shape_[0] = shape[0];
+    view_.c = shape_[1] = shape[1];
+    if (view_.r < 1 || view_.c < 1 || view_.r > sparsenet::kBsrMaxBlock || view_.c > sparsenet::kBsrMaxBlock)
+      throw py::value_error("block shape must be 1..64 x 1..64, got " + std::to_string(view_.r) + "x" +
+                            std::to_string(view_.c));
+    view_.block_rows = sparsenet::bsr_block_rows(rows, view_.r);
+    if (bp.size != view_.block_rows + 1)
+      throw py::value_error("block_ptr has " + std::to_string(bp.size) + " entries, expected ceil(rows / r) + 1 = " +
+                            std::to_string(view_.block_rows + 1));
+    view_.nnzb = bc.size;
+    if (va.size != bc.size * view_.r * view_.c)
+      throw py::value_error("values has " + std::to_string(va.size) + " entries, expected " + std::to_string(bc.size) +
+                            " blocks x " + std::to_string(view_.r * view_.c));
+    const auto* bp_data = static_cast<const int64_t*>(bp.ptr);
+    const auto* bc_data = static_cast<const int32_t*>(bc.ptr);
+    block_ptr_.assign(bp_data, bp_data + bp.size);
+    block_cols_.assign(bc_data, bc_data + bc.size);
+    view_.block_ptr = block_ptr_.data();
+    view_.block_cols = block_cols_.data();
+    sparsenet::validate_bsr(view_);  // throws std::invalid_argument -> ValueError
+    if (!bias.is_none() && !keep) throw py::value_error("bias is kept only by a handle with keep=True");
+    bias_ = bias_pointer(bias, rows);
+    if (keep) {
+      owners_ = std::make_shared<const py::tuple>(py::make_tuple(values, bias));
+      view_.values = static_cast<const float*>(va.ptr);
+    }
+  }
+
+  py::object forward(const py::object& x) const {
+    return forward_new(x, static_cast<bool>(owners_), view_.rows, view_.cols,
+                       [&](const Dense2D& xd, const Dense2D& yd) { run(view_, xd, yd, bias_); });
+  }
+
+  void matmul(const py::buffer& values, const py::buffer& x, const py::buffer& y, const py::object& bias) const {
+    const float* value_data = values_pointer(values, view_.nnzb * view_.r * view_.c);
+    const py::buffer_info xi = x.request(), yi = y.request(/*writable=*/true);
+    const Dense2D xd = dense_from_buffer(xi, "x");
+    check_x(xd, view_.cols);
+    sparsenet::BsrView view = view_;
+    view.values = value_data;
+    run(view, xd, dense_from_buffer(yi, "out"), bias_pointer(bias, view_.rows));
+  }
+
+  // (block_shape, block_ptr, block_cols): read-only numpy views of the validated copy.
+  static py::tuple structure(const py::object& self) {
+    const BsrHandle& h = self.cast<const BsrHandle&>();
+    py::array shape = py::array(py::dtype::of<int64_t>(), {int64_t{2}}, {int64_t{8}}, h.shape_, self);
+    py::array block_ptr(py::dtype::of<int64_t>(), {h.view_.block_rows + 1}, {int64_t{8}}, h.block_ptr_.data(), self);
+    py::array block_cols(py::dtype::of<int32_t>(), {h.view_.nnzb}, {int64_t{4}}, h.block_cols_.data(), self);
+    for (py::array* a : {&shape, &block_ptr, &block_cols}) a->attr("flags").attr("writeable") = false;
+    return py::make_tuple(shape, block_ptr, block_cols);
+  }
+
+  int64_t rows() const { return view_.rows; }
+  int64_t cols() const { return view_.cols; }
+  int64_t nnz() const { return view_.nnzb * view_.r * view_.c; }
+  bool keeps_buffers() const { return static_cast<bool>(owners_); }
+
+ private:
+  static void run(const sparsenet::BsrView& view, const Dense2D& x, const Dense2D& y, const float* bias) {
+    const sparsenet::DenseArgs d = dense_args(x, y, view.rows, view.cols, bias);
+    if (d.batch == 0 || view.rows == 0) return;
+    const auto kernel = sparsenet::cpu::bsr_matmul_kernel();
+    py::gil_scoped_release nogil;
+    kernel(view, d);
+    sparsenet::propagate_nonfinite(view, d);
+  }
+
+  const float* bias_ = nullptr;
+  std::shared_ptr<const py::tuple> owners_;
+  sparsenet::BsrView view_;  // structure: this handle's private copy; values: the kept buffer (keep=True)
+  int64_t shape_[2] = {1, 1};  // (r, c), as structure() shows it
+  std::vector<int64_t> block_ptr_;
+  std::vector<int32_t, sparsenet::cpu::HugePageAllocator<int32_t>> block_cols_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -503,6 +600,24 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("rows", &BitmapHandle::rows)
       .def_property_readonly("cols", &BitmapHandle::cols)
       .def_property_readonly("nnz", &BitmapHandle::nnz);
+
+  py::class_<BsrHandle>(m, "BsrHandle")
+      .def(py::init<int64_t, int64_t, const py::buffer&, const py::buffer&, const py::buffer&, const py::buffer&, bool,
+                    const py::object&>(),
+           py::arg("rows"), py::arg("cols"), py::arg("block_shape"), py::arg("block_ptr"), py::arg("block_cols"),
+           py::arg("values"), py::arg("keep") = false, py::arg("bias") = py::none(),
+           "Copy and validate a BSR weight's structure once; matmul is handed the values on every call. "
+           "keep=True holds the values (and the optional bias) instead, and enables forward().")
+      .def("forward", &BsrHandle::forward, py::arg("x"),
+           "x @ A.T (+ bias) as a new tensor; x and the result are DLPack capsules (keep=True handles only)")
+      .def_property_readonly("keeps_buffers", &BsrHandle::keeps_buffers)
+      .def("matmul", &BsrHandle::matmul, py::arg("values"), py::arg("x"), py::arg("out"),
+           py::arg("bias") = py::none(), "out[:] = x @ A.T (+ bias), A being the validated structure with these values")
+      .def("structure", &BsrHandle::structure,
+           "(block_shape, block_ptr, block_cols): read-only numpy views of the validated copy")
+      .def_property_readonly("rows", &BsrHandle::rows)
+      .def_property_readonly("cols", &BsrHandle::cols)
+      .def_property_readonly("nnz", &BsrHandle::nnz);
 
   m.def("compiled_isas", &sparsenet::cpu::compiled_isas);
   m.def("supported_isas", &sparsenet::cpu::supported_isas);

@@ -6,23 +6,13 @@
 #include "cpu/gemv_simd.h"
 #include "cpu/panel.h"
 #include "cpu/panel_simd.h"
+#include "cpu/simd_ops.h"
 #include "cpu/simd_tile.h"
 #include "cpu/tiled_kernel.h"
 
 namespace sparsenet::cpu::avx2 {
 
 namespace {
-
-struct Ops256 {
-  using V = __m256;
-  static constexpr int kWidth = 8;
-  static V zero() { return _mm256_setzero_ps(); }
-  static V load(const float* p) { return _mm256_load_ps(p); }
-  static V set1(float f) { return _mm256_set1_ps(f); }
-  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static void store(float* p, V v) { _mm256_store_ps(p, v); }
-};
 
 template <typename Idx>
 void run(const CsrView& a, const DenseArgs& d) {

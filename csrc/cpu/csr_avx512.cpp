@@ -10,6 +10,7 @@
 #include "cpu/driver.h"
 #include "cpu/panel.h"
 #include "cpu/panel_simd.h"
+#include "cpu/simd_ops.h"
 #include "cpu/simd_tile.h"
 #include "cpu/tiled_kernel.h"
 
@@ -20,17 +21,6 @@
 namespace sparsenet::cpu::avx512 {
 
 namespace {
-
-struct Ops512 {
-  using V = __m512;
-  static constexpr int kWidth = 16;
-  static V zero() { return _mm512_setzero_ps(); }
-  static V load(const float* p) { return _mm512_load_ps(p); }
-  static V set1(float f) { return _mm512_set1_ps(f); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static void store(float* p, V v) { _mm512_store_ps(p, v); }
-};
 
 template <typename Idx>
 void run(const CsrView& a, const DenseArgs& d) {

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "cpu/bitmap_view.h"
+#include "cpu/bsr_view.h"
 #include "cpu/csr_view.h"
 
 namespace sparsenet::cpu {
@@ -14,5 +15,6 @@ std::string active_isa();
 void set_isa(const std::string& name);      // throws std::invalid_argument if unknown/unsupported
 CsrMatmulFn csr_matmul_kernel();
 BitmapMatmulFn bitmap_matmul_kernel();
+BsrMatmulFn bsr_matmul_kernel();
 
 }  // namespace sparsenet::cpu

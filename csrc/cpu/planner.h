@@ -37,6 +37,15 @@ constexpr double kWidePanelMaxDensity = 0.3;
 // once for up to 8 inputs, which also multiplies the decoded zeros.
 constexpr int64_t kBitmapPanelMinBatch = 4;
 
+// BSR weights: from this many inputs x is transposed into a panel and every block runs as a
+// register-blocked dense micro-kernel (up to 8 rows x the panel width); below, each sample's
+// outputs are dot products over the stored blocks.
+constexpr int64_t kBsrPanelMinBatch = 4;
+
+// BSR at large batch: from this many panels per thread, threads take whole panels (each its own
+// x slice, no barrier) instead of sharing out each panel's block rows.
+constexpr int kBsrPanelsPerThread = 4;
+
 // Whether a CSR call on `isa` at this batch and density runs on the column-tiled copy (which the
 // handle then builds once and keeps). Defined in planner.cpp, compiled without ISA flags: this
 // header is included by ISA-flagged files, which must not emit a copy of it (capability.h).

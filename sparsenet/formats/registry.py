@@ -9,11 +9,15 @@ A format is a packed class (``PackedCSR``, ``PackedBitmap``) with a common proto
 * ``from_dense(dense, mask=None)``, ``empty(rows, cols)``, ``from_tensors(tensors, shape)`` (validated),
   ``tensors()`` (structure and values by name), ``to_dense()``, ``nnz``, ``nbytes``, ``metadata()``.
 
+A format may also have ``fits(keep)``: whether ``format="auto"`` should consider it for a weight that
+keeps the entries of the bool matrix ``keep`` (BSR only for block-structured ones); without it, always.
+
 Adding a format means writing its module, its kernels and its op, and one ``register`` call.
 """
 from __future__ import annotations
 
 from sparsenet.formats.bitmap import PackedBitmap
+from sparsenet.formats.bsr import PackedBSR
 from sparsenet.formats.csr import PackedCSR
 
 _FORMATS: dict[str, type] = {}
@@ -41,5 +45,11 @@ def names() -> list[str]:
     return sorted(_FORMATS)
 
 
+def fitting(keep) -> list[str]:
+    """The formats worth timing for a weight that keeps the entries of the bool matrix ``keep``."""
+    return [name for name in names() if not hasattr(_FORMATS[name], "fits") or _FORMATS[name].fits(keep)]
+
+
 register(PackedCSR)
 register(PackedBitmap)
+register(PackedBSR)

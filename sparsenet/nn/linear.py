@@ -1,5 +1,5 @@
 """SparseLinear: a drop-in ``nn.Linear`` whose weight is stored in a registered sparse format (packed
-CSR by default, or bitmap) and run natively."""
+CSR by default, bitmap or block-sparse BSR) and run natively."""
 from __future__ import annotations
 
 import torch
@@ -26,7 +26,7 @@ def _values_storage(nnz: int, dtype: torch.dtype, device: torch.device) -> torch
     return hugepages.empty_group([(nnz, dtype)])[0]
 
 
-# Each format's two structure buffers, in the order its op takes them.
+# Each format's structure buffers, in the order its op takes them.
 _STRUCTURE = {name: registry.get(name).STRUCTURE for name in registry.names()}
 
 
@@ -67,7 +67,8 @@ class SparseLinear(nn.Module):
     The stored weights are a ``Parameter(requires_grad=False)`` named ``values``; the structure lives
     in the format's buffers (:mod:`sparsenet.formats.registry`): for ``"csr"`` (the default)
     ``crow_indices`` (int64) and ``col_indices`` (uint16 when ``in_features <= 65536``, else int32),
-    for ``"bitmap"`` ``masks`` (uint16, a bit per position) and ``row_ptr`` (int64). Gradients flow
+    for ``"bitmap"`` ``masks`` (uint16, a bit per position) and ``row_ptr`` (int64), for ``"bsr"``
+    ``block_shape`` (int64 (r, c)), ``block_ptr`` (int64) and ``block_cols`` (int32). Gradients flow
     to the input and the bias; the sparse weight is frozen.
     """
 
@@ -109,7 +110,7 @@ class SparseLinear(nn.Module):
     @classmethod
     @torch.inference_mode(False)
     def from_packed(cls, packed, bias: torch.Tensor | None = None) -> "SparseLinear":
-        """From a packed weight of any registered format (``PackedCSR``, ``PackedBitmap``)."""
+        """From a packed weight of any registered format (``PackedCSR``, ``PackedBitmap``, ``PackedBSR``)."""
         spec = registry.get(getattr(packed, "FORMAT", None))
         if not isinstance(packed, spec):
             raise TypeError(f"packed must be a registered packed format, got {type(packed).__name__}")
@@ -133,10 +134,12 @@ class SparseLinear(nn.Module):
         return cls.from_packed(csr.pack(), bias)
 
     @classmethod
-    def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None, format: str = "csr") -> "SparseLinear":
+    def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None, format: str = "csr",
+                   **options) -> "SparseLinear":
         """Convert an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2's Linear with a transposed
         weight) to ``format``: zeros (and entries where ``mask``, in the layer's own weight layout,
-        is False) are dropped.
+        is False) are dropped. ``options`` go to the format's ``from_dense`` (``block=(r, c)`` for
+        ``"bsr"``).
 
         A layer pruned by ``sparsenet.prune`` or ``torch.nn.utils.prune`` is read through its mask.
         """
@@ -155,7 +158,7 @@ class SparseLinear(nn.Module):
         weight = as_matrix(linear, weight.detach())  # (out, in): transposed for Conv1D
         own_mask = None if own_mask is None else as_matrix(linear, own_mask)
         packed = registry.get(format).from_dense(weight.to(device="cpu", dtype=torch.float32).contiguous(),
-                                                 None if own_mask is None else own_mask.contiguous())
+                                                 None if own_mask is None else own_mask.contiguous(), **options)
         bias = None if linear.bias is None else linear.bias.detach()
         return cls.from_packed(packed, bias)
 
@@ -213,22 +216,22 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Straight from the registries: nn.Module.__getattr__ costs ~0.6 us per name at batch 1.
         buffers, params = self._buffers, self._parameters
-        names = _STRUCTURE[self.format]
-        first, second, values, bias = buffers[names[0]], buffers[names[1]], params["values"], params["bias"]
+        structure = tuple(buffers[name] for name in _STRUCTURE[self.format])
+        values, bias = params["values"], params["bias"]
         if is_compiling() or not isinstance(x, torch.Tensor) or _needs_autograd(x, bias):
-            # the checked op of this format (csr_linear, bitmap_linear)
-            return LINEAR_OPS[self.format](x, first, second, values, bias, self.in_features)
+            # the checked op of this format (csr_linear, bitmap_linear, bsr_linear)
+            return LINEAR_OPS[self.format](x, *structure, values, bias, self.in_features, self.out_features)
         # Eager inference: the prepared fast path (see PreparedSparse), rebuilt when the tensors change.
         prepared = self.__dict__.get("_prepared")
-        if prepared is None or not prepared.matches(first, second, values, bias):
+        if prepared is None or not prepared.matches((*structure, values, bias)):
             if values.device.type != "cpu" or x.device.type != "cpu" or any(
-                t is not None and t.is_inference() for t in (first, second, values, bias)
+                t is not None and t.is_inference() for t in (*structure, values, bias)
             ):
                 # Errors for other devices, and inference tensors (no version counters) are
                 # re-validated on every call: both belong to the checked op path.
-                return LINEAR_OPS[self.format](x, first, second, values, bias, self.in_features)
-            prepared = self.__dict__["_prepared"] = PreparedSparse(first, second, values, bias, self.in_features,
-                                                                   self.format)
+                return LINEAR_OPS[self.format](x, *structure, values, bias, self.in_features, self.out_features)
+            prepared = self.__dict__["_prepared"] = PreparedSparse(structure, values, bias, self.in_features,
+                                                                   self.out_features, self.format)
         return prepared(x)
 
     def _apply(self, fn, recurse=True):

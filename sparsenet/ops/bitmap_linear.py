@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from sparsenet.formats.bitmap import stored_positions
-from sparsenet.ops.csr_linear import _check_input, _needs_autograd, register_linear_autograd
+from sparsenet.ops.csr_linear import _check_input, _check_rows, _needs_autograd, register_linear_autograd
 from sparsenet.ops.handles import bitmap_handle
 
 _lib = torch.library.Library("sparsenet", "FRAGMENT")  # noqa: TOR901 (csr_linear defines the namespace)
@@ -62,10 +62,11 @@ def _grad_input_fake(grad_out, masks, row_ptr, values, in_features):
 register_linear_autograd("bitmap_linear", lambda *args: torch.ops.sparsenet.bitmap_linear_grad_input(*args))
 
 
-def bitmap_linear(x, masks, row_ptr, values, bias, in_features: int) -> torch.Tensor:
+def bitmap_linear(x, masks, row_ptr, values, bias, in_features: int, out_features=None) -> torch.Tensor:
     """Checked entry point: clear errors for what the op cannot run, then the op (eager calls with
     nothing to differentiate skip the dispatcher, as ``csr_linear`` does)."""
     _check_input(x, values, in_features)
+    _check_rows(row_ptr.numel() - 1, out_features)
     if not torch.compiler.is_compiling() and not _needs_autograd(x, bias):
         return _bitmap_linear_cpu(x, masks, row_ptr, values, bias, in_features)
     return torch.ops.sparsenet.bitmap_linear(x, masks, row_ptr, values, bias, in_features)

@@ -71,26 +71,26 @@ def _grad_input_fake(grad_out, crow_indices, col_indices, values, in_features):
     return grad_out.new_empty(*grad_out.shape[:-1], in_features)
 
 
-def register_linear_autograd(op: str, grad_input) -> None:
-    """Autograd of a ``sparsenet::<op>(x, <2 structure tensors>, values, bias, in_features)`` linear op:
-    gradients to the input (``grad_input(grad_out, *structure, values, in_features)``, an op of its
-    own so compiled graphs trace it with fake tensors) and to the bias; the sparse weight is frozen."""
+def register_linear_autograd(op: str, grad_input, n_structure: int = 2, n_ints: int = 1) -> None:
+    """Autograd of a ``sparsenet::<op>(x, <n_structure tensors>, values, bias, <n_ints ints>)`` linear
+    op: gradients to the input (``grad_input(grad_out, *structure, values, *ints)``, an op of its own so
+    compiled graphs trace it with fake tensors) and to the bias; the sparse weight is frozen."""
+    values_at = 1 + n_structure
 
     def setup_context(ctx, inputs, output):
-        _x, first, second, values, _bias, in_features = inputs
-        ctx.save_for_backward(first, second, values)
-        ctx.in_features = in_features
+        ctx.save_for_backward(*inputs[1:values_at + 1])
+        ctx.ints = inputs[values_at + 2:]
 
     def backward(ctx, grad_out):
-        first, second, values = ctx.saved_tensors
-        if ctx.needs_input_grad[3]:
+        saved = ctx.saved_tensors
+        if ctx.needs_input_grad[values_at]:
             raise RuntimeError("the sparse weight of a SparseLinear is frozen: set values.requires_grad_(False)")
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_input(grad_out, first, second, values, ctx.in_features)
-        if ctx.needs_input_grad[4]:
+            grad_x = grad_input(grad_out, *saved, *ctx.ints)
+        if ctx.needs_input_grad[values_at + 1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, None, None, None, grad_bias, None
+        return (grad_x, *([None] * n_structure), None, grad_bias, *([None] * n_ints))
 
     torch.library.register_autograd(f"sparsenet::{op}", backward, setup_context=setup_context)
 
@@ -118,9 +118,15 @@ def _needs_autograd(x, bias) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
-def csr_linear(x, crow_indices, col_indices, values, bias, in_features: int) -> torch.Tensor:
+def _check_rows(rows: int, out_features) -> None:
+    if out_features is not None and out_features != rows:
+        raise ValueError(f"out_features={out_features} does not match the weight's {rows} rows")
+
+
+def csr_linear(x, crow_indices, col_indices, values, bias, in_features: int, out_features=None) -> torch.Tensor:
     """Checked entry point: clear errors for what the op itself cannot run, then the op."""
     _check_input(x, values, in_features)
+    _check_rows(crow_indices.numel() - 1, out_features)
     if not torch.compiler.is_compiling() and not _needs_autograd(x, bias):
         # Eager call with nothing to differentiate: skip the dispatcher (a few microseconds per
         # call, which matter for small layers at batch 1). Compiled and exported graphs, and calls
@@ -130,10 +136,10 @@ def csr_linear(x, crow_indices, col_indices, values, bias, in_features: int) -> 
 
 
 class PreparedSparse:
-    """Everything an eager call needs, made once per weight (of any format with two structure
-    tensors: CSR's row pointers and column indices, bitmap's masks and row offsets): a validated
-    handle that keeps the packed buffers and the bias alive itself. A module keeps one (``SparseLinear``), so a forward at
-    batch 1 costs a few identity checks and one native call that also allocates the output.
+    """Everything an eager call needs, made once per weight (of any registered format): a validated
+    handle that keeps the structure, the values and the bias alive itself. A module keeps one
+    (``SparseLinear``), so a forward at batch 1 costs a few identity checks and one native call that
+    also allocates the output.
 
     Few Python objects touched per call matters more than it seems: a layer that runs after another
     one that streamed tens of MB finds the interpreter's and torch's data evicted from every cache
@@ -147,29 +153,31 @@ class PreparedSparse:
     else makes the module prepare a new one.
     """
 
-    __slots__ = ("crow", "col", "values", "bias", "ptrs", "versions", "handle", "in_features", "out_features")
+    __slots__ = ("tensors", "ptrs", "versions", "handle", "values", "in_features", "out_features")
 
-    def __init__(self, crow, col, values, bias, in_features: int, format: str = "csr") -> None:
-        self.crow, self.col, self.values, self.bias = crow, col, values, bias  # (bitmap: masks, row_ptr)
-        self.ptrs = self._ptrs(crow, col, values, bias)
-        self.versions = self._versions(crow, col, values, bias)
-        self.handle = owning_handle(crow, col, values, in_features, bias, format)
+    def __init__(self, structure: tuple, values, bias, in_features: int, out_features: int,
+                 format: str = "csr") -> None:
+        self.tensors = (*structure, values, bias)
+        self.values = values
+        self.ptrs = self._ptrs(self.tensors)
+        self.versions = self._versions(self.tensors)
+        self.handle = owning_handle(format, structure, values, in_features, out_features, bias)
         self.in_features = in_features
-        self.out_features = self.handle.rows
+        self.out_features = out_features
 
     @staticmethod
-    def _ptrs(crow, col, values, bias):
-        return (crow.data_ptr(), col.data_ptr(), values.data_ptr(), 0 if bias is None else bias.data_ptr())
+    def _ptrs(tensors):
+        return tuple(0 if t is None else t.data_ptr() for t in tensors)
 
     @staticmethod
-    def _versions(crow, col, values, bias):
-        return (crow._version, col._version, values._version, 0 if bias is None else bias._version)
+    def _versions(tensors):
+        return tuple(0 if t is None else t._version for t in tensors)
 
-    def matches(self, crow, col, values, bias) -> bool:
+    def matches(self, tensors: tuple) -> bool:
+        """Whether ``tensors`` (structure..., values, bias) are the very ones this was made from, unmodified."""
         return (
-            crow is self.crow and col is self.col and values is self.values and bias is self.bias
-            and self.ptrs == self._ptrs(crow, col, values, bias)
-            and self.versions == self._versions(crow, col, values, bias)
+            len(tensors) == len(self.tensors) and all(a is b for a, b in zip(tensors, self.tensors))
+            and self.ptrs == self._ptrs(tensors) and self.versions == self._versions(tensors)
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Validated native handles for sparse weights (packed CSR, bitmap), built once per weight and reused on every call.
+"""Validated native handles for sparse weights (packed CSR, bitmap, BSR), built once per weight and reused on every call.
 
 The native handle (``sparsenet._C.CsrHandle``) copies the packed structure (row pointers and column
 indices) when it is built, validates the copy (monotone row pointers, sorted in-range column indices)
@@ -68,7 +68,7 @@ def bitmap_handle(masks: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tens
         row_ptr.numel() - 1, in_features, masks.detach().numpy(), row_ptr.detach().numpy(), values.detach().numpy()))
 
 
-def _cached(kind: str, tensors: tuple, in_features: int, build):
+def _cached(kind: str, tensors: tuple, in_features, build):
     """A handle built by ``build()`` from ``tensors``, reused while they are alive and unmodified."""
     if any(t.is_inference() for t in tensors):
         return build()
@@ -89,22 +89,36 @@ def _versions(*tensors) -> tuple:
     return tuple(t._version for t in tensors)
 
 
-def owning_handle(first, second, values, in_features: int, bias=None, format: str = "csr"):
-    """A handle for a ``format`` weight (its two structure tensors and values) that keeps the values
-    (and the bias) alive itself (``keep=True``): not cached here, it belongs to whoever holds the
-    tensors (``SparseLinear``'s prepared path) and dies with it."""
+# Each format's native handle class in sparsenet._C: built as Handle(rows, cols, *structure, values, keep, bias).
+_NATIVE = {"csr": "CsrHandle", "bitmap": "BitmapHandle", "bsr": "BsrHandle"}
+
+
+def bsr_handle(block_shape: torch.Tensor, block_ptr: torch.Tensor, block_cols: torch.Tensor, values: torch.Tensor,
+               in_features: int, out_features: int) -> _C.BsrHandle:
+    """The native handle for this BSR weight (``sparsenet.formats.PackedBSR``'s layout), validated once
+    and cached exactly as :func:`csr_handle`'s."""
+    _check_tensors(block_shape=block_shape, block_ptr=block_ptr, block_cols=block_cols, values=values)
+    return _cached("bsr", (block_shape, block_ptr, block_cols, values), (in_features, out_features),
+                   lambda: _C.BsrHandle(out_features, in_features, *(t.detach().numpy() for t in
+                                                                    (block_shape, block_ptr, block_cols, values))))
+
+
+def owning_handle(format: str, structure: tuple, values, in_features: int, out_features: int, bias=None):
+    """A handle for a ``format`` weight (its structure tensors, in the format's order, and values)
+    that keeps the values (and the bias) alive itself (``keep=True``): not cached here, it belongs to
+    whoever holds the tensors (``SparseLinear``'s prepared path) and dies with it."""
     if bias is not None:
         if bias.dtype != torch.float32:
             raise TypeError(f"bias must be float32, got {bias.dtype}")
         if bias.device.type != "cpu" or not bias.is_contiguous():
             raise ValueError(f"bias must be a contiguous CPU tensor, got one on {bias.device}")
     bias_np = None if bias is None else bias.detach().numpy()
-    if format == "bitmap":
-        _check_tensors(masks=first, row_ptr=second, values=values)
-        return _C.BitmapHandle(second.numel() - 1, in_features, first.detach().numpy(), second.detach().numpy(),
-                               values.detach().numpy(), True, bias_np)
-    check_packed(first, second, values)
-    return _validated(first, second, values, in_features, keep=True, bias=bias_np)
+    from sparsenet.formats import registry
+
+    _check_tensors(**dict(zip(registry.get(format).STRUCTURE, structure)), values=values)
+    native = getattr(_C, _NATIVE[format])
+    return native(out_features, in_features, *(t.detach().numpy() for t in structure), values.detach().numpy(), True,
+                  bias_np)
 
 
 def _validated(crow, col, values, in_features, keep: bool = False, bias=None) -> _C.CsrHandle:

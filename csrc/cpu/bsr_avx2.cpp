@@ -1,0 +1,12 @@
+// AVX2 + FMA BSR kernels: bsr_simd.h with 8-wide vectors.
+#include "cpu/simd_ops.h"
+#include "cpu/bsr_simd.h"
+
+namespace sparsenet::cpu::avx2 {
+
+void bsr_matmul(const BsrView& a, const DenseArgs& d) {
+  if (d.batch >= plan::kBsrPanelMinBatch) bsr_panel_matmul<Ops256, 1>(a, d);
+  else bsr_small_batch<Ops256>(a, d);
+}
+
+}  // namespace sparsenet::cpu::avx2

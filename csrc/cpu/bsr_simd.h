@@ -1,0 +1,209 @@
+// The BSR kernels, written once against the vector traits of simd_ops.h (Ops256, Ops512). Include
+// only from ISA-flagged files; each gets its own copy in its own namespace (capability.h).
+//
+// Below plan::kBsrPanelMinBatch samples each sample runs on its own:
+// * blocks at least 2 wide: the rows of a block row, up to kMaxRows at once, are dot products over
+//   the stored blocks' columns, a vector at a time (the last one masked), so every block is read
+//   once, front to back, for all its rows;
+// * blocks 1 wide (k x 1): a block is k outputs of one column, one broadcast of x and ceil(k / width)
+//   FMAs.
+// From there x is transposed into a panel (W samples per column) and each stored weight becomes one
+// broadcast and W / width FMAs into a register tile of up to 16 rows x W samples: a block of r rows
+// reuses every panel vector it loads r times (up to 16), as a dense micro-kernel does.
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/bsr_drive.h"
+#include "cpu/panel.h"
+#include "cpu/planner.h"
+#include "cpu/simd_tile.h"
+
+namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
+
+// Rows [i, i + NR) of block row R (block-relative) against sample x: their sums into out.
+template <typename Ops, int NR>
+inline void bsr_dot_rows(const BsrView& a, const float* x, int64_t R, int64_t i, float* out) {
+  using V = typename Ops::V;
+  constexpr int64_t kW = Ops::kWidth;
+  V acc[NR];
+  for (int k = 0; k < NR; ++k) acc[k] = Ops::zero();
+  const int64_t block = a.r * a.c;
+  for (int64_t b = a.block_ptr[R]; b < a.block_ptr[R + 1]; ++b) {
+    const int64_t j0 = int64_t{a.block_cols[b]} * a.c, nc = std::min(a.c, a.cols - j0);
+    const float* v = a.values + b * block + i * a.c;
+    _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetchAhead), _MM_HINT_T0);
+    int64_t j = 0;
+    for (; j + kW <= nc; j += kW) {
+      const V xv = Ops::loadu(x + j0 + j);
+      for (int k = 0; k < NR; ++k) acc[k] = Ops::fma(Ops::loadu(v + k * a.c + j), xv, acc[k]);
+    }
+    if (j < nc) {
+      const V xv = Ops::load_first(x + j0 + j, nc - j);
+      for (int k = 0; k < NR; ++k) acc[k] = Ops::fma(Ops::load_first(v + k * a.c + j, nc - j), xv, acc[k]);
+    }
+  }
+  for (int k = 0; k < NR; ++k) out[k] = Ops::sum(acc[k]);
+}
+
+// Block row R for sample x into y (its first output at y[R * r]), blocks at least 2 wide.
+template <typename Ops>
+inline void bsr_row_dots(const BsrView& a, const float* x, float* y, const float* bias, int64_t R) {
+  constexpr int kMaxRows = Ops::kWidth == 16 ? 16 : 8;  // accumulators that fit the register file
+  const int64_t i0 = R * a.r, nr = std::min(a.r, a.rows - i0);
+  float sums[kMaxRows];
+  for (int64_t i = 0; i < nr;) {
+    const int64_t left = nr - i;
+    int n;
+    if (left >= kMaxRows) { bsr_dot_rows<Ops, kMaxRows>(a, x, R, i, sums); n = kMaxRows; }
+    else if (left >= 8) { bsr_dot_rows<Ops, 8>(a, x, R, i, sums); n = 8; }
+    else if (left >= 4) { bsr_dot_rows<Ops, 4>(a, x, R, i, sums); n = 4; }
+    else if (left >= 2) { bsr_dot_rows<Ops, 2>(a, x, R, i, sums); n = 2; }
+    else { bsr_dot_rows<Ops, 1>(a, x, R, i, sums); n = 1; }
+    for (int k = 0; k < n; ++k) y[i0 + i + k] = sums[k] + (bias ? bias[i0 + i + k] : 0.0f);
+    i += n;
+  }
+}
+
+// Block row R for sample x, blocks 1 wide: NQ vectors of outputs (r <= NQ * width).
+template <typename Ops, int NQ>
+inline void bsr_row_columns(const BsrView& a, const float* x, float* y, const float* bias, int64_t R) {
+  using V = typename Ops::V;
+  constexpr int64_t kW = Ops::kWidth;
+  V acc[NQ];
+  for (int q = 0; q < NQ; ++q) acc[q] = Ops::zero();
+  const int64_t full = a.r / kW;  // whole vectors of the block's r values
+  for (int64_t b = a.block_ptr[R]; b < a.block_ptr[R + 1]; ++b) {
+    const float* v = a.values + b * a.r;
+    const typename Ops::V xv = Ops::set1(x[a.block_cols[b]]);
+    for (int q = 0; q < NQ; ++q)
+      acc[q] = Ops::fma(q < full ? Ops::loadu(v + q * kW) : Ops::load_first(v + q * kW, a.r - q * kW), xv, acc[q]);
+  }
+  const int64_t i0 = R * a.r, nr = std::min(a.r, a.rows - i0);
+  alignas(64) float out[NQ * kW];
+  for (int q = 0; q < NQ; ++q) Ops::store(out + q * kW, acc[q]);
+  for (int64_t i = 0; i < nr; ++i) y[i0 + i] = out[i] + (bias ? bias[i0 + i] : 0.0f);
+}
+
+template <typename Ops>
+void bsr_small_batch(const BsrView& a, const DenseArgs& d) {
+  constexpr int64_t kW = Ops::kWidth;
+  const int64_t nq = (a.r + kW - 1) / kW;
+  bsr_drive(a, d, [&](int64_t R0, int64_t R1) {
+    for (int64_t m = 0; m < d.batch; ++m) {
+      const float* x = d.x + m * d.ldx;
+      float* y = d.y + m * d.ldy;
+      for (int64_t R = R0; R < R1; ++R) {
+        if (a.c > 1) bsr_row_dots<Ops>(a, x, y, d.bias, R);
+        else if (nq == 1) bsr_row_columns<Ops, 1>(a, x, y, d.bias, R);
+        else if (nq == 2) bsr_row_columns<Ops, 2>(a, x, y, d.bias, R);
+        else if (nq <= 4) bsr_row_columns<Ops, 4>(a, x, y, d.bias, R);
+        else bsr_row_columns<Ops, kBsrMaxBlock / kW>(a, x, y, d.bias, R);
+      }
+    }
+  });
+}
+
+// ---- batch panels ---------------------------------------------------------------------------------
+
+// Rows [g, g + NR) of block row R (block-relative) for the W = width * NV samples of panel xp,
+// through a tile into y.
+template <typename Ops, int NR, int NV>
+inline void bsr_panel_rows(const BsrView& a, const float* xp, int64_t R, int64_t g, int64_t b0, int64_t valid,
+                           const DenseArgs& d) {
+  using V = typename Ops::V;
+  constexpr int64_t kW = Ops::kWidth, W = kW * NV;
+  V acc[NR][NV];
+  for (int i = 0; i < NR; ++i)
+    for (int n = 0; n < NV; ++n) acc[i][n] = Ops::zero();
+  const int64_t block = a.r * a.c;
+  for (int64_t b = a.block_ptr[R]; b < a.block_ptr[R + 1]; ++b) {
+    const int64_t j0 = int64_t{a.block_cols[b]} * a.c, nc = std::min(a.c, a.cols - j0);
+    const float* v = a.values + b * block + g * a.c;
+    _mm_prefetch(reinterpret_cast<const char*>(v + block), _MM_HINT_T0);
+    for (int64_t j = 0; j < nc; ++j) {
+      const float* p = xp + (j0 + j) * W;
+      V pv[NV];
+      for (int n = 0; n < NV; ++n) pv[n] = Ops::load(p + n * kW);
+      for (int i = 0; i < NR; ++i) {
+        const V w = Ops::set1(v[i * a.c + j]);
+        for (int n = 0; n < NV; ++n) acc[i][n] = Ops::fma(w, pv[n], acc[i][n]);
+      }
+    }
+  }
+  alignas(64) float tile[NR * W];
+  for (int i = 0; i < NR; ++i)
+    for (int n = 0; n < NV; ++n) Ops::store(tile + i * W + n * kW, acc[i][n]);
+  for (int i = 0; i < NR; i += 8)  // the tile store transposes 8 rows at a time
+    store_tile_simd(tile + i * W, W, std::min(8, NR - i), valid, R * a.r + g + i, b0, d.y, d.ldy, d.bias);
+}
+
+// Block row R in groups of up to kGroup rows: a group walks the block row's blocks once, so the more
+// rows it holds the fewer times each panel vector is loaded (16 x 1 vector of accumulators fit
+// AVX-512's 32 registers, 8 x 2 as well, 8 x 1 AVX2's 16).
+template <typename Ops, int NV>
+inline void bsr_panel_block_row(const BsrView& a, const float* xp, int64_t R, int64_t b0, int64_t valid,
+                                const DenseArgs& d) {
+  constexpr int kGroup = (Ops::kWidth == 16 && NV == 1) ? 16 : 8;
+  const int64_t nr = std::min(a.r, a.rows - R * a.r);
+  for (int64_t g = 0; g < nr;) {
+    if (kGroup == 16 && nr - g >= 16) {
+      bsr_panel_rows<Ops, kGroup, NV>(a, xp, R, g, b0, valid, d);
+      g += 16;
+      continue;
+    }
+    const int64_t n = std::min<int64_t>(8, nr - g);
+    switch (n) {
+      case 8: bsr_panel_rows<Ops, 8, NV>(a, xp, R, g, b0, valid, d); break;
+      case 7: bsr_panel_rows<Ops, 7, NV>(a, xp, R, g, b0, valid, d); break;
+      case 6: bsr_panel_rows<Ops, 6, NV>(a, xp, R, g, b0, valid, d); break;
+      case 5: bsr_panel_rows<Ops, 5, NV>(a, xp, R, g, b0, valid, d); break;
+      case 4: bsr_panel_rows<Ops, 4, NV>(a, xp, R, g, b0, valid, d); break;
+      case 3: bsr_panel_rows<Ops, 3, NV>(a, xp, R, g, b0, valid, d); break;
+      case 2: bsr_panel_rows<Ops, 2, NV>(a, xp, R, g, b0, valid, d); break;
+      default: bsr_panel_rows<Ops, 1, NV>(a, xp, R, g, b0, valid, d); break;
+    }
+    g += n;
+  }
+}
+
+// Panels of W = width * NV samples. With many panels' worth of samples, each thread takes whole
+// panels (packs its own, runs every block row on it): equal work per panel and no barrier, where
+// sharing out block rows left threads waiting at every panel (a few dozen block rows of uneven
+// block counts). With few, the team packs each panel together and shares out its block rows.
+template <typename Ops, int NV>
+void bsr_panel_matmul(const BsrView& a, const DenseArgs& d) {
+  constexpr int64_t W = Ops::kWidth * NV;
+  const int nt = bsr_threads(a, d);
+  const int64_t panels = (d.batch + W - 1) / W;
+  if (nt > 1 && panels >= int64_t{plan::kBsrPanelsPerThread} * nt) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t b0 = p * W, valid = std::min(W, d.batch - b0);
+      float* xp = scratch_panel(a.cols * W);  // this thread's own
+      pack_panel_simd(d.x, d.ldx, b0, valid, W, 0, a.cols, xp);
+      for (int64_t R = 0; R < a.block_rows; ++R) bsr_panel_block_row<Ops, NV>(a, xp, R, b0, valid, d);
+    }
+    return;
+  }
+  const int parts = bsr_parts(a, nt);
+  const int64_t kblocks = std::max<int64_t>(1, std::min<int64_t>(int64_t{nt} * 8, a.cols / 64));
+  float* xp = scratch_panel(a.cols * W);  // the calling thread's; the team shares it
+#pragma omp parallel num_threads(nt)
+  for (int64_t b0 = 0; b0 < d.batch; b0 += W) {
+    const int64_t valid = std::min(W, d.batch - b0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t kb = 0; kb < kblocks; ++kb)
+      pack_panel_simd(d.x, d.ldx, b0, valid, W, a.cols * kb / kblocks, a.cols * (kb + 1) / kblocks, xp);
+    // (implicit barrier: the panel is complete)
+#pragma omp for schedule(dynamic, 1)
+    for (int p = 0; p < parts; ++p)
+      for (int64_t R = bsr_part_start(a, p, parts); R < bsr_part_start(a, p + 1, parts); ++R)
+        bsr_panel_block_row<Ops, NV>(a, xp, R, b0, valid, d);
+    // (implicit barrier: nobody overwrites the panel while it is read)
+  }
+}
+
+}  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY
