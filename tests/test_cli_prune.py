@@ -122,6 +122,17 @@ def test_sparsify_to_bitmap(tmp_path, capsys):
     assert isinstance(model.fc1, SparseLinear) and model.fc1.format == "bitmap"
 
 
+def test_pruned_in_blocks_and_sparsified_to_bsr(tmp_path, capsys):
+    out = tmp_path / "bsr.sn"
+    code, stdout, err = run(["--model", MLP, "--sparsity", "0.5", "--structure", "block", "--block", "4x8", "--sparsify",
+                             "--format", "bsr", "-o", out], capsys)
+    assert code == 0, err
+    meta = sparsenet.io.read_metadata(out)["modules"]
+    assert {m["format"] for m in meta} == {"bsr"} and meta[1]["block"] == [4, 8]  # (the 32 x 32 layer)
+    model = sparsenet.load(out, mlp_factory())
+    assert isinstance(model[0], SparseLinear) and model[0].format == "bsr"
+
+
 def test_sparsify_auto_times_each_layer(tmp_path, capsys, monkeypatch):
     from sparsenet.nn import autoformat
 
@@ -237,7 +248,7 @@ def test_pickle_needs_trust(tmp_path, capsys):
     (["--criterion", "obs", "--sparsity", "0.5"], "argument --criterion: invalid choice: 'obs'"),
     (["--min-sparsity", "0.3", "--sparsity", "0.5"], "--min-sparsity applies only with --sparsify"),
     (["--format", "bitmap", "--sparsity", "0.5"], "--format applies only with --sparsify"),
-    (["--format", "bsr", "--sparsity", "0.5", "--sparsify"], "invalid choice: 'bsr'"),
+    (["--format", "coo", "--sparsity", "0.5", "--sparsify"], "invalid choice: 'coo'"),
     (["--rows", "8", "--sparsity", "0.5"], "--rows applies only with --sparsify and --format auto"),
     (["--rows", "8", "--sparsity", "0.5", "--sparsify", "--format", "csr"], "--rows applies only with"),
 ])

@@ -462,7 +462,7 @@ BAD_FILES = {
     "metadata_incomplete": (edit_file(setitem(["aliases"], None)), "lacks a valid 'aliases'"),
     "future_file_format": (edit_file(setitem(["file_format_version"], 2)), "file format 2.*upgrade"),
     "future_csr_version": (edit_file(setitem(["modules", 0, "version"], 2)), "format version 2.*upgrade"),
-    "unknown_format": (edit_file(setitem(["modules", 0, "format"], "bsr")), "'bsr', which this sparsenet cannot read"),
+    "unknown_format": (edit_file(setitem(["modules", 0, "format"], "coo")), "'coo', which this sparsenet cannot read"),
     "missing_tensor": (edit_file(drop("fc2.bias")), "missing from the file: fc2.bias"),
     "unexpected_tensor": (edit_file(add_extra), "not in the model: extra"),
     "wrong_dense_shape": (edit_file(reshape_norm), r"'norm.weight' has shape \(255,\)"),

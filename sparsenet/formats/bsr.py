@@ -66,13 +66,15 @@ def is_made_of_blocks(keep: torch.Tensor, block: Sequence[int]) -> bool:
 
 
 def detect_block(keep: torch.Tensor) -> Optional[tuple[int, int]]:
-    """The largest candidate block shape (:data:`CANDIDATE_BLOCKS`, at least 4 entries) that the bool
-    matrix ``keep`` is made of, or None: an unstructured mask fits none."""
+    """The largest candidate block shape (:data:`CANDIDATE_BLOCKS`, at least 4 entries, none larger
+    than the matrix) that the bool matrix ``keep`` is made of, or None: an unstructured mask fits none."""
     keep = keep.detach().to(device="cpu", dtype=torch.bool)
     if keep.dim() != 2:
         raise ValueError(f"keep must be 2-D, got shape {tuple(keep.shape)}")
+    rows, cols = keep.shape
     for block in CANDIDATE_BLOCKS:
-        if is_made_of_blocks(keep, block):
+        # No block larger than the weight: on a small one, a few blocks could pass for one big one.
+        if block[0] <= max(rows, 1) and block[1] <= max(cols, 1) and is_made_of_blocks(keep, block):
             return block
     return None
 

@@ -1,6 +1,7 @@
 """``sparsify(format="auto")``: each layer's format chosen by measurement on this machine.
 
-For a layer, dense (``F.linear``) and every registered sparse format are built from its weight and
+For a layer, dense (``F.linear``) and every registered sparse format that fits it (BSR only where the
+weight is pruned in blocks) are built from its weight and
 timed at its real shape on ``rows`` rows per call (tokens x sequences for a transformer), calls
 interleaved, the caches flushed between rounds so that each call reads its weight from memory as it
 does inside a model larger than the cache. The fastest wins; a layer stays dense when nothing beats
@@ -8,7 +9,7 @@ it.
 
 Timings are cached in a JSON file in the user's cache directory (``$SPARSENET_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/sparsenet``, else ``~/.cache/sparsenet``), keyed by CPU model, shape, density (to
-the percent), rows and threads: layers of one shape are timed once, and converting the same model
+the percent), rows, threads and the formats timed: layers of one shape are timed once, and converting the same model
 again times nothing.
 """
 from __future__ import annotations
@@ -96,8 +97,11 @@ class TimingCache:
             self.entries = {}
 
     @staticmethod
-    def key(shape: tuple[int, int], density: float, rows: int) -> str:
-        return f"{cpu_model()}|{shape[0]}x{shape[1]}|{density:.2f}|rows={rows}|threads={torch.get_num_threads()}"
+    def key(shape: tuple[int, int], density: float, rows: int, formats: list[str]) -> str:
+        # The candidates are part of the key: a block-structured weight is timed with BSR as well,
+        # and its entry must not answer for an unstructured weight of the same shape and density.
+        return (f"{cpu_model()}|{shape[0]}x{shape[1]}|{density:.2f}|rows={rows}|threads={torch.get_num_threads()}"
+                f"|{'+'.join(formats)}")
 
     def get(self, key: str, formats: list[str]) -> Optional[dict[str, float]]:
         found = self.entries.get(key)
@@ -119,15 +123,15 @@ class TimingCache:
 
 def measure(weight: torch.Tensor, keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], rows: int,
             cache: TimingCache) -> Measured:
-    """Time dense against every registered format for this (out, in) float32 weight at ``rows``
-    rows per call (from the cache when this CPU has timed such a layer before)."""
+    """Time dense against every registered format that fits this (out, in) float32 weight
+    (``registry.fitting``: BSR only for block-structured ones) at ``rows`` rows per call (from the cache when this CPU has timed such a layer before)."""
     from sparsenet.nn.linear import SparseLinear
 
-    formats = registry.names()
+    kept = keep if keep is not None else weight != 0
+    formats = registry.fitting(kept)
     shape = tuple(weight.shape)
-    stored = int(keep.sum()) if keep is not None else int((weight != 0).sum())
-    density = stored / weight.numel() if weight.numel() else 0.0
-    key = cache.key(shape, density, rows)
+    density = int(kept.sum()) / weight.numel() if weight.numel() else 0.0
+    key = cache.key(shape, density, rows, formats)
     seconds = cache.get(key, formats)
     if seconds is not None:
         return Measured(seconds, cached=True)

@@ -66,8 +66,8 @@ def test_choices_follow_the_measured_times_and_are_cached(cache_dir, monkeypatch
     entries = json.loads((cache_dir / "format_timings.json").read_text())
     assert len(entries) == 3
     density = float((dense[0].weight != 0).float().mean())
-    key = f"{autoformat.cpu_model()}|32x48|{density:.2f}|rows=5|threads={torch.get_num_threads()}"
-    assert set(entries[key]) == {"dense", "csr", "bitmap"}
+    key = f"{autoformat.cpu_model()}|32x48|{density:.2f}|rows=5|threads={torch.get_num_threads()}|bitmap+csr"
+    assert set(entries[key]) == {"dense", "csr", "bitmap"}  # BSR does not fit an unstructured weight
 
     def no_timing(calls):
         raise AssertionError("a cached layer must not be timed again")
@@ -79,6 +79,26 @@ def test_choices_follow_the_measured_times_and_are_cached(cache_dir, monkeypatch
     monkeypatch.setattr(autoformat, "time_calls", scripted_timer({32: "csr", 40: "csr", 8: "csr"}))
     other_rows, _ = sparsenet.sparsify(model(), format="auto", rows=64)  # another key: timed again
     assert other_rows[0].format == "csr"
+
+
+def test_block_structured_weights_are_timed_with_bsr_too(cache_dir, monkeypatch):
+    layer = pruned(32, 48, 1.0, 3)
+    with torch.no_grad():  # 8x16 blocks, every other one kept: unstructured formats still apply
+        layer.weight.mul_((torch.arange(4).view(4, 1) + torch.arange(3)).remainder(2).repeat_interleave(8, 0)
+                          .repeat_interleave(16, 1).bool())
+    timer = scripted_timer({32: "bsr"})
+    monkeypatch.setattr(autoformat, "time_calls", timer)
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        want = layer(x)
+    calls = []
+    monkeypatch.setattr(autoformat, "time_calls", lambda c: calls.append(sorted(c)) or timer(c))
+    sparse, report = sparsenet.sparsify(nn.Sequential(layer), format="auto", rows=5)
+    assert calls == [["bitmap", "bsr", "csr", "dense"]]
+    assert sparse[0].format == "bsr" and sparse[0].to_packed().block == (8, 16)
+    assert report.rows[0].format == "bsr"
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_real_timer_and_a_corrupt_cache(cache_dir, monkeypatch):
