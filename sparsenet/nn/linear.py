@@ -216,22 +216,23 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Straight from the registries: nn.Module.__getattr__ costs ~0.6 us per name at batch 1.
         buffers, params = self._buffers, self._parameters
-        structure = tuple(buffers[name] for name in _STRUCTURE[self.format])
         values, bias = params["values"], params["bias"]
-        if is_compiling() or not isinstance(x, torch.Tensor) or _needs_autograd(x, bias):
-            # the checked op of this format (csr_linear, bitmap_linear, bsr_linear)
-            return LINEAR_OPS[self.format](x, *structure, values, bias, self.in_features, self.out_features)
-        # Eager inference: the prepared fast path (see PreparedSparse), rebuilt when the tensors change.
         prepared = self.__dict__.get("_prepared")
-        if prepared is None or not prepared.matches((*structure, values, bias)):
-            if values.device.type != "cpu" or x.device.type != "cpu" or any(
-                t is not None and t.is_inference() for t in (*structure, values, bias)
-            ):
-                # Errors for other devices, and inference tensors (no version counters) are
-                # re-validated on every call: both belong to the checked op path.
-                return LINEAR_OPS[self.format](x, *structure, values, bias, self.in_features, self.out_features)
-            prepared = self.__dict__["_prepared"] = PreparedSparse(structure, values, bias, self.in_features,
-                                                                   self.out_features, self.format)
+        eager = not is_compiling() and isinstance(x, torch.Tensor) and not _needs_autograd(x, bias)
+        if eager and prepared is not None and prepared.matches(buffers, values, bias):
+            return prepared(x)  # eager inference: the prepared fast path (see PreparedSparse)
+        names = _STRUCTURE[self.format]
+        structure = tuple(buffers[name] for name in names)
+        if not eager or values.device.type != "cpu" or x.device.type != "cpu" or any(
+            t is not None and t.is_inference() for t in (*structure, values, bias)
+        ):
+            # The checked op of this format (csr_linear, bitmap_linear, bsr_linear): compiled graphs,
+            # autograd, errors for other devices, and inference tensors (no version counters, so
+            # re-validated on every call).
+            return LINEAR_OPS[self.format](x, *structure, values, bias, self.in_features, self.out_features)
+        # (Re)built when the tensors change.
+        prepared = self.__dict__["_prepared"] = PreparedSparse(names, structure, values, bias, self.in_features,
+                                                               self.out_features, self.format)
         return prepared(x)
 
     def _apply(self, fn, recurse=True):

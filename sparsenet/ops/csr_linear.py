@@ -7,6 +7,7 @@ benchmarks/bench_overhead.py). Being a real op, it shows up as itself in ``torch
 """
 from __future__ import annotations
 
+import operator
 import warnings
 
 import torch
@@ -98,6 +99,10 @@ def register_linear_autograd(op: str, grad_input, n_structure: int = 2, n_ints: 
 register_linear_autograd("csr_linear", lambda *args: torch.ops.sparsenet.csr_linear_grad_input(*args))
 
 
+_DATA_PTR = torch.Tensor.data_ptr
+_VERSION = operator.attrgetter("_version")
+
+
 def _check_input(x, values, in_features: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -153,32 +158,33 @@ class PreparedSparse:
     else makes the module prepare a new one.
     """
 
-    __slots__ = ("tensors", "ptrs", "versions", "handle", "values", "in_features", "out_features")
+    __slots__ = ("names", "tensors", "state", "handle", "values", "bias", "in_features", "out_features")
 
-    def __init__(self, structure: tuple, values, bias, in_features: int, out_features: int,
+    def __init__(self, names: tuple, structure: tuple, values, bias, in_features: int, out_features: int,
                  format: str = "csr") -> None:
-        self.tensors = (*structure, values, bias)
-        self.values = values
-        self.ptrs = self._ptrs(self.tensors)
-        self.versions = self._versions(self.tensors)
+        self.names = names  # of the structure buffers, in the format's order
+        self.tensors = (*structure, values) if bias is None else (*structure, values, bias)
+        self.values, self.bias = values, bias
+        self.state = self._state(self.tensors)
         self.handle = owning_handle(format, structure, values, in_features, out_features, bias)
         self.in_features = in_features
         self.out_features = out_features
 
     @staticmethod
-    def _ptrs(tensors):
-        return tuple(0 if t is None else t.data_ptr() for t in tensors)
+    def _state(tensors) -> tuple:
+        # map over C-level getters: this runs on every eager call.
+        return (*map(_DATA_PTR, tensors), *map(_VERSION, tensors))
 
-    @staticmethod
-    def _versions(tensors):
-        return tuple(0 if t is None else t._version for t in tensors)
-
-    def matches(self, tensors: tuple) -> bool:
-        """Whether ``tensors`` (structure..., values, bias) are the very ones this was made from, unmodified."""
-        return (
-            len(tensors) == len(self.tensors) and all(a is b for a, b in zip(tensors, self.tensors))
-            and self.ptrs == self._ptrs(tensors) and self.versions == self._versions(tensors)
-        )
+    def matches(self, buffers: dict, values, bias) -> bool:
+        """Whether a module's structure ``buffers`` (by name), ``values`` and ``bias`` are the very
+        tensors this was made from, unmodified."""
+        if values is not self.values or bias is not self.bias:
+            return False
+        tensors = self.tensors
+        for i, name in enumerate(self.names):
+            if buffers[name] is not tensors[i]:
+                return False
+        return self.state == self._state(tensors)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # The common case (2-D float32 CPU, unit stride along features) in one native call, which
