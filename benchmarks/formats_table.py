@@ -2,6 +2,10 @@
 close each format comes to its own byte limit (the bytes it must read / the measured read bandwidth).
 
     python benchmarks/formats_table.py [--shapes 4096x4096] [--sparsities 0.5,0.7,0.9] [--batches 1,8,64]
+                                       [--block 16x16]
+
+With --block, weights are pruned in whole blocks of that shape (random blocks kept), and every format
+that fits such a weight (BSR too) is measured; without, unstructured (every entry on its own).
 
 Each contender rotates through enough independent copies of its weight to exceed twice the
 last-level cache (read from the machine), so every call reads from DRAM; contenders are interleaved
@@ -33,14 +37,20 @@ def layer(weight: torch.Tensor, fmt: str) -> SparseLinear:
     return SparseLinear.from_dense(dense, format=fmt)
 
 
-def cell(shape, sparsity: float, batches, rounds: int, probe: ReadProbe) -> list[dict]:
+def kept(shape, sparsity: float, block, g: torch.Generator) -> torch.Tensor:
+    """Which entries survive: each on its own, or (block = (r, c)) whole blocks."""
+    r, c = block or (1, 1)
+    keep = torch.rand(-(-shape[0] // r), -(-shape[1] // c), generator=g) >= sparsity
+    return keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:shape[0], :shape[1]]
+
+
+def cell(shape, sparsity: float, batches, rounds: int, probe: ReadProbe, formats, block=None) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     dense_bytes = 4 * shape[0] * shape[1]
-    weights = [torch.randn(*shape, generator=g) * (torch.rand(*shape, generator=g) >= sparsity)
-               for _ in range(_copies(dense_bytes))]
+    weights = [torch.randn(*shape, generator=g) * kept(shape, sparsity, block, g) for _ in range(_copies(dense_bytes))]
     rotations = {"dense": Rotation(weights)}
     stored = {"dense": dense_bytes}
-    for fmt in registry.names():
+    for fmt in formats:
         first = layer(weights[0], fmt)
         stored[fmt] = first.to_packed().nbytes
         count = _copies(stored[fmt])
@@ -49,9 +59,9 @@ def cell(shape, sparsity: float, batches, rounds: int, probe: ReadProbe) -> list
     for batch in batches:
         x = torch.randn(batch, shape[1], generator=g)
         calls = {"dense": lambda: F.linear(x, rotations["dense"].next())}
-        calls.update({fmt: (lambda r=rotations[fmt]: r.next()(x)) for fmt in registry.names()})
+        calls.update({fmt: (lambda r=rotations[fmt]: r.next()(x)) for fmt in formats})
         reference = F.linear(x.double(), weights[0].double())
-        for fmt in registry.names():
+        for fmt in formats:
             got = rotations[fmt].items[0](x).double()
             assert (got - reference).abs().max() <= 1e-4 * reference.abs().max().clamp_min(1), fmt
         for r in rotations.values():
@@ -82,12 +92,15 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--block", type=lambda s: tuple(int(v) for v in s.split("x")), metavar="RxC",
+                        help="prune in whole r x c blocks (default: every entry on its own)")
     args = parser.parse_args()
     set_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     probe = ReadProbe()
-    formats = registry.names()
-    print(f"{cpu_label()}, {args.threads} threads; median of {args.rounds} interleaved calls; weights rotated past "
+    sample = kept((64, 64), 0.5, args.block, torch.Generator().manual_seed(0))
+    formats = registry.fitting(sample)  # (BSR only for weights pruned in blocks)
+    print(f"{cpu_label()}, {args.threads} threads; {'%dx%d blocks' % args.block if args.block else 'unstructured'}; median of {args.rounds} interleaved calls; weights rotated past "
           f"twice the last-level cache; limit = (stored bytes + x + y) / read bandwidth (torch.sum over "
           f"{ReadProbe.BYTES / 2**20:.0f} MiB)")
     header = ["shape", "sparsity", "batch", "dense ms"] + [f"{f} ms" for f in formats] + \
@@ -96,7 +109,8 @@ def main() -> None:
     with torch.inference_mode():
         for shape in shapes:
             for sparsity in (float(s) for s in args.sparsities.split(",")):
-                for r in cell(shape, sparsity, [int(b) for b in args.batches.split(",")], args.rounds, probe):
+                for r in cell(shape, sparsity, [int(b) for b in args.batches.split(",")], args.rounds, probe, formats,
+                              args.block):
                     values = [r["shape"], f"{r['sparsity']:.0%}", str(r["batch"]), f"{r['dense_ms']:.3f}"]
                     values += [f"{r[f + '_ms']:.3f}" for f in formats]
                     values += [f"{r['dense_ms'] / r[f + '_ms']:.2f}x" for f in formats]

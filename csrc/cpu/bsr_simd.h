@@ -29,6 +29,7 @@ inline void bsr_dot_rows(const BsrView& a, const float* x, int64_t R, int64_t i,
   using V = typename Ops::V;
   constexpr int64_t kW = Ops::kWidth;
   V acc[NR];
+#pragma GCC unroll 16
   for (int k = 0; k < NR; ++k) acc[k] = Ops::zero();
   const int64_t block = a.r * a.c;
   for (int64_t b = a.block_ptr[R]; b < a.block_ptr[R + 1]; ++b) {
@@ -38,13 +39,16 @@ inline void bsr_dot_rows(const BsrView& a, const float* x, int64_t R, int64_t i,
     int64_t j = 0;
     for (; j + kW <= nc; j += kW) {
       const V xv = Ops::loadu(x + j0 + j);
+#pragma GCC unroll 16
       for (int k = 0; k < NR; ++k) acc[k] = Ops::fma(Ops::loadu(v + k * a.c + j), xv, acc[k]);
     }
     if (j < nc) {
       const V xv = Ops::load_first(x + j0 + j, nc - j);
+#pragma GCC unroll 16
       for (int k = 0; k < NR; ++k) acc[k] = Ops::fma(Ops::load_first(v + k * a.c + j, nc - j), xv, acc[k]);
     }
   }
+#pragma GCC unroll 16
   for (int k = 0; k < NR; ++k) out[k] = Ops::sum(acc[k]);
 }
 
@@ -73,16 +77,19 @@ inline void bsr_row_columns(const BsrView& a, const float* x, float* y, const fl
   using V = typename Ops::V;
   constexpr int64_t kW = Ops::kWidth;
   V acc[NQ];
+#pragma GCC unroll 8
   for (int q = 0; q < NQ; ++q) acc[q] = Ops::zero();
   const int64_t full = a.r / kW;  // whole vectors of the block's r values
   for (int64_t b = a.block_ptr[R]; b < a.block_ptr[R + 1]; ++b) {
     const float* v = a.values + b * a.r;
     const typename Ops::V xv = Ops::set1(x[a.block_cols[b]]);
+#pragma GCC unroll 8
     for (int q = 0; q < NQ; ++q)
       acc[q] = Ops::fma(q < full ? Ops::loadu(v + q * kW) : Ops::load_first(v + q * kW, a.r - q * kW), xv, acc[q]);
   }
   const int64_t i0 = R * a.r, nr = std::min(a.r, a.rows - i0);
   alignas(64) float out[NQ * kW];
+#pragma GCC unroll 8
   for (int q = 0; q < NQ; ++q) Ops::store(out + q * kW, acc[q]);
   for (int64_t i = 0; i < nr; ++i) y[i0 + i] = out[i] + (bias ? bias[i0 + i] : 0.0f);
 }
@@ -116,7 +123,9 @@ inline void bsr_panel_rows(const BsrView& a, const float* xp, int64_t R, int64_t
   using V = typename Ops::V;
   constexpr int64_t kW = Ops::kWidth, W = kW * NV;
   V acc[NR][NV];
+#pragma GCC unroll 16
   for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 4
     for (int n = 0; n < NV; ++n) acc[i][n] = Ops::zero();
   const int64_t block = a.r * a.c;
   for (int64_t b = a.block_ptr[R]; b < a.block_ptr[R + 1]; ++b) {
@@ -126,15 +135,21 @@ inline void bsr_panel_rows(const BsrView& a, const float* xp, int64_t R, int64_t
     for (int64_t j = 0; j < nc; ++j) {
       const float* p = xp + (j0 + j) * W;
       V pv[NV];
+#pragma GCC unroll 4
       for (int n = 0; n < NV; ++n) pv[n] = Ops::load(p + n * kW);
+      // Fully unrolled, so that the accumulators have constant indices and stay in registers.
+#pragma GCC unroll 16
       for (int i = 0; i < NR; ++i) {
         const V w = Ops::set1(v[i * a.c + j]);
+#pragma GCC unroll 4
         for (int n = 0; n < NV; ++n) acc[i][n] = Ops::fma(w, pv[n], acc[i][n]);
       }
     }
   }
   alignas(64) float tile[NR * W];
+#pragma GCC unroll 16
   for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 4
     for (int n = 0; n < NV; ++n) Ops::store(tile + i * W + n * kW, acc[i][n]);
   for (int i = 0; i < NR; i += 8)  // the tile store transposes 8 rows at a time
     store_tile_simd(tile + i * W, W, std::min(8, NR - i), valid, R * a.r + g + i, b0, d.y, d.ldy, d.bias);
