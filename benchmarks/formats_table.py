@@ -2,10 +2,11 @@
 close each format comes to its own byte limit (the bytes it must read / the measured read bandwidth).
 
     python benchmarks/formats_table.py [--shapes 4096x4096] [--sparsities 0.5,0.7,0.9] [--batches 1,8,64]
-                                       [--block 16x16]
+                                       [--block 16x16 | --nm 2:4]
 
-With --block, weights are pruned in whole blocks of that shape (random blocks kept), and every format
-that fits such a weight (BSR too) is measured; without, unstructured (every entry on its own).
+With --block, weights are pruned in whole blocks of that shape (random blocks kept); with --nm, N of
+every M consecutive weights of a row are kept (random ones; --sparsities is then ignored). Every
+format that fits such a weight (BSR, N:M too) is measured; without either, weights are unstructured.
 
 Each contender rotates through enough independent copies of its weight to exceed twice the
 last-level cache (read from the machine), so every call reads from DRAM; contenders are interleaved
@@ -37,17 +38,22 @@ def layer(weight: torch.Tensor, fmt: str) -> SparseLinear:
     return SparseLinear.from_dense(dense, format=fmt)
 
 
-def kept(shape, sparsity: float, block, g: torch.Generator) -> torch.Tensor:
-    """Which entries survive: each on its own, or (block = (r, c)) whole blocks."""
+def kept(shape, sparsity: float, block, g: torch.Generator, nm=None) -> torch.Tensor:
+    """Which entries survive: each on its own, whole blocks (block = (r, c)) or N of every M (nm)."""
+    if nm is not None:
+        n, m = nm
+        order = torch.rand(shape[0], shape[1] // m, m, generator=g).argsort(dim=-1)
+        return (order < n).reshape(shape)
     r, c = block or (1, 1)
     keep = torch.rand(-(-shape[0] // r), -(-shape[1] // c), generator=g) >= sparsity
     return keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:shape[0], :shape[1]]
 
 
-def cell(shape, sparsity: float, batches, rounds: int, probe: ReadProbe, formats, block=None) -> list[dict]:
+def cell(shape, sparsity: float, batches, rounds: int, probe: ReadProbe, formats, block=None, nm=None) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     dense_bytes = 4 * shape[0] * shape[1]
-    weights = [torch.randn(*shape, generator=g) * kept(shape, sparsity, block, g) for _ in range(_copies(dense_bytes))]
+    weights = [torch.randn(*shape, generator=g) * kept(shape, sparsity, block, g, nm)
+               for _ in range(_copies(dense_bytes))]
     rotations = {"dense": Rotation(weights)}
     stored = {"dense": dense_bytes}
     for fmt in formats:
@@ -94,13 +100,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--block", type=lambda s: tuple(int(v) for v in s.split("x")), metavar="RxC",
                         help="prune in whole r x c blocks (default: every entry on its own)")
+    parser.add_argument("--nm", type=lambda s: tuple(int(v) for v in s.split(":")), metavar="N:M",
+                        help="keep N of every M consecutive weights of a row")
     args = parser.parse_args()
     set_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     probe = ReadProbe()
-    sample = kept((64, 64), 0.5, args.block, torch.Generator().manual_seed(0))
+    if args.nm:
+        args.sparsities = str(1 - args.nm[0] / args.nm[1])
+    sample = kept((64, 64), 0.5, args.block, torch.Generator().manual_seed(0), args.nm)
     formats = registry.fitting(sample)  # (BSR only for weights pruned in blocks)
-    print(f"{cpu_label()}, {args.threads} threads; {'%dx%d blocks' % args.block if args.block else 'unstructured'}; median of {args.rounds} interleaved calls; weights rotated past "
+    print(f"{cpu_label()}, {args.threads} threads; {'%dx%d blocks' % args.block if args.block else '%d:%d' % args.nm if args.nm else 'unstructured'}; median of {args.rounds} interleaved calls; weights rotated past "
           f"twice the last-level cache; limit = (stored bytes + x + y) / read bandwidth (torch.sum over "
           f"{ReadProbe.BYTES / 2**20:.0f} MiB)")
     header = ["shape", "sparsity", "batch", "dense ms"] + [f"{f} ms" for f in formats] + \
@@ -110,7 +120,7 @@ def main() -> None:
         for shape in shapes:
             for sparsity in (float(s) for s in args.sparsities.split(",")):
                 for r in cell(shape, sparsity, [int(b) for b in args.batches.split(",")], args.rounds, probe, formats,
-                              args.block):
+                              args.block, args.nm):
                     values = [r["shape"], f"{r['sparsity']:.0%}", str(r["batch"]), f"{r['dense_ms']:.3f}"]
                     values += [f"{r[f + '_ms']:.3f}" for f in formats]
                     values += [f"{r['dense_ms'] / r[f + '_ms']:.2f}x" for f in formats]

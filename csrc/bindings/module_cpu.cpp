@@ -24,6 +24,7 @@
 #include "cpu/bitmap_view.h"
 #include "cpu/bsr_view.h"
 #include "cpu/csr_view.h"
+#include "cpu/nm_view.h"
 #include "cpu/dispatch.h"
 #include "cpu/huge_alloc.h"
 #include "cpu/planner.h"
@@ -292,6 +293,20 @@ class CsrHandle {
     else view_.values = nullptr;  // handed over again on every matmul
   }
 
+  // A structure derived in C++ from another format's (N:M), moved in and validated like any other;
+  // the values are handed to run() on every call.
+  CsrHandle(int64_t rows, int64_t cols, std::vector<int64_t> row_ptr, std::vector<uint8_t> col_idx, int index_bytes)
+      : row_ptr_(std::move(row_ptr)) {
+    col_idx_.assign(col_idx.begin(), col_idx.end());
+    view_.rows = rows;
+    view_.cols = cols;
+    view_.nnz = row_ptr_.back();
+    view_.row_ptr = row_ptr_.data();
+    view_.col_idx = col_idx_.data();
+    view_.index_bytes = index_bytes;
+    sparsenet::validate_csr(view_);
+  }
+
   // y = x A^T (+ bias) with A's values read from `values` (float32, nnz entries); x is
   // (batch, cols) float32 with unit inner stride, y (batch, rows) likewise.
   void matmul(const py::buffer& values, const py::buffer& x, const py::buffer& y, const py::object& bias) const {
@@ -332,6 +347,8 @@ class CsrHandle {
   bool keeps_buffers() const { return static_cast<bool>(owners_); }
 
  private:
+  friend class NmHandle;  // runs its batches on a CsrHandle over a derived structure
+
   // x has passed check_x (before forward allocates its output).
   void run(const float* values, const Dense2D& x, const Dense2D& y, const float* bias) const {
     const sparsenet::DenseArgs d = dense_args(x, y, view_.rows, view_.cols, bias);
@@ -561,6 +578,116 @@ class BsrHandle {
   std::vector<int32_t, sparsenet::cpu::HugePageAllocator<int32_t>> block_cols_;
 };
 
+// An N:M weight checked once and ready to multiply (see csrc/cpu/nm_view.h for the layout). As the
+// other handles, it copies the structure (pattern, packed indices), validates the copy and reads
+// only that. Below plan::kNmPanelMinBatch inputs its own kernels run; from there a CsrHandle over
+// a CSR structure derived from the copy (built on first use, under the GIL) runs CSR's batch
+// kernels on the very same values.
+class NmHandle {
+ public:
+  NmHandle(int64_t rows, int64_t cols, const py::buffer& pattern, const py::buffer& indices, const py::buffer& values,
+           bool keep, const py::object& bias) {
+    if (rows < 0 || cols < 0) throw py::value_error("rows and cols must be non-negative");
+    const auto pa = vector_info(pattern, "pattern");
+    const auto ix = vector_info(indices, "indices");
+    const auto va = vector_info(values, "values");
+    if (!format_is(pa, 'q', 8) || pa.size != 2) throw py::type_error("pattern must be 2 int64 (n, m)");
+    if (!format_is(ix, 'B', 1)) throw py::type_error("indices must be uint8, got format '" + ix.format + "'");
+    if (!format_is(va, 'f', 4)) throw py::type_error("values must be float32");
+    const auto* nm = static_cast<const int64_t*>(pa.ptr);
+    pattern_[0] = nm[0];
+    pattern_[1] = nm[1];
+    if (nm[1] < 2 || nm[1] > sparsenet::kNmMaxM || nm[0] < 1 || nm[0] >= nm[1])
+      throw py::value_error("pattern must be N:M with 1 <= N < M <= 16, got " + std::to_string(nm[0]) + ":" +
+                            std::to_string(nm[1]));
+    view_.rows = rows;
+    view_.cols = cols;
+    view_.n = nm[0];
+    view_.m = nm[1];
+    view_.bits = sparsenet::nm_index_bits(view_.m);
+    view_.groups = sparsenet::nm_groups(cols, view_.m);
+    view_.row_bytes = sparsenet::nm_row_bytes(cols, view_.n, view_.m);
+    if (ix.size != rows * view_.row_bytes)
+      throw py::value_error("indices has " + std::to_string(ix.size) + " bytes, expected rows x " +
+                            std::to_string(view_.row_bytes));
+    if (va.size != rows * view_.slots())
+      throw py::value_error("values has " + std::to_string(va.size) + " entries, expected rows x groups x n = " +
+                            std::to_string(rows * view_.slots()));
+    const auto* ix_data = static_cast<const uint8_t*>(ix.ptr);
+    indices_.assign(ix_data, ix_data + ix.size);
+    view_.indices = indices_.data();
+    sparsenet::validate_nm(view_);  // throws std::invalid_argument -> ValueError
+    if (!bias.is_none() && !keep) throw py::value_error("bias is kept only by a handle with keep=True");
+    bias_ = bias_pointer(bias, rows);
+    if (keep) {
+      owners_ = std::make_shared<const py::tuple>(py::make_tuple(values, bias));
+      view_.values = static_cast<const float*>(va.ptr);
+    }
+  }
+
+  py::object forward(const py::object& x) const {
+    return forward_new(x, static_cast<bool>(owners_), view_.rows, view_.cols,
+                       [&](const Dense2D& xd, const Dense2D& yd) { run(view_, xd, yd, bias_); });
+  }
+
+  void matmul(const py::buffer& values, const py::buffer& x, const py::buffer& y, const py::object& bias) const {
+    const float* value_data = values_pointer(values, view_.rows * view_.slots());
+    const py::buffer_info xi = x.request(), yi = y.request(/*writable=*/true);
+    const Dense2D xd = dense_from_buffer(xi, "x");
+    check_x(xd, view_.cols);
+    sparsenet::NmView view = view_;
+    view.values = value_data;
+    run(view, xd, dense_from_buffer(yi, "out"), bias_pointer(bias, view_.rows));
+  }
+
+  // (pattern, indices): read-only numpy views of the validated copy.
+  static py::tuple structure(const py::object& self) {
+    const NmHandle& h = self.cast<const NmHandle&>();
+    py::array pattern(py::dtype::of<int64_t>(), {int64_t{2}}, {int64_t{8}}, h.pattern_, self);
+    py::array indices(py::dtype::of<uint8_t>(), {static_cast<int64_t>(h.indices_.size())}, {int64_t{1}},
+                      h.indices_.data(), self);
+    for (py::array* a : {&pattern, &indices}) a->attr("flags").attr("writeable") = false;
+    return py::make_tuple(pattern, indices);
+  }
+
+  int64_t rows() const { return view_.rows; }
+  int64_t cols() const { return view_.cols; }
+  int64_t nnz() const { return view_.rows * view_.slots(); }
+  bool keeps_buffers() const { return static_cast<bool>(owners_); }
+
+ private:
+  void run(const sparsenet::NmView& view, const Dense2D& x, const Dense2D& y, const float* bias) const {
+    if (x.rows >= sparsenet::cpu::plan::kNmPanelMinBatch) {  // before the GIL is released: builds under it
+      derived_csr().run(view.values, x, y, bias);
+      return;
+    }
+    const sparsenet::DenseArgs d = dense_args(x, y, view.rows, view.cols, bias);
+    if (d.batch == 0 || view.rows == 0) return;
+    const auto kernel = sparsenet::cpu::nm_matmul_kernel();
+    py::gil_scoped_release nogil;
+    kernel(view, d);
+    sparsenet::propagate_nonfinite(view, d);
+  }
+
+  const CsrHandle& derived_csr() const {
+    if (!csr_) {
+      const int index_bytes = view_.cols <= 65536 ? 2 : 4;
+      std::vector<int64_t> row_ptr(view_.rows + 1);
+      std::vector<uint8_t> col(static_cast<size_t>(view_.rows * view_.slots() * index_bytes));
+      sparsenet::nm_to_csr(view_, row_ptr.data(), col.data(), index_bytes);
+      csr_ = std::make_unique<const CsrHandle>(view_.rows, view_.cols, std::move(row_ptr), std::move(col), index_bytes);
+    }
+    return *csr_;
+  }
+
+  const float* bias_ = nullptr;
+  std::shared_ptr<const py::tuple> owners_;
+  sparsenet::NmView view_;  // structure: this handle's private copy; values: the kept buffer (keep=True)
+  int64_t pattern_[2] = {2, 4};
+  std::vector<uint8_t, sparsenet::cpu::HugePageAllocator<uint8_t>> indices_;  // streamed on every call
+  mutable std::unique_ptr<const CsrHandle> csr_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -618,6 +745,22 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("rows", &BsrHandle::rows)
       .def_property_readonly("cols", &BsrHandle::cols)
       .def_property_readonly("nnz", &BsrHandle::nnz);
+
+  py::class_<NmHandle>(m, "NmHandle")
+      .def(py::init<int64_t, int64_t, const py::buffer&, const py::buffer&, const py::buffer&, bool, const py::object&>(),
+           py::arg("rows"), py::arg("cols"), py::arg("pattern"), py::arg("indices"), py::arg("values"),
+           py::arg("keep") = false, py::arg("bias") = py::none(),
+           "Copy and validate an N:M weight's structure once; matmul is handed the values on every call. "
+           "keep=True holds the values (and the optional bias) instead, and enables forward().")
+      .def("forward", &NmHandle::forward, py::arg("x"),
+           "x @ A.T (+ bias) as a new tensor; x and the result are DLPack capsules (keep=True handles only)")
+      .def_property_readonly("keeps_buffers", &NmHandle::keeps_buffers)
+      .def("matmul", &NmHandle::matmul, py::arg("values"), py::arg("x"), py::arg("out"),
+           py::arg("bias") = py::none(), "out[:] = x @ A.T (+ bias), A being the validated structure with these values")
+      .def("structure", &NmHandle::structure, "(pattern, indices): read-only numpy views of the validated copy")
+      .def_property_readonly("rows", &NmHandle::rows)
+      .def_property_readonly("cols", &NmHandle::cols)
+      .def_property_readonly("nnz", &NmHandle::nnz);
 
   m.def("compiled_isas", &sparsenet::cpu::compiled_isas);
   m.def("supported_isas", &sparsenet::cpu::supported_isas);

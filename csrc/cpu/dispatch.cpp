@@ -22,16 +22,17 @@ struct Kernels {
   CsrMatmulFn csr = nullptr;
   BitmapMatmulFn bitmap = nullptr;
   BsrMatmulFn bsr = nullptr;
+  NmMatmulFn nm = nullptr;
 };
 
 Kernels kernels_for(const std::string& isa) {
 #ifdef SPARSENET_BUILD_AVX512
-  if (isa == "avx512") return {avx512::csr_matmul, avx512::bitmap_matmul, avx512::bsr_matmul};
+  if (isa == "avx512") return {avx512::csr_matmul, avx512::bitmap_matmul, avx512::bsr_matmul, avx512::nm_matmul};
 #endif
 #ifdef SPARSENET_BUILD_AVX2
-  if (isa == "avx2") return {avx2::csr_matmul, avx2::bitmap_matmul, avx2::bsr_matmul};
+  if (isa == "avx2") return {avx2::csr_matmul, avx2::bitmap_matmul, avx2::bsr_matmul, avx2::nm_matmul};
 #endif
-  if (isa == "fallback") return {fallback::csr_matmul, fallback::bitmap_matmul, fallback::bsr_matmul};
+  if (isa == "fallback") return {fallback::csr_matmul, fallback::bitmap_matmul, fallback::bsr_matmul, fallback::nm_matmul};
   return {};
 }
 
@@ -85,5 +86,6 @@ void set_isa(const std::string& name) {
 CsrMatmulFn csr_matmul_kernel() { return active().fn.csr; }
 BitmapMatmulFn bitmap_matmul_kernel() { return active().fn.bitmap; }
 BsrMatmulFn bsr_matmul_kernel() { return active().fn.bsr; }
+NmMatmulFn nm_matmul_kernel() { return active().fn.nm; }
 
 }  // namespace sparsenet::cpu

@@ -5,6 +5,7 @@
 
 #include "cpu/bitmap_view.h"
 #include "cpu/bsr_view.h"
+#include "cpu/nm_view.h"
 #include "cpu/csr_view.h"
 
 namespace sparsenet::cpu {
@@ -16,5 +17,6 @@ void set_isa(const std::string& name);      // throws std::invalid_argument if u
 CsrMatmulFn csr_matmul_kernel();
 BitmapMatmulFn bitmap_matmul_kernel();
 BsrMatmulFn bsr_matmul_kernel();
+NmMatmulFn nm_matmul_kernel();
 
 }  // namespace sparsenet::cpu

@@ -46,6 +46,11 @@ constexpr int64_t kBsrPanelMinBatch = 4;
 // x slice, no barrier) instead of sharing out each panel's block rows.
 constexpr int kBsrPanelsPerThread = 4;
 
+// N:M weights: from this many inputs they run on CSR's batch kernels (panels, the column-tiled
+// copy), over a CSR structure derived from theirs once; below, their own kernels read the packed
+// 2- or 4-bit indices, which is where their bytes pay.
+constexpr int64_t kNmPanelMinBatch = kPanelMinBatch;
+
 // Whether a CSR call on `isa` at this batch and density runs on the column-tiled copy (which the
 // handle then builds once and keeps). Defined in planner.cpp, compiled without ISA flags: this
 // header is included by ISA-flagged files, which must not emit a copy of it (capability.h).

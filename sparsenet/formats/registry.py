@@ -10,7 +10,7 @@ A format is a packed class (``PackedCSR``, ``PackedBitmap``) with a common proto
   ``tensors()`` (structure and values by name), ``to_dense()``, ``nnz``, ``nbytes``, ``metadata()``.
 
 A format may also have ``fits(keep)``: whether ``format="auto"`` should consider it for a weight that
-keeps the entries of the bool matrix ``keep`` (BSR only for block-structured ones); without it, always.
+keeps the entries of the bool matrix ``keep`` (BSR only for block-structured ones, N:M for N:M ones); without it, always.
 
 Adding a format means writing its module, its kernels and its op, and one ``register`` call.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from sparsenet.formats.bitmap import PackedBitmap
 from sparsenet.formats.bsr import PackedBSR
+from sparsenet.formats.nm import PackedNM
 from sparsenet.formats.csr import PackedCSR
 
 _FORMATS: dict[str, type] = {}
@@ -53,3 +54,4 @@ def fitting(keep) -> list[str]:
 register(PackedCSR)
 register(PackedBitmap)
 register(PackedBSR)
+register(PackedNM)

@@ -1,4 +1,4 @@
-"""Validated native handles for sparse weights (packed CSR, bitmap, BSR), built once per weight and reused on every call.
+"""Validated native handles for sparse weights (packed CSR, bitmap, BSR, N:M), built once per weight and reused on every call.
 
 The native handle (``sparsenet._C.CsrHandle``) copies the packed structure (row pointers and column
 indices) when it is built, validates the copy (monotone row pointers, sorted in-range column indices)
@@ -90,17 +90,19 @@ def _versions(*tensors) -> tuple:
 
 
 # Each format's native handle class in sparsenet._C: built as Handle(rows, cols, *structure, values, keep, bias).
-_NATIVE = {"csr": "CsrHandle", "bitmap": "BitmapHandle", "bsr": "BsrHandle"}
+_NATIVE = {"csr": "CsrHandle", "bitmap": "BitmapHandle", "bsr": "BsrHandle", "nm": "NmHandle"}
 
 
-def bsr_handle(block_shape: torch.Tensor, block_ptr: torch.Tensor, block_cols: torch.Tensor, values: torch.Tensor,
-               in_features: int, out_features: int) -> _C.BsrHandle:
-    """The native handle for this BSR weight (``sparsenet.formats.PackedBSR``'s layout), validated once
-    and cached exactly as :func:`csr_handle`'s."""
-    _check_tensors(block_shape=block_shape, block_ptr=block_ptr, block_cols=block_cols, values=values)
-    return _cached("bsr", (block_shape, block_ptr, block_cols, values), (in_features, out_features),
-                   lambda: _C.BsrHandle(out_features, in_features, *(t.detach().numpy() for t in
-                                                                    (block_shape, block_ptr, block_cols, values))))
+def native_handle(format: str, structure: tuple, values: torch.Tensor, in_features: int, out_features: int):
+    """The native handle for a ``format`` weight (its structure tensors in the format's order, and
+    values), validated once and cached exactly as :func:`csr_handle`'s."""
+    from sparsenet.formats import registry
+
+    tensors = (*structure, values)
+    _check_tensors(**dict(zip(registry.get(format).STRUCTURE, structure)), values=values)
+    native = getattr(_C, _NATIVE[format])
+    return _cached(format, tensors, (in_features, out_features),
+                   lambda: native(out_features, in_features, *(t.detach().numpy() for t in tensors)))
 
 
 def owning_handle(format: str, structure: tuple, values, in_features: int, out_features: int, bias=None):

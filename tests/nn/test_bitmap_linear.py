@@ -70,7 +70,7 @@ def test_sparsify_converts_to_bitmap_and_reports_fewer_bytes_than_csr():
     assert sum(r.bytes_after for r in report.rows) < sum(r.bytes_after for r in csr_report.rows)
     with torch.no_grad():
         torch.testing.assert_close(as_bitmap(x), want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="unknown sparse format 'coo'; known: bitmap, bsr, csr"):
+    with pytest.raises(ValueError, match="unknown sparse format 'coo'; known: bitmap, bsr, csr, nm"):
         sparsenet.sparsify(model, format="coo")
 
 
@@ -108,7 +108,7 @@ def test_state_dict_with_another_number_of_weights_and_malformed_ones():
         a.load_state_dict(broken)
     with pytest.raises(ValueError, match="nnz must be 0 for format 'bitmap'"):
         SparseLinear(37, 24, nnz=5, format="bitmap")
-    assert registry.names() == ["bitmap", "bsr", "csr"]
+    assert registry.names() == ["bitmap", "bsr", "csr", "nm"]
 
 
 def test_tracked_structure_edit_is_validated_again():
