@@ -317,6 +317,66 @@ class CsrHandle {
     run(value_data, xd, dense_from_buffer(yi, "out"), bias_pointer(bias, view_.rows));
   }
 
+  // out[:] = the 2-D convolution of x with A read as (out_channels, in_channels / groups, kh, kw)
+  // weights (+ bias), see cpu/conv.h. x (batch, in_channels, h, w) and out (batch, rows, out_h,
+  // out_w) are C-contiguous float32 and must not overlap; geometry is (kh, kw, stride_h, stride_w,
+  // pad_h, pad_w, dil_h, dil_w, groups).
+  void conv2d(const py::buffer& values, const py::buffer& x, const py::buffer& y, const py::object& bias,
+              const std::vector<int64_t>& geometry) const {
+    const float* value_data = values_pointer(values, view_.nnz);
+    if (geometry.size() != 9) throw py::value_error("geometry must be (kh, kw, sh, sw, ph, pw, dh, dw, groups)");
+    const py::buffer_info xi = x.request(), yi = y.request(/*writable=*/true);
+    const auto contiguous4 = [](const py::buffer_info& b, const char* name) {
+      if (b.ndim != 4) throw py::value_error(std::string(name) + " must be 4-D (batch, channels, height, width)");
+      if (!format_is(b, 'f', 4)) throw py::type_error(std::string(name) + " must be float32");
+      py::ssize_t expect = 4;
+      for (int d = 3; d >= 0; --d) {
+        if (b.shape[d] > 1 && b.strides[d] != expect) throw py::value_error(std::string(name) + " must be contiguous (NCHW)");
+        expect *= b.shape[d];
+      }
+    };
+    contiguous4(xi, "x");
+    contiguous4(yi, "out");
+    sparsenet::ConvShape s;
+    s.batch = xi.shape[0];
+    s.in_channels = xi.shape[1];
+    s.in_h = xi.shape[2];
+    s.in_w = xi.shape[3];
+    s.out_channels = view_.rows;
+    s.kernel_h = geometry[0];
+    s.kernel_w = geometry[1];
+    s.stride_h = geometry[2];
+    s.stride_w = geometry[3];
+    s.pad_h = geometry[4];
+    s.pad_w = geometry[5];
+    s.dil_h = geometry[6];
+    s.dil_w = geometry[7];
+    s.groups = geometry[8];
+    sparsenet::validate_conv(s, view_);  // throws std::invalid_argument -> ValueError
+    if (yi.shape[0] != s.batch || yi.shape[1] != s.out_channels || yi.shape[2] != s.out_h || yi.shape[3] != s.out_w)
+      throw py::value_error("out must have shape (" + std::to_string(s.batch) + ", " + std::to_string(s.out_channels) +
+                            ", " + std::to_string(s.out_h) + ", " + std::to_string(s.out_w) + ")");
+    const char* xlo = static_cast<const char*>(xi.ptr);
+    const char* ylo = static_cast<const char*>(yi.ptr);
+    const py::ssize_t xbytes = xi.size * 4, ybytes = yi.size * 4;
+    if (xbytes > 0 && ybytes > 0 && ylo < xlo + xbytes && xlo < ylo + ybytes) throw py::value_error("out must not overlap x");
+    sparsenet::ConvArgs c;
+    c.x = static_cast<const float*>(xi.ptr);
+    c.y = static_cast<float*>(yi.ptr);
+    c.bias = bias_pointer(bias, view_.rows);
+    c.num_threads = g_num_threads.load(std::memory_order_relaxed);
+    if (yi.size == 0) return;
+    sparsenet::CsrView view = view_;
+    view.values = value_data;
+    const auto direct = sparsenet::cpu::csr_conv2d_direct_kernel();
+    const sparsenet::DirectConv* dc = (direct && s.stride_h == 1 && s.stride_w == 1) ? direct_for(s) : nullptr;
+    const auto kernel = sparsenet::cpu::csr_conv2d_kernel();
+    py::gil_scoped_release nogil;
+    if (dc) direct(view, s, c, *dc);
+    else kernel(view, s, c);
+    sparsenet::propagate_nonfinite(view, s, c);
+  }
+
   // x A^T (+ the bias given at construction) as a new (batch, rows) float32 tensor; x and the
   // result are DLPack capsules (torch.utils.dlpack.to_dlpack / from_dlpack). Only for a handle
   // that keeps its buffers alive (keep=True), so nothing else is handed over: the fewest objects
@@ -363,6 +423,23 @@ class CsrHandle {
     sparsenet::propagate_nonfinite(view, d);
   }
 
+  // The stride-1 convolution's input offsets (cpu/conv.h) for this input size and geometry, built on
+  // first use under the GIL and kept while calls keep that shape; null where they would not fit int32.
+  const sparsenet::DirectConv* direct_for(const sparsenet::ConvShape& s) const {
+    const std::vector<int64_t> key = {s.in_h, s.in_w, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w, s.dil_h, s.dil_w,
+                                      s.in_channels, s.groups};
+    if (key != direct_key_) {
+      direct_key_.clear();
+      direct_offsets_.resize(static_cast<size_t>(view_.nnz));
+      if (!sparsenet::direct_offsets(view_, s, direct_offsets_.data())) return nullptr;
+      direct_.hp = s.in_h + 2 * s.pad_h;
+      direct_.wp = s.in_w + 2 * s.pad_w;
+      direct_.offsets = direct_offsets_.data();
+      direct_key_ = key;
+    }
+    return &direct_;
+  }
+
   // The column-tiled copy (cpu/tiled.h), built on first use under the GIL (so two threads never
   // build it at once), where the planner says a call gains from it. It copies the values too, so it
   // is rebuilt when handed others.
@@ -386,6 +463,9 @@ class CsrHandle {
   const float* bias_ = nullptr;              // keep=True: the bias given at construction, if any
   std::shared_ptr<const py::tuple> owners_;  // keep=True: the values (and bias), kept alive
   mutable std::shared_ptr<const sparsenet::cpu::TiledCsr> tiled_;
+  mutable std::vector<int64_t> direct_key_;  // the shape direct_ was built for (empty: none)
+  mutable std::vector<int32_t> direct_offsets_;
+  mutable sparsenet::DirectConv direct_;
   mutable const float* tiled_values_ = nullptr;  // the values tiled_ copied
 };
 
@@ -702,6 +782,10 @@ PYBIND11_MODULE(_C, m) {
       .def("matmul", &CsrHandle::matmul, py::arg("values"), py::arg("x"), py::arg("out"),
            py::arg("bias") = py::none(),
            "out[:] = x @ A.T (+ bias), A being the validated structure with these values (nnz float32)")
+      .def("conv2d", &CsrHandle::conv2d, py::arg("values"), py::arg("x"), py::arg("out"), py::arg("bias"),
+           py::arg("geometry"),
+           "out[:] = conv2d(x, A as (out_channels, in_channels / groups, kh, kw)) (+ bias); NCHW float32; "
+           "geometry = (kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups)")
       .def("forward", &CsrHandle::forward, py::arg("x"),
            "x @ A.T (+ bias) as a new tensor; x and the result are DLPack capsules (keep=True handles only)")
       .def("structure", &CsrHandle::structure,

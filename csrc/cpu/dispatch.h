@@ -5,6 +5,7 @@
 
 #include "cpu/bitmap_view.h"
 #include "cpu/bsr_view.h"
+#include "cpu/conv.h"
 #include "cpu/nm_view.h"
 #include "cpu/csr_view.h"
 
@@ -18,5 +19,7 @@ CsrMatmulFn csr_matmul_kernel();
 BitmapMatmulFn bitmap_matmul_kernel();
 BsrMatmulFn bsr_matmul_kernel();
 NmMatmulFn nm_matmul_kernel();
+CsrConvFn csr_conv2d_kernel();
+CsrConvDirectFn csr_conv2d_direct_kernel();  // null where the ISA has none
 
 }  // namespace sparsenet::cpu

@@ -31,7 +31,7 @@ _STRUCTURE = {name: registry.get(name).STRUCTURE for name in registry.names()}
 
 
 class WeightStandIn(torch.Tensor):
-    """What ``SparseLinear.weight`` returns (see there): a data-less meta tensor that answers
+    """What ``SparseLinear.weight`` / ``SparseConv2d.weight`` return (see there): a data-less meta tensor that answers
     questions about itself (dtype, shape, device, ...) and refuses every computation.
 
     The refusal must be explicit: torch runs some ops on a meta tensor mixed with CPU tensors and
@@ -61,7 +61,99 @@ class WeightStandIn(torch.Tensor):
             return func(*args, **(kwargs or {}))
 
 
-class SparseLinear(nn.Module):
+class SparseWeightModule(nn.Module):
+    """What every sparse layer (``SparseLinear``, ``SparseConv2d``) shares: its weight is a packed
+    matrix of a registered format, shape :attr:`packed_shape`, held as the format's structure buffers
+    and a ``values`` Parameter; float32 only; a ``weight`` stand-in; state_dicts with another number
+    of stored weights load (the tensors are resized first)."""
+
+    format: str
+    packed_shape: tuple[int, int]  # (rows, cols) of the packed matrix
+    weight_shape: tuple[int, ...]  # of the dense layer's weight
+
+    def to_packed(self):
+        """The weight as its format's packed object (validated)."""
+        spec = registry.get(self.format)
+        tensors = {name: getattr(self, name) for name in spec.STRUCTURE}
+        return spec.from_tensors({**tensors, "values": self.values.detach()}, self.packed_shape)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        total = self.packed_shape[0] * self.packed_shape[1]
+        return self.nnz / total if total else 0.0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A stand-in for code that reads a layer's ``weight`` for its attributes (T5 checks
+        ``wo.weight.dtype``; torch's ``TransformerEncoder``/``TransformerEncoderLayer`` inspect
+        ``linear1.weight`` before taking their fused path): a *meta* tensor with the dense weight's
+        shape and dtype and no data, of a subclass that overrides ``__torch_function__``.
+
+        Nothing can compute with it, by design: a fused path that took the weight itself and never
+        called ``forward`` would give silently wrong results. torch's fused paths refuse tensors with
+        a ``__torch_function__`` (and meta tensors) and call the layers instead, and any other
+        computation with it fails loudly. The real weight: ``to_dense()``.
+        """
+        # Made outside any active dispatch mode (torch.export's fake tensors, proxies): the stand-in
+        # is a plain meta tensor, not a traced value.
+        with _disable_current_modes():
+            meta = torch.empty(self.weight_shape, dtype=self.values.dtype, device="meta")
+            return meta.as_subclass(WeightStandIn)
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to / half / bfloat16 / double all come through here. The packed values and the
+        # kernels are float32 only: refuse a dtype change now, before this layer changes, instead
+        # of failing at the first forward. (Modules visited before this one are already converted.)
+        probe = fn(torch.zeros(1))
+        if isinstance(probe, torch.Tensor) and probe.dtype != torch.float32:
+            raise TypeError(
+                f"{type(self).__name__} holds float32 values (its kernels run float32), so it cannot become "
+                f"{str(probe.dtype).removeprefix('torch.')}: change the model's dtype before sparsify, "
+                f"or leave the sparse layers float32"
+            )
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        # A prepared fast path holds a native handle: rebuilt on demand, never copied or pickled.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_prepared", None)
+        return state
+
+    # ---- state_dict with a different number of non-zeros ------------------------------------------
+    @torch.inference_mode(False)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        spec = registry.get(self.format)
+        names = (*spec.STRUCTURE, "values")
+        if all(prefix + n in state_dict for n in names):
+            given = {n: state_dict[prefix + n] for n in names}
+            try:
+                spec.from_tensors(given, self.packed_shape)
+            except (ValueError, TypeError) as e:
+                error_msgs.append(f"{prefix or type(self).__name__}: invalid packed {self.format} weight in "
+                                  f"state_dict: {e}")
+                return
+            # Tensors whose size follows the number of non-zeros are resized first; the default
+            # loader below then copies into tensors of the right size.
+            for name in names:
+                own = self.values if name == "values" else self._buffers[name]
+                if given[name].numel() == own.numel():
+                    continue
+                if name == "values":
+                    new = _values_storage(given[name].numel(), given[name].dtype, own.device)
+                    self.values = nn.Parameter(new, requires_grad=self.values.requires_grad)
+                else:
+                    self._buffers[name] = torch.empty_like(given[name], device=own.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class SparseLinear(SparseWeightModule):
     """y = x @ W.T + b with W held in a sparse ``format``; same forward semantics as ``nn.Linear``.
 
     The stored weights are a ``Parameter(requires_grad=False)`` named ``values``; the structure lives
@@ -163,11 +255,13 @@ class SparseLinear(nn.Module):
         return cls.from_packed(packed, bias)
 
     # ---- views --------------------------------------------------------------------------------
-    def to_packed(self):
-        """The weight as its format's packed object (validated)."""
-        spec = registry.get(self.format)
-        tensors = {name: getattr(self, name) for name in spec.STRUCTURE}
-        return spec.from_tensors({**tensors, "values": self.values.detach()}, (self.out_features, self.in_features))
+    @property
+    def packed_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
 
     def to_dense(self) -> torch.Tensor:
         """The dense (out_features, in_features) weight."""
@@ -185,33 +279,6 @@ class SparseLinear(nn.Module):
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """A stand-in for code that reads a Linear's ``weight`` for its attributes (T5 checks
-        ``wo.weight.dtype``; torch's ``TransformerEncoder``/``TransformerEncoderLayer`` inspect
-        ``linear1.weight`` before taking their fused path): a *meta* tensor with the dense weight's
-        shape and dtype and no data, of a subclass that overrides ``__torch_function__``.
-
-        Nothing can compute with it, by design: a fused path that took the weight itself and never
-        called ``forward`` would give silently wrong results. torch's fused paths refuse tensors with
-        a ``__torch_function__`` (and meta tensors) and call the layers instead, and any other
-        computation with it fails loudly. The real weight: ``to_dense()``.
-        """
-        # Made outside any active dispatch mode (torch.export's fake tensors, proxies): the stand-in
-        # is a plain meta tensor, not a traced value.
-        with _disable_current_modes():
-            meta = torch.empty((self.out_features, self.in_features), dtype=self.values.dtype, device="meta")
-            return meta.as_subclass(WeightStandIn)
-
-    @property
-    def nnz(self) -> int:
-        return self.values.numel()
-
-    @property
-    def density(self) -> float:
-        total = self.in_features * self.out_features
-        return self.nnz / total if total else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Straight from the registries: nn.Module.__getattr__ costs ~0.6 us per name at batch 1.
@@ -235,53 +302,6 @@ class SparseLinear(nn.Module):
                                                                self.out_features, self.format)
         return prepared(x)
 
-    def _apply(self, fn, recurse=True):
-        # nn.Module.to / half / bfloat16 / double all come through here. The packed values and the
-        # kernels are float32 only: refuse a dtype change now, before this layer changes, instead
-        # of failing at the first forward. (Modules visited before this one are already converted.)
-        probe = fn(torch.zeros(1))
-        if isinstance(probe, torch.Tensor) and probe.dtype != torch.float32:
-            raise TypeError(
-                f"SparseLinear holds float32 values (its kernels run float32), so it cannot become "
-                f"{str(probe.dtype).removeprefix('torch.')}: change the model's dtype before sparsify, "
-                f"or leave the sparse layers float32"
-            )
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        # The prepared fast path holds a native handle: rebuilt on demand, never copied or pickled.
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state.pop("_prepared", None)
-        return state
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, density={self.density:.4f}, nnz={self.nnz}, format={self.format}")
-
-    # ---- state_dict with a different number of non-zeros ------------------------------------------
-    @torch.inference_mode(False)
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        spec = registry.get(self.format)
-        names = (*spec.STRUCTURE, "values")
-        if all(prefix + n in state_dict for n in names):
-            given = {n: state_dict[prefix + n] for n in names}
-            try:
-                spec.from_tensors(given, (self.out_features, self.in_features))
-            except (ValueError, TypeError) as e:
-                error_msgs.append(f"{prefix or 'SparseLinear'}: invalid packed {self.format} weight in state_dict: {e}")
-                return
-            # Tensors whose size follows the number of non-zeros are resized first; the default
-            # loader below then copies into tensors of the right size.
-            for name in names:
-                own = self.values if name == "values" else self._buffers[name]
-                if given[name].numel() == own.numel():
-                    continue
-                if name == "values":
-                    new = _values_storage(given[name].numel(), given[name].dtype, own.device)
-                    self.values = nn.Parameter(new, requires_grad=self.values.requires_grad)
-                else:
-                    self._buffers[name] = torch.empty_like(given[name], device=own.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)

@@ -1,0 +1,91 @@
+#include "cpu/conv.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+namespace sparsenet {
+
+namespace {
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+template <typename Idx>
+bool row_stores(const CsrView& a, int64_t r, int64_t column) {
+  const Idx* col = static_cast<const Idx*>(a.col_idx);
+  const Idx* begin = col + a.row_ptr[r];
+  const Idx* end = col + a.row_ptr[r + 1];
+  const Idx* at = std::lower_bound(begin, end, static_cast<Idx>(column));
+  return at != end && static_cast<int64_t>(*at) == column;
+}
+
+}  // namespace
+
+void validate_conv(ConvShape& s, const CsrView& a) {
+  for (int64_t v : {s.batch, s.in_channels, s.in_h, s.in_w, s.out_channels, s.pad_h, s.pad_w})
+    if (v < 0) throw std::invalid_argument("convolution sizes and padding must be non-negative");
+  for (int64_t v : {s.kernel_h, s.kernel_w, s.stride_h, s.stride_w, s.dil_h, s.dil_w, s.groups})
+    if (v < 1) throw std::invalid_argument("kernel size, stride, dilation and groups must be positive");
+  if (s.in_channels % s.groups || s.out_channels % s.groups)
+    throw std::invalid_argument("in_channels (" + str(s.in_channels) + ") and out_channels (" + str(s.out_channels) +
+                                ") must be divisible by groups (" + str(s.groups) + ")");
+  if (a.rows != s.out_channels)
+    throw std::invalid_argument("the weight has " + str(a.rows) + " rows, out_channels is " + str(s.out_channels));
+  if (a.cols != s.in_channels / s.groups * s.kernel_h * s.kernel_w)
+    throw std::invalid_argument("the weight has " + str(a.cols) + " columns, expected in_channels / groups * kh * kw = " +
+                                str(s.in_channels / s.groups * s.kernel_h * s.kernel_w));
+  const int64_t span_h = s.dil_h * (s.kernel_h - 1) + 1, span_w = s.dil_w * (s.kernel_w - 1) + 1;
+  if (s.in_h + 2 * s.pad_h < span_h || s.in_w + 2 * s.pad_w < span_w)
+    throw std::invalid_argument("the input (" + str(s.in_h) + "x" + str(s.in_w) + ", padded by " + str(s.pad_h) + "x" +
+                                str(s.pad_w) + ") is smaller than the kernel's reach (" + str(span_h) + "x" +
+                                str(span_w) + ")");
+  s.out_h = (s.in_h + 2 * s.pad_h - span_h) / s.stride_h + 1;
+  s.out_w = (s.in_w + 2 * s.pad_w - span_w) / s.stride_w + 1;
+}
+
+bool direct_offsets(const CsrView& a, const ConvShape& s, int32_t* offsets) {
+  const int64_t hp = s.in_h + 2 * s.pad_h, wp = s.in_w + 2 * s.pad_w, kk = s.kernel_h * s.kernel_w;
+  if ((s.in_channels / s.groups) * hp * wp >= INT32_MAX) return false;
+  for (int64_t k = 0; k < a.nnz; ++k) {
+    const int64_t column = a.index_bytes == 2 ? static_cast<const uint16_t*>(a.col_idx)[k]
+                                              : static_cast<const int32_t*>(a.col_idx)[k];
+    const int64_t ci = column / kk, ky = column % kk / s.kernel_w, kx = column % s.kernel_w;
+    offsets[k] = static_cast<int32_t>(ci * hp * wp + ky * s.dil_h * wp + kx * s.dil_w);
+  }
+  return true;
+}
+
+void propagate_nonfinite(const CsrView& a, const ConvShape& s, const ConvArgs& c) {
+  const int64_t plane = s.in_h * s.in_w, cg = s.in_channels / s.groups, kg = s.out_channels / s.groups;
+  const int64_t x_total = s.batch * s.in_channels * plane;
+  bool any = false;
+  for (int64_t i = 0; i < x_total && !any; ++i) any = !std::isfinite(c.x[i]);
+  if (!any) return;
+  for (int64_t n = 0; n < s.batch; ++n)
+    for (int64_t ci = 0; ci < s.in_channels; ++ci)
+      for (int64_t iy = 0; iy < s.in_h; ++iy)
+        for (int64_t ix = 0; ix < s.in_w; ++ix) {
+          if (std::isfinite(c.x[((n * s.in_channels + ci) * s.in_h + iy) * s.in_w + ix])) continue;
+          const int64_t g = ci / cg;
+          for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
+            const int64_t ty = iy + s.pad_h - ky * s.dil_h;  // oy * stride_h
+            if (ty < 0 || ty % s.stride_h || ty / s.stride_h >= s.out_h) continue;
+            for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
+              const int64_t tx = ix + s.pad_w - kx * s.dil_w;
+              if (tx < 0 || tx % s.stride_w || tx / s.stride_w >= s.out_w) continue;
+              const int64_t column = ((ci - g * cg) * s.kernel_h + ky) * s.kernel_w + kx;
+              for (int64_t r = g * kg; r < (g + 1) * kg; ++r) {
+                const bool stored = a.index_bytes == 2 ? row_stores<uint16_t>(a, r, column)
+                                                       : row_stores<int32_t>(a, r, column);
+                if (!stored)
+                  c.y[((n * s.out_channels + r) * s.out_h + ty / s.stride_h) * s.out_w + tx / s.stride_w] =
+                      std::numeric_limits<float>::quiet_NaN();
+              }
+            }
+          }
+        }
+}
+
+}  // namespace sparsenet

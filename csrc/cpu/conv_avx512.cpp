@@ -1,0 +1,13 @@
+// AVX-512 sparse convolution: conv_simd.h with tiles of 64 output pixels.
+#include "cpu/simd_ops.h"
+#include "cpu/conv_simd.h"
+
+namespace sparsenet::cpu::avx512 {
+
+void csr_conv2d(const CsrView& a, const ConvShape& s, const ConvArgs& c) { csr_conv2d_any<Ops512, 4>(a, s, c); }
+
+void csr_conv2d_direct(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d) {
+  csr_conv2d_direct_simd<Ops512, 4>(a, s, c, d);
+}
+
+}  // namespace sparsenet::cpu::avx512
