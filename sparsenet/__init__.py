@@ -9,7 +9,7 @@ from sparsenet._version import __version__  # noqa: E402
 
 from sparsenet import formats, nn, ops, pruning, reconstruction, structure  # noqa: E402
 from sparsenet.io import load, save  # noqa: E402
-from sparsenet.nn import SparseLinear, densify, sparsify  # noqa: E402
+from sparsenet.nn import SparseConv2d, SparseLinear, densify, sparsify  # noqa: E402
 from sparsenet.ops.runtime import (  # noqa: E402
     _init_from_environment,
     available_isas,
@@ -26,6 +26,6 @@ from sparsenet.structure import shrink  # noqa: E402
 _init_from_environment()
 
 __all__ = [
-    "__version__", "formats", "nn", "ops", "pruning", "prune", "reconstruction", "reconstruct", "finetune", "structure", "shrink", "sparsify", "densify", "SparseLinear", "save", "load",
+    "__version__", "formats", "nn", "ops", "pruning", "prune", "reconstruction", "reconstruct", "finetune", "structure", "shrink", "sparsify", "densify", "SparseLinear", "SparseConv2d", "save", "load",
     "set_num_threads", "get_num_threads", "set_isa", "get_isa", "available_isas", "show_config",
 ]

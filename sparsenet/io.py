@@ -67,17 +67,24 @@ _DTYPE_BY_NAME = {str(d).removeprefix("torch."): d for d in _STORED_AS}
 # ---- helpers shared by save and load ---------------------------------------------------------------
 
 def _sparse_names(model: nn.Module) -> dict[str, tuple[nn.Module, list[str]]]:
-    """Each SparseLinear with every name it has, keyed by its first: a module registered twice
-    (``self.a = self.b = layer``) appears in ``state_dict`` under both prefixes."""
-    from sparsenet.nn import SparseLinear
+    """Each sparse layer (SparseLinear, SparseConv2d) with every name it has, keyed by its first: a
+    module registered twice (``self.a = self.b = layer``) appears in ``state_dict`` under both prefixes."""
     from sparsenet.nn.convert import all_module_names
+    from sparsenet.nn.linear import SparseWeightModule
 
     names = all_module_names(model)
-    return {names[id(m)][0]: (m, names[id(m)]) for m in model.modules() if isinstance(m, SparseLinear)}
+    return {names[id(m)][0]: (m, names[id(m)]) for m in model.modules() if isinstance(m, SparseWeightModule)}
+
+
+def _conv_entry(conv: nn.Module) -> dict:
+    """What a file records of a SparseConv2d besides its packed weight: its geometry."""
+    return {"in_channels": conv.in_channels, "out_channels": conv.out_channels, "kernel_size": list(conv.kernel_size),
+            "stride": list(conv.stride), "padding": list(conv.padding), "dilation": list(conv.dilation),
+            "groups": conv.groups}
 
 
 def _sparse_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Each SparseLinear once, under its first name (as ``named_modules()`` lists it)."""
+    """Each sparse layer once, under its first name (as ``named_modules()`` lists it)."""
     return {first: m for first, (m, _) in _sparse_names(model).items()}
 
 
@@ -146,7 +153,10 @@ def _module_entries(model: nn.Module) -> list[dict]:
     entries = []
     for name, m in _sparse_modules(model).items():
         packed = m.to_packed()  # validates: a broken layer fails here, not when the file is read
-        entries.append({"name": name, "type": type(m).__name__, **packed.metadata()})
+        entry = {"name": name, "type": type(m).__name__, **packed.metadata()}
+        if entry["type"] == "SparseConv2d":
+            entry["conv"] = _conv_entry(m)
+        entries.append(entry)
     return entries
 
 
@@ -163,8 +173,9 @@ def _size_of(model: nn.Module, stored: dict[str, torch.Tensor]) -> "SizeReport":
     dense_bytes = stored_bytes
     for name, m in _sparse_modules(model).items():
         p = _prefix(name)
-        dense_bytes -= sum(_nbytes(stored[p + k]) for k in ("crow_indices", "col_indices", "values") if p + k in stored)
-        dense_bytes += m.out_features * m.in_features * 4
+        names = (*registry.get(m.format).STRUCTURE, "values")  # what the layer stores instead of its weight
+        dense_bytes -= sum(_nbytes(stored[p + k]) for k in names if p + k in stored)
+        dense_bytes += m.packed_shape[0] * m.packed_shape[1] * 4
     return SizeReport(stored_bytes, dense_bytes)
 
 
@@ -352,6 +363,17 @@ def _check_module_entry(path: str, entry) -> None:
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise ValueError(f"{path!r}: malformed sparse module entry {entry!r}")
     name, fmt, version = entry["name"], entry.get("format"), entry.get("version")
+    kind = entry.get("type", "SparseLinear")
+    if kind not in ("SparseLinear", "SparseConv2d"):
+        raise ValueError(f"{path!r}: module {name!r} is a {kind!r}, which this sparsenet cannot read")
+    if kind == "SparseConv2d":
+        conv = entry.get("conv")
+        pairs = ("kernel_size", "stride", "padding", "dilation")
+        valid = isinstance(conv, dict) and all(_is_size(conv.get(k)) for k in ("in_channels", "out_channels", "groups")) \
+            and all(isinstance(conv.get(k), list) and len(conv[k]) == 2 and all(_is_size(v) for v in conv[k])
+                    for k in pairs)
+        if not valid:
+            raise ValueError(f"{path!r}: sparse convolution {name!r} has no valid geometry: {conv!r}")
     if fmt not in registry.names():
         raise ValueError(f"{path!r}: module {name!r} uses format {fmt!r}, which this sparsenet cannot read "
                          f"(it reads {', '.join(registry.names())})")
@@ -431,7 +453,7 @@ def _check_against_model(path: str, header: dict, state: dict[str, torch.Tensor]
     entries = _descriptions(path, header, sparse)
     resizable = set()  # a sparse layer may hold a different number of non-zeros than the skeleton
     for first, (m, names) in sparse.items():
-        shape = (m.out_features, m.in_features)
+        shape = m.packed_shape
         spec = registry.get(m.format)
         for name in names:  # each name's tensors are validated: load_state_dict copies them all
             p = _prefix(name)
@@ -465,13 +487,28 @@ def _module_at(path: str, model: nn.Module, name: str) -> nn.Module:
 
 
 def _sparse_shell(path: str, entry: dict, layer: nn.Module, has_bias: bool) -> nn.Module:
-    """An empty SparseLinear of the file's format to load its sparse layer ``entry`` into, in place of
-    the model's ``layer`` (dense, or a SparseLinear of another format); ValueError when ``layer``
+    """An empty sparse layer of the file's kind and format to load its sparse layer ``entry`` into, in
+    place of the model's ``layer`` (dense, or sparse in another format); ValueError when ``layer``
     cannot be that layer."""
     from sparsenet._weights import is_linear, linear_features
-    from sparsenet.nn import SparseLinear
+    from sparsenet.nn import SparseConv2d, SparseLinear
 
     name, kind = entry["name"], type(layer).__name__
+    if has_bias != (getattr(layer, "bias", None) is not None):
+        raise ValueError(f"{path!r}: sparse layer {name!r} has {'a' if has_bias else 'no'} bias in the file, "
+                         f"but the model's {kind} {name!r} has {'none' if has_bias else 'one'}")
+    if entry.get("type") == "SparseConv2d":
+        if not isinstance(layer, (nn.Conv2d, SparseConv2d)):
+            raise ValueError(f"{path!r} holds {name!r} as a sparse convolution, but the model's {name!r} is a {kind}: "
+                             "it must be an nn.Conv2d or a SparseConv2d")
+        geometry = entry["conv"]
+        own = {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
+               "kernel_size": list(layer.kernel_size), "stride": list(layer.stride), "dilation": list(layer.dilation),
+               "groups": layer.groups}
+        if any(geometry.get(k) != v for k, v in own.items()):
+            raise ValueError(f"{path!r}: sparse convolution {name!r} is {geometry} in the file, but the model's "
+                             f"{kind} {name!r} is {own}")
+        return SparseConv2d(bias=has_bias, **geometry)
     if isinstance(layer, SparseLinear):
         out_features, in_features = layer.out_features, layer.in_features
     elif is_linear(layer):
@@ -482,16 +519,13 @@ def _sparse_shell(path: str, entry: dict, layer: nn.Module, has_bias: bool) -> n
     if entry.get("shape") != [out_features, in_features]:
         raise ValueError(f"{path!r}: sparse layer {name!r} has shape {entry.get('shape')} (out, in) in the file, "
                          f"but the model's {kind} {name!r} is [{out_features}, {in_features}]")
-    if has_bias != (getattr(layer, "bias", None) is not None):
-        raise ValueError(f"{path!r}: sparse layer {name!r} has {'a' if has_bias else 'no'} bias in the file, "
-                         f"but the model's {kind} {name!r} has {'none' if has_bias else 'one'}")
     return SparseLinear(in_features, out_features, bias=has_bias, format=entry["format"])
 
 
 def _sparse_swaps(path: str, header: dict, model: nn.Module) -> dict[str, nn.Module]:
-    """name -> new SparseLinear, for each dense layer of ``model`` that the file holds as sparse (a
-    layer registered under several names gets one SparseLinear under all of them, as in sparsify)."""
-    from sparsenet.nn import SparseLinear
+    """name -> new sparse layer, for each dense layer of ``model`` that the file holds as sparse (a
+    layer registered under several names gets one sparse layer under all of them, as in sparsify)."""
+    from sparsenet.nn import SparseConv2d, SparseLinear
     from sparsenet.nn.convert import all_module_names
 
     provided = header["crc32"].keys() | header["aliases"].keys()
@@ -499,7 +533,8 @@ def _sparse_swaps(path: str, header: dict, model: nn.Module) -> dict[str, nn.Mod
     for entry in header["modules"]:
         layer = _module_at(path, model, entry["name"])
         # a dense layer, or a sparse one of another format (format="auto" chooses per machine)
-        swap = not isinstance(layer, SparseLinear) or layer.format != entry["format"]
+        kind = SparseConv2d if entry.get("type") == "SparseConv2d" else SparseLinear
+        swap = not isinstance(layer, kind) or layer.format != entry["format"]
         if swap and id(layer) not in shells:
             has_bias = _prefix(entry["name"]) + "bias" in provided
             shells[id(layer)] = _sparse_shell(path, entry, layer, has_bias)

@@ -117,9 +117,11 @@ def test_sparsify_to_bitmap(tmp_path, capsys):
     code, stdout, err = run(["--model", FACTORY, "--sparsity", "0.6", "--sparsify", "--format", "bitmap", "-o", out],
                             capsys)
     assert code == 0, err
-    assert {m["format"] for m in sparsenet.io.read_metadata(out)["modules"]} == {"bitmap"}
+    formats = {m["name"]: m["format"] for m in sparsenet.io.read_metadata(out)["modules"]}
+    assert formats == {"conv": "csr", "fc1": "bitmap", "fc2": "bitmap", "head": "bitmap"}  # csr: the conv's one format
     model = sparsenet.load(out, factory())
     assert isinstance(model.fc1, SparseLinear) and model.fc1.format == "bitmap"
+    assert isinstance(model.conv, sparsenet.SparseConv2d)
 
 
 def test_pruned_in_blocks_and_sparsified_to_bsr(tmp_path, capsys):

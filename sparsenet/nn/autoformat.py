@@ -144,3 +144,22 @@ def measure(weight: torch.Tensor, keep: Optional[torch.Tensor], bias: Optional[t
         seconds = time_calls(calls)
     cache.put(key, seconds)
     return Measured(seconds, layers=layers)
+
+
+def measure_conv(conv, input_shape: tuple[int, ...], cache: TimingCache) -> Measured:
+    """Time ``conv`` (an ``nn.Conv2d``) dense against its ``SparseConv2d`` on inputs of
+    ``input_shape`` (cached as :func:`measure`'s, keyed by the convolution's geometry and input)."""
+    from sparsenet.nn.conv import SparseConv2d
+
+    sparse = SparseConv2d.from_dense(conv)
+    key = (f"{cpu_model()}|conv{'x'.join(str(v) for v in sparse.geometry)}|input={'x'.join(map(str, input_shape))}"
+           f"|{sparse.density:.2f}|threads={torch.get_num_threads()}")
+    seconds = cache.get(key, ["csr"])
+    if seconds is not None:
+        return Measured(seconds, cached=True)
+    x = torch.randn(*input_shape)
+    dense = sparse.to_dense_conv()  # the pruned weight as the dense layer computes it
+    with torch.inference_mode():
+        seconds = time_calls({"dense": lambda: dense(x), "csr": lambda: sparse(x)})
+    cache.put(key, seconds)
+    return Measured(seconds, layers={"csr": sparse})

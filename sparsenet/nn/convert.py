@@ -1,8 +1,10 @@
-"""sparsify / densify: swap pruned ``nn.Linear`` layers for ``SparseLinear`` and back."""
+"""sparsify / densify: swap pruned ``nn.Linear`` / ``nn.Conv2d`` layers for ``SparseLinear`` /
+``SparseConv2d`` and back."""
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -14,6 +16,7 @@ from sparsenet._weights import as_matrix, is_linear, linear_features
 from sparsenet.nn import autoformat
 from sparsenet.nn.hf import guard_save_pretrained
 from sparsenet.formats import registry
+from sparsenet.nn.conv import SparseConv2d, conv_padding
 from sparsenet.nn.linear import SparseLinear
 
 
@@ -135,9 +138,10 @@ def _copy_model(model: nn.Module) -> nn.Module:
 
 
 def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False, exclude=None,
-             format: str = "auto", rows: int = 1):
+             format: str = "auto", rows: int = 1, example_inputs=None):
     """Replace every ``nn.Linear`` (and Hugging Face ``Conv1D``, GPT-2's transposed Linear) with at
-    least ``min_sparsity`` zeros by a ``SparseLinear``.
+    least ``min_sparsity`` zeros by a ``SparseLinear``, and every such ``nn.Conv2d`` by a
+    ``SparseConv2d`` (CSR, its one format; depthwise convolutions stay dense).
 
     ``format="auto"`` (the default) times, on this machine, dense against every registered format
     for each layer at its shape on ``rows`` rows per call (batch x tokens for a transformer; default
@@ -146,6 +150,11 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
     the second time). The report shows each choice and its measured gain. A registered format name
     (``"csr"``, or ``"bitmap"`` for 30-80% density, where it reads fewer bytes) converts every
     eligible layer to it without timing.
+
+    ``example_inputs`` (a tensor, or a tuple of the model's positional arguments) runs the model once
+    to record what each layer sees: Linear layers are then timed at their own rows per call (instead
+    of ``rows``) and convolutions at their input size. With ``format="auto"`` and no example, Conv2d
+    layers stay dense (the report says so).
 
     Accepts layers pruned by ``sparsenet.prune`` (before or after ``finalize``) or by
     ``torch.nn.utils.prune`` (``weight_orig`` + ``weight_mask``). ``exclude``: module names or glob
@@ -165,8 +174,9 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise ValueError(f"rows must be a positive int (rows per call of each layer), got {rows!r}")
     timings = autoformat.TimingCache() if format == "auto" else None
+    seen = _input_shapes(model, example_inputs) if example_inputs is not None else {}
     if not inplace:
-        model = _copy_model(model)
+        model = _copy_model(model)  # (seen is keyed by name: it holds for the copy)
     report = SparsifyReport(min_sparsity=float(min_sparsity))
     skip = _skip_reasons(model)
     plan: list[tuple[str, nn.Module, str, Optional[SparseLinear]]] = []  # the layer, if timing built it
@@ -181,12 +191,12 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
         shape = linear_features(module) if is_linear(module) else tuple(as_matrix(module, weight).shape)
         row = LayerRow(name, shape, sparsity, "dense", before, before)
         report.rows.append(row)
-        if isinstance(module, nn.Conv2d):
-            row.note = "Conv2d: no sparse convolution kernel yet"
-        elif is_excluded(name, exclude):
+        if is_excluded(name, exclude):
             row.note = "excluded"
         elif name in skip:
             row.note = skip[name]
+        elif isinstance(module, nn.Conv2d) and (reason := _conv_misfit(module)):
+            row.note = reason
         elif _overrides_forward(module):
             row.note = f"{type(module).__name__} overrides its forward"
         elif weight.device.type != "cpu":
@@ -195,20 +205,24 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
             row.note = f"{str(weight.dtype).removeprefix('torch.')}: the kernels run float32 only"
         elif sparsity < min_sparsity:
             row.note = "below min_sparsity"
+        elif isinstance(module, nn.Conv2d):
+            _plan_conv(name, module, row, plan, timings, seen.get(name), format)
         elif timings is not None:
+            layer_rows = math.prod(seen[name][:-1]) if name in seen else rows  # as the example ran it
             with _naming(name):
                 measured = autoformat.measure(as_matrix(module, weight),
                                               None if mask is None else as_matrix(module, mask),
-                                              None if module.bias is None else module.bias.detach(), rows, timings)
+                                              None if module.bias is None else module.bias.detach(), max(1, layer_rows),
+                                              timings)
             row.gain = measured.gain
             if measured.choice == "dense":
                 fastest = min((f for f in measured.seconds if f != "dense"), key=measured.seconds.get)
-                row.note = (f"dense measured fastest at rows={rows} ({1e3 * measured.seconds['dense']:.3f} ms, "
+                row.note = (f"dense measured fastest at rows={layer_rows} ({1e3 * measured.seconds['dense']:.3f} ms, "
                             f"{fastest} {1e3 * measured.seconds[fastest]:.3f} ms)")
             else:
                 plan.append((name, module, measured.choice, measured.layers.get(measured.choice)))
                 row.format = measured.choice
-                row.note = f"measured at rows={rows}" + (" (cached)" if measured.cached else "")
+                row.note = f"measured at rows={layer_rows}" + (" (cached)" if measured.cached else "")
         else:
             plan.append((name, module, format, None))
             row.format = format
@@ -242,13 +256,77 @@ def _weight_and_mask(module: nn.Module):
 
 def _overrides_forward(module: nn.Module) -> bool:
     """A subclass with a forward of its own may compute more than x W^T + b: not ours to replace."""
-    base = nn.Linear if isinstance(module, nn.Linear) else next(
-        c for c in type(module).__mro__ if c.__name__ == "Conv1D")
+    if isinstance(module, nn.Conv2d):
+        base = nn.Conv2d
+    else:
+        base = nn.Linear if isinstance(module, nn.Linear) else next(
+            c for c in type(module).__mro__ if c.__name__ == "Conv1D")
     return type(module).forward is not base.forward
 
 
-def _convert(name: str, module: nn.Module, format: str) -> SparseLinear:
+def _conv_misfit(conv: nn.Conv2d) -> str:
+    """Why a Conv2d stays dense whatever its sparsity ("" when it can be converted)."""
+    if conv.groups > 1 and conv.groups == conv.in_channels:
+        return "depthwise: stays dense (a few weights per output, nothing to skip)"
+    try:
+        conv_padding(conv)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def _input_shapes(model: nn.Module, example_inputs) -> dict[str, tuple[int, ...]]:
+    """The input shape every Linear, Conv1D and Conv2d of ``model`` sees in one forward of
+    ``example_inputs`` (its first call's; an unbatched Conv2d input as a batch of one), recorded by
+    forward pre-hooks that are removed afterwards."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) or is_linear(module):
+            def record(module, inputs, name=name):
+                if name not in shapes and inputs and isinstance(inputs[0], torch.Tensor):
+                    shape = tuple(inputs[0].shape)
+                    shapes[name] = (1, *shape) if isinstance(module, nn.Conv2d) and len(shape) == 3 else shape
+            hooks.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def _plan_conv(name: str, conv: nn.Conv2d, row, plan: list, timings, input_shape, format: str) -> None:
+    """A convertible Conv2d: to CSR when a format is given; timed against dense at its input size
+    with ``format="auto"``, where the example input reached it."""
+    if timings is None:
+        plan.append((name, conv, "csr", None))
+        row.format = "csr"
+        if format != "csr":
+            row.note = "Conv2d: csr, its one sparse format"
+        return
+    if input_shape is None:
+        row.note = "Conv2d: timed at its input size; pass example_inputs (format='auto')"
+        return
     with _naming(name):
+        measured = autoformat.measure_conv(conv, input_shape, timings)
+    row.gain = measured.gain
+    shape = "x".join(str(v) for v in input_shape)
+    if measured.choice == "dense":
+        row.note = (f"dense measured fastest on {shape} ({1e3 * measured.seconds['dense']:.3f} ms, "
+                    f"csr {1e3 * measured.seconds['csr']:.3f} ms)")
+    else:
+        plan.append((name, conv, "csr", measured.layers.get("csr")))
+        row.format = "csr"
+        row.note = f"measured on {shape}" + (" (cached)" if measured.cached else "")
+
+
+def _convert(name: str, module: nn.Module, format: str) -> nn.Module:
+    with _naming(name):
+        if isinstance(module, nn.Conv2d):
+            return SparseConv2d.from_dense(module)
         return SparseLinear.from_dense(module, format=format)
 
 
@@ -270,14 +348,19 @@ def all_module_names(model: nn.Module) -> dict[int, list[str]]:
 
 
 def densify(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Turn every ``SparseLinear`` back into an ``nn.Linear`` with the same weights."""
+    """Turn every ``SparseLinear`` back into an ``nn.Linear``, and every ``SparseConv2d`` into an
+    ``nn.Conv2d``, with the same weights."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = _copy_model(model)
-    if isinstance(model, SparseLinear):
-        return model.to_dense_linear()
+    if isinstance(model, (SparseLinear, SparseConv2d)):
+        return _dense_twin(model)
     for name, module in list(model.named_modules()):
-        if isinstance(module, SparseLinear):
-            _set_submodule(model, name, module.to_dense_linear())
+        if isinstance(module, (SparseLinear, SparseConv2d)):
+            _set_submodule(model, name, _dense_twin(module))
     return model
+
+
+def _dense_twin(module: nn.Module) -> nn.Module:
+    return module.to_dense_linear() if isinstance(module, SparseLinear) else module.to_dense_conv()

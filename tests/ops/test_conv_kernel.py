@@ -1,0 +1,115 @@
+"""Native sparse convolution kernels against a float64 dense reference (torch's conv2d in float64),
+on every ISA this CPU runs: strides, paddings, dilations, groups, odd sizes, batch 0 and 1, both
+kernels (stride-1 direct and the panel one), and the handle's validation of what it is handed."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsenet
+from sparsenet import _C
+from sparsenet.formats import PackedCSR
+
+# (in, out, kernel, stride, padding, dilation, groups, height, width)
+CASES = [
+    (3, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, 9, 11),
+    (8, 6, (3, 3), (2, 2), (1, 1), (1, 1), 2, 13, 7),
+    (4, 4, (1, 1), (1, 1), (0, 0), (1, 1), 1, 5, 5),
+    (6, 9, (5, 5), (1, 1), (2, 2), (2, 2), 3, 10, 17),
+    (5, 7, (2, 3), (3, 2), (0, 1), (1, 1), 1, 8, 9),
+    (16, 32, (3, 3), (1, 1), (1, 1), (1, 1), 1, 20, 20),  # tiles spanning output rows, several per image
+    (4, 8, (3, 1), (1, 1), (1, 0), (1, 3), 4, 6, 31),
+    (2, 3, (7, 7), (2, 2), (3, 3), (1, 1), 1, 7, 7),
+    (3, 5, (3, 3), (1, 1), (0, 0), (1, 1), 1, 3, 3),  # one output pixel
+    (70, 3, (1, 1), (1, 2), (0, 0), (1, 1), 1, 1, 130),  # a wide row, stride only along it
+]
+
+
+def run(w, x, bias, stride, padding, dilation, groups):
+    cout, cin_g, kh, kw = w.shape
+    p = PackedCSR.from_dense(w.reshape(cout, -1))
+    h = _C.CsrHandle(cout, cin_g * kh * kw, p.crow_indices.numpy(), p.col_indices.numpy(), p.values.numpy())
+    ref = F.conv2d(x.double(), w.double(), None if bias is None else bias.double(), stride, padding, dilation, groups)
+    out = torch.full(ref.shape, float("nan"))
+    h.conv2d(p.values.numpy(), x.numpy(), out.numpy(), None if bias is None else bias.numpy(),
+             [kh, kw, *stride, *padding, *dilation, groups])
+    return out, ref
+
+
+def assert_close(out, ref):
+    scale = ref.abs().max().clamp_min(1.0) if ref.numel() else 1.0
+    assert out.shape == ref.shape
+    if ref.numel():
+        assert ((out.double() - ref).abs().max() / scale) < 1e-5
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, (c[0], c[1], *c[2], *c[3], c[6], c[7], c[8]))))
+def test_every_geometry(isa, one_thread, case):
+    cin, cout, k, stride, padding, dilation, groups, h, w_ = case
+    g = torch.Generator().manual_seed(cin + cout)
+    for density in (0.0, 0.3, 1.0):
+        w = torch.randn(cout, cin // groups, *k, generator=g) * (torch.rand(cout, cin // groups, *k, generator=g) < density)
+        bias = torch.randn(cout, generator=g)
+        for batch in (0, 1, 3):
+            x = torch.randn(batch, cin, h, w_, generator=g)
+            assert_close(*run(w, x, bias if density else None, stride, padding, dilation, groups))
+
+
+def test_large_and_threaded(isa):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 32, 3, 3, generator=g) * (torch.rand(48, 32, 3, 3, generator=g) < 0.3)
+    threads = sparsenet.get_num_threads()
+    try:
+        sparsenet.set_num_threads(min(2, _C.usable_threads()))
+        for x, stride in ((torch.randn(2, 32, 30, 30, generator=g), (1, 1)), (torch.randn(1, 32, 7, 7, generator=g), (1, 1)),
+                          (torch.randn(2, 32, 30, 30, generator=g), (2, 2))):
+            assert_close(*run(w, x, torch.randn(48, generator=g), stride, (1, 1), (1, 1), 1))
+    finally:
+        sparsenet.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_inputs_follow_dense_semantics(isa, bad, stride):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(6, 4, 3, 3, generator=g) * (torch.rand(6, 4, 3, 3, generator=g) < 0.5)
+    w[2] = 0  # an output channel storing nothing
+    x = torch.randn(2, 4, 8, 9, generator=g)
+    x[0, 1, 3, 4] = bad
+    x[1, 3, 0, 8] = bad  # at an edge, next to the padding
+    out, _ = run(w, x, None, stride, (1, 1), (1, 1), 1)
+    want = F.conv2d(x.double(), w.double(), None, stride, (1, 1))
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
+    assert torch.equal(torch.isinf(out), torch.isinf(want))
+    finite = torch.isfinite(want)
+    assert torch.allclose(out.double()[finite], want[finite], atol=1e-5)
+
+
+def test_the_handle_refuses_what_does_not_fit():
+    w = torch.randn(6, 4, 3, 3)
+    p = PackedCSR.from_dense(w.reshape(6, -1))
+    h = _C.CsrHandle(6, 36, p.crow_indices.numpy(), p.col_indices.numpy(), p.values.numpy())
+    x = torch.randn(1, 4, 8, 8)
+    out = torch.empty(1, 6, 8, 8)
+    geometry = [3, 3, 1, 1, 1, 1, 1, 1, 1]
+    vals = p.values.numpy()
+    with pytest.raises(ValueError, match="columns, expected"):
+        h.conv2d(vals, torch.randn(1, 5, 8, 8).numpy(), out.numpy(), None, geometry)
+    with pytest.raises(ValueError, match="divisible by groups"):
+        h.conv2d(vals, x.numpy(), out.numpy(), None, [3, 3, 1, 1, 1, 1, 1, 1, 3])
+    with pytest.raises(ValueError, match="out must have shape"):
+        h.conv2d(vals, x.numpy(), torch.empty(1, 6, 7, 8).numpy(), None, geometry)
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        h.conv2d(vals, torch.randn(1, 4, 1, 1).numpy(), torch.empty(1, 6, 1, 1).numpy(), None, [3, 3, 1, 1, 0, 0, 1, 1, 1])
+    with pytest.raises(ValueError, match="must be positive"):
+        h.conv2d(vals, x.numpy(), out.numpy(), None, [3, 3, 0, 1, 1, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="contiguous"):
+        h.conv2d(vals, x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2).numpy(), out.numpy(), None, geometry)
+    with pytest.raises(ValueError, match="must be 4-D"):
+        h.conv2d(vals, x[0].numpy(), out.numpy(), None, geometry)
+    with pytest.raises(ValueError, match="geometry must be"):
+        h.conv2d(vals, x.numpy(), out.numpy(), None, geometry[:-1])
+    with pytest.raises(ValueError, match="values has"):
+        h.conv2d(vals[:-1], x.numpy(), out.numpy(), None, geometry)
+    both = torch.empty(2, 6, 8, 8)
+    with pytest.raises(ValueError, match="overlap"):
+        h.conv2d(vals, both[:1, :4].numpy(), both[:1].numpy(), None, geometry)
