@@ -368,12 +368,12 @@ class CsrHandle {
     if (yi.size == 0) return;
     sparsenet::CsrView view = view_;
     view.values = value_data;
-    const auto direct = sparsenet::cpu::csr_conv2d_direct_kernel();
-    const sparsenet::DirectConv* dc = (direct && s.stride_h == 1 && s.stride_w == 1) ? direct_for(s) : nullptr;
-    const auto kernel = sparsenet::cpu::csr_conv2d_kernel();
+    const sparsenet::DirectConv* dc = direct_for(s);
+    // Where the offsets do not fit int32 (planes of over 2^31 floats), the portable kernel.
+    const auto kernel = dc ? sparsenet::cpu::csr_conv2d_kernel() : &sparsenet::cpu::fallback::csr_conv2d;
+    const sparsenet::DirectConv none;
     py::gil_scoped_release nogil;
-    if (dc) direct(view, s, c, *dc);
-    else kernel(view, s, c);
+    kernel(view, s, c, dc ? *dc : none);
     sparsenet::propagate_nonfinite(view, s, c);
   }
 
@@ -423,18 +423,15 @@ class CsrHandle {
     sparsenet::propagate_nonfinite(view, d);
   }
 
-  // The stride-1 convolution's input offsets (cpu/conv.h) for this input size and geometry, built on
-  // first use under the GIL and kept while calls keep that shape; null where they would not fit int32.
+  // The convolution's input offsets (cpu/conv.h) for this input size and geometry, built on first
+  // use under the GIL and kept while calls keep that shape; null where they would not fit int32.
   const sparsenet::DirectConv* direct_for(const sparsenet::ConvShape& s) const {
-    const std::vector<int64_t> key = {s.in_h, s.in_w, s.kernel_h, s.kernel_w, s.pad_h, s.pad_w, s.dil_h, s.dil_w,
-                                      s.in_channels, s.groups};
+    const std::vector<int64_t> key = {s.in_h, s.in_w, s.kernel_h, s.kernel_w, s.stride_h, s.stride_w, s.pad_h,
+                                      s.pad_w, s.dil_h, s.dil_w, s.in_channels, s.groups};
     if (key != direct_key_) {
       direct_key_.clear();
       direct_offsets_.resize(static_cast<size_t>(view_.nnz));
-      if (!sparsenet::direct_offsets(view_, s, direct_offsets_.data())) return nullptr;
-      direct_.hp = s.in_h + 2 * s.pad_h;
-      direct_.wp = s.in_w + 2 * s.pad_w;
-      direct_.offsets = direct_offsets_.data();
+      if (!sparsenet::direct_offsets(view_, s, &direct_, direct_offsets_.data())) return nullptr;
       direct_key_ = key;
     }
     return &direct_;

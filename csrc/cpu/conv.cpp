@@ -45,15 +45,21 @@ void validate_conv(ConvShape& s, const CsrView& a) {
   s.out_w = (s.in_w + 2 * s.pad_w - span_w) / s.stride_w + 1;
 }
 
-bool direct_offsets(const CsrView& a, const ConvShape& s, int32_t* offsets) {
+bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, int32_t* offsets) {
   const int64_t hp = s.in_h + 2 * s.pad_h, wp = s.in_w + 2 * s.pad_w, kk = s.kernel_h * s.kernel_w;
-  if ((s.in_channels / s.groups) * hp * wp >= INT32_MAX) return false;
+  d->hq = (hp + s.stride_h - 1) / s.stride_h;
+  d->wq = (wp + s.stride_w - 1) / s.stride_w;
+  const int64_t plane = d->hq * d->wq, phases = s.stride_h * s.stride_w;
+  if ((s.in_channels / s.groups) * phases * plane + plane >= INT32_MAX) return false;
   for (int64_t k = 0; k < a.nnz; ++k) {
     const int64_t column = a.index_bytes == 2 ? static_cast<const uint16_t*>(a.col_idx)[k]
                                               : static_cast<const int32_t*>(a.col_idx)[k];
     const int64_t ci = column / kk, ky = column % kk / s.kernel_w, kx = column % s.kernel_w;
-    offsets[k] = static_cast<int32_t>(ci * hp * wp + ky * s.dil_h * wp + kx * s.dil_w);
+    const int64_t ry = ky * s.dil_h, rx = kx * s.dil_w;  // reach into the padded input
+    const int64_t phase = (ry % s.stride_h) * s.stride_w + rx % s.stride_w;
+    offsets[k] = static_cast<int32_t>((ci * phases + phase) * plane + ry / s.stride_h * d->wq + rx / s.stride_w);
   }
+  d->offsets = offsets;
   return true;
 }
 

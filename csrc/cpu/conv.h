@@ -2,17 +2,16 @@
 //
 // The weight is the convolution's (out_channels, in_channels / groups * kh * kw) matrix in CSR form,
 // its columns in PyTorch's (in_channel, kernel row, kernel column) order. Input and output are
-// contiguous NCHW float32. Two kernels, both over tiles of output pixels (a few vectors wide), each
-// stored weight one broadcast and one FMA per vector of the tile:
+// contiguous NCHW float32.
 //
-// * stride 1 ("direct"): the input is copied once into zero-padded planes. On the padded width's
-//   grid an output pixel q = oy * wp + ox reads, for weight column (ci, ky, kx), the input at
-//   q + offset(ci, ky, kx): so a tile's inputs for one stored weight are one contiguous vector load
-//   at a per-column offset (computed once per input size). The grid's columns past out_w are
-//   computed and dropped (2 of 58 at 56 x 56 with padding 1).
-// * other strides: each tile's receptive fields are gathered into a small panel (one row per
-//   weight column, one lane per pixel: an implicit im2col of one tile) and CSR's panel dot products
-//   run over it.
+// The SIMD kernels copy the input once into zero-padded planes split by stride phase: padded
+// position (iy, ix) goes to phase plane (iy % sh, ix % sw) at (iy / sh, ix / sw), planes hq x wq.
+// Output pixel (oy, ox) then reads, for weight column (ci, ky, kx), the phase plane
+// (ky * dh % sh, kx * dw % sw) at (oy + ky * dh / sh, ox + kx * dw / sw): on the grid q = oy * wq + ox
+// that is q plus a per-column offset. So a tile of consecutive grid pixels reads, for each stored
+// weight, one contiguous run of input: a few unaligned vector loads and FMAs per stored weight, the
+// offsets computed once per input size. Grid columns past out_w are computed and dropped (2 of 58
+// for a 56 x 56 output with padding 1 at stride 1).
 #pragma once
 #include <cstdint>
 
@@ -42,33 +41,28 @@ void validate_conv(ConvShape& s, const CsrView& a);
 // field holds Inf or NaN at a weight position the CSR does not store. Applied after the kernels.
 void propagate_nonfinite(const CsrView& a, const ConvShape& s, const ConvArgs& c);
 
-// What the stride-1 kernel needs besides the shape: the padded plane's size and, for each stored
-// weight k, the offset of its input from the output pixel on the padded grid (see above).
+// What the SIMD kernels need besides the shape (see above): the phase planes' size and, for each
+// stored weight k, the offset of its input from the output pixel on the grid, within the group's
+// planes.
 struct DirectConv {
-  int64_t hp = 0, wp = 0;        // padded input height and width
+  int64_t hq = 0, wq = 0;            // phase plane height and width
   const int32_t* offsets = nullptr;  // [nnz]
 };
 
-// Fills offsets (nnz entries) for a stride-1 convolution of shape s; returns false where they would
-// not fit int32 (the caller then uses the panel kernel).
-bool direct_offsets(const CsrView& a, const ConvShape& s, int32_t* offsets);
+// Sets hq, wq and fills offsets (nnz entries) for shape s; returns false where a group's planes would
+// not be addressable with int32 offsets (the caller then runs the portable kernel).
+bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, int32_t* offsets);
 
-using CsrConvFn = void (*)(const CsrView&, const ConvShape&, const ConvArgs&);
-using CsrConvDirectFn = void (*)(const CsrView&, const ConvShape&, const ConvArgs&, const DirectConv&);
+using CsrConvFn = void (*)(const CsrView&, const ConvShape&, const ConvArgs&, const DirectConv&);
 
 namespace cpu {
-namespace fallback { void csr_conv2d(const CsrView&, const ConvShape&, const ConvArgs&); }
+// (The portable kernel reads the input as it is and ignores the DirectConv.)
+namespace fallback { void csr_conv2d(const CsrView&, const ConvShape&, const ConvArgs&, const DirectConv&); }
 #ifdef SPARSENET_BUILD_AVX2
-namespace avx2 {
-void csr_conv2d(const CsrView&, const ConvShape&, const ConvArgs&);
-void csr_conv2d_direct(const CsrView&, const ConvShape&, const ConvArgs&, const DirectConv&);
-}  // namespace avx2
+namespace avx2 { void csr_conv2d(const CsrView&, const ConvShape&, const ConvArgs&, const DirectConv&); }
 #endif
 #ifdef SPARSENET_BUILD_AVX512
-namespace avx512 {
-void csr_conv2d(const CsrView&, const ConvShape&, const ConvArgs&);
-void csr_conv2d_direct(const CsrView&, const ConvShape&, const ConvArgs&, const DirectConv&);
-}  // namespace avx512
+namespace avx512 { void csr_conv2d(const CsrView&, const ConvShape&, const ConvArgs&, const DirectConv&); }
 #endif
 }  // namespace cpu
 

@@ -4,10 +4,8 @@
 
 namespace sparsenet::cpu::avx2 {
 
-void csr_conv2d(const CsrView& a, const ConvShape& s, const ConvArgs& c) { csr_conv2d_any<Ops256, 4>(a, s, c); }
-
-void csr_conv2d_direct(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d) {
-  csr_conv2d_direct_simd<Ops256, 4>(a, s, c, d);
+void csr_conv2d(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d) {
+  csr_conv2d_simd<Ops256, 4>(a, s, c, d);
 }
 
 }  // namespace sparsenet::cpu::avx2

@@ -24,17 +24,14 @@ struct Kernels {
   BsrMatmulFn bsr = nullptr;
   NmMatmulFn nm = nullptr;
   CsrConvFn conv = nullptr;
-  CsrConvDirectFn conv_direct = nullptr;  // none on the fallback: its one kernel takes every stride
 };
 
 Kernels kernels_for(const std::string& isa) {
 #ifdef SPARSENET_BUILD_AVX512
-  if (isa == "avx512") return {avx512::csr_matmul, avx512::bitmap_matmul, avx512::bsr_matmul, avx512::nm_matmul, avx512::csr_conv2d,
-                               avx512::csr_conv2d_direct};
+  if (isa == "avx512") return {avx512::csr_matmul, avx512::bitmap_matmul, avx512::bsr_matmul, avx512::nm_matmul, avx512::csr_conv2d};
 #endif
 #ifdef SPARSENET_BUILD_AVX2
-  if (isa == "avx2") return {avx2::csr_matmul, avx2::bitmap_matmul, avx2::bsr_matmul, avx2::nm_matmul, avx2::csr_conv2d,
-                             avx2::csr_conv2d_direct};
+  if (isa == "avx2") return {avx2::csr_matmul, avx2::bitmap_matmul, avx2::bsr_matmul, avx2::nm_matmul, avx2::csr_conv2d};
 #endif
   if (isa == "fallback") return {fallback::csr_matmul, fallback::bitmap_matmul, fallback::bsr_matmul, fallback::nm_matmul, fallback::csr_conv2d};
   return {};
@@ -92,6 +89,5 @@ BitmapMatmulFn bitmap_matmul_kernel() { return active().fn.bitmap; }
 BsrMatmulFn bsr_matmul_kernel() { return active().fn.bsr; }
 NmMatmulFn nm_matmul_kernel() { return active().fn.nm; }
 CsrConvFn csr_conv2d_kernel() { return active().fn.conv; }
-CsrConvDirectFn csr_conv2d_direct_kernel() { return active().fn.conv_direct; }
 
 }  // namespace sparsenet::cpu

@@ -20,6 +20,5 @@ BitmapMatmulFn bitmap_matmul_kernel();
 BsrMatmulFn bsr_matmul_kernel();
 NmMatmulFn nm_matmul_kernel();
 CsrConvFn csr_conv2d_kernel();
-CsrConvDirectFn csr_conv2d_direct_kernel();  // null where the ISA has none
 
 }  // namespace sparsenet::cpu

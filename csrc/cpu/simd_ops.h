@@ -22,14 +22,6 @@ struct Ops256 {
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes));
   }
-  // Lanes [lo, hi) read from base[lo..hi) (nothing else is read), the others taken from v.
-  static V load_lanes(V v, const float* base, int64_t lo, int64_t hi) {
-    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i in = _mm256_and_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), lanes),
-                                        _mm256_cmpgt_epi32(_mm256_add_epi32(lanes, _mm256_set1_epi32(1)),
-                                                           _mm256_set1_epi32(static_cast<int>(lo))));
-    return _mm256_blendv_ps(v, _mm256_maskload_ps(base, in), _mm256_castsi256_ps(in));
-  }
   static V set1(float f) { return _mm256_set1_ps(f); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
@@ -53,10 +45,6 @@ struct Ops512 {
   static V load_first(const float* p, int64_t n) {  // as Ops256's: none for n <= 0, all for n >= 16
     const __mmask16 lanes = n <= 0 ? 0 : n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1u);
     return _mm512_maskz_loadu_ps(lanes, p);
-  }
-  static V load_lanes(V v, const float* base, int64_t lo, int64_t hi) {  // as Ops256's
-    const uint32_t below_hi = hi >= 16 ? 0xffffu : (1u << hi) - 1u, below_lo = (1u << lo) - 1u;
-    return _mm512_mask_loadu_ps(v, static_cast<__mmask16>(below_hi & ~below_lo), base);
   }
   static V set1(float f) { return _mm512_set1_ps(f); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }

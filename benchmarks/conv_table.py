@@ -1,0 +1,85 @@
+"""Sparse convolutions against dense torch (oneDNN) on the shapes of ResNet-18's 3x3 convolutions and
+MobileNetV2's 1x1 ones, unstructured sparsity, batch 1 and 8: time per call, speedup, and the median
+speedup per (sparsity, batch) over the shapes.
+
+    python benchmarks/conv_table.py [--sparsities 0.7,0.9] [--batches 1,8] [--rounds 20] [--set resnet,mobilenet]
+
+Dense and sparse calls are interleaved, medians reported; contiguous (NCHW) inputs. Names the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from common import set_threads
+from machine import cpu_label
+
+from sparsenet.nn import SparseConv2d
+
+# (in, out, kernel, stride, input size)
+RESNET18_3X3 = [(64, 64, 3, 1, 56), (64, 128, 3, 2, 56), (128, 128, 3, 1, 28), (128, 256, 3, 2, 28),
+                (256, 256, 3, 1, 14), (256, 512, 3, 2, 14), (512, 512, 3, 1, 7)]
+MOBILENETV2_1X1 = [(16, 96, 1, 1, 112), (96, 24, 1, 1, 56), (24, 144, 1, 1, 56), (144, 24, 1, 1, 56),
+                   (32, 192, 1, 1, 28), (192, 32, 1, 1, 28), (64, 384, 1, 1, 14), (384, 64, 1, 1, 14),
+                   (96, 576, 1, 1, 14), (576, 96, 1, 1, 14), (160, 960, 1, 1, 7), (960, 160, 1, 1, 7),
+                   (320, 1280, 1, 1, 7)]
+
+
+def pair(cin, cout, k, stride, sparsity, seed=0):
+    torch.manual_seed(seed)
+    dense = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False).eval()
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand_like(dense.weight) >= sparsity)
+    return dense, SparseConv2d.from_dense(dense).eval()
+
+
+def median_ms(calls: dict, rounds: int) -> dict:
+    for fn in calls.values():
+        fn()
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sparsities", default="0.7,0.9")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", default="resnet,mobilenet")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    shapes = {"resnet": RESNET18_3X3, "mobilenet": MOBILENETV2_1X1}
+    chosen = [(name, s) for name in args.set.split(",") for s in shapes[name]]
+    print(f"{cpu_label()}, {args.threads} threads; median of {args.rounds} interleaved calls, NCHW float32")
+    print("| set | conv (in->out, k, stride, input) | sparsity | batch | dense ms | sparse ms | speedup |\n"
+          "|---|---|---|---|---|---|---|")
+    summary = {}
+    with torch.inference_mode():
+        for sparsity in (float(v) for v in args.sparsities.split(",")):
+            for batch in (int(v) for v in args.batches.split(",")):
+                for name, (cin, cout, k, stride, size) in chosen:
+                    dense, sparse = pair(cin, cout, k, stride, sparsity)
+                    x = torch.randn(batch, cin, size, size)
+                    torch.testing.assert_close(sparse(x), dense(x), rtol=1e-4, atol=1e-4)
+                    t = median_ms({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, args.rounds)
+                    gain = t["dense"] / t["sparse"]
+                    summary.setdefault((name, sparsity, batch), []).append(gain)
+                    print(f"| {name} | {cin}->{cout}, {k}x{k}, s{stride}, {size}x{size} | {sparsity:.0%} | {batch} | "
+                          f"{t['dense']:.3f} | {t['sparse']:.3f} | {gain:.2f}x |", flush=True)
+    print("\n| set | sparsity | batch | median speedup over the shapes |\n|---|---|---|---|")
+    for (name, sparsity, batch), gains in summary.items():
+        print(f"| {name} | {sparsity:.0%} | {batch} | {statistics.median(gains):.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
