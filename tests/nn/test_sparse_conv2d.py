@@ -154,7 +154,7 @@ def test_format_auto_times_convolutions_on_the_example_input(monkeypatch, tmp_pa
     assert "rows=2" in rows["6"].note
 
 
-def test_a_forward_stays_far_below_the_im2col_matrix():
+def test_a_forward_stays_far_below_the_im2col_matrix(tmp_path):
     # In a fresh process, its peak resident memory reset (Linux: clear_refs 5) just before the
     # forward: what the forward allocates at its peak.
     script = textwrap.dedent("""
@@ -181,7 +181,8 @@ def test_a_forward_stays_far_below_the_im2col_matrix():
             peak = resident("VmHWM:")
         print(json.dumps({"grew": peak - before, "out": y.numel() * 4, "x": x.numel() * 4}))
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    # (cwd: away from the source tree, which `python -c` would import instead of the installed package)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     if result.returncode and "clear_refs" in result.stderr:
         pytest.skip("this kernel cannot reset the peak resident memory")
     assert result.returncode == 0, result.stderr
