@@ -467,11 +467,61 @@ class CsrHandle {
 };
 
 
+// What the handles of the formats besides CSR share: forward() over DLPack for a handle that keeps
+// its buffers, matmul() over buffers handed to it, and the bias and values a keep=True handle holds.
+// Derived keeps its validated structure in view_ and provides nnz() (the values it reads) and
+// run(view, x, y, bias) (x has passed check_x).
+template <typename Derived, typename View>
+class FormatHandle {
+ public:
+  // x A^T (+ the bias given at construction) as a new tensor; x and the result are DLPack capsules
+  // (keep=True handles only): the few objects touched per call that a batch-1 call can afford.
+  py::object forward(const py::object& x) const {
+    return forward_new(x, static_cast<bool>(owners_), view_.rows, view_.cols,
+                       [&](const Dense2D& xd, const Dense2D& yd) { self().run(view_, xd, yd, bias_); });
+  }
+
+  // out[:] = x A^T (+ bias) with A's values read from `values` (float32, nnz() entries).
+  void matmul(const py::buffer& values, const py::buffer& x, const py::buffer& y, const py::object& bias) const {
+    const float* value_data = values_pointer(values, self().nnz());
+    const py::buffer_info xi = x.request(), yi = y.request(/*writable=*/true);
+    const Dense2D xd = dense_from_buffer(xi, "x");
+    check_x(xd, view_.cols);
+    View view = view_;
+    view.values = value_data;
+    self().run(view, xd, dense_from_buffer(yi, "out"), bias_pointer(bias, view_.rows));
+  }
+
+  int64_t rows() const { return view_.rows; }
+  int64_t cols() const { return view_.cols; }
+  bool keeps_buffers() const { return static_cast<bool>(owners_); }
+
+ protected:
+  // Once the structure is validated: the bias (keep=True only) and, with keep=True, the values
+  // (and bias) held alive by the handle itself, for forward().
+  void hold(bool keep, const py::buffer& values, const py::buffer_info& va, const py::object& bias) {
+    if (!bias.is_none() && !keep) throw py::value_error("bias is kept only by a handle with keep=True");
+    bias_ = bias_pointer(bias, view_.rows);
+    if (keep) {
+      owners_ = std::make_shared<const py::tuple>(py::make_tuple(values, bias));
+      view_.values = static_cast<const float*>(va.ptr);
+    }
+  }
+
+  View view_;  // structure: the handle's private copy; values: the kept buffer (keep=True)
+
+ private:
+  const Derived& self() const { return static_cast<const Derived&>(*this); }
+
+  const float* bias_ = nullptr;              // keep=True: the bias given at construction, if any
+  std::shared_ptr<const py::tuple> owners_;  // keep=True: the values (and bias), kept alive
+};
+
 // A bitmap-compressed weight checked once and ready to multiply (see csrc/cpu/bitmap_view.h for the
 // layout). As CsrHandle: it copies the structure (masks and row offsets), validates the copy and
 // reads only that; the values are handed over on every call (any float is memory-safe to read, and
 // the copy's row offsets, checked against the value count, bound every read of them).
-class BitmapHandle {
+class BitmapHandle : public FormatHandle<BitmapHandle, sparsenet::BitmapView> {
  public:
   BitmapHandle(int64_t rows, int64_t cols, const py::buffer& masks, const py::buffer& row_ptr, const py::buffer& values,
                bool keep, const py::object& bias) {
@@ -500,31 +550,7 @@ class BitmapHandle {
     view_.masks = masks_.data();
     view_.row_ptr = row_ptr_.data();
     sparsenet::validate_bitmap(view_);  // throws std::invalid_argument -> ValueError
-    if (!bias.is_none() && !keep) throw py::value_error("bias is kept only by a handle with keep=True");
-    bias_ = bias_pointer(bias, rows);
-    // keep=True: the handle holds the values (and bias) alive itself, for forward() (as CsrHandle).
-    if (keep) {
-      owners_ = std::make_shared<const py::tuple>(py::make_tuple(values, bias));
-      view_.values = static_cast<const float*>(va.ptr);
-    }
-  }
-
-  // x A^T (+ the bias given at construction) as a new tensor; x and the result are DLPack capsules
-  // (keep=True handles only): the few objects touched per call that a batch-1 call can afford.
-  py::object forward(const py::object& x) const {
-    return forward_new(x, static_cast<bool>(owners_), view_.rows, view_.cols,
-                       [&](const Dense2D& xd, const Dense2D& yd) { run(view_, xd, yd, bias_); });
-  }
-
-  // out[:] = x A^T (+ bias) with A's values read from `values` (float32, nnz entries).
-  void matmul(const py::buffer& values, const py::buffer& x, const py::buffer& y, const py::object& bias) const {
-    const float* value_data = values_pointer(values, view_.nnz);
-    const py::buffer_info xi = x.request(), yi = y.request(/*writable=*/true);
-    const Dense2D xd = dense_from_buffer(xi, "x");
-    check_x(xd, view_.cols);
-    sparsenet::BitmapView view = view_;
-    view.values = value_data;
-    run(view, xd, dense_from_buffer(yi, "out"), bias_pointer(bias, view_.rows));
+    hold(keep, values, va, bias);
   }
 
   // (masks, row_ptr): read-only numpy views of the handle's validated copy, which they keep alive.
@@ -536,12 +562,11 @@ class BitmapHandle {
     return py::make_tuple(masks, row_ptr);
   }
 
-  int64_t rows() const { return view_.rows; }
-  int64_t cols() const { return view_.cols; }
   int64_t nnz() const { return view_.nnz; }
-  bool keeps_buffers() const { return static_cast<bool>(owners_); }
 
  private:
+  friend class FormatHandle<BitmapHandle, sparsenet::BitmapView>;
+
   // x has passed check_x.
   static void run(const sparsenet::BitmapView& view, const Dense2D& x, const Dense2D& y, const float* bias) {
     const sparsenet::DenseArgs d = dense_args(x, y, view.rows, view.cols, bias);
@@ -552,9 +577,6 @@ class BitmapHandle {
     sparsenet::propagate_nonfinite(view, d);
   }
 
-  const float* bias_ = nullptr;              // keep=True: the bias given at construction, if any
-  std::shared_ptr<const py::tuple> owners_;  // keep=True: the values (and bias), kept alive
-  sparsenet::BitmapView view_;  // structure: this handle's private copy; values: the kept buffer (keep=True)
   std::vector<uint16_t, sparsenet::cpu::HugePageAllocator<uint16_t>> masks_;  // streamed on every call
   std::vector<int64_t> row_ptr_;
 };
@@ -563,7 +585,7 @@ class BitmapHandle {
 // layout). As CsrHandle: it copies the structure (block shape, block row pointers, block columns),
 // validates the copy and reads only that; the values are handed over on every call, their count
 // checked against the copy's blocks.
-class BsrHandle {
+class BsrHandle : public FormatHandle<BsrHandle, sparsenet::BsrView> {
  public:
   BsrHandle(int64_t rows, int64_t cols, const py::buffer& block_shape, const py::buffer& block_ptr,
             const py::buffer& block_cols, const py::buffer& values, bool keep, const py::object& bias) {
@@ -599,27 +621,7 @@ class BsrHandle {
     view_.block_ptr = block_ptr_.data();
     view_.block_cols = block_cols_.data();
     sparsenet::validate_bsr(view_);  // throws std::invalid_argument -> ValueError
-    if (!bias.is_none() && !keep) throw py::value_error("bias is kept only by a handle with keep=True");
-    bias_ = bias_pointer(bias, rows);
-    if (keep) {
-      owners_ = std::make_shared<const py::tuple>(py::make_tuple(values, bias));
-      view_.values = static_cast<const float*>(va.ptr);
-    }
-  }
-
-  py::object forward(const py::object& x) const {
-    return forward_new(x, static_cast<bool>(owners_), view_.rows, view_.cols,
-                       [&](const Dense2D& xd, const Dense2D& yd) { run(view_, xd, yd, bias_); });
-  }
-
-  void matmul(const py::buffer& values, const py::buffer& x, const py::buffer& y, const py::object& bias) const {
-    const float* value_data = values_pointer(values, view_.nnzb * view_.r * view_.c);
-    const py::buffer_info xi = x.request(), yi = y.request(/*writable=*/true);
-    const Dense2D xd = dense_from_buffer(xi, "x");
-    check_x(xd, view_.cols);
-    sparsenet::BsrView view = view_;
-    view.values = value_data;
-    run(view, xd, dense_from_buffer(yi, "out"), bias_pointer(bias, view_.rows));
+    hold(keep, values, va, bias);
   }
 
   // (block_shape, block_ptr, block_cols): read-only numpy views of the validated copy.
@@ -632,12 +634,11 @@ class BsrHandle {
     return py::make_tuple(shape, block_ptr, block_cols);
   }
 
-  int64_t rows() const { return view_.rows; }
-  int64_t cols() const { return view_.cols; }
   int64_t nnz() const { return view_.nnzb * view_.r * view_.c; }
-  bool keeps_buffers() const { return static_cast<bool>(owners_); }
 
  private:
+  friend class FormatHandle<BsrHandle, sparsenet::BsrView>;
+
   static void run(const sparsenet::BsrView& view, const Dense2D& x, const Dense2D& y, const float* bias) {
     const sparsenet::DenseArgs d = dense_args(x, y, view.rows, view.cols, bias);
     if (d.batch == 0 || view.rows == 0) return;
@@ -647,9 +648,6 @@ class BsrHandle {
     sparsenet::propagate_nonfinite(view, d);
   }
 
-  const float* bias_ = nullptr;
-  std::shared_ptr<const py::tuple> owners_;
-  sparsenet::BsrView view_;  // structure: this handle's private copy; values: the kept buffer (keep=True)
   int64_t shape_[2] = {1, 1};  // (r, c), as structure() shows it
   std::vector<int64_t> block_ptr_;
   std::vector<int32_t, sparsenet::cpu::HugePageAllocator<int32_t>> block_cols_;
@@ -660,7 +658,7 @@ class BsrHandle {
 // only that. Below plan::kNmPanelMinBatch inputs its own kernels run; from there a CsrHandle over
 // a CSR structure derived from the copy (built on first use, under the GIL) runs CSR's batch
 // kernels on the very same values.
-class NmHandle {
+class NmHandle : public FormatHandle<NmHandle, sparsenet::NmView> {
  public:
   NmHandle(int64_t rows, int64_t cols, const py::buffer& pattern, const py::buffer& indices, const py::buffer& values,
            bool keep, const py::object& bias) {
@@ -694,27 +692,7 @@ class NmHandle {
     indices_.assign(ix_data, ix_data + ix.size);
     view_.indices = indices_.data();
     sparsenet::validate_nm(view_);  // throws std::invalid_argument -> ValueError
-    if (!bias.is_none() && !keep) throw py::value_error("bias is kept only by a handle with keep=True");
-    bias_ = bias_pointer(bias, rows);
-    if (keep) {
-      owners_ = std::make_shared<const py::tuple>(py::make_tuple(values, bias));
-      view_.values = static_cast<const float*>(va.ptr);
-    }
-  }
-
-  py::object forward(const py::object& x) const {
-    return forward_new(x, static_cast<bool>(owners_), view_.rows, view_.cols,
-                       [&](const Dense2D& xd, const Dense2D& yd) { run(view_, xd, yd, bias_); });
-  }
-
-  void matmul(const py::buffer& values, const py::buffer& x, const py::buffer& y, const py::object& bias) const {
-    const float* value_data = values_pointer(values, view_.rows * view_.slots());
-    const py::buffer_info xi = x.request(), yi = y.request(/*writable=*/true);
-    const Dense2D xd = dense_from_buffer(xi, "x");
-    check_x(xd, view_.cols);
-    sparsenet::NmView view = view_;
-    view.values = value_data;
-    run(view, xd, dense_from_buffer(yi, "out"), bias_pointer(bias, view_.rows));
+    hold(keep, values, va, bias);
   }
 
   // (pattern, indices): read-only numpy views of the validated copy.
@@ -727,12 +705,11 @@ class NmHandle {
     return py::make_tuple(pattern, indices);
   }
 
-  int64_t rows() const { return view_.rows; }
-  int64_t cols() const { return view_.cols; }
   int64_t nnz() const { return view_.rows * view_.slots(); }
-  bool keeps_buffers() const { return static_cast<bool>(owners_); }
 
  private:
+  friend class FormatHandle<NmHandle, sparsenet::NmView>;
+
   void run(const sparsenet::NmView& view, const Dense2D& x, const Dense2D& y, const float* bias) const {
     if (x.rows >= sparsenet::cpu::plan::kNmPanelMinBatch) {  // before the GIL is released: builds under it
       derived_csr().run(view.values, x, y, bias);
@@ -757,13 +734,28 @@ class NmHandle {
     return *csr_;
   }
 
-  const float* bias_ = nullptr;
-  std::shared_ptr<const py::tuple> owners_;
-  sparsenet::NmView view_;  // structure: this handle's private copy; values: the kept buffer (keep=True)
   int64_t pattern_[2] = {2, 4};
   std::vector<uint8_t, sparsenet::cpu::HugePageAllocator<uint8_t>> indices_;  // streamed on every call
   mutable std::unique_ptr<const CsrHandle> csr_;
 };
+
+constexpr const char* kCopyDoc =
+    "Copy and validate the weight's structure once; matmul is handed the values on every call. keep=True holds the "
+    "values (and the optional bias) instead, and enables forward().";
+
+// The methods every FormatHandle binds alike.
+template <typename Handle>
+void bind_format_handle(py::class_<Handle> cls, const char* structure_doc) {
+  cls.def("forward", &Handle::forward, py::arg("x"),
+          "x @ A.T (+ bias) as a new tensor; x and the result are DLPack capsules (keep=True handles only)")
+      .def("matmul", &Handle::matmul, py::arg("values"), py::arg("x"), py::arg("out"), py::arg("bias") = py::none(),
+           "out[:] = x @ A.T (+ bias), A being the validated structure with these values")
+      .def("structure", &Handle::structure, structure_doc)
+      .def_property_readonly("keeps_buffers", &Handle::keeps_buffers)
+      .def_property_readonly("rows", &Handle::rows)
+      .def_property_readonly("cols", &Handle::cols)
+      .def_property_readonly("nnz", &Handle::nnz);
+}
 
 }  // namespace
 
@@ -793,55 +785,22 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("nnz", &CsrHandle::nnz)
       .def_property_readonly("index_bytes", &CsrHandle::index_bytes);
 
-  py::class_<BitmapHandle>(m, "BitmapHandle")
+  bind_format_handle(py::class_<BitmapHandle>(m, "BitmapHandle")
       .def(py::init<int64_t, int64_t, const py::buffer&, const py::buffer&, const py::buffer&, bool, const py::object&>(),
            py::arg("rows"), py::arg("cols"), py::arg("masks"), py::arg("row_ptr"), py::arg("values"),
-           py::arg("keep") = false, py::arg("bias") = py::none(),
-           "Copy and validate a bitmap weight's structure once; matmul is handed the values on every call. "
-           "keep=True holds the values (and the optional bias) instead, and enables forward().")
-      .def("forward", &BitmapHandle::forward, py::arg("x"),
-           "x @ A.T (+ bias) as a new tensor; x and the result are DLPack capsules (keep=True handles only)")
-      .def_property_readonly("keeps_buffers", &BitmapHandle::keeps_buffers)
-      .def("matmul", &BitmapHandle::matmul, py::arg("values"), py::arg("x"), py::arg("out"),
-           py::arg("bias") = py::none(), "out[:] = x @ A.T (+ bias), A being the validated structure with these values")
-      .def("structure", &BitmapHandle::structure, "(masks, row_ptr): read-only numpy views of the validated copy")
-      .def_property_readonly("rows", &BitmapHandle::rows)
-      .def_property_readonly("cols", &BitmapHandle::cols)
-      .def_property_readonly("nnz", &BitmapHandle::nnz);
-
-  py::class_<BsrHandle>(m, "BsrHandle")
+           py::arg("keep") = false, py::arg("bias") = py::none(), kCopyDoc),
+      "(masks, row_ptr): read-only numpy views of the validated copy");
+  bind_format_handle(py::class_<BsrHandle>(m, "BsrHandle")
       .def(py::init<int64_t, int64_t, const py::buffer&, const py::buffer&, const py::buffer&, const py::buffer&, bool,
                     const py::object&>(),
            py::arg("rows"), py::arg("cols"), py::arg("block_shape"), py::arg("block_ptr"), py::arg("block_cols"),
-           py::arg("values"), py::arg("keep") = false, py::arg("bias") = py::none(),
-           "Copy and validate a BSR weight's structure once; matmul is handed the values on every call. "
-           "keep=True holds the values (and the optional bias) instead, and enables forward().")
-      .def("forward", &BsrHandle::forward, py::arg("x"),
-           "x @ A.T (+ bias) as a new tensor; x and the result are DLPack capsules (keep=True handles only)")
-      .def_property_readonly("keeps_buffers", &BsrHandle::keeps_buffers)
-      .def("matmul", &BsrHandle::matmul, py::arg("values"), py::arg("x"), py::arg("out"),
-           py::arg("bias") = py::none(), "out[:] = x @ A.T (+ bias), A being the validated structure with these values")
-      .def("structure", &BsrHandle::structure,
-           "(block_shape, block_ptr, block_cols): read-only numpy views of the validated copy")
-      .def_property_readonly("rows", &BsrHandle::rows)
-      .def_property_readonly("cols", &BsrHandle::cols)
-      .def_property_readonly("nnz", &BsrHandle::nnz);
-
-  py::class_<NmHandle>(m, "NmHandle")
+           py::arg("values"), py::arg("keep") = false, py::arg("bias") = py::none(), kCopyDoc),
+      "(block_shape, block_ptr, block_cols): read-only numpy views of the validated copy");
+  bind_format_handle(py::class_<NmHandle>(m, "NmHandle")
       .def(py::init<int64_t, int64_t, const py::buffer&, const py::buffer&, const py::buffer&, bool, const py::object&>(),
            py::arg("rows"), py::arg("cols"), py::arg("pattern"), py::arg("indices"), py::arg("values"),
-           py::arg("keep") = false, py::arg("bias") = py::none(),
-           "Copy and validate an N:M weight's structure once; matmul is handed the values on every call. "
-           "keep=True holds the values (and the optional bias) instead, and enables forward().")
-      .def("forward", &NmHandle::forward, py::arg("x"),
-           "x @ A.T (+ bias) as a new tensor; x and the result are DLPack capsules (keep=True handles only)")
-      .def_property_readonly("keeps_buffers", &NmHandle::keeps_buffers)
-      .def("matmul", &NmHandle::matmul, py::arg("values"), py::arg("x"), py::arg("out"),
-           py::arg("bias") = py::none(), "out[:] = x @ A.T (+ bias), A being the validated structure with these values")
-      .def("structure", &NmHandle::structure, "(pattern, indices): read-only numpy views of the validated copy")
-      .def_property_readonly("rows", &NmHandle::rows)
-      .def_property_readonly("cols", &NmHandle::cols)
-      .def_property_readonly("nnz", &NmHandle::nnz);
+           py::arg("keep") = false, py::arg("bias") = py::none(), kCopyDoc),
+      "(pattern, indices): read-only numpy views of the validated copy");
 
   m.def("compiled_isas", &sparsenet::cpu::compiled_isas);
   m.def("supported_isas", &sparsenet::cpu::supported_isas);

@@ -206,23 +206,11 @@ void panel_rows(const BitmapView& a, const float* xp, int64_t r0, int64_t r1, in
 
 template <int NV>
 void panel_matmul(const BitmapView& a, const DenseArgs& d) {
-  constexpr int64_t W = 16 * NV;
   const int nt = bitmap_threads(a, d);
   const int parts = static_cast<int>(std::min<int64_t>(std::max<int64_t>(a.rows, 1), int64_t{nt} * 8));
-  const int64_t kblocks = std::max<int64_t>(1, std::min<int64_t>(int64_t{nt} * 8, a.cols / 64));
-  float* xp = scratch_panel(a.cols * W);  // the calling thread's; the team shares it
-#pragma omp parallel num_threads(nt)
-  for (int64_t b0 = 0; b0 < d.batch; b0 += W) {
-    const int64_t valid = std::min(W, d.batch - b0);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t kb = 0; kb < kblocks; ++kb)
-      pack_panel_simd(d.x, d.ldx, b0, valid, W, a.cols * kb / kblocks, a.cols * (kb + 1) / kblocks, xp);
-    // (implicit barrier: the panel is complete)
-#pragma omp for schedule(dynamic, 1)
-    for (int p = 0; p < parts; ++p)
-      panel_rows<NV>(a, xp, bitmap_part_start(a, p, parts), bitmap_part_start(a, p + 1, parts), b0, valid, d);
-    // (implicit barrier: nobody overwrites the panel while it is read)
-  }
+  team_panels(d, a.cols, 16 * NV, nt, parts, [&](const float* xp, int p, int64_t b0, int64_t valid) {
+    panel_rows<NV>(a, xp, bitmap_part_start(a, p, parts), bitmap_part_start(a, p + 1, parts), b0, valid, d);
+  });
 }
 
 }  // namespace

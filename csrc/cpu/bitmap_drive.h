@@ -10,6 +10,7 @@
 
 #include "cpu/bitmap_view.h"
 #include "cpu/capability.h"
+#include "cpu/work_split.h"
 
 namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
@@ -17,16 +18,7 @@ inline int64_t bitmap_cost_before(const BitmapView& a, int64_t row) { return a.r
 
 // The first row of part p of `parts` (rows cut into parts of equal cost).
 inline int64_t bitmap_part_start(const BitmapView& a, int p, int parts) {
-  if (p <= 0) return 0;
-  if (p >= parts) return a.rows;
-  const int64_t total = bitmap_cost_before(a, a.rows);
-  const int64_t target = total / parts * p + total % parts * p / parts;
-  int64_t lo = 0, hi = a.rows;
-  while (lo < hi) {  // the first row whose cost before it reaches the target
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (bitmap_cost_before(a, mid) < target) lo = mid + 1; else hi = mid;
-  }
-  return lo;
+  return part_start(a.rows, p, parts, [&](int64_t row) { return bitmap_cost_before(a, row); });
 }
 
 // Threads worth waking: below ~25k multiply-adds the fork/join costs more than a second thread

@@ -9,6 +9,7 @@
 
 #include "cpu/bsr_view.h"
 #include "cpu/capability.h"
+#include "cpu/work_split.h"
 
 namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
@@ -16,16 +17,7 @@ inline int64_t bsr_cost_before(const BsrView& a, int64_t block_row) { return a.b
 
 // The first block row of part p of `parts`.
 inline int64_t bsr_part_start(const BsrView& a, int p, int parts) {
-  if (p <= 0) return 0;
-  if (p >= parts) return a.block_rows;
-  const int64_t total = bsr_cost_before(a, a.block_rows);
-  const int64_t target = total / parts * p + total % parts * p / parts;
-  int64_t lo = 0, hi = a.block_rows;
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (bsr_cost_before(a, mid) < target) lo = mid + 1; else hi = mid;
-  }
-  return lo;
+  return part_start(a.block_rows, p, parts, [&](int64_t block_row) { return bsr_cost_before(a, block_row); });
 }
 
 // Threads worth waking: below ~25k multiply-adds a second thread costs more than it saves (as for CSR).

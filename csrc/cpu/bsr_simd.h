@@ -204,21 +204,10 @@ void bsr_panel_matmul(const BsrView& a, const DenseArgs& d) {
     return;
   }
   const int parts = bsr_parts(a, nt);
-  const int64_t kblocks = std::max<int64_t>(1, std::min<int64_t>(int64_t{nt} * 8, a.cols / 64));
-  float* xp = scratch_panel(a.cols * W);  // the calling thread's; the team shares it
-#pragma omp parallel num_threads(nt)
-  for (int64_t b0 = 0; b0 < d.batch; b0 += W) {
-    const int64_t valid = std::min(W, d.batch - b0);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t kb = 0; kb < kblocks; ++kb)
-      pack_panel_simd(d.x, d.ldx, b0, valid, W, a.cols * kb / kblocks, a.cols * (kb + 1) / kblocks, xp);
-    // (implicit barrier: the panel is complete)
-#pragma omp for schedule(dynamic, 1)
-    for (int p = 0; p < parts; ++p)
-      for (int64_t R = bsr_part_start(a, p, parts); R < bsr_part_start(a, p + 1, parts); ++R)
-        bsr_panel_block_row<Ops, NV>(a, xp, R, b0, valid, d);
-    // (implicit barrier: nobody overwrites the panel while it is read)
-  }
+  team_panels(d, a.cols, W, nt, parts, [&](const float* xp, int p, int64_t b0, int64_t valid) {
+    for (int64_t R = bsr_part_start(a, p, parts); R < bsr_part_start(a, p + 1, parts); ++R)
+      bsr_panel_block_row<Ops, NV>(a, xp, R, b0, valid, d);
+  });
 }
 
 }  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

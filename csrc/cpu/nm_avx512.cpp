@@ -63,13 +63,8 @@ float row_dot(const NmView& a, const float* x, int64_t r) {
 }  // namespace
 
 void nm_matmul(const NmView& a, const DenseArgs& d) {
-  if (a.m != 2 * a.n) {
-    nm_drive(a, d, [&](const float* x, int64_t r) { return nm_row_tail(a, x, r, 0); });
-  } else if (a.bits == 2) {
-    nm_drive(a, d, [&](const float* x, int64_t r) { return row_dot<2>(a, x, r); });
-  } else {
-    nm_drive(a, d, [&](const float* x, int64_t r) { return row_dot<4>(a, x, r); });
-  }
+  nm_run(a, d, [&](const float* x, int64_t r) { return row_dot<2>(a, x, r); },
+         [&](const float* x, int64_t r) { return row_dot<4>(a, x, r); });
 }
 
 }  // namespace sparsenet::cpu::avx512

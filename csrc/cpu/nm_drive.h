@@ -32,4 +32,13 @@ void nm_drive(const NmView& a, const DenseArgs& d, DotFn dot) {
         d.y[s * d.ldy + r] = dot(d.x + s * d.ldx, r) + (d.bias ? d.bias[r] : 0.0f);
 }
 
+// An ISA's vector row kernels where M = 2N (dot2 for 2-bit indices, dot4 for 4-bit), slot by slot
+// for other patterns.
+template <typename Dot2, typename Dot4>
+void nm_run(const NmView& a, const DenseArgs& d, Dot2 dot2, Dot4 dot4) {
+  if (a.m != 2 * a.n) nm_drive(a, d, [&](const float* x, int64_t r) { return nm_row_tail(a, x, r, 0); });
+  else if (a.bits == 2) nm_drive(a, d, dot2);
+  else nm_drive(a, d, dot4);
+}
+
 }  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

@@ -4,10 +4,12 @@
 // (capability.h).
 #pragma once
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu/csr_view.h"
 #include "cpu/panel.h"
 
 namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
@@ -61,6 +63,26 @@ inline void store_tile_simd(const float* t, int64_t W, int64_t nrows, int64_t va
     transpose8(r);
     const int64_t n = std::min<int64_t>(8, valid - jb);
     for (int64_t j = 0; j < n; ++j) _mm256_storeu_ps(y + (b0 + jb + j) * ldy + r0, _mm256_add_ps(r[j], b));
+  }
+}
+
+// The batch in panels of W samples (a multiple of 8), each packed by the team of nt threads
+// together into the calling thread's scratch panel, then work(xp, part, b0, valid) for parts
+// [0, parts) shared out dynamically; barriers keep a panel whole while it is read.
+template <typename WorkFn>
+void team_panels(const DenseArgs& d, int64_t cols, int64_t W, int nt, int parts, WorkFn work) {
+  const int64_t kblocks = std::max<int64_t>(1, std::min<int64_t>(int64_t{nt} * 8, cols / 64));
+  float* xp = scratch_panel(cols * W);
+#pragma omp parallel num_threads(nt)
+  for (int64_t b0 = 0; b0 < d.batch; b0 += W) {
+    const int64_t valid = std::min(W, d.batch - b0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t kb = 0; kb < kblocks; ++kb)
+      pack_panel_simd(d.x, d.ldx, b0, valid, W, cols * kb / kblocks, cols * (kb + 1) / kblocks, xp);
+    // (implicit barrier: the panel is complete)
+#pragma omp for schedule(dynamic, 1)
+    for (int p = 0; p < parts; ++p) work(xp, p, b0, valid);
+    // (implicit barrier: nobody overwrites the panel while it is read)
   }
 }
 

@@ -26,6 +26,22 @@ inline void balanced_rows(const CsrView& a, int part, int parts, int64_t* begin,
   *end = row_at(part + 1);
 }
 
+// The first of n items whose cost before it, cost_before(i) (non-decreasing, cost_before(n) the
+// total), reaches part p's share when the items are cut into `parts` parts of equal cost.
+template <typename CostFn>
+inline int64_t part_start(int64_t n, int p, int parts, CostFn cost_before) {
+  if (p <= 0) return 0;
+  if (p >= parts) return n;
+  const int64_t total = cost_before(n);
+  const int64_t target = total / parts * p + total % parts * p / parts;
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (cost_before(mid) < target) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
 // Fraction of entries that are non-zero (0 for an empty shape): kernels pick layouts by it.
 inline double density(const CsrView& a) {
   const double total = static_cast<double>(a.rows) * static_cast<double>(a.cols);

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from sparsenet.formats.csr import StoredSizes, _check_finite, _check_shape, _check_vector, _first
+from sparsenet.formats.csr import StoredSizes, _check_finite, _check_shape, _first, check_stored, float32_and_kept
 
 CHUNK = 16  # columns per mask word
 _BITS = 1 << torch.arange(CHUNK, dtype=torch.int32)
@@ -53,15 +53,7 @@ class PackedBitmap(StoredSizes):
 
     def __init__(self, masks: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, shape: Sequence[int]) -> None:
         rows, cols = _check_shape(shape)
-        for name, t, dtype in (("masks", masks, torch.uint16), ("row_ptr", row_ptr, torch.int64),
-                               ("values", values, torch.float32)):
-            _check_vector(t, name)
-            if t.dtype != dtype:
-                raise TypeError(f"bitmap {name} must be {str(dtype).removeprefix('torch.')}, got {t.dtype}")
-            if t.device.type != "cpu":
-                raise ValueError(f"bitmap {name} must be on the CPU, got {t.device}")
-            if not t.is_contiguous():
-                raise ValueError(f"bitmap {name} must be contiguous")
+        check_stored("bitmap", masks=(masks, torch.uint16), row_ptr=(row_ptr, torch.int64), values=(values, torch.float32))
         chunks = chunks_for(cols)
         if masks.numel() != rows * chunks:
             raise ValueError(f"masks has {masks.numel()} entries, expected rows * ceil(cols / 16) = {rows * chunks}")
@@ -88,21 +80,9 @@ class PackedBitmap(StoredSizes):
     def from_dense(cls, dense: torch.Tensor, mask: torch.Tensor | None = None) -> "PackedBitmap":
         """Keep the non-zeros of ``dense`` or, with a bool ``mask``, exactly the entries where it is
         True (a kept zero is still stored). Copied to the CPU as float32; kept NaN/Inf raise."""
-        if not isinstance(dense, torch.Tensor) or dense.layout != torch.strided or dense.dim() != 2:
-            raise TypeError(f"dense must be a 2-D strided tensor, got "
-                            f"{tuple(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__}")
-        if not dense.is_floating_point():
-            raise TypeError(f"dense must be a floating-point tensor, got {dense.dtype}")
-        dense = dense.detach().to(device="cpu", dtype=torch.float32)
-        if mask is None:
-            keep = dense != 0  # NaN != 0: kept, and refused below
-        else:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != dense.shape:
-                raise ValueError(f"mask must be a bool tensor of shape {tuple(dense.shape)}")
-            keep = mask.detach().cpu()
+        dense, keep = float32_and_kept(dense, mask)
         rows, cols = dense.shape
         values = dense[keep].contiguous()
-        _check_finite(values, "dense")
         padded = torch.zeros(rows, chunks_for(cols) * CHUNK, dtype=torch.int32)
         padded[:, :cols] = keep
         masks = (padded.reshape(rows, chunks_for(cols), CHUNK) * _BITS).sum(dim=-1, dtype=torch.int32).to(torch.uint16).reshape(-1)

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from sparsenet.formats.csr import StoredSizes, _check_finite, _check_shape, _check_vector, _first
+from sparsenet.formats.csr import StoredSizes, _check_finite, _check_shape, _first, check_stored, float32_and_kept
 
 MAX_BLOCK = 64
 DEFAULT_BLOCK = (16, 16)  # what prune(structure="block") uses by default
@@ -93,15 +93,8 @@ class PackedBSR(StoredSizes):
     def __init__(self, block_shape: torch.Tensor, block_ptr: torch.Tensor, block_cols: torch.Tensor,
                  values: torch.Tensor, shape: Sequence[int]) -> None:
         rows, cols = _check_shape(shape)
-        for name, t, dtype in (("block_shape", block_shape, torch.int64), ("block_ptr", block_ptr, torch.int64),
-                               ("block_cols", block_cols, torch.int32), ("values", values, torch.float32)):
-            _check_vector(t, name)
-            if t.dtype != dtype:
-                raise TypeError(f"bsr {name} must be {str(dtype).removeprefix('torch.')}, got {t.dtype}")
-            if t.device.type != "cpu":
-                raise ValueError(f"bsr {name} must be on the CPU, got {t.device}")
-            if not t.is_contiguous():
-                raise ValueError(f"bsr {name} must be contiguous")
+        check_stored("bsr", block_shape=(block_shape, torch.int64), block_ptr=(block_ptr, torch.int64),
+                     block_cols=(block_cols, torch.int32), values=(values, torch.float32))
         if block_shape.numel() != 2:
             raise ValueError(f"block_shape must hold 2 entries (r, c), got {block_shape.numel()}")
         r, c = _check_block(block_shape.tolist())
@@ -158,19 +151,7 @@ class PackedBSR(StoredSizes):
         ``mask``, the entries where it is True), densely: entries of a stored block that are not kept
         are stored as 0. Without ``block``, the largest shape the kept entries are made of
         (:func:`detect_block`); ValueError when there is none. Float32 on the CPU; NaN/Inf refused."""
-        if not isinstance(dense, torch.Tensor) or dense.layout != torch.strided or dense.dim() != 2:
-            raise TypeError(f"dense must be a 2-D strided tensor, got "
-                            f"{tuple(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__}")
-        if not dense.is_floating_point():
-            raise TypeError(f"dense must be a floating-point tensor, got {dense.dtype}")
-        dense = dense.detach().to(device="cpu", dtype=torch.float32)
-        if mask is None:
-            keep = dense != 0
-        else:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != dense.shape:
-                raise ValueError(f"mask must be a bool tensor of shape {tuple(dense.shape)}")
-            keep = mask.detach().cpu()
-        _check_finite(dense[keep], "dense")
+        dense, keep = float32_and_kept(dense, mask)
         if block is None:
             block = detect_block(keep)
             if block is None:

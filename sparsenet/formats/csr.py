@@ -126,6 +126,37 @@ def _check_finite(values: torch.Tensor, name: str) -> None:
         )
 
 
+def check_stored(kind: str, **tensors: tuple) -> None:
+    """Each of a packed format's tensors (``name=(tensor, dtype)``): 1-D, of its dtype, contiguous, on the CPU."""
+    for name, (t, dtype) in tensors.items():
+        _check_vector(t, name)
+        if t.dtype != dtype:
+            raise TypeError(f"{kind} {name} must be {str(dtype).removeprefix('torch.')}, got {t.dtype}")
+        if t.device.type != "cpu":
+            raise ValueError(f"{kind} {name} must be on the CPU, got {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{kind} {name} must be contiguous")
+
+
+def float32_and_kept(dense, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """``from_dense``'s inputs for the packed formats: ``dense`` as a float32 CPU matrix, and the
+    entries to keep (its non-zeros, or exactly where the bool ``mask`` is True); a kept NaN/Inf raises."""
+    if not isinstance(dense, torch.Tensor) or dense.layout != torch.strided or dense.dim() != 2:
+        raise TypeError(f"dense must be a 2-D strided tensor, got "
+                        f"{tuple(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__}")
+    if not dense.is_floating_point():
+        raise TypeError(f"dense must be a floating-point tensor, got {dense.dtype}")
+    dense = dense.detach().to(device="cpu", dtype=torch.float32)
+    if mask is None:
+        keep = dense != 0  # NaN != 0: kept, and refused below
+    else:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != dense.shape:
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(dense.shape)}")
+        keep = mask.detach().cpu()
+    _check_finite(dense[keep], "dense")
+    return dense, keep
+
+
 def _density(nnz: int, shape: tuple[int, int]) -> float:
     # An empty shape stores nothing, so it is reported as fully sparse (0.0), never as a ZeroDivision.
     total = shape[0] * shape[1]

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from sparsenet.formats.csr import StoredSizes, _check_finite, _check_shape, _check_vector, _first
+from sparsenet.formats.csr import StoredSizes, _check_finite, _check_shape, _first, check_stored, float32_and_kept
 
 MAX_M = 16
 _GROUP_SIZES = (2, 4, 8, 16)  # what from_dense tries when given no pattern
@@ -111,15 +111,7 @@ class PackedNM(StoredSizes):
     def __init__(self, pattern: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
                  shape: Sequence[int]) -> None:
         rows, cols = _check_shape(shape)
-        for name, t, dtype in (("pattern", pattern, torch.int64), ("indices", indices, torch.uint8),
-                               ("values", values, torch.float32)):
-            _check_vector(t, name)
-            if t.dtype != dtype:
-                raise TypeError(f"N:M {name} must be {str(dtype).removeprefix('torch.')}, got {t.dtype}")
-            if t.device.type != "cpu":
-                raise ValueError(f"N:M {name} must be on the CPU, got {t.device}")
-            if not t.is_contiguous():
-                raise ValueError(f"N:M {name} must be contiguous")
+        check_stored("N:M", pattern=(pattern, torch.int64), indices=(indices, torch.uint8), values=(values, torch.float32))
         if pattern.numel() != 2:
             raise ValueError(f"pattern must hold 2 entries (n, m), got {pattern.numel()}")
         n, m = _check_pattern(pattern.tolist())
@@ -163,19 +155,7 @@ class PackedNM(StoredSizes):
         """Keep the non-zeros of ``dense`` or, with a bool ``mask``, exactly the entries where it is True.
         Without ``pattern``, the one the kept entries follow (:func:`detect_pattern`); ValueError when a
         group keeps more than N. Float32 on the CPU; NaN/Inf refused."""
-        if not isinstance(dense, torch.Tensor) or dense.layout != torch.strided or dense.dim() != 2:
-            raise TypeError(f"dense must be a 2-D strided tensor, got "
-                            f"{tuple(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__}")
-        if not dense.is_floating_point():
-            raise TypeError(f"dense must be a floating-point tensor, got {dense.dtype}")
-        dense = dense.detach().to(device="cpu", dtype=torch.float32)
-        if mask is None:
-            keep = dense != 0
-        else:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != dense.shape:
-                raise ValueError(f"mask must be a bool tensor of shape {tuple(dense.shape)}")
-            keep = mask.detach().cpu()
-        _check_finite(dense[keep], "dense")
+        dense, keep = float32_and_kept(dense, mask)
         if pattern is None:
             pattern = detect_pattern(keep)
             if pattern is None:

@@ -97,19 +97,11 @@ torch.library.register_autograd("sparsenet::csr_conv2d", _backward, setup_contex
 def csr_conv2d(x, crow_indices, col_indices, values, bias, geometry) -> torch.Tensor:
     """Checked entry point: clear errors for what the op cannot run, then the op; x is (N, C, H, W)
     (any memory format; the result is contiguous NCHW)."""
-    from sparsenet.ops.csr_linear import _needs_autograd
+    from sparsenet.ops.csr_linear import _needs_autograd, check_tensor_input
 
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"x must be float32, got {x.dtype} (sparsenet kernels run in float32)")
-    if x.layout != torch.strided:
-        raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}")
+    check_tensor_input(x, values)
     if x.dim() != 4 or x.shape[1] != geometry[0]:
         raise ValueError(f"x must have shape (N, {geometry[0]}, H, W), got {tuple(x.shape)}")
-    if x.device.type != "cpu" or values.device.type != "cpu":
-        raise ValueError(f"sparsenet has no CUDA kernels in this build: x is on {x.device}, the weight on "
-                         f"{values.device}; run the model on the CPU")
     geometry = [int(g) for g in geometry]
     if not torch.compiler.is_compiling() and not _needs_autograd(x, bias):
         return _conv_cpu(x, crow_indices, col_indices, values, bias, geometry)

@@ -104,14 +104,20 @@ _VERSION = operator.attrgetter("_version")
 
 
 def _check_input(x, values, in_features: int) -> None:
+    check_tensor_input(x, values)
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
+
+
+def check_tensor_input(x, values) -> None:
+    """What every sparse op needs of its input whatever its shape: a float32 strided tensor, on the
+    CPU as the weight is."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.float32:
         raise TypeError(f"x must be float32, got {x.dtype} (sparsenet kernels run in float32)")
     if x.layout != torch.strided:
         raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}; use x.to_dense()")
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
     if x.device.type != "cpu" or values.device.type != "cpu":
         raise ValueError(
             f"sparsenet has no CUDA kernels in this build: x is on {x.device}, the weight on "
