@@ -21,11 +21,13 @@ inline void split_phases(const ConvShape& s, const DirectConv& d, const float* x
       float* row = dst + (ci * phases + py % s.stride_h * s.stride_w) * plane + py / s.stride_h * d.wq;
       if (s.stride_w == 1) {
         std::copy(src, src + s.in_w, row + s.pad_w);
-      } else {
-        for (int64_t ix = 0; ix < s.in_w; ++ix) {
-          const int64_t px = ix + s.pad_w;
-          row[px % s.stride_w * plane + px / s.stride_w] = src[ix];
-        }
+        continue;
+      }
+      // Phase by phase: the columns of one phase are every stride_w-th input, side by side in its plane.
+      for (int64_t phase = 0; phase < s.stride_w; ++phase) {
+        const int64_t ix0 = ((phase - s.pad_w) % s.stride_w + s.stride_w) % s.stride_w;  // first column in it
+        float* to = row + phase * plane + (ix0 + s.pad_w) / s.stride_w;
+        for (int64_t ix = ix0; ix < s.in_w; ix += s.stride_w) *to++ = src[ix];
       }
     }
 }
