@@ -65,10 +65,7 @@ bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, int32_t
 
 void propagate_nonfinite(const CsrView& a, const ConvShape& s, const ConvArgs& c) {
   const int64_t plane = s.in_h * s.in_w, cg = s.in_channels / s.groups, kg = s.out_channels / s.groups;
-  const int64_t x_total = s.batch * s.in_channels * plane;
-  bool any = false;
-  for (int64_t i = 0; i < x_total && !any; ++i) any = !std::isfinite(c.x[i]);
-  if (!any) return;
+  if (!any_nonfinite(c.x, s.batch * s.in_channels * plane)) return;
   for (int64_t n = 0; n < s.batch; ++n)
     for (int64_t ci = 0; ci < s.in_channels; ++ci)
       for (int64_t iy = 0; iy < s.in_h; ++iy)

@@ -11,25 +11,25 @@
 
 namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
-// Image n's channels of group g (cg of them) into their zero-padded phase planes at dst (see conv.h).
-inline void split_phases(const ConvShape& s, const DirectConv& d, const float* x, int64_t cg, float* dst) {
-  const int64_t plane = d.hq * d.wq, phases = s.stride_h * s.stride_w;
-  for (int64_t ci = 0; ci < cg; ++ci)
-    for (int64_t iy = 0; iy < s.in_h; ++iy) {
-      const int64_t py = iy + s.pad_h;
-      const float* src = x + (ci * s.in_h + iy) * s.in_w;
-      float* row = dst + (ci * phases + py % s.stride_h * s.stride_w) * plane + py / s.stride_h * d.wq;
-      if (s.stride_w == 1) {
-        std::copy(src, src + s.in_w, row + s.pad_w);
-        continue;
-      }
-      // Phase by phase: the columns of one phase are every stride_w-th input, side by side in its plane.
-      for (int64_t phase = 0; phase < s.stride_w; ++phase) {
-        const int64_t ix0 = ((phase - s.pad_w) % s.stride_w + s.stride_w) % s.stride_w;  // first column in it
-        float* to = row + phase * plane + (ix0 + s.pad_w) / s.stride_w;
-        for (int64_t ix = ix0; ix < s.in_w; ix += s.stride_w) *to++ = src[ix];
-      }
+// One input channel x (in_h x in_w) into its zero-padded phase planes at dst (see conv.h).
+inline void split_phases(const ConvShape& s, const DirectConv& d, const float* x, float* dst) {
+  const int64_t plane = d.hq * d.wq;
+  std::fill(dst, dst + s.stride_h * s.stride_w * plane, 0.0f);
+  for (int64_t iy = 0; iy < s.in_h; ++iy) {
+    const int64_t py = iy + s.pad_h;
+    const float* src = x + iy * s.in_w;
+    float* row = dst + py % s.stride_h * s.stride_w * plane + py / s.stride_h * d.wq;
+    if (s.stride_w == 1) {
+      std::copy(src, src + s.in_w, row + s.pad_w);
+      continue;
     }
+    // Phase by phase: the columns of one phase are every stride_w-th input, side by side in its plane.
+    for (int64_t phase = 0; phase < s.stride_w; ++phase) {
+      const int64_t ix0 = ((phase - s.pad_w) % s.stride_w + s.stride_w) % s.stride_w;  // first column in it
+      float* to = row + phase * plane + (ix0 + s.pad_w) / s.stride_w;
+      for (int64_t ix = ix0; ix < s.in_w; ix += s.stride_w) *to++ = src[ix];
+    }
+  }
 }
 
 // Items of (image, group, tile of W grid pixels, chunk of the group's output channels); channels are
@@ -55,11 +55,15 @@ void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
   const int64_t items = spatial * chunks;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
+    // Channel by channel, so that both threads copy at batch 1 too; (n, g) is image n's channels
+    // g * cg on, so channel i of the whole batch is image i / C's channel i % C. Each group ends
+    // with the zeroed slack its last tile reads.
+    const int64_t channel_planes = s.stride_h * s.stride_w * plane;
 #pragma omp for schedule(static)
-    for (int64_t ng = 0; ng < (in_place ? 0 : images); ++ng) {
-      float* dst = const_cast<float*>(planes) + ng * per_group;  // the scratch, not the input
-      std::fill(dst, dst + per_group, 0.0f);
-      split_phases(s, d, c.x + ng * cg * s.in_h * s.in_w, cg, dst);  // (n, g): image n, channels g * cg on
+    for (int64_t i = 0; i < (in_place ? 0 : images * cg); ++i) {
+      float* dst = const_cast<float*>(planes) + i / cg * per_group + i % cg * channel_planes;  // the scratch
+      split_phases(s, d, c.x + i * s.in_h * s.in_w, dst);
+      if (i % cg == cg - 1) std::fill(dst + channel_planes, dst + channel_planes + plane + W, 0.0f);
     }
     // (implicit barrier: every plane is ready)
 #pragma omp for schedule(dynamic, 1)

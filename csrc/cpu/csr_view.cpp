@@ -8,6 +8,16 @@
 
 namespace sparsenet {
 
+bool any_nonfinite(const float* x, int64_t n) {
+  uint32_t any = 0;
+  for (int64_t k = 0; k < n; ++k) {  // branch-free, so it vectorises: the common case finds nothing
+    uint32_t bits;
+    std::memcpy(&bits, x + k, 4);
+    any |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return any != 0;
+}
+
 namespace {
 template <typename Idx>
 void validate_indices(const CsrView& a, const Idx* col) {
@@ -42,13 +52,7 @@ bool row_holds_all(const CsrView& a, const Idx* col, int64_t r, const std::vecto
 // Columns of x[0, n) whose value is Inf or NaN (exponent bits all ones), in ascending order.
 void nonfinite_columns(const float* x, int64_t n, std::vector<int64_t>* out) {
   out->clear();
-  uint32_t any = 0;
-  for (int64_t k = 0; k < n; ++k) {  // branch-free, so it vectorises: the common case finds nothing
-    uint32_t bits;
-    std::memcpy(&bits, x + k, 4);
-    any |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-  }
-  if (!any) return;
+  if (!any_nonfinite(x, n)) return;
   for (int64_t k = 0; k < n; ++k)
     if (!(std::abs(x[k]) <= std::numeric_limits<float>::max())) out->push_back(k);
 }
