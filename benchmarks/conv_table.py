@@ -52,14 +52,14 @@ def median_ms(calls: dict, rounds: int) -> dict:
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sparsities", default="0.7,0.9")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", default="resnet,mobilenet")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     set_threads(args.threads)
     shapes = {"resnet": RESNET18_3X3, "mobilenet": MOBILENETV2_1X1}
     chosen = [(name, s) for name in args.set.split(",") for s in shapes[name]]

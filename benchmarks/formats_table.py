@@ -91,7 +91,7 @@ def cell(shape, sparsity: float, batches, rounds: int, probe: ReadProbe, formats
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="4096x4096,1536x384,384x1536")
     parser.add_argument("--sparsities", default="0.5,0.7,0.9")
@@ -102,7 +102,7 @@ def main() -> None:
                         help="prune in whole r x c blocks (default: every entry on its own)")
     parser.add_argument("--nm", type=lambda s: tuple(int(v) for v in s.split(":")), metavar="N:M",
                         help="keep N of every M consecutive weights of a row")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     set_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     probe = ReadProbe()

@@ -79,3 +79,32 @@ def test_shrink_bert_benchmark_runs_on_a_tiny_encoder(monkeypatch, capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "encoder-layer parameters" in out and "speedup" in out and "batch 32" in out
+
+
+def test_formats_table_runs_block_and_nm_weights(small_rotation, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    table = load("formats_table")
+    try:
+        for structure in (["--block", "16x16"], ["--nm", "2:4"]):
+            table.main(["--shapes", "48x64", "--sparsities", "0.5", "--batches", "1,5", "--rounds", "1", "--threads", "1",
+                        *structure])
+    finally:
+        table.set_threads(threads)
+    out = capsys.readouterr().out
+    assert "bsr vs dense" in out and "nm vs dense" in out and "48x64" in out
+
+
+def test_conv_table_runs_and_checks_agreement(capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    table = load("conv_table")
+    try:
+        table.main(["--set", "resnet", "--sparsities", "0.9", "--batches", "1", "--rounds", "1", "--threads", "1"])
+    finally:
+        table.set_threads(threads)
+        sys.modules.pop("common", None)
+    out = capsys.readouterr().out
+    assert "512->512, 3x3, s1, 7x7" in out and "median speedup" in out
