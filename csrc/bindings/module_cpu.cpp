@@ -431,7 +431,7 @@ class CsrHandle {
     if (key != direct_key_) {
       direct_key_.clear();
       direct_offsets_.resize(static_cast<size_t>(view_.nnz));
-      if (!sparsenet::direct_offsets(view_, s, &direct_, direct_offsets_.data())) return nullptr;
+      if (!sparsenet::direct_offsets(view_, s, &direct_, direct_offsets_.data(), &direct_blocks_)) return nullptr;
       direct_key_ = key;
     }
     return &direct_;
@@ -462,6 +462,7 @@ class CsrHandle {
   mutable std::shared_ptr<const sparsenet::cpu::TiledCsr> tiled_;
   mutable std::vector<int64_t> direct_key_;  // the shape direct_ was built for (empty: none)
   mutable std::vector<int32_t> direct_offsets_;
+  mutable std::vector<int64_t> direct_blocks_;
   mutable sparsenet::DirectConv direct_;
   mutable const float* tiled_values_ = nullptr;  // the values tiled_ copied
 };

@@ -1,11 +1,11 @@
-// AVX2 sparse convolution: conv_simd.h with tiles of 32 output pixels.
+// AVX2 sparse convolution: conv_simd.h with 8-float vectors.
 #include "cpu/simd_ops.h"
 #include "cpu/conv_simd.h"
 
 namespace sparsenet::cpu::avx2 {
 
 void csr_conv2d(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d) {
-  csr_conv2d_simd<Ops256, 4>(a, s, c, d);
+  csr_conv2d_simd<Ops256>(a, s, c, d);
 }
 
 }  // namespace sparsenet::cpu::avx2

@@ -8,6 +8,7 @@
 
 #include "cpu/conv.h"
 #include "cpu/panel.h"
+#include "cpu/planner.h"
 
 namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
@@ -35,10 +36,11 @@ inline void split_phases(const ConvShape& s, const DirectConv& d, const float* x
 // Items of (image, group, tile of W grid pixels, chunk of the group's output channels); channels are
 // chunked only where tiles alone would leave threads idle (a 7 x 7 image is one tile or two). Each
 // stored weight: one broadcast, NV unaligned loads at its offset, NV FMAs.
-template <typename Ops, int NV>
+template <typename Ops>
 void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d) {
   using V = typename Ops::V;
-  constexpr int64_t kW = Ops::kWidth, W = kW * NV;
+  constexpr int64_t kW = Ops::kWidth, W = plan::kConvTileFloats, NV = W / kW;
+  constexpr int64_t kMaxRows = 64;  // output channels per item: their sums (8 KB) stay in L1
   const int64_t cg = s.in_channels / s.groups, kg = s.out_channels / s.groups;
   const int64_t plane = d.hq * d.wq, grid = s.out_h * d.wq, tiles = (grid + W - 1) / W;
   // A pointwise convolution (1 x 1, stride 1, no padding) reads its input where it is: its planes
@@ -51,8 +53,9 @@ void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
   const float* planes = in_place ? c.x : scratch_panel(images * per_group);  // (the calling thread's; shared)
   const int nt = (c.num_threads <= 1 || (a.nnz + a.rows) * s.out_h * s.out_w * s.batch < 24576) ? 1 : c.num_threads;
   const int64_t spatial = images * tiles;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((int64_t{nt} * 4 + spatial - 1) / spatial, kg / 16));
-  const int64_t items = spatial * chunks;
+  const int64_t chunks = std::max((kg + kMaxRows - 1) / kMaxRows,
+                                  std::min<int64_t>((int64_t{nt} * 4 + spatial - 1) / spatial, kg / 16));
+  const int64_t items = spatial * std::max<int64_t>(chunks, 1);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     // Channel by channel, so that both threads copy at batch 1 too; (n, g) is image n's channels
@@ -70,8 +73,38 @@ void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
     for (int64_t item = 0; item < items; ++item) {
       const int64_t chunk = item % chunks, t = item / chunks % tiles, ng = item / chunks / tiles;
       const int64_t n = ng / s.groups, g = ng % s.groups, q0 = t * W;
+      const int64_t r0 = g * kg + kg * chunk / chunks, r1 = g * kg + kg * (chunk + 1) / chunks;
       const float* in = planes + ng * per_group + q0;
-      // The tile's real outputs: runs of grid pixels on one output row, found once for all channels.
+      // Read in place, the last tile must not load past the input: its loads are masked to it.
+      const int64_t readable = in_place ? std::min(W, grid - q0) : W;
+      alignas(64) float sums[kMaxRows * W];
+      std::fill(sums, sums + (r1 - r0) * W, 0.0f);
+      for (int64_t b = 0; b < d.blocks; ++b)
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t* starts = d.block_start + r * (d.blocks + 1) + b;
+          if (starts[0] == starts[1]) continue;
+          float* own = sums + (r - r0) * W;
+          V acc[NV];
+#pragma GCC unroll 4
+          for (int q = 0; q < NV; ++q) acc[q] = Ops::load(own + q * kW);
+          if (readable == W) {
+            for (int64_t k = starts[0]; k < starts[1]; ++k) {
+              const float* x = in + d.offsets[k];
+              const V w = Ops::set1(a.values[k]);
+#pragma GCC unroll 4
+              for (int q = 0; q < NV; ++q) acc[q] = Ops::fma(w, Ops::loadu(x + q * kW), acc[q]);
+            }
+          } else {
+            for (int64_t k = starts[0]; k < starts[1]; ++k) {
+              const float* x = in + d.offsets[k];
+              const V w = Ops::set1(a.values[k]);
+              for (int q = 0; q < NV; ++q) acc[q] = Ops::fma(w, Ops::load_first(x + q * kW, readable - q * kW), acc[q]);
+            }
+          }
+#pragma GCC unroll 4
+          for (int q = 0; q < NV; ++q) Ops::store(own + q * kW, acc[q]);
+        }
+      // The tile's real outputs: runs of grid pixels on one output row.
       int64_t run_at[W], run_to[W], run_len[W];  // at most one run per pixel (out_w = 1)
       int runs = 0;
       for (int64_t q = q0; q < std::min(q0 + W, grid);) {
@@ -86,38 +119,12 @@ void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
         run_len[runs++] = end - q;
         q = end;
       }
-      const bool whole = runs == 1 && run_at[0] == 0 && run_len[0] == W;
-      // Read in place, the last tile must not load past the input: its loads are masked to it.
-      const int64_t readable = in_place ? std::min(W, grid - q0) : W;
-      alignas(64) float out[W];
-      for (int64_t r = g * kg + kg * chunk / chunks; r < g * kg + kg * (chunk + 1) / chunks; ++r) {
-        V acc[NV];
-#pragma GCC unroll 4
-        for (int q = 0; q < NV; ++q) acc[q] = Ops::zero();
-        if (readable == W) {
-          for (int64_t k = a.row_ptr[r]; k < a.row_ptr[r + 1]; ++k) {
-            const float* x = in + d.offsets[k];
-            const V w = Ops::set1(a.values[k]);
-#pragma GCC unroll 4
-            for (int q = 0; q < NV; ++q) acc[q] = Ops::fma(w, Ops::loadu(x + q * kW), acc[q]);
-          }
-        } else {
-          for (int64_t k = a.row_ptr[r]; k < a.row_ptr[r + 1]; ++k) {
-            const float* x = in + d.offsets[k];
-            const V w = Ops::set1(a.values[k]);
-            for (int q = 0; q < NV; ++q) acc[q] = Ops::fma(w, Ops::load_first(x + q * kW, readable - q * kW), acc[q]);
-          }
-        }
-        const V b = Ops::set1(c.bias ? c.bias[r] : 0.0f);
+      for (int64_t r = r0; r < r1; ++r) {
+        float* own = sums + (r - r0) * W;
+        const float bias = c.bias ? c.bias[r] : 0.0f;
         float* y = c.y + (n * s.out_channels + r) * s.out_h * s.out_w;
-        if (whole) {  // one output row holds the whole tile: straight from the registers
-#pragma GCC unroll 4
-          for (int q = 0; q < NV; ++q) Ops::storeu(y + run_to[0] + q * kW, Ops::add(acc[q], b));
-          continue;
-        }
-#pragma GCC unroll 4
-        for (int q = 0; q < NV; ++q) Ops::store(out + q * kW, Ops::add(acc[q], b));
-        for (int i = 0; i < runs; ++i) std::copy(out + run_at[i], out + run_at[i] + run_len[i], y + run_to[i]);
+        for (int i = 0; i < runs; ++i)
+          for (int64_t j = 0; j < run_len[i]; ++j) y[run_to[i] + j] = own[run_at[i] + j] + bias;
       }
     }
   }

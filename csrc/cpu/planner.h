@@ -51,6 +51,12 @@ constexpr int kBsrPanelsPerThread = 4;
 // 2- or 4-bit indices, which is where their bytes pay.
 constexpr int64_t kNmPanelMinBatch = kPanelMinBatch;
 
+// Sparse convolutions: output pixels per tile (what each stored weight is multiplied over; the
+// AVX-512 kernel: 64 measured no faster at 70% sparsity and 10-20% slower at 90% on ResNet-18's 3x3
+// shapes, 16 slower), and the L1 share that one block of input channels of a tile may take.
+constexpr int64_t kConvTileFloats = 32;
+constexpr int64_t kConvWindowBytes = 16 * 1024;
+
 // Whether a CSR call on `isa` at this batch and density runs on the column-tiled copy (which the
 // handle then builds once and keeps). Defined in planner.cpp, compiled without ISA flags: this
 // header is included by ISA-flagged files, which must not emit a copy of it (capability.h).
