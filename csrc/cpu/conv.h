@@ -11,7 +11,8 @@
 // that is q plus a per-column offset. So a tile of consecutive grid pixels reads, for each stored
 // weight, one contiguous run of input: a few unaligned vector loads and FMAs per stored weight, the
 // offsets computed once per input size. Grid columns past out_w are computed and dropped (2 of 58
-// for a 56 x 56 output with padding 1 at stride 1).
+// for a 56 x 56 output with padding 1 at stride 1). A pointwise convolution (1 x 1, stride 1, no
+// padding) has nothing to pad or drop and reads its input in place.
 #pragma once
 #include <cstdint>
 #include <vector>
