@@ -28,6 +28,17 @@ def set_threads(n: int) -> None:
     sparsenet.set_num_threads(n)
 
 
+def interleaved_medians(calls: dict, rounds: int) -> dict:
+    """Median seconds per call of each of ``calls`` (name -> callable), called in turn round by round."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def _copies(bytes_per_copy: int) -> int:
     return max(2, min(MAX_COPIES, math.ceil(2 * LLC_BYTES / max(bytes_per_copy, 1))))
 

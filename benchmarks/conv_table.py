@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from torch import nn
 
-from common import set_threads
+from common import interleaved_medians, set_threads
 from machine import cpu_label
 
 from sparsenet.nn import SparseConv2d
@@ -43,13 +42,7 @@ def median_ms(calls: dict, rounds: int) -> dict:
     for _ in range(3):
         for fn in calls.values():
             fn()
-    times = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    return {name: 1e3 * seconds for name, seconds in interleaved_medians(calls, rounds).items()}
 
 
 def main(argv=None) -> None:

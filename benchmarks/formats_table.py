@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import ReadProbe, Rotation, _copies, set_threads  # noqa: E402
+from common import ReadProbe, Rotation, _copies, interleaved_medians, set_threads  # noqa: E402
 from machine import cpu_label  # noqa: E402
 
 from sparsenet.formats import registry  # noqa: E402
@@ -77,13 +75,7 @@ def cell(shape, sparsity: float, batches, rounds: int, probe: ReadProbe, formats
             for _ in range(max(len(r.items) for r in rotations.values())):
                 fn()
         bandwidth = probe.bandwidth()
-        times = {name: [] for name in calls}
-        for _ in range(rounds):
-            for name, fn in calls.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-        t = {name: statistics.median(ts) for name, ts in times.items()}
+        t = interleaved_medians(calls, rounds)
         io = 4 * batch * (shape[0] + shape[1])  # x read, y written
         rows.append({"shape": f"{shape[0]}x{shape[1]}", "sparsity": sparsity, "batch": batch, "bandwidth": bandwidth,
                      **{f"{n}_ms": v * 1e3 for n, v in t.items()},
