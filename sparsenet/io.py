@@ -492,6 +492,7 @@ def _sparse_shell(path: str, entry: dict, layer: nn.Module, has_bias: bool) -> n
     cannot be that layer."""
     from sparsenet._weights import is_linear, linear_features
     from sparsenet.nn import SparseConv2d, SparseLinear
+    from sparsenet.nn.conv import conv_padding
 
     name, kind = entry["name"], type(layer).__name__
     if has_bias != (getattr(layer, "bias", None) is not None):
@@ -502,9 +503,13 @@ def _sparse_shell(path: str, entry: dict, layer: nn.Module, has_bias: bool) -> n
             raise ValueError(f"{path!r} holds {name!r} as a sparse convolution, but the model's {name!r} is a {kind}: "
                              "it must be an nn.Conv2d or a SparseConv2d")
         geometry = entry["conv"]
+        try:  # padding="same" / "valid" as numbers; another padding_mode cannot be this layer
+            padding = list(layer.padding if isinstance(layer, SparseConv2d) else conv_padding(layer))
+        except ValueError as e:
+            raise ValueError(f"{path!r}: the model's {name!r} cannot hold the file's sparse convolution: {e}") from None
         own = {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
-               "kernel_size": list(layer.kernel_size), "stride": list(layer.stride), "dilation": list(layer.dilation),
-               "groups": layer.groups}
+               "kernel_size": list(layer.kernel_size), "stride": list(layer.stride), "padding": padding,
+               "dilation": list(layer.dilation), "groups": layer.groups}
         if any(geometry.get(k) != v for k, v in own.items()):
             raise ValueError(f"{path!r}: sparse convolution {name!r} is {geometry} in the file, but the model's "
                              f"{kind} {name!r} is {own}")

@@ -119,13 +119,24 @@ def test_sparsify_converts_convolutions_and_lists_them(tmp_path):
 
 def test_load_refuses_a_convolution_of_another_geometry(tmp_path):
     model = small_cnn()
-    sparsenet.prune(model, sparsity=0.8, progress=False)
+    sparsenet.prune(model, sparsity=0.8, progress=False).finalize()
     sparse, _ = sparsenet.sparsify(model, format="csr")
     sparsenet.save(sparse, tmp_path / "cnn.sn")
     other = small_cnn()
     other[3] = nn.Conv2d(16, 32, 1, stride=1)
     with pytest.raises(ValueError, match="sparse convolution '3' is .* in the file, but the model's Conv2d"):
         sparsenet.load(tmp_path / "cnn.sn", other)
+    padded = small_cnn()
+    padded[0] = nn.Conv2d(3, 16, 3, padding=0)
+    with pytest.raises(ValueError, match="'padding': \\[0, 0\\]"):
+        sparsenet.load(tmp_path / "cnn.sn", padded)
+    same = small_cnn()
+    same[0] = nn.Conv2d(3, 16, 3, padding="same")  # the file's padding 1, spelled otherwise: loads
+    assert isinstance(sparsenet.load(tmp_path / "cnn.sn", same)[0], SparseConv2d)
+    reflect = small_cnn()
+    reflect[0] = nn.Conv2d(3, 16, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(ValueError, match="cannot hold the file's sparse convolution: padding_mode='reflect'"):
+        sparsenet.load(tmp_path / "cnn.sn", reflect)
 
 
 def test_format_auto_times_convolutions_on_the_example_input(monkeypatch, tmp_path):
