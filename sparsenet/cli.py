@@ -251,6 +251,16 @@ def _structure(text: str) -> str:
     return text
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, such as 1,3,224,224, got {text!r}")
+    return dims
+
+
 def _block(text: str) -> tuple[int, int]:
     match = _BLOCK_SPEC.match(text)
     if match is None or int(match.group(1)) < 1 or int(match.group(2)) < 1:
@@ -332,6 +342,10 @@ def _add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
                         "fastest kept; bitmap reads fewer bytes at 30-80%% density)")
     parser.add_argument("--rows", type=_int_at_least(1), help="with --format auto: rows per call each layer "
                         "is timed at (batch x tokens; default 1)")
+    parser.add_argument("--input-shape", type=_shape, metavar="N,C,H,W", help="with --format auto: the shape of "
+                        "one float input of the model (such as 1,3,224,224); a random one is run once so that "
+                        "each Conv2d is timed at its input size and each Linear at its rows (without it, "
+                        "convolutions stay dense under auto)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -373,6 +387,8 @@ def _check_target_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("--format applies only with --sparsify")
     if args.rows is not None and (not args.sparsify or args.format not in (None, "auto")):
         parser.error("--rows applies only with --sparsify and --format auto")
+    if args.input_shape is not None and (not args.sparsify or args.format not in (None, "auto")):
+        parser.error("--input-shape applies only with --sparsify and --format auto")
 
 
 def _check_prune_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -654,13 +670,16 @@ def _check_output(output: str) -> None:
 
 def _save_output(console, model, args: argparse.Namespace) -> None:
     """--sparsify (printing its report), then sparsenet.save to -o, printing the saved size."""
+    import torch
+
     import sparsenet
 
     try:
         if getattr(args, "sparsify", False):  # (shrink has no --sparsify)
+            example = None if args.input_shape is None else torch.randn(*args.input_shape)
             model, sparsify_report = sparsenet.sparsify(
                 model, min_sparsity=0.5 if args.min_sparsity is None else args.min_sparsity, inplace=True,
-                format=args.format or "auto", rows=args.rows or 1)
+                format=args.format or "auto", rows=args.rows or 1, example_inputs=example)
             print(str(sparsify_report).rstrip("\n"))
         size = sparsenet.save(model, args.output)
     except (ValueError, OSError) as e:  # a layer that cannot be stored (NaN), a full or read-only disk

@@ -135,6 +135,23 @@ def test_pruned_in_blocks_and_sparsified_to_bsr(tmp_path, capsys):
     assert isinstance(model[0], SparseLinear) and model[0].format == "bsr"
 
 
+def test_input_shape_times_the_convolution(tmp_path, capsys, monkeypatch):
+    from sparsenet.nn import autoformat
+
+    monkeypatch.setenv("SPARSENET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autoformat, "time_calls", lambda calls: {n: (1.0 if n != "dense" else 2.0) for n in calls})
+    out = tmp_path / "auto.sn"
+    code, stdout, err = run(["--model", FACTORY, "--sparsity", "0.8", "--sparsify", "--input-shape", "2,3,8,8",
+                             "-o", out], capsys)
+    assert code == 0, err
+    assert "measured on 2x3x8x8" in stdout
+    assert isinstance(sparsenet.load(out, factory()).conv, sparsenet.SparseConv2d)
+    code, _, err = run(["--model", FACTORY, "--sparsity", "0.8", "--sparsify", "--input-shape", "2,3,9",
+                        "-o", tmp_path / "bad.sn"], capsys)
+    assert code != 0 and "example_inputs do not run through the model" in err
+    assert not (tmp_path / "bad.sn").exists()
+
+
 def test_sparsify_auto_times_each_layer(tmp_path, capsys, monkeypatch):
     from sparsenet.nn import autoformat
 
@@ -251,6 +268,8 @@ def test_pickle_needs_trust(tmp_path, capsys):
     (["--min-sparsity", "0.3", "--sparsity", "0.5"], "--min-sparsity applies only with --sparsify"),
     (["--format", "bitmap", "--sparsity", "0.5"], "--format applies only with --sparsify"),
     (["--format", "coo", "--sparsity", "0.5", "--sparsify"], "invalid choice: 'coo'"),
+    (["--input-shape", "1,3,8,8", "--sparsity", "0.5"], "--input-shape applies only with --sparsify"),
+    (["--input-shape", "1,x", "--sparsity", "0.5", "--sparsify"], "must be positive integers separated by commas"),
     (["--rows", "8", "--sparsity", "0.5"], "--rows applies only with --sparsify and --format auto"),
     (["--rows", "8", "--sparsity", "0.5", "--sparsify", "--format", "csr"], "--rows applies only with"),
 ])

@@ -292,6 +292,8 @@ def _input_shapes(model: nn.Module, example_inputs) -> dict[str, tuple[int, ...]
     try:
         with torch.no_grad():
             model(*args)
+    except Exception as e:  # the model's own error, whatever it is: named, the model left as it was
+        raise ValueError(f"sparsify: example_inputs do not run through the model: {type(e).__name__}: {e}") from e
     finally:
         for hook in hooks:
             hook.remove()
