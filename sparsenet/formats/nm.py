@@ -92,7 +92,7 @@ def _pack_fields(fields: torch.Tensor, bits: int) -> torch.Tensor:
 def _unpack_fields(packed: torch.Tensor, rows: int, slots: int, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, dtype=torch.int32) * bits
-    row_bytes = packed.numel() // rows if rows else 0
+    row_bytes = -(-slots * bits // 8)
     fields = (packed.reshape(rows, row_bytes, 1).to(torch.int32) >> shifts) & ((1 << bits) - 1)
     return fields.reshape(rows, row_bytes * per_byte)[:, :slots]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from sparsenet.formats.bitmap import stored_positions
-from sparsenet.ops.csr_linear import _check_input, _check_rows, _needs_autograd, register_linear_autograd
+from sparsenet.ops.csr_linear import _check_input, _check_rows, _needs_autograd, as_rows, register_linear_autograd
 from sparsenet.ops.handles import bitmap_handle
 
 _lib = torch.library.Library("sparsenet", "FRAGMENT")  # noqa: TOR901 (csr_linear defines the namespace)
@@ -23,7 +23,7 @@ def _np(t: torch.Tensor):
 
 def _bitmap_linear_cpu(x, masks, row_ptr, values, bias, in_features):
     handle = bitmap_handle(masks, row_ptr, values, in_features)
-    x2 = x.reshape(-1, in_features)
+    x2 = as_rows(x, in_features)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
         x2 = x2.contiguous()
     out = torch.empty(x2.shape[0], handle.rows, dtype=torch.float32)
@@ -48,7 +48,7 @@ def _grad_input_cpu(grad_out, masks, row_ptr, values, in_features):
     keep = stored_positions(torch.from_numpy(own_masks.astype("int32")), rows, in_features)
     weight = torch.zeros(rows, in_features, dtype=values.dtype)
     weight[keep] = values.detach()
-    return (grad_out.reshape(-1, rows) @ weight).reshape(*grad_out.shape[:-1], in_features)
+    return (as_rows(grad_out, rows) @ weight).reshape(*grad_out.shape[:-1], in_features)
 
 
 _lib.impl("bitmap_linear_grad_input", _grad_input_cpu, "CPU")

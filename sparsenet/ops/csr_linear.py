@@ -7,6 +7,7 @@ benchmarks/bench_overhead.py). Being a real op, it shows up as itself in ``torch
 """
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 
@@ -34,7 +35,7 @@ def _np(t: torch.Tensor):
 
 def _csr_linear_cpu(x, crow_indices, col_indices, values, bias, in_features):
     handle = csr_handle(crow_indices, col_indices, values, in_features)
-    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
+    x2 = x if x.dim() == 2 else as_rows(x, in_features)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
         x2 = x2.contiguous()
     out = torch.empty(x2.shape[0], handle.rows, dtype=torch.float32)
@@ -52,7 +53,7 @@ def _csr_linear_fake(x, crow_indices, col_indices, values, bias, in_features):
 
 def _grad_input_cpu(grad_out, crow_indices, col_indices, values, in_features):
     out_features = crow_indices.numel() - 1
-    g2 = grad_out.reshape(-1, out_features)
+    g2 = as_rows(grad_out, out_features)
     # The structure comes from the handle's validated copy, never from the tensors themselves: a
     # write that torch does not track may have broken them since the forward, and torch's CSR
     # matmul (fine for the rarely hot backward pass) trusts what it is given.
@@ -90,7 +91,7 @@ def register_linear_autograd(op: str, grad_input, n_structure: int = 2, n_ints: 
         if ctx.needs_input_grad[0]:
             grad_x = grad_input(grad_out, *saved, *ctx.ints)
         if ctx.needs_input_grad[values_at + 1]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            grad_bias = as_rows(grad_out, grad_out.shape[-1]).sum(0)
         return (grad_x, *([None] * n_structure), None, grad_bias, *([None] * n_ints))
 
     torch.library.register_autograd(f"sparsenet::{op}", backward, setup_context=setup_context)
@@ -101,6 +102,12 @@ register_linear_autograd("csr_linear", lambda *args: torch.ops.sparsenet.csr_lin
 
 _DATA_PTR = torch.Tensor.data_ptr
 _VERSION = operator.attrgetter("_version")
+
+
+def as_rows(t: torch.Tensor, features: int) -> torch.Tensor:
+    """``t`` (..., features) as a matrix of its rows: ``reshape(-1, features)``, which cannot infer
+    the row count when ``features`` is 0."""
+    return t.reshape(math.prod(t.shape[:-1]), features)
 
 
 def _check_input(x, values, in_features: int) -> None:
@@ -206,7 +213,7 @@ class PreparedSparse:
 
     def _general(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.values, self.in_features)
-        x2 = x.reshape(-1, self.in_features)
+        x2 = as_rows(x, self.in_features)
         if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < self.in_features):
             x2 = x2.contiguous()
         out = from_dlpack(self.handle.forward(to_dlpack(x2.resolve_neg())))

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from sparsenet.ops.csr_linear import _check_input, _needs_autograd, register_linear_autograd
+from sparsenet.ops.csr_linear import _check_input, _needs_autograd, as_rows, register_linear_autograd
 from sparsenet.ops.handles import native_handle
 
 _lib = torch.library.Library("sparsenet", "FRAGMENT")  # noqa: TOR901 (csr_linear defines the namespace)
@@ -33,7 +33,7 @@ def define_linear_op(packed: type) -> Callable:
     def cpu(x, *args):
         tensors, (values, bias, in_features, out_features) = args[:k], args[k:]
         handle = native_handle(fmt, tensors, values, in_features, out_features)
-        x2 = x.reshape(-1, in_features)
+        x2 = as_rows(x, in_features)
         if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
             x2 = x2.contiguous()
         out = torch.empty(x2.shape[0], out_features, dtype=torch.float32)
@@ -51,7 +51,7 @@ def define_linear_op(packed: type) -> Callable:
         handle = native_handle(fmt, tensors, values, in_features, out_features)
         own = dict(zip(names, (torch.from_numpy(a.copy()) for a in handle.structure())))
         weight = packed.from_tensors({**own, "values": values.detach()}, (out_features, in_features)).to_dense()
-        return (grad_out.reshape(-1, out_features) @ weight).reshape(*grad_out.shape[:-1], in_features)
+        return (as_rows(grad_out, out_features) @ weight).reshape(*grad_out.shape[:-1], in_features)
 
     def grad_input_fake(grad_out, *args):
         return grad_out.new_empty(*grad_out.shape[:-1], args[-2])

@@ -178,3 +178,18 @@ def test_tracked_structure_edit_is_validated_again(fmt):
             message = "strictly increasing"
         with pytest.raises(ValueError, match=message):
             sparse(x)
+
+
+@pytest.mark.parametrize("every_format", ["csr", "bitmap", "bsr", "nm"])
+@pytest.mark.parametrize("shape", [(0, 8), (8, 0)])  # no outputs, no inputs
+def test_empty_layers_forward_and_backward_like_nn_linear(every_format, shape):
+    dense = nn.Linear(shape[1], shape[0])
+    options = {"bsr": {"block": (4, 4)}, "nm": {"pattern": (2, 4)}}.get(every_format, {})
+    sparse = SparseLinear.from_dense(dense, format=every_format, **options)
+    x = torch.randn(2, 3, shape[1], requires_grad=True)
+    y = sparse(x)
+    torch.testing.assert_close(y, dense(x))
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), dense(x))  # the prepared path too
