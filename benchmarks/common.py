@@ -29,10 +29,11 @@ def set_threads(n: int) -> None:
 
 
 def interleaved_medians(calls: dict, rounds: int) -> dict:
-    """Median seconds per call of each of ``calls`` (name -> callable), called in turn round by round."""
+    """Median seconds per call of each of ``calls`` (name -> callable), called in turn round by round,
+    the order reversed every other round (no contender always runs after the same one)."""
     times = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, fn in calls.items():
+    for r in range(rounds):
+        for name, fn in (list(calls.items()) if r % 2 == 0 else list(reversed(calls.items()))):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from common import interleaved_medians  # noqa: E402
 from machine import cpu_label  # noqa: E402
 
 import sparsenet  # noqa: E402
@@ -49,14 +48,7 @@ def timed(calls: dict, rounds: int) -> dict:
     for fn in calls.values():
         fn()
         fn()
-    times = {name: [] for name in calls}
-    for r in range(rounds):
-        order = list(calls.items()) if r % 2 == 0 else list(reversed(calls.items()))
-        for name, fn in order:
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return interleaved_medians(calls, rounds)
 
 
 def main() -> None:

@@ -53,9 +53,9 @@ void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
   const float* planes = in_place ? c.x : scratch_panel(images * per_group);  // (the calling thread's; shared)
   const int nt = (c.num_threads <= 1 || (a.nnz + a.rows) * s.out_h * s.out_w * s.batch < 24576) ? 1 : c.num_threads;
   const int64_t spatial = images * tiles;
-  const int64_t chunks = std::max((kg + kMaxRows - 1) / kMaxRows,
-                                  std::min<int64_t>((int64_t{nt} * 4 + spatial - 1) / spatial, kg / 16));
-  const int64_t items = spatial * std::max<int64_t>(chunks, 1);
+  const int64_t chunks = std::max<int64_t>({1, (kg + kMaxRows - 1) / kMaxRows,
+                                            std::min<int64_t>((int64_t{nt} * 4 + spatial - 1) / spatial, kg / 16)});
+  const int64_t items = spatial * chunks;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     // Channel by channel, so that both threads copy at batch 1 too; (n, g) is image n's channels

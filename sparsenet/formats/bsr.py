@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from sparsenet.formats.csr import StoredSizes, _check_finite, _check_shape, _first, check_stored, float32_and_kept
+from sparsenet.formats.csr import StoredSizes, _check_finite, _check_shape, _first, check_stored, float32_and_kept, int_pair
 
 MAX_BLOCK = 64
 DEFAULT_BLOCK = (16, 16)  # what prune(structure="block") uses by default
@@ -32,6 +32,7 @@ DEFAULT_BLOCK = (16, 16)  # what prune(structure="block") uses by default
 _SIDES = (32, 16, 8, 4, 2, 1)
 CANDIDATE_BLOCKS = tuple(sorted(((r, c) for r in _SIDES for c in _SIDES if r * c >= 4),
                                 key=lambda rc: (-rc[0] * rc[1], -rc[1])))
+_SMALLEST = ((4, 1), (2, 2), (1, 4))
 
 
 def _blocks(rows: int, r: int) -> int:
@@ -39,15 +40,7 @@ def _blocks(rows: int, r: int) -> int:
 
 
 def _check_block(block) -> tuple[int, int]:
-    try:
-        r, c = (int(v) for v in block)
-        ok = all(isinstance(v, int) or hasattr(v, "__index__") for v in block) and not any(
-            isinstance(v, bool) for v in block)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok or not (1 <= r <= MAX_BLOCK and 1 <= c <= MAX_BLOCK):
-        raise ValueError(f"block must be two ints (r, c) in 1..{MAX_BLOCK}, got {block!r}")
-    return r, c
+    return int_pair(block, "block", 1, MAX_BLOCK)  # (r, c)
 
 
 def _tiles(keep: torch.Tensor, r: int, c: int, pad: bool) -> torch.Tensor:
@@ -72,11 +65,16 @@ def detect_block(keep: torch.Tensor) -> Optional[tuple[int, int]]:
     if keep.dim() != 2:
         raise ValueError(f"keep must be 2-D, got shape {tuple(keep.shape)}")
     rows, cols = keep.shape
-    for block in CANDIDATE_BLOCKS:
-        # No block larger than the weight: on a small one, a few blocks could pass for one big one.
-        if block[0] <= max(rows, 1) and block[1] <= max(cols, 1) and is_made_of_blocks(keep, block):
-            return block
-    return None
+
+    def fits(block) -> bool:  # no block larger than the weight: there a few blocks pass for one big one
+        return block[0] <= max(rows, 1) and block[1] <= max(cols, 1) and is_made_of_blocks(keep, block)
+
+    # The candidates' sides are powers of two, so a mask made of r x c blocks is also made of every
+    # r' x c' with r' | r and c' | c: one made of none of the smallest (4 x 1, 2 x 2, 1 x 4) is made of
+    # no candidate (three checks, not 36, for the unstructured masks most weights have).
+    if not any(fits(block) for block in _SMALLEST):
+        return None
+    return next((block for block in CANDIDATE_BLOCKS if fits(block)), None)
 
 
 class PackedBSR(StoredSizes):

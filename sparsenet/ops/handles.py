@@ -23,6 +23,7 @@ import weakref
 import torch
 
 from sparsenet import _C
+from sparsenet.formats import registry
 
 _Key = tuple
 _cache: dict[_Key, tuple] = {}
@@ -93,14 +94,17 @@ def _versions(*tensors) -> tuple:
 _NATIVE = {"csr": "CsrHandle", "bitmap": "BitmapHandle", "bsr": "BsrHandle", "nm": "NmHandle"}
 
 
+def _native_class(format: str, structure: tuple, values: torch.Tensor):
+    """``format``'s handle class, once its tensors are checked (CPU, contiguous, float32 values)."""
+    _check_tensors(**dict(zip(registry.get(format).STRUCTURE, structure)), values=values)
+    return getattr(_C, _NATIVE[format])
+
+
 def native_handle(format: str, structure: tuple, values: torch.Tensor, in_features: int, out_features: int):
     """The native handle for a ``format`` weight (its structure tensors in the format's order, and
     values), validated once and cached exactly as :func:`csr_handle`'s."""
-    from sparsenet.formats import registry
-
     tensors = (*structure, values)
-    _check_tensors(**dict(zip(registry.get(format).STRUCTURE, structure)), values=values)
-    native = getattr(_C, _NATIVE[format])
+    native = _native_class(format, structure, values)
     return _cached(format, tensors, (in_features, out_features),
                    lambda: native(out_features, in_features, *(t.detach().numpy() for t in tensors)))
 
@@ -115,10 +119,7 @@ def owning_handle(format: str, structure: tuple, values, in_features: int, out_f
         if bias.device.type != "cpu" or not bias.is_contiguous():
             raise ValueError(f"bias must be a contiguous CPU tensor, got one on {bias.device}")
     bias_np = None if bias is None else bias.detach().numpy()
-    from sparsenet.formats import registry
-
-    _check_tensors(**dict(zip(registry.get(format).STRUCTURE, structure)), values=values)
-    native = getattr(_C, _NATIVE[format])
+    native = _native_class(format, structure, values)
     return native(out_features, in_features, *(t.detach().numpy() for t in structure), values.detach().numpy(), True,
                   bias_np)
 

@@ -32,6 +32,7 @@ def test_detection_finds_the_largest_block_the_mask_is_made_of():
     assert detect_block(in_blocks(64, 128, (8, 4), 0.5, seed=1) != 0) == (8, 4)
     assert detect_block(in_blocks(37, 45, (8, 8), 0.5) != 0) == (8, 8)  # partial blocks at the edges
     assert detect_block(torch.rand(64, 64) < 0.5) is None  # unstructured
+    assert detect_block(in_blocks(64, 64, (32, 1), 0.5, seed=2) != 0) == (32, 1)  # past the 4x1 pre-check
     assert detect_block(torch.ones(4, 4, dtype=torch.bool)) == (4, 4)  # never larger than the matrix
     keep = in_blocks(32, 32, (4, 4), 0.5) != 0
     assert is_made_of_blocks(keep, (4, 4)) and not is_made_of_blocks(keep, (4, 8))
@@ -56,6 +57,8 @@ def test_mask_keeps_zeros_and_stores_whole_blocks():
         PackedBSR.from_dense(w, block=(0, 4))
     with pytest.raises(ValueError, match="block must be"):
         PackedBSR.from_dense(w, block=(65, 1))
+    with pytest.raises(ValueError, match="block must be two ints"):
+        PackedBSR.from_dense(w, block=(2.5, 4))
 
 
 def test_malformed_buffers_get_clear_errors():

@@ -52,6 +52,8 @@ def test_bad_weights_and_patterns():
         PackedNM.from_dense(torch.zeros(4, 8), pattern=(4, 4))
     with pytest.raises(ValueError, match="pattern must be"):
         PackedNM.from_dense(torch.zeros(4, 32), pattern=(2, 32))
+    with pytest.raises(ValueError, match="pattern must be two ints"):
+        PackedNM.from_dense(torch.zeros(4, 8), pattern=(2.5, 4))  # not silently 2:4
     with pytest.raises(ValueError, match="at least 2 columns"):
         PackedNM.from_dense(torch.zeros(4, 9), pattern=(2, 4))
     with pytest.raises(ValueError, match="non-finite"):

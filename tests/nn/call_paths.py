@@ -1,6 +1,7 @@
 """Every way a SparseLinear's weight reaches a kernel, so behaviour can be pinned on all of them:
 the eager fast path (a prepared handle), autograd, the checked ``sparsenet.ops.csr_linear`` entry,
-the registered op through the dispatcher, and a ``torch.compile``d module."""
+the registered op through the dispatcher, and a ``torch.compile``d module; and the check that a sparse
+layer's op survives ``torch.compile`` and ``torch.export``."""
 import torch
 
 import sparsenet
@@ -40,3 +41,20 @@ def _compile(layer, x):
 
 
 PATHS = {"eager": _eager, "autograd": _autograd, "ops": _ops, "dispatcher": _dispatcher, "compiled": _compile}
+
+
+def assert_compiled_and_exported_keep(module, x, op: str) -> None:
+    """``torch.compile(fullgraph=True)`` and ``torch.export`` of ``module`` give its eager result on
+    ``x``, and the exported graph calls ``torch.ops.sparsenet.<op>`` (no dense fallback)."""
+    module.eval()
+    torch._dynamo.reset()  # a sparse layer's forward has one limit of compiled variants per process
+    try:
+        with torch.no_grad():
+            want = module(x)
+            got = torch.compile(module, backend="eager", fullgraph=True)(x)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want)
+    program = torch.export.export(module, (x,))
+    assert f"sparsenet.{op}" in str(program.graph)
+    torch.testing.assert_close(program.module()(x), want)

@@ -9,6 +9,7 @@ import sparsenet
 from sparsenet.formats import PackedBitmap, registry
 from sparsenet.nn import SparseLinear
 
+from call_paths import assert_compiled_and_exported_keep
 
 
 def pruned_linear(out_features=24, in_features=37, density=0.5, bias=True, seed=0):
@@ -44,18 +45,8 @@ def test_gradients_reach_the_input_and_the_bias():
 
 
 def test_compile_fullgraph_and_export_keep_the_op():
-    sparse = SparseLinear.from_dense(pruned_linear(), format="bitmap").eval()
-    x = torch.randn(3, 37)
-    try:
-        with torch.no_grad():
-            want = sparse(x)
-            got = torch.compile(sparse, backend="eager", fullgraph=True)(x)
-    finally:
-        torch._dynamo.reset()  # SparseLinear.forward's compiled variants count against one limit per process
-    torch.testing.assert_close(got, want)
-    program = torch.export.export(sparse, (x,))
-    assert "sparsenet.bitmap_linear" in str(program.graph)
-    torch.testing.assert_close(program.module()(x), want)
+    sparse = SparseLinear.from_dense(pruned_linear(), format="bitmap")
+    assert_compiled_and_exported_keep(sparse, torch.randn(3, 37), "bitmap_linear")
 
 
 def test_sparsify_converts_to_bitmap_and_reports_fewer_bytes_than_csr():

@@ -14,6 +14,8 @@ from torch import nn
 import sparsenet
 from sparsenet.nn import SparseConv2d, autoformat
 
+from call_paths import assert_compiled_and_exported_keep
+
 
 def pruned_conv(density=0.3, seed=0, **kwargs):
     torch.manual_seed(seed)
@@ -69,19 +71,7 @@ def test_gradients_reach_the_input_and_the_bias():
 
 
 def test_compile_fullgraph_and_export_keep_the_op():
-    sparse = SparseConv2d.from_dense(pruned_conv()).eval()
-    x = torch.randn(2, 8, 10, 10)
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            want = sparse(x)
-            got = torch.compile(sparse, backend="eager", fullgraph=True)(x)
-    finally:
-        torch._dynamo.reset()
-    torch.testing.assert_close(got, want)
-    program = torch.export.export(sparse, (x,))
-    assert "sparsenet.csr_conv2d" in str(program.graph)
-    torch.testing.assert_close(program.module()(x), want)
+    assert_compiled_and_exported_keep(SparseConv2d.from_dense(pruned_conv()), torch.randn(2, 8, 10, 10), "csr_conv2d")
 
 
 def small_cnn():

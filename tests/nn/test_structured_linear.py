@@ -9,6 +9,8 @@ from torch import nn
 import sparsenet
 from sparsenet.nn import SparseLinear
 
+from call_paths import assert_compiled_and_exported_keep
+
 
 def block_weight(out_features=40, in_features=50, block=(8, 8), density=0.4, seed=0):
     """Kept in whole blocks, partial ones at the edges (40 x 50 is not a multiple of 8 x 8)."""
@@ -88,19 +90,8 @@ def test_gradients_reach_the_input_and_the_bias(fmt):
 
 
 def test_compile_fullgraph_and_export_keep_the_op(fmt):
-    sparse = SparseLinear.from_dense(linear(CASES[fmt][0]()), format=fmt).eval()
-    x = torch.randn(3, 50)
-    torch._dynamo.reset()  # SparseLinear.forward's compiled variants count against one limit per process
-    try:
-        with torch.no_grad():
-            want = sparse(x)
-            got = torch.compile(sparse, backend="eager", fullgraph=True)(x)
-    finally:
-        torch._dynamo.reset()
-    torch.testing.assert_close(got, want)
-    program = torch.export.export(sparse, (x,))
-    assert f"sparsenet.{fmt}_linear" in str(program.graph)
-    torch.testing.assert_close(program.module()(x), want)
+    sparse = SparseLinear.from_dense(linear(CASES[fmt][0]()), format=fmt)
+    assert_compiled_and_exported_keep(sparse, torch.randn(3, 50), f"{fmt}_linear")
 
 
 @pytest.mark.parametrize("fmt, option", [("bsr", {"structure": "block", "block": (16, 16), "sparsity": 0.75}),
@@ -144,12 +135,11 @@ def test_unstructured_weights_are_refused_with_a_clear_error(fmt):
 
 
 def test_state_dict_with_another_size_and_malformed_ones(fmt):
-    make = CASES[fmt][0]
-    a = SparseLinear.from_dense(linear(make(seed=1)), format=fmt)
-    b = SparseLinear.from_dense(linear(make(seed=3)), format=fmt)
-    if fmt == "bsr":
-        a = SparseLinear.from_dense(linear(block_weight(density=0.3)), format=fmt)
-        b = SparseLinear.from_dense(linear(block_weight(density=0.8, seed=3)), format=fmt)
+    # Weights storing different numbers of values (BSR: of blocks; N:M: of padding slots).
+    make = {"bsr": lambda seed, density: block_weight(density=density, seed=seed),
+            "nm": lambda seed, density: nm_weight(seed=seed)}[fmt]
+    a = SparseLinear.from_dense(linear(make(1, 0.3)), format=fmt)
+    b = SparseLinear.from_dense(linear(make(3, 0.8)), format=fmt)
     a.load_state_dict(b.state_dict())
     assert a.nnz == b.nnz and torch.equal(a.to_dense(), b.to_dense())
     empty = SparseLinear(50, 40, format=fmt)  # the format's default structure: other buffer sizes
