@@ -431,7 +431,8 @@ class CsrHandle {
     if (key != direct_key_) {
       direct_key_.clear();
       direct_offsets_.resize(static_cast<size_t>(view_.nnz));
-      if (!sparsenet::direct_offsets(view_, s, &direct_, direct_offsets_.data(), &direct_blocks_)) return nullptr;
+      if (!sparsenet::direct_offsets(view_, s, &direct_, direct_offsets_.data(), &direct_blocks_,
+                                       &direct_sources_)) return nullptr;
       direct_key_ = key;
     }
     return &direct_;
@@ -463,6 +464,7 @@ class CsrHandle {
   mutable std::vector<int64_t> direct_key_;  // the shape direct_ was built for (empty: none)
   mutable std::vector<int32_t> direct_offsets_;
   mutable std::vector<int64_t> direct_blocks_;
+  mutable std::vector<int32_t> direct_sources_;
   mutable sparsenet::DirectConv direct_;
   mutable const float* tiled_values_ = nullptr;  // the values tiled_ copied
 };

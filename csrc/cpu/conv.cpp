@@ -47,40 +47,37 @@ void validate_conv(ConvShape& s, const CsrView& a) {
 }
 
 bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, int32_t* offsets,
-                    std::vector<int64_t>* block_start) {
+                    std::vector<int64_t>* block_start, std::vector<int32_t>* sources) {
   const int64_t hp = s.in_h + 2 * s.pad_h, wp = s.in_w + 2 * s.pad_w, kk = s.kernel_h * s.kernel_w;
   d->hq = (hp + s.stride_h - 1) / s.stride_h;
   d->wq = (wp + s.stride_w - 1) / s.stride_w;
   const int64_t plane = d->hq * d->wq, phases = s.stride_h * s.stride_w, cg = s.in_channels / s.groups;
   if (cg * phases * plane + plane >= INT32_MAX) return false;
-  // Channels per block: what one channel's planes give a tile (the grid rows it spans plus the
-  // kernel's reach, by the tile's width plus the kernel's and a line of slack) into ~16 KB.
   const int64_t tile = cpu::plan::kConvTileFloats;
-  const int64_t rows = tile / d->wq + 2 + (s.kernel_h - 1) * s.dil_h / s.stride_h;
-  const int64_t cols = std::min(d->wq, tile + (s.kernel_w - 1) * s.dil_w / s.stride_w + 16);
-  const int64_t per_channel = std::max<int64_t>(1, phases * rows * cols * 4);
-  const int64_t block = std::clamp<int64_t>(cpu::plan::kConvWindowBytes / per_channel, 1, std::max<int64_t>(cg, 1));
-  d->blocks = std::max<int64_t>(1, (cg + block - 1) / block);
+  d->block_cols = std::max<int64_t>(1, cpu::plan::kConvPackBytes / (tile * 4));
+  d->blocks = std::max<int64_t>(1, (a.cols + d->block_cols - 1) / d->block_cols);
+  sources->resize(static_cast<size_t>(a.cols));
+  for (int64_t column = 0; column < a.cols; ++column) {
+    const int64_t ci = column / kk, ky = column % kk / s.kernel_w, kx = column % s.kernel_w;
+    const int64_t ry = ky * s.dil_h, rx = kx * s.dil_w;  // reach into the padded input
+    const int64_t phase = (ry % s.stride_h) * s.stride_w + rx % s.stride_w;
+    (*sources)[column] = static_cast<int32_t>((ci * phases + phase) * plane + ry / s.stride_h * d->wq + rx / s.stride_w);
+  }
+  d->sources = sources->data();
   block_start->assign(static_cast<size_t>(a.rows * (d->blocks + 1)), 0);
+  auto column_of = [&](int64_t k) -> int64_t {
+    return a.index_bytes == 2 ? static_cast<const uint16_t*>(a.col_idx)[k] : static_cast<const int32_t*>(a.col_idx)[k];
+  };
   for (int64_t r = 0; r < a.rows; ++r) {
     int64_t k = a.row_ptr[r];
     for (int64_t b = 0; b <= d->blocks; ++b) {  // the first weight of row r at or past block b's first column
-      const int64_t first = std::min(b * block, cg) * kk;
-      while (k < a.row_ptr[r + 1] && (a.index_bytes == 2 ? static_cast<const uint16_t*>(a.col_idx)[k]
-                                                           : static_cast<const int32_t*>(a.col_idx)[k]) < first)
-        ++k;
+      const int64_t first = std::min(b * d->block_cols, a.cols);
+      while (k < a.row_ptr[r + 1] && column_of(k) < first) ++k;
       (*block_start)[r * (d->blocks + 1) + b] = b == d->blocks ? a.row_ptr[r + 1] : k;
     }
   }
   d->block_start = block_start->data();
-  for (int64_t k = 0; k < a.nnz; ++k) {
-    const int64_t column = a.index_bytes == 2 ? static_cast<const uint16_t*>(a.col_idx)[k]
-                                              : static_cast<const int32_t*>(a.col_idx)[k];
-    const int64_t ci = column / kk, ky = column % kk / s.kernel_w, kx = column % s.kernel_w;
-    const int64_t ry = ky * s.dil_h, rx = kx * s.dil_w;  // reach into the padded input
-    const int64_t phase = (ry % s.stride_h) * s.stride_w + rx % s.stride_w;
-    offsets[k] = static_cast<int32_t>((ci * phases + phase) * plane + ry / s.stride_h * d->wq + rx / s.stride_w);
-  }
+  for (int64_t k = 0; k < a.nnz; ++k) offsets[k] = static_cast<int32_t>(column_of(k) % d->block_cols * tile);
   d->offsets = offsets;
   return true;
 }

@@ -8,9 +8,9 @@
 // position (iy, ix) goes to phase plane (iy % sh, ix % sw) at (iy / sh, ix / sw), planes hq x wq.
 // Output pixel (oy, ox) then reads, for weight column (ci, ky, kx), the phase plane
 // (ky * dh % sh, kx * dw % sw) at (oy + ky * dh / sh, ox + kx * dw / sw): on the grid q = oy * wq + ox
-// that is q plus a per-column offset. So a tile of consecutive grid pixels reads, for each stored
-// weight, one contiguous run of input: a few unaligned vector loads and FMAs per stored weight, the
-// offsets computed once per input size. Grid columns past out_w are computed and dropped (2 of 58
+// that is q plus a per-column offset. So a tile of consecutive grid pixels reads, for each weight
+// column, one contiguous run of input, which the kernels pack once per tile (see DirectConv); the
+// offsets are computed once per input size. Grid columns past out_w are computed and dropped (2 of 58
 // for a 56 x 56 output with padding 1 at stride 1). A pointwise convolution (1 x 1, stride 1, no
 // padding) has nothing to pad or drop and reads its input in place.
 #pragma once
@@ -43,26 +43,29 @@ void validate_conv(ConvShape& s, const CsrView& a);
 // field holds Inf or NaN at a weight position the CSR does not store. Applied after the kernels.
 void propagate_nonfinite(const CsrView& a, const ConvShape& s, const ConvArgs& c);
 
-// What the SIMD kernels need besides the shape (see above): the phase planes' size and, for each
-// stored weight k, the offset of its input from the output pixel on the grid, within the group's
-// planes.
+// What the SIMD kernels need besides the shape (see above): the phase planes' size, where each weight
+// column's input starts relative to the output pixel, and each stored weight's place in a packed tile.
 //
-// Input channels are taken in blocks whose share of a tile's input fits L1 (about 16 KB): a tile
-// runs block by block, every output channel of its chunk over the block's stored weights, the sums
-// kept in a small buffer, so that the input a block reads is loaded from L2 once per tile, not once
-// per output channel (unblocked, a 64-channel 3x3 layer read ~36 KB per tile and output channel).
+// A tile runs the weight columns in blocks. For each block it first packs, for every column, the W
+// grid pixels' inputs into a W-float aligned slot (two unaligned loads and two aligned stores per
+// column with AVX-512); then every output channel of the item runs over the block's stored weights,
+// each one broadcast and multiplied over its column's slot with aligned loads. Read where it lies,
+// almost every load straddled two cache lines (offsets are arbitrary), which halved the loads a
+// cycle; packed, each column's slot is read by every output channel that stores it (19 of 64 at
+// 70%). A block's slots take up to kConvPackBytes (planner.h).
 struct DirectConv {
-  int64_t hq = 0, wq = 0;            // phase plane height and width
-  const int32_t* offsets = nullptr;  // [nnz]
-  int64_t blocks = 1;                // input channel blocks
+  int64_t hq = 0, wq = 0;                // phase plane height and width
+  const int32_t* sources = nullptr;      // [cols]: column c's input, from the pixel, within the group's planes
+  const int32_t* offsets = nullptr;      // [nnz]: stored weight k's slot in its block's packed tile (floats)
+  int64_t block_cols = 1, blocks = 1;    // weight columns per block, blocks
   const int64_t* block_start = nullptr;  // [rows * (blocks + 1)]: where row r's weights of block b start
 };
 
-// Sets hq, wq and the blocks, and fills offsets (nnz entries) and block_start for shape s; returns
-// false where a group's planes would not be addressable with int32 offsets (the caller then runs the
-// portable kernel).
+// Sets hq, wq and the blocks, and fills sources, offsets (nnz entries) and block_start for shape s;
+// returns false where a group's planes would not be addressable with int32 offsets (the caller then
+// runs the portable kernel).
 bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, int32_t* offsets,
-                    std::vector<int64_t>* block_start);
+                    std::vector<int64_t>* block_start, std::vector<int32_t>* sources);
 
 using CsrConvFn = void (*)(const CsrView&, const ConvShape&, const ConvArgs&, const DirectConv&);
 

@@ -12,35 +12,88 @@
 
 namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
-// One input channel x (in_h x in_w) into its zero-padded phase planes at dst (see conv.h).
+// One input channel x (in_h x in_w) into its zero-padded phase planes at dst (see conv.h). Each
+// plane row is written once: zeros where it falls on padding, the input's columns of its phase
+// between (filling the planes with zeros first and copying over them took a third of a stride-2
+// layer's time at 90% sparsity).
 inline void split_phases(const ConvShape& s, const DirectConv& d, const float* x, float* dst) {
-  const int64_t plane = d.hq * d.wq;
-  std::fill(dst, dst + s.stride_h * s.stride_w * plane, 0.0f);
-  for (int64_t iy = 0; iy < s.in_h; ++iy) {
-    const int64_t py = iy + s.pad_h;
-    const float* src = x + iy * s.in_w;
-    float* row = dst + py % s.stride_h * s.stride_w * plane + py / s.stride_h * d.wq;
-    if (s.stride_w == 1) {
-      std::copy(src, src + s.in_w, row + s.pad_w);
-      continue;
+  const int64_t plane = d.hq * d.wq, sh = s.stride_h, sw = s.stride_w;
+  for (int64_t phase_y = 0; phase_y < sh; ++phase_y)
+    for (int64_t j = 0; j < d.hq; ++j) {
+      const int64_t iy = j * sh + phase_y - s.pad_h;  // the input row of plane row j, if any
+      for (int64_t phase_x = 0; phase_x < sw; ++phase_x) {
+        float* row = dst + (phase_y * sw + phase_x) * plane + j * d.wq;
+        if (iy < 0 || iy >= s.in_h) {
+          std::fill(row, row + d.wq, 0.0f);
+          continue;
+        }
+        // Plane column i holds padded column i * sw + phase_x, input column i * sw + phase_x - pad_w.
+        const int64_t first = std::min(d.wq, std::max<int64_t>(0, (s.pad_w - phase_x + sw - 1) / sw));
+        const int64_t end = std::max(first, std::min(d.wq, (s.in_w + s.pad_w - phase_x + sw - 1) / sw));
+        const float* src = x + iy * s.in_w + first * sw + phase_x - s.pad_w;
+        std::fill(row, row + first, 0.0f);
+        if (sw == 1) {
+          std::copy(src, src + (end - first), row + first);
+        } else if (sw == 2) {  // a constant stride, which the compiler turns into permutes
+          for (int64_t i = first; i < end; ++i) row[i] = src[(i - first) * 2];
+        } else {
+          for (int64_t i = first; i < end; ++i) row[i] = src[(i - first) * sw];
+        }
+        std::fill(row + end, row + d.wq, 0.0f);
+      }
     }
-    // Phase by phase: the columns of one phase are every stride_w-th input, side by side in its plane.
-    for (int64_t phase = 0; phase < s.stride_w; ++phase) {
-      const int64_t ix0 = ((phase - s.pad_w) % s.stride_w + s.stride_w) % s.stride_w;  // first column in it
-      float* to = row + phase * plane + (ix0 + s.pad_w) / s.stride_w;
-      for (int64_t ix = ix0; ix < s.in_w; ix += s.stride_w) *to++ = src[ix];
+}
+
+// own[0, NV * width) += the sum over stored weights k in [begin, end) of values[k] * packed[offsets[k] + ...]
+// (aligned slots). One chain of FMAs per accumulator would wait on the FMA's latency (4 cycles, with
+// 1-2 issued a cycle): the weights are taken kChains at a time into kChains sets of accumulators,
+// summed at the end.
+template <typename Ops, int64_t NV>
+inline void accumulate_row(const float* values, const int32_t* offsets, int64_t begin, int64_t end,
+                           const float* packed, float* own) {
+  using V = typename Ops::V;
+  constexpr int64_t kW = Ops::kWidth;
+  constexpr int kChains = NV >= 8 ? 1 : static_cast<int>(8 / NV);  // 8 vectors in flight
+  V acc[kChains][NV];
+#pragma GCC unroll 8
+  for (int q = 0; q < NV; ++q) acc[0][q] = Ops::load(own + q * kW);
+#pragma GCC unroll 8
+  for (int c = 1; c < kChains; ++c)
+#pragma GCC unroll 8
+    for (int q = 0; q < NV; ++q) acc[c][q] = Ops::zero();
+  int64_t k = begin;
+  for (; k + kChains <= end; k += kChains)
+#pragma GCC unroll 8
+    for (int c = 0; c < kChains; ++c) {
+      const float* x = packed + offsets[k + c];
+      const V w = Ops::set1(values[k + c]);
+#pragma GCC unroll 8
+      for (int q = 0; q < NV; ++q) acc[c][q] = Ops::fma(w, Ops::load(x + q * kW), acc[c][q]);
     }
+  for (; k < end; ++k) {
+    const float* x = packed + offsets[k];
+    const V w = Ops::set1(values[k]);
+#pragma GCC unroll 8
+    for (int q = 0; q < NV; ++q) acc[0][q] = Ops::fma(w, Ops::load(x + q * kW), acc[0][q]);
   }
+#pragma GCC unroll 8
+  for (int c = 1; c < kChains; ++c)
+#pragma GCC unroll 8
+    for (int q = 0; q < NV; ++q) acc[0][q] = Ops::add(acc[0][q], acc[c][q]);
+#pragma GCC unroll 8
+  for (int q = 0; q < NV; ++q) Ops::store(own + q * kW, acc[0][q]);
 }
 
 // Items of (image, group, tile of W grid pixels, chunk of the group's output channels); channels are
 // chunked only where tiles alone would leave threads idle (a 7 x 7 image is one tile or two). Each
-// stored weight: one broadcast, NV unaligned loads at its offset, NV FMAs.
+// column of a block: NV unaligned loads and NV aligned stores into its slot; each stored weight: one
+// broadcast, NV aligned loads, NV FMAs.
 template <typename Ops>
 void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d) {
-  using V = typename Ops::V;
   constexpr int64_t kW = Ops::kWidth, W = plan::kConvTileFloats, NV = W / kW;
-  constexpr int64_t kMaxRows = 64;  // output channels per item: their sums (8 KB) stay in L1
+  // Output channels per item: their sums (16 KB) stay in L1; fewer items repack the same tile (64:
+  // 14% slower at 90% on 512 channels at 7 x 7, which ran as 8 chunks of 2 tiles).
+  constexpr int64_t kMaxRows = 128;
   const int64_t cg = s.in_channels / s.groups, kg = s.out_channels / s.groups;
   const int64_t plane = d.hq * d.wq, grid = s.out_h * d.wq, tiles = (grid + W - 1) / W;
   // A pointwise convolution (1 x 1, stride 1, no padding) reads its input where it is: its planes
@@ -78,32 +131,26 @@ void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
       // Read in place, the last tile must not load past the input: its loads are masked to it.
       const int64_t readable = in_place ? std::min(W, grid - q0) : W;
       alignas(64) float sums[kMaxRows * W];
+      alignas(64) float packed[plan::kConvPackBytes / sizeof(float)];
       std::fill(sums, sums + (r1 - r0) * W, 0.0f);
-      for (int64_t b = 0; b < d.blocks; ++b)
+      for (int64_t b = 0; b < d.blocks; ++b) {
+        const int64_t c0 = b * d.block_cols, c1 = std::min(c0 + d.block_cols, a.cols);
+        for (int64_t col = c0; col < c1; ++col) {
+          const float* x = in + d.sources[col];
+          float* slot = packed + (col - c0) * W;
+          if (readable == W) {
+#pragma GCC unroll 8
+            for (int q = 0; q < NV; ++q) Ops::store(slot + q * kW, Ops::loadu(x + q * kW));
+          } else {
+            for (int q = 0; q < NV; ++q) Ops::store(slot + q * kW, Ops::load_first(x + q * kW, readable - q * kW));
+          }
+        }
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t* starts = d.block_start + r * (d.blocks + 1) + b;
-          if (starts[0] == starts[1]) continue;
-          float* own = sums + (r - r0) * W;
-          V acc[NV];
-#pragma GCC unroll 4
-          for (int q = 0; q < NV; ++q) acc[q] = Ops::load(own + q * kW);
-          if (readable == W) {
-            for (int64_t k = starts[0]; k < starts[1]; ++k) {
-              const float* x = in + d.offsets[k];
-              const V w = Ops::set1(a.values[k]);
-#pragma GCC unroll 4
-              for (int q = 0; q < NV; ++q) acc[q] = Ops::fma(w, Ops::loadu(x + q * kW), acc[q]);
-            }
-          } else {
-            for (int64_t k = starts[0]; k < starts[1]; ++k) {
-              const float* x = in + d.offsets[k];
-              const V w = Ops::set1(a.values[k]);
-              for (int q = 0; q < NV; ++q) acc[q] = Ops::fma(w, Ops::load_first(x + q * kW, readable - q * kW), acc[q]);
-            }
-          }
-#pragma GCC unroll 4
-          for (int q = 0; q < NV; ++q) Ops::store(own + q * kW, acc[q]);
+          if (starts[0] != starts[1])
+            accumulate_row<Ops, NV>(a.values, d.offsets, starts[0], starts[1], packed, sums + (r - r0) * W);
         }
+      }
       // The tile's real outputs: runs of grid pixels on one output row.
       int64_t run_at[W], run_to[W], run_len[W];  // at most one run per pixel (out_w = 1)
       int runs = 0;

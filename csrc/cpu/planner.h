@@ -53,9 +53,11 @@ constexpr int64_t kNmPanelMinBatch = kPanelMinBatch;
 
 // Sparse convolutions: output pixels per tile (what each stored weight is multiplied over; the
 // AVX-512 kernel: 64 measured no faster at 70% sparsity and 10-20% slower at 90% on ResNet-18's 3x3
-// shapes, 16 slower), and the L1 share that one block of input channels of a tile may take.
+// shapes, 16 slower), and the bytes of one block of a tile's packed input columns (conv.h): at 16 KB
+// (L1) a row ran over so few weights per block at 90% that the per-row work showed; 64 KB (L2)
+// measured 7% faster there and at 70%, 128 KB 5% slower than 64 (AMD EPYC Zen 4, conv_table shapes).
 constexpr int64_t kConvTileFloats = 32;
-constexpr int64_t kConvWindowBytes = 16 * 1024;
+constexpr int64_t kConvPackBytes = 64 * 1024;
 
 // Whether a CSR call on `isa` at this batch and density runs on the column-tiled copy (which the
 // handle then builds once and keeps). Defined in planner.cpp, compiled without ISA flags: this
