@@ -1,0 +1,87 @@
+"""A/B of two builds of the native convolution kernel in one process, call by call (the convolution
+counterpart of ab_native.py, whose reasons apply: process-to-process medians here move by more than
+most kernel changes gain).
+
+    cp build/<tag>/_C*.so /tmp/base_C.so      # the baseline build, before the change
+    # ... rebuild with the change ...
+    python benchmarks/ab_conv.py /tmp/base_C.so [--sparsities 0.7,0.9] [--batches 1,8]
+
+Both modules' CsrHandle.conv2d run on the same weights and inputs over conv_table.py's ResNet-18 3x3
+shapes and a few MobileNetV2 1x1 ones, alternately (order swapped every round), back to back, so
+input and weights are warm in cache (conv_table.py measures the interleaved-with-dense case). Checks
+that both builds agree, then prints each build's median time per shape, new / baseline, and the
+median ratio per (sparsity, batch), with the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ab_native import load_baseline
+from conv_table import MOBILENETV2_1X1, RESNET18_3X3
+from machine import cpu_label
+
+from sparsenet import _C as new_C
+
+SHAPES = RESNET18_3X3 + [MOBILENETV2_1X1[i] for i in (2, 3, 8, 9)]
+
+
+def calls_for(modules, cin, cout, k, stride, size, sparsity, batch):
+    torch.manual_seed(0)
+    weight = torch.randn(cout, cin * k * k)
+    weight[torch.rand_like(weight) < sparsity] = 0
+    csr = weight.to_sparse_csr()
+    crow = csr.crow_indices().to(torch.int64).numpy()
+    col = csr.col_indices().to(torch.int32).numpy()
+    values = csr.values().contiguous().numpy()
+    x = torch.randn(batch, cin, size, size).numpy()
+    side = (size + 2 * (k // 2) - k) // stride + 1
+    geometry = [k, k, stride, stride, k // 2, k // 2, 1, 1, 1]
+    outs, calls = [], []
+    for module in modules:
+        handle = module.CsrHandle(cout, cin * k * k, crow, col, values, False, None)
+        out = torch.empty(batch, cout, side, side)
+        outs.append(out)
+        calls.append(lambda h=handle, o=out.numpy(): h.conv2d(values, x, o, None, geometry))
+    return calls, outs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("baseline", help="path of the baseline build's _C*.so")
+    parser.add_argument("--sparsities", default="0.7,0.9")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+    modules = (load_baseline(args.baseline), new_C)
+    torch.set_num_threads(args.threads)
+    for module in modules:
+        module.set_num_threads(args.threads)
+    print(f"{cpu_label()}, {args.threads} threads; median of {args.rounds} alternating calls")
+    for sparsity in (float(v) for v in args.sparsities.split(",")):
+        for batch in (int(v) for v in args.batches.split(",")):
+            ratios = []
+            for cin, cout, k, stride, size in SHAPES:
+                calls, outs = calls_for(modules, cin, cout, k, stride, size, sparsity, batch)
+                for call in calls * 2:
+                    call()
+                torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-3)
+                times = ([], [])
+                for r in range(args.rounds):
+                    for which in ((0, 1) if r % 2 else (1, 0)):
+                        start = time.perf_counter()
+                        calls[which]()
+                        times[which].append(time.perf_counter() - start)
+                base, new = (1e3 * statistics.median(t) for t in times)
+                ratios.append(new / base)
+                print(f"{sparsity:.0%} batch {batch} {cin}->{cout} {k}x{k} s{stride} {size}x{size}: "
+                      f"baseline {base:.3f} ms, new {new:.3f} ms, new/baseline {new / base:.2f}", flush=True)
+            print(f"== {sparsity:.0%} batch {batch}: median new/baseline {statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
