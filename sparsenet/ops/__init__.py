@@ -5,6 +5,7 @@ from sparsenet.ops.csr_conv2d import csr_conv2d
 from sparsenet.formats import PackedBSR, PackedNM
 from sparsenet.ops.format_linear import define_linear_op
 from sparsenet.ops.handles import bitmap_handle, cached_handles, csr_handle, native_handle
+from sparsenet.ops import cuda  # noqa: F401  (registers the CUDA kernels, where built, for the ops above)
 
 bsr_linear = define_linear_op(PackedBSR)
 nm_linear = define_linear_op(PackedNM)

@@ -65,7 +65,7 @@ register_linear_autograd("bitmap_linear", lambda *args: torch.ops.sparsenet.bitm
 def bitmap_linear(x, masks, row_ptr, values, bias, in_features: int, out_features=None) -> torch.Tensor:
     """Checked entry point: clear errors for what the op cannot run, then the op (eager calls with
     nothing to differentiate skip the dispatcher, as ``csr_linear`` does)."""
-    _check_input(x, values, in_features)
+    _check_input(x, values, in_features, "bitmap_linear")
     _check_rows(row_ptr.numel() - 1, out_features)
     if not torch.compiler.is_compiling() and not _needs_autograd(x, bias):
         return _bitmap_linear_cpu(x, masks, row_ptr, values, bias, in_features)

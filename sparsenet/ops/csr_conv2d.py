@@ -99,7 +99,7 @@ def csr_conv2d(x, crow_indices, col_indices, values, bias, geometry) -> torch.Te
     (any memory format; the result is contiguous NCHW)."""
     from sparsenet.ops.csr_linear import _needs_autograd, check_tensor_input
 
-    check_tensor_input(x, values)
+    check_tensor_input(x, values, "csr_conv2d")
     if x.dim() != 4 or x.shape[1] != geometry[0]:
         raise ValueError(f"x must have shape (N, {geometry[0]}, H, W), got {tuple(x.shape)}")
     geometry = [int(g) for g in geometry]

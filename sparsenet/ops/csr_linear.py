@@ -110,26 +110,37 @@ def as_rows(t: torch.Tensor, features: int) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), features)
 
 
-def _check_input(x, values, in_features: int) -> None:
-    check_tensor_input(x, values)
+def _check_input(x, values, in_features: int, op: str = "csr_linear") -> None:
+    check_tensor_input(x, values, op)
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
 
 
-def check_tensor_input(x, values) -> None:
-    """What every sparse op needs of its input whatever its shape: a float32 strided tensor, on the
-    CPU as the weight is."""
+def check_tensor_input(x, values, op: str) -> None:
+    """What every sparse op (``op``, e.g. "csr_linear") needs of its input whatever its shape: a
+    strided tensor on the weight's device; float32 on the CPU; on CUDA, an op with a CUDA kernel
+    (ops/cuda.py) and the weight's dtype."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"x must be float32, got {x.dtype} (sparsenet kernels run in float32)")
     if x.layout != torch.strided:
         raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}; use x.to_dense()")
-    if x.device.type != "cpu" or values.device.type != "cpu":
-        raise ValueError(
-            f"sparsenet has no CUDA kernels in this build: x is on {x.device}, the weight on "
-            f"{values.device}; run the model on the CPU"
-        )
+    if x.device != values.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {values.device}: move the module to the "
+                         f"input's device (module.to(x.device)) or the input to the module's")
+    if x.device.type == "cpu":
+        if x.dtype != torch.float32:
+            raise TypeError(f"x must be float32, got {x.dtype} (sparsenet's CPU kernels run in float32)")
+        if values.dtype != torch.float32:
+            raise TypeError(f"the weight's values are {values.dtype}: sparsenet's CPU kernels run in float32; "
+                            f"run the layer on CUDA or convert it back with module.float()")
+        return
+    from sparsenet.ops import cuda  # (here: ops/cuda.py imports this module)
+
+    if x.device.type == "cuda" and op in cuda.OPS:
+        cuda.check_input(x, values)
+        return
+    hint = "; convert with format='csr' to run on CUDA" if x.device.type == "cuda" else ""
+    raise ValueError(f"sparsenet has no {x.device.type} kernel for {op}: run it on the CPU{hint}")
 
 
 def _needs_autograd(x, bias) -> bool:
@@ -145,10 +156,10 @@ def csr_linear(x, crow_indices, col_indices, values, bias, in_features: int, out
     """Checked entry point: clear errors for what the op itself cannot run, then the op."""
     _check_input(x, values, in_features)
     _check_rows(crow_indices.numel() - 1, out_features)
-    if not torch.compiler.is_compiling() and not _needs_autograd(x, bias):
+    if not torch.compiler.is_compiling() and not _needs_autograd(x, bias) and x.device.type == "cpu":
         # Eager call with nothing to differentiate: skip the dispatcher (a few microseconds per
-        # call, which matter for small layers at batch 1). Compiled and exported graphs, and calls
-        # that need autograd, always go through the registered op.
+        # call, which matter for small layers at batch 1). Compiled and exported graphs, calls
+        # that need autograd and other devices always go through the registered op.
         return _csr_linear_cpu(x, crow_indices, col_indices, values, bias, in_features)
     return torch.ops.sparsenet.csr_linear(x, crow_indices, col_indices, values, bias, in_features)
 

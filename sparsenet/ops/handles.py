@@ -58,18 +58,18 @@ def csr_handle(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, in_f
     # Checked before the cache is consulted: a strided view starting where a cached tensor starts
     # must be refused, not mistaken for it.
     check_packed(crow, col, values)
-    return _cached("csr", (crow, col, values), in_features, lambda: _validated(crow, col, values, in_features))
+    return cached("csr", (crow, col, values), in_features, lambda: _validated(crow, col, values, in_features))
 
 
 def bitmap_handle(masks: torch.Tensor, row_ptr: torch.Tensor, values: torch.Tensor, in_features: int) -> _C.BitmapHandle:
     """The native handle for this bitmap weight (``sparsenet.formats.PackedBitmap``'s layout),
     validated once and cached exactly as :func:`csr_handle`'s."""
     _check_tensors(masks=masks, row_ptr=row_ptr, values=values)
-    return _cached("bitmap", (masks, row_ptr, values), in_features, lambda: _C.BitmapHandle(
+    return cached("bitmap", (masks, row_ptr, values), in_features, lambda: _C.BitmapHandle(
         row_ptr.numel() - 1, in_features, masks.detach().numpy(), row_ptr.detach().numpy(), values.detach().numpy()))
 
 
-def _cached(kind: str, tensors: tuple, in_features, build):
+def cached(kind: str, tensors: tuple, in_features, build):
     """A handle built by ``build()`` from ``tensors``, reused while they are alive and unmodified."""
     if any(t.is_inference() for t in tensors):
         return build()
@@ -105,7 +105,7 @@ def native_handle(format: str, structure: tuple, values: torch.Tensor, in_featur
     values), validated once and cached exactly as :func:`csr_handle`'s."""
     tensors = (*structure, values)
     native = _native_class(format, structure, values)
-    return _cached(format, tensors, (in_features, out_features),
+    return cached(format, tensors, (in_features, out_features),
                    lambda: native(out_features, in_features, *(t.detach().numpy() for t in tensors)))
 
 

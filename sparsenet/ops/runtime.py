@@ -54,11 +54,18 @@ def set_isa(name: str) -> None:
 
 
 def cuda_built() -> bool:
-    try:
-        import sparsenet._C_cuda  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether this build has its CUDA kernels (``sparsenet._C_cuda``)."""
+    from sparsenet.ops import cuda
+
+    return cuda.available()
+
+
+def cuda_architectures() -> list[str]:
+    """The GPU code the CUDA module carries (``sm_80``, ``sm_90a``, ``compute_90``...); empty without it."""
+    from sparsenet.ops import cuda
+    from sparsenet.ops.fatbin import architectures
+
+    return sorted(architectures(cuda._C_cuda.__file__)) if cuda.available() else []
 
 
 def openmp_libraries() -> list[str]:
@@ -86,6 +93,7 @@ def config() -> dict:
         "usable_threads": usable_threads(),
         "forked_child": _C.in_forked_child(),
         "cuda_built": cuda_built(),
+        "cuda_architectures": cuda_architectures(),
     }
 
 

@@ -224,16 +224,22 @@ def test_nan_weights_are_refused_at_conversion():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
-def test_cuda_input_without_cuda_kernels_is_a_clear_error():
+def test_cuda_input_for_a_cpu_module_is_a_clear_error():
     sp = SparseLinear.from_dense(pruned_linear(10, 5))
-    with pytest.raises(ValueError, match="no CUDA kernels"):
+    with pytest.raises(ValueError, match=r"move the module"):
         sp(torch.randn(2, 10, device="cuda"))
 
 
-def test_meta_device_input_is_a_clear_error():
-    # Stands in for CUDA on machines without a GPU: any non-CPU input gets the same message.
+def test_input_on_another_device_is_a_clear_error():
+    # Stands in for CUDA on machines without a GPU: an input away from the weight is refused by name.
     sp = SparseLinear.from_dense(pruned_linear(10, 5))
-    with pytest.raises(ValueError, match="no CUDA kernels"):
+    with pytest.raises(ValueError, match=r"x is on meta but the weight is on cpu: move the module"):
+        sp(torch.randn(2, 10, device="meta"))
+
+
+def test_a_device_without_kernels_is_a_clear_error():
+    sp = SparseLinear.from_dense(pruned_linear(10, 5)).to("meta")
+    with pytest.raises(ValueError, match="no meta kernel for csr_linear"):
         sp(torch.randn(2, 10, device="meta"))
 
 
@@ -414,11 +420,24 @@ def test_t5_reading_wo_weight_dtype_runs():
     assert len(report.converted) > 0 and (got - expected).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("convert", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()])
-def test_dtype_change_is_refused_at_once(convert):
-    sp = SparseLinear.from_dense(pruned_linear(12, 6, seed=12))
+@pytest.mark.parametrize("format,convert", [("csr", lambda m: m.double()), ("bitmap", lambda m: m.half()),
+                                             ("bitmap", lambda m: m.to(torch.bfloat16))])
+def test_dtype_change_is_refused_at_once(format, convert):
+    sp = SparseLinear.from_dense(pruned_linear(12, 6, seed=12), format=format)
     before = {k: v.clone() for k, v in sp.state_dict().items()}
     with pytest.raises(TypeError, match="float32"):
         convert(sp)
     assert all(torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in sp.state_dict().items())
     assert sp.float().to("cpu") is sp  # no dtype change: fine
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_csr_layers_carry_half_values_for_cuda(dtype):
+    # CSR has CUDA kernels in these dtypes, so the layer converts (model.half().cuda() is the usual
+    # order); on the CPU it then says what to do instead of running.
+    lin = pruned_linear(12, 6, seed=12)
+    sp = SparseLinear.from_dense(lin).to(dtype)
+    assert sp.values.dtype == dtype and sp.bias.dtype == dtype
+    assert torch.equal(sp.float().to_dense(), lin.weight.detach().to(dtype).float())
+    with pytest.raises(TypeError, match="CPU kernels run in float32"):
+        sp.to(dtype)(torch.randn(2, 12))

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import sparsenet
+from sparsenet.ops import cuda
 from sparsenet.ops.runtime import config, openmp_libraries
 
 
@@ -14,7 +15,9 @@ def test_config_reports_the_build():
     cfg = config()
     assert cfg["sparsenet"] == sparsenet.__version__
     assert cfg["isa"] in cfg["isa_available"] and "fallback" in cfg["isa_compiled"]
-    assert cfg["num_threads"] == sparsenet.get_num_threads() and cfg["cuda_built"] is False
+    assert cfg["num_threads"] == sparsenet.get_num_threads()
+    assert cfg["cuda_built"] is cuda.available()
+    assert ("sm_80" in cfg["cuda_architectures"]) is cuda.available()
 
 
 def test_show_config_prints(capsys):

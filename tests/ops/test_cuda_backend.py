@@ -1,0 +1,155 @@
+"""The CUDA backend (sparsenet/ops/cuda.py, csrc/cuda): what the build carries, the errors without it,
+and, on a GPU (marked ``gpu``, skipped elsewhere), the kernels against a float64 reference."""
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import sparsenet
+from sparsenet.nn import SparseLinear
+from sparsenet.ops import cuda
+from sparsenet.ops.fatbin import architectures
+
+NVCC = shutil.which("nvcc")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.skipif(NVCC is None, reason="no nvcc: the build has no CUDA kernels to inspect")
+def test_the_build_carries_sm80_and_sm90a_code():
+    # Where nvcc is on PATH the package must have built _C_cuda (SPARSENET_CUDA=AUTO), with real
+    # code for Ampere and for Hopper's architecture-specific features.
+    assert cuda.available(), "nvcc is on PATH but sparsenet._C_cuda was not built"
+    from sparsenet import _C_cuda
+
+    assert {"sm_80", "sm_90a"} <= architectures(_C_cuda.__file__)
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+def test_the_fatbin_reader_names_what_nvcc_compiled(tmp_path):
+    # A plain sm_90 cubin (no "a") beside sm_80 and PTX: the reader must tell the variants apart.
+    source = tmp_path / "k.cu"
+    source.write_text("__global__ void k(float* x) { x[threadIdx.x] *= 2.0f; }\n")
+    obj = tmp_path / "k.o"
+    subprocess.run([NVCC, "-c", str(source), "-o", str(obj), "-gencode", "arch=compute_80,code=sm_80",
+                    "-gencode", "arch=compute_90,code=[sm_90,compute_90]"], check=True, cwd=tmp_path)
+    assert architectures(str(obj)) == {"sm_80", "sm_90", "compute_90"}
+
+
+def test_the_fatbin_reader_refuses_what_is_not_elf(tmp_path):
+    path = tmp_path / "x.so"
+    path.write_bytes(b"not an ELF file at all")
+    with pytest.raises(ValueError, match="ELF64"):
+        architectures(str(path))
+
+
+def test_without_the_cuda_module_a_cuda_call_says_how_to_build_it(monkeypatch):
+    monkeypatch.setattr(cuda, "_C_cuda", None)
+    monkeypatch.setattr(cuda, "_MISSING", "No module named 'sparsenet._C_cuda'")
+    assert not cuda.available()
+    with pytest.raises(RuntimeError, match=r"no CUDA kernels .*SPARSENET_CUDA=ON"):
+        cuda.require()
+
+
+def test_cuda_ops_are_registered_for_the_cuda_key():
+    # The dispatcher, not the module, picks the backend (no device branch in SparseLinear).
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("sparsenet::csr_linear", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("sparsenet::csr_linear_grad_input", "CUDA")
+
+
+# ---- on a GPU ---------------------------------------------------------------------------------------
+
+def _pruned(out_f, in_f, density, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_f, in_f, generator=g))
+        lin.weight.mul_(torch.rand(out_f, in_f, generator=g) < density)
+        if bias:
+            lin.bias.copy_(torch.randn(out_f, generator=g))
+    return lin
+
+
+_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _reference(lin, x):
+    y = x.double() @ lin.weight.double().T
+    return y + lin.bias.double() if lin.bias is not None else y
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,density,batch", [((37, 53), 0.3, 1), ((256, 300), 0.1, 7), ((64, 70000), 0.02, 3),
+                                                 ((128, 512), 0.5, 64), ((9, 16), 1.0, 9), ((5, 8), 0.0, 2),
+                                                 ((33, 41), 0.4, 0)])
+def test_csr_linear_on_cuda_matches_float64(dtype, shape, density, batch):
+    lin = _pruned(*shape, density, seed=batch + shape[0])
+    sp = SparseLinear.from_dense(lin).to("cuda", dtype)
+    x = torch.randn(batch, shape[1], device="cuda").to(dtype)
+    y = sp(x)
+    assert y.dtype == dtype and y.device.type == "cuda" and y.shape == (batch, shape[0])
+    ref = _reference(lin.double().cuda(), x.double())
+    scale = ref.abs().max().item() if ref.numel() else 1.0
+    torch.testing.assert_close(y.double(), ref, rtol=_TOLERANCE[dtype], atol=_TOLERANCE[dtype] * max(scale, 1.0))
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_cuda_input_shapes_strides_and_streams():
+    lin = _pruned(40, 24, 0.3, seed=1)
+    sp = SparseLinear.from_dense(lin).cuda()
+    x = torch.randn(3, 5, 48, device="cuda")[..., ::2]  # 3-D and strided
+    torch.testing.assert_close(sp(x).double(), _reference(lin.double().cuda(), x.double()), rtol=1e-4, atol=1e-4)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        y = sp(x)
+    stream.synchronize()
+    torch.testing.assert_close(y.double(), _reference(lin.double().cuda(), x.double()), rtol=1e-4, atol=1e-4)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_cuda_path_runs_the_sparsenet_kernel_not_a_fallback():
+    sp = SparseLinear.from_dense(_pruned(512, 512, 0.1, seed=2)).cuda()
+    x = torch.randn(4, 512, device="cuda")
+    sp(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        sp(x)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("csr_rows_kernel" in n for n in names), names
+    assert not any("cusparse" in n.lower() or "gemm" in n.lower() for n in names), names
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_cuda_backward_compile_and_errors():
+    lin = _pruned(16, 32, 0.3, seed=3)
+    sp = SparseLinear.from_dense(lin).cuda()
+    x = torch.randn(5, 32, device="cuda", requires_grad=True)
+    sp(x).sum().backward()
+    torch.testing.assert_close(x.grad, lin.weight.detach().cuda().sum(0).expand(5, 32), rtol=1e-4, atol=1e-4)
+    compiled = torch.compile(sp, fullgraph=True)
+    torch.testing.assert_close(compiled(x.detach()), sp(x.detach()))
+    with pytest.raises(TypeError, match="weight's values are torch.float32"):
+        sp(x.detach().half())
+    with pytest.raises(ValueError, match="format='csr'"):
+        SparseLinear.from_dense(lin, format="bitmap").cuda()(x.detach())
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_cuda_handle_validates_the_structure():
+    from sparsenet import _C_cuda
+    from torch.utils.dlpack import to_dlpack
+
+    crow = torch.tensor([0, 2, 1], dtype=torch.int64, device="cuda")  # decreasing
+    col = torch.tensor([0, 1], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError):
+        _C_cuda.CsrHandle(2, 4, to_dlpack(crow), to_dlpack(col))
+    crow = torch.tensor([0, 1, 2], dtype=torch.int64, device="cuda")
+    col = torch.tensor([0, 9], dtype=torch.int32, device="cuda")  # out of range
+    with pytest.raises(ValueError):
+        _C_cuda.CsrHandle(2, 4, to_dlpack(crow), to_dlpack(col))
