@@ -1,4 +1,4 @@
-"""sparsenet's CUDA CSR kernel against cuBLAS dense (F.linear) and torch's cuSPARSE CSR path, float16,
+"""sparsenet's CUDA CSR and bitmap kernels against cuBLAS dense (F.linear) and torch's cuSPARSE CSR path, float16,
 LLaMA-7B MLP shapes (11008x4096, 4096x11008) and 4096x4096, unstructured magnitude-style sparsity,
 batch 1-64.
 
@@ -8,8 +8,9 @@ Each contender runs over enough copies of its weight that together they exceed t
 times over (so weights come from HBM), timed by replaying a CUDA graph of those calls (events around
 the replay; median of repeats; a contender that cannot be captured is timed by events around a loop,
 and marked). Prints,
-per cell: time, speedup over dense and over cuSPARSE (same run), and the bandwidth sparsenet reached
-(bytes it must read: values, indices, row pointers, input, output; over its time), with the GPU.
+per cell: each contender's time, the faster sparsenet format's speedup over dense and over cuSPARSE
+(same run), and the bandwidth it reached (bytes it must read: values, structure, input, output;
+over its time), with the GPU.
 """
 from __future__ import annotations
 
@@ -75,39 +76,50 @@ def main() -> None:
     args = parser.parse_args()
     dtype = torch.float16
     print(f"{torch.cuda.get_device_name(0)}, L2 {l2_bytes() / 2**20:.0f} MiB, torch {torch.__version__}, float16")
-    print("| weight | sparsity | batch | dense us | cuSPARSE us | sparsenet us | vs dense | vs cuSPARSE | GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| weight | sparsity | batch | dense us | cuSPARSE us | csr us | bitmap us | best vs dense | "
+          "best vs cuSPARSE | best GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for out_f, in_f in SHAPES:
         for sparsity in (float(s) for s in args.sparsities.split(",")):
             torch.manual_seed(0)
             weight = torch.randn(out_f, in_f, device="cuda", dtype=dtype)
             weight[torch.rand_like(weight, dtype=torch.float32) < sparsity] = 0
-            lin = torch.nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=dtype)
+            lin = torch.nn.Linear(in_f, out_f, bias=False)
             with torch.no_grad():
-                lin.weight.copy_(weight)
+                lin.weight.copy_(weight.float().cpu())
             dense_w = [weight.clone() for _ in range(copies_for(weight.numel() * 2))]
-            sparse = SparseLinear.from_dense(lin.float().cpu()).to("cuda", dtype)
-            nnz = sparse.nnz
-            index_bytes = sparse.col_indices.element_size()
-            weight_bytes = nnz * (2 + index_bytes) + (out_f + 1) * 8
-            sparse_copies = [sparse] + [copy.deepcopy(sparse) for _ in range(copies_for(weight_bytes) - 1)]
-            with warnings.catch_warnings():
+            formats = {}
+            for fmt in ("csr", "bitmap"):
+                layer = SparseLinear.from_dense(lin, format=fmt).to("cuda", dtype)
+                structure = sum(t.numel() * t.element_size() for t in layer.buffers())
+                weight_bytes = structure + layer.nnz * 2
+                formats[fmt] = ([layer] + [copy.deepcopy(layer) for _ in range(copies_for(weight_bytes) - 1)],
+                                weight_bytes)
+            with warnings.catch_warnings():  # torch's CSR: as many copies as sparsenet's CSR has
                 warnings.simplefilter("ignore")
-                csr = [w.to_sparse_csr() for w in dense_w[:copies_for(weight_bytes)]]
+                csr = [weight.to_sparse_csr() for _ in formats["csr"][0]]
             for batch in (int(b) for b in args.batches.split(",")):
                 x = torch.randn(batch, in_f, device="cuda", dtype=dtype)
                 xt = x.T.contiguous()
+                ms, moved = {}, {}
                 with torch.inference_mode():
-                    torch.testing.assert_close(sparse(x).float(), F.linear(x, weight).float(), rtol=2e-2, atol=5e-2)
-                    dense_ms, _ = time_ms([lambda w=w: F.linear(x, w) for w in dense_w])
-                    cusparse_ms, how = time_ms([lambda c=c: torch.sparse.mm(c, xt) for c in csr])
-                    ours_ms, _ = time_ms([lambda m=m: m(x) for m in sparse_copies])
-                moved = weight_bytes + batch * (in_f + out_f) * 2
-                cusparse_note = "" if how == "graph" else " (events)"
-                print(f"| {out_f}x{in_f} | {sparsity:.0%} | {batch} | {1e3 * dense_ms:.1f} | {1e3 * cusparse_ms:.1f}{cusparse_note} | "
-                      f"{1e3 * ours_ms:.1f} | {dense_ms / ours_ms:.2f}x | {cusparse_ms / ours_ms:.2f}x | "
-                      f"{moved / ours_ms / 1e6:.0f} |", flush=True)
-
+                    ms["dense"], _ = time_ms([lambda w=w: F.linear(x, w) for w in dense_w])
+                    try:
+                        ms["cusparse"], how = time_ms([lambda c=c: torch.sparse.mm(c, xt) for c in csr])
+                    except RuntimeError as error:  # a torch build without this path: say so, go on
+                        print(f"cuSPARSE path failed: {error}", flush=True)
+                        ms["cusparse"], how = float("nan"), "failed"
+                    for fmt, (layers, weight_bytes) in formats.items():
+                        torch.testing.assert_close(layers[0](x).float(), F.linear(x, weight).float(), rtol=2e-2,
+                                                   atol=5e-2)
+                        ms[fmt], _ = time_ms([lambda m=m: m(x) for m in layers])
+                        moved[fmt] = weight_bytes + batch * (in_f + out_f) * 2
+                best = min(formats, key=lambda f: ms[f])
+                note = {"graph": "", "events": " (events)"}.get(how, " (failed)")
+                print(f"| {out_f}x{in_f} | {sparsity:.0%} | {batch} | {1e3 * ms['dense']:.1f} | "
+                      f"{1e3 * ms['cusparse']:.1f}{note} | {1e3 * ms['csr']:.1f} | {1e3 * ms['bitmap']:.1f} | "
+                      f"{ms['dense'] / ms[best]:.2f}x ({best}) | {ms['cusparse'] / ms[best]:.2f}x | "
+                      f"{moved[best] / ms[best] / 1e6:.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 // capsules (bindings/dlpack_abi.h), whose device, dtype, shape and strides are checked here before
 // any launch; streams cross as the integer handle torch.cuda.Stream.cuda_stream gives.
 //
-// A handle copies the packed structure to the host once, validates it there (cpu/csr_view.h) and
+// A handle copies the packed structure to the host once, validates it there (cpu/*_view.h) and
 // uploads its own device copy, which its kernels read from then on: no later write to the caller's
 // tensors can make a kernel read out of bounds, as for the CPU handles.
 #include <pybind11/pybind11.h>
@@ -11,12 +11,17 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
+#include <optional>
+#include <utility>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "bindings/dlpack_abi.h"
+#include "cpu/bitmap_view.h"
 #include "cpu/csr_view.h"
+#include "cuda/bitmap_cuda.h"
 #include "cuda/csr_cuda.h"
 
 namespace py = pybind11;
@@ -75,109 +80,139 @@ class DeviceScope {
   int previous_ = 0;
 };
 
+// A device buffer this module allocated (on `device`), freed with it.
+class DeviceCopy {
+ public:
+  DeviceCopy(int device, const void* host, size_t bytes) : device_(device) {
+    check(cudaMalloc(&ptr_, bytes ? bytes : 1), "cudaMalloc");
+    if (bytes) check(cudaMemcpy(ptr_, host, bytes, cudaMemcpyHostToDevice), "uploading a weight's structure");
+  }
+  ~DeviceCopy() {
+    int previous = 0;
+    if (cudaGetDevice(&previous) != cudaSuccess) return;
+    cudaSetDevice(device_);
+    cudaFree(ptr_);
+    cudaSetDevice(previous);
+  }
+  DeviceCopy(const DeviceCopy&) = delete;
+  DeviceCopy& operator=(const DeviceCopy&) = delete;
+  const void* get() const { return ptr_; }
+
+ private:
+  int device_;
+  void* ptr_ = nullptr;
+};
+
+// A 1-D contiguous CUDA tensor's bytes, copied to the host (synchronises: once per handle).
+std::vector<uint8_t> to_host(const dl::Tensor& t) {
+  std::vector<uint8_t> host(static_cast<size_t>(t.shape[0] * (t.dtype.bits / 8)));
+  if (!host.empty()) check(cudaMemcpy(host.data(), data_of(t), host.size(), cudaMemcpyDeviceToHost), "reading a weight's structure");
+  return host;
+}
+
+// What a handle's constructor needs of one structure tensor: 1-D, contiguous, on the first one's
+// CUDA device, one of the given (code, bits) types. Returns it.
+const dl::Tensor& structure_tensor(const py::object& capsule, const char* name, std::initializer_list<std::pair<int, int>> types,
+                                   int* device) {
+  const dl::Tensor& t = tensor_of(capsule, name);
+  if (t.device.device_type != dl::kCUDA || (*device >= 0 && t.device.device_id != *device))
+    throw py::value_error(std::string(name) + " must be on the CUDA device of the weight's other tensors");
+  *device = t.device.device_id;
+  bool typed = false;
+  for (auto [code, bits] : types) typed |= t.dtype.code == code && t.dtype.bits == bits && t.dtype.lanes == 1;
+  if (t.ndim != 1 || !contiguous(t) || !typed)
+    throw py::value_error(std::string(name) + " must be a contiguous 1-D tensor of the format's index type");
+  return t;
+}
+
+struct CallArgs {
+  sparsenet::cuda::DType dtype;
+  const void* values;
+  sparsenet::cuda::DenseDevice d;
+};
+
+// Checks one call's tensors against a weight of rows x cols with nnz stored values on `device`:
+// values (nnz), x (batch, cols) with contiguous rows, out (batch, rows) contiguous, bias (rows) or
+// None, all of one dtype on that device, out not overlapping x.
+CallArgs check_call(const py::object& values, const py::object& x, const py::object& out, const py::object& bias,
+                    int device, int64_t rows, int64_t cols, int64_t nnz) {
+  const dl::Tensor& v = tensor_of(values, "values");
+  const dl::Tensor& xt = tensor_of(x, "x");
+  const dl::Tensor& yt = tensor_of(out, "out");
+  const dl::Tensor* bt = bias.is_none() ? nullptr : &tensor_of(bias, "bias");
+  for (const dl::Tensor* t : {&v, &xt, &yt, bt}) {
+    if (t && (t->device.device_type != dl::kCUDA || t->device.device_id != device))
+      throw py::value_error("values, x, out and bias must be on cuda:" + std::to_string(device) +
+                            ", where this weight's structure is");
+  }
+  const sparsenet::cuda::DType dtype = value_type(v, "values");
+  for (const auto& [t, name] : {std::pair{&xt, "x"}, std::pair{&yt, "out"}, std::pair{bt, "bias"}}) {
+    if (t && value_type(*t, name) != dtype) throw py::type_error(std::string(name) + " must have the values' dtype");
+  }
+  if (v.ndim != 1 || v.shape[0] != nnz || !contiguous(v))
+    throw py::value_error("values must be contiguous with nnz = " + std::to_string(nnz) + " entries, got shape " +
+                          shape_of(v));
+  if (xt.ndim != 2 || xt.shape[1] != cols)
+    throw py::value_error("x must have shape (batch, " + std::to_string(cols) + "), got " + shape_of(xt));
+  const int64_t batch = xt.shape[0];
+  const int64_t x_col_stride = xt.strides ? xt.strides[1] : 1;
+  const int64_t ldx = xt.strides ? xt.strides[0] : cols;
+  if ((cols > 1 && x_col_stride != 1) || (batch > 1 && ldx < cols))
+    throw py::value_error("x's rows must be contiguous and must not overlap");
+  if (yt.ndim != 2 || yt.shape[0] != batch || yt.shape[1] != rows || !contiguous(yt))
+    throw py::value_error("out must be a contiguous (" + std::to_string(batch) + ", " + std::to_string(rows) +
+                          ") tensor, got " + shape_of(yt));
+  if (bt && (bt->ndim != 1 || bt->shape[0] != rows || !contiguous(*bt)))
+    throw py::value_error("bias must be contiguous with " + std::to_string(rows) + " entries");
+  const size_t item = dtype == sparsenet::cuda::DType::kFloat32 ? 4 : 2;
+  const char* ylo = data_of(yt);
+  const char* xlo = data_of(xt);
+  const size_t ybytes = static_cast<size_t>(batch * rows) * item;
+  const size_t xbytes = batch == 0 ? 0 : static_cast<size_t>((batch - 1) * ldx + cols) * item;
+  if (xbytes && ybytes && ylo < xlo + xbytes && xlo < ylo + ybytes) throw py::value_error("out must not overlap x");
+  CallArgs c{dtype, data_of(v), {}};
+  c.d.x = xlo;
+  c.d.batch = batch;
+  c.d.ldx = ldx;
+  c.d.y = const_cast<char*>(ylo);
+  c.d.ldy = rows;
+  c.d.bias = bt ? data_of(*bt) : nullptr;
+  return c;
+}
+
 class CsrHandle {
  public:
   CsrHandle(int64_t rows, int64_t cols, const py::object& row_ptr, const py::object& col_idx) {
-    const dl::Tensor& rp = tensor_of(row_ptr, "row_ptr");
-    const dl::Tensor& ci = tensor_of(col_idx, "col_idx");
-    if (rp.device.device_type != dl::kCUDA || ci.device.device_type != dl::kCUDA || rp.device.device_id != ci.device.device_id)
-      throw py::value_error("row_ptr and col_idx must be on one CUDA device");
     if (rows < 0 || cols < 0) throw py::value_error("rows and cols must be non-negative");
-    if (rp.ndim != 1 || rp.shape[0] != rows + 1 || rp.dtype.code != dl::kInt || rp.dtype.bits != 64 || !contiguous(rp))
-      throw py::value_error("row_ptr must be a contiguous int64 tensor of rows + 1 = " + std::to_string(rows + 1) +
-                            " entries, got shape " + shape_of(rp));
-    if (ci.ndim != 1 || !contiguous(ci) || !((ci.dtype.bits == 16 && (ci.dtype.code == dl::kInt || ci.dtype.code == dl::kUInt)) ||
-                                             (ci.dtype.bits == 32 && ci.dtype.code == dl::kInt)))
-      throw py::value_error("col_idx must be a contiguous 1-D 16-bit or int32 tensor");
-    device_ = rp.device.device_id;
+    const dl::Tensor& rp = structure_tensor(row_ptr, "row_ptr", {{dl::kInt, 64}}, &device_);
+    const dl::Tensor& ci = structure_tensor(col_idx, "col_idx", {{dl::kInt, 16}, {dl::kUInt, 16}, {dl::kInt, 32}}, &device_);
+    if (rp.shape[0] != rows + 1)
+      throw py::value_error("row_ptr must have rows + 1 = " + std::to_string(rows + 1) + " entries, got " + shape_of(rp));
     DeviceScope scope(device_);
-    // The host copy, validated (the copies synchronise; a handle is built once per weight).
-    row_ptr_.resize(static_cast<size_t>(rows + 1));
-    check(cudaMemcpy(row_ptr_.data(), data_of(rp), row_ptr_.size() * 8, cudaMemcpyDeviceToHost), "copying row_ptr");
-    const int64_t nnz = ci.shape[0];
-    const int index_bytes = ci.dtype.bits / 8;
-    std::vector<uint8_t> cols_host(static_cast<size_t>(nnz * index_bytes));
-    check(cudaMemcpy(cols_host.data(), data_of(ci), cols_host.size(), cudaMemcpyDeviceToHost), "copying col_idx");
+    const std::vector<uint8_t> row_host = to_host(rp), col_host = to_host(ci);
     sparsenet::CsrView view;
     view.rows = rows;
     view.cols = cols;
-    view.nnz = nnz;
-    view.row_ptr = row_ptr_.data();
-    view.col_idx = cols_host.data();
-    view.index_bytes = index_bytes;
+    view.nnz = ci.shape[0];
+    view.row_ptr = reinterpret_cast<const int64_t*>(row_host.data());
+    view.col_idx = col_host.data();
+    view.index_bytes = ci.dtype.bits / 8;
     sparsenet::validate_csr(view);  // std::invalid_argument -> ValueError
-    // The device copy the kernels read.
-    check(cudaMalloc(&device_row_ptr_, row_ptr_.size() * 8), "cudaMalloc");
-    check(cudaMalloc(&device_col_idx_, cols_host.empty() ? 1 : cols_host.size()), "cudaMalloc");
-    check(cudaMemcpy(device_row_ptr_, row_ptr_.data(), row_ptr_.size() * 8, cudaMemcpyHostToDevice), "uploading row_ptr");
-    check(cudaMemcpy(device_col_idx_, cols_host.data(), cols_host.size(), cudaMemcpyHostToDevice), "uploading col_idx");
+    row_ptr_.emplace(device_, row_host.data(), row_host.size());
+    col_idx_.emplace(device_, col_host.data(), col_host.size());
     a_.rows = rows;
     a_.cols = cols;
-    a_.nnz = nnz;
-    a_.row_ptr = static_cast<const int64_t*>(device_row_ptr_);
-    a_.col_idx = device_col_idx_;
-    a_.index_bytes = index_bytes;
+    a_.nnz = view.nnz;
+    a_.row_ptr = static_cast<const int64_t*>(row_ptr_->get());
+    a_.col_idx = col_idx_->get();
+    a_.index_bytes = view.index_bytes;
   }
 
-  ~CsrHandle() {
-    int previous = 0;
-    if (cudaGetDevice(&previous) == cudaSuccess) {
-      cudaSetDevice(device_);
-      cudaFree(device_row_ptr_);
-      cudaFree(device_col_idx_);
-      cudaSetDevice(previous);
-    }
-  }
-  CsrHandle(const CsrHandle&) = delete;
-  CsrHandle& operator=(const CsrHandle&) = delete;
-
-  // out[:] = x A^T (+ bias) on `stream` (an integer cudaStream_t; 0 is the legacy default stream).
-  // values, x, out and bias share one dtype (float32, float16 or bfloat16) and this handle's device.
   void matmul(const py::object& values, const py::object& x, const py::object& out, const py::object& bias,
               uintptr_t stream) const {
-    const dl::Tensor& v = tensor_of(values, "values");
-    const dl::Tensor& xt = tensor_of(x, "x");
-    const dl::Tensor& yt = tensor_of(out, "out");
-    const dl::Tensor* bt = bias.is_none() ? nullptr : &tensor_of(bias, "bias");
-    for (const dl::Tensor* t : {&v, &xt, &yt, bt}) {
-      if (t && (t->device.device_type != dl::kCUDA || t->device.device_id != device_))
-        throw py::value_error("values, x, out and bias must be on cuda:" + std::to_string(device_) +
-                              ", where this weight's structure is");
-    }
-    const sparsenet::cuda::DType dtype = value_type(v, "values");
-    for (const auto& [t, name] : {std::pair{&xt, "x"}, std::pair{&yt, "out"}, std::pair{bt, "bias"}}) {
-      if (t && value_type(*t, name) != dtype) throw py::type_error(std::string(name) + " must have the values' dtype");
-    }
-    if (v.ndim != 1 || v.shape[0] != a_.nnz || !contiguous(v))
-      throw py::value_error("values must be contiguous with nnz = " + std::to_string(a_.nnz) + " entries, got shape " +
-                            shape_of(v));
-    if (xt.ndim != 2 || xt.shape[1] != a_.cols)
-      throw py::value_error("x must have shape (batch, " + std::to_string(a_.cols) + "), got " + shape_of(xt));
-    const int64_t batch = xt.shape[0];
-    const int64_t x_col_stride = xt.strides ? xt.strides[1] : 1;
-    const int64_t ldx = xt.strides ? xt.strides[0] : a_.cols;
-    if ((a_.cols > 1 && x_col_stride != 1) || (batch > 1 && ldx < a_.cols))
-      throw py::value_error("x's rows must be contiguous and must not overlap");
-    if (yt.ndim != 2 || yt.shape[0] != batch || yt.shape[1] != a_.rows || !contiguous(yt))
-      throw py::value_error("out must be a contiguous (" + std::to_string(batch) + ", " + std::to_string(a_.rows) +
-                            ") tensor, got " + shape_of(yt));
-    if (bt && (bt->ndim != 1 || bt->shape[0] != a_.rows || !contiguous(*bt)))
-      throw py::value_error("bias must be contiguous with " + std::to_string(a_.rows) + " entries");
-    const size_t item = dtype == sparsenet::cuda::DType::kFloat32 ? 4 : 2;
-    const char* ylo = data_of(yt);
-    const char* xlo = data_of(xt);
-    const size_t ybytes = static_cast<size_t>(batch * a_.rows) * item;
-    const size_t xbytes = batch == 0 ? 0 : static_cast<size_t>((batch - 1) * ldx + a_.cols) * item;
-    if (xbytes && ybytes && ylo < xlo + xbytes && xlo < ylo + ybytes) throw py::value_error("out must not overlap x");
-    sparsenet::cuda::DenseDevice d;
-    d.x = xlo;
-    d.batch = batch;
-    d.ldx = ldx;
-    d.y = const_cast<char*>(ylo);
-    d.ldy = a_.rows;
-    d.bias = bt ? data_of(*bt) : nullptr;
+    const CallArgs c = check_call(values, x, out, bias, device_, a_.rows, a_.cols, a_.nnz);
     DeviceScope scope(device_);
-    sparsenet::cuda::csr_matmul(a_, dtype, data_of(v), d, reinterpret_cast<cudaStream_t>(stream));
+    sparsenet::cuda::csr_matmul(a_, c.dtype, c.values, c.d, reinterpret_cast<cudaStream_t>(stream));
   }
 
   int64_t rows() const { return a_.rows; }
@@ -186,12 +221,72 @@ class CsrHandle {
   int device() const { return device_; }
 
  private:
-  int device_ = 0;
-  std::vector<int64_t> row_ptr_;
-  void* device_row_ptr_ = nullptr;
-  void* device_col_idx_ = nullptr;
+  int device_ = -1;
+  std::optional<DeviceCopy> row_ptr_, col_idx_;
   sparsenet::cuda::CsrDevice a_;
 };
+
+class BitmapHandle {
+ public:
+  BitmapHandle(int64_t rows, int64_t cols, const py::object& masks, const py::object& row_ptr) {
+    if (rows < 0 || cols < 0) throw py::value_error("rows and cols must be non-negative");
+    const dl::Tensor& mt = structure_tensor(masks, "masks", {{dl::kInt, 16}, {dl::kUInt, 16}}, &device_);
+    const dl::Tensor& rp = structure_tensor(row_ptr, "row_ptr", {{dl::kInt, 64}}, &device_);
+    const int64_t chunks = sparsenet::bitmap_chunks(cols);
+    if (rp.shape[0] != rows + 1 || mt.shape[0] != rows * chunks)
+      throw py::value_error("masks must have rows * ceil(cols / 16) = " + std::to_string(rows * chunks) +
+                            " words and row_ptr rows + 1 = " + std::to_string(rows + 1) + " entries");
+    DeviceScope scope(device_);
+    const std::vector<uint8_t> mask_host = to_host(mt), row_host = to_host(rp);
+    sparsenet::BitmapView view;
+    view.rows = rows;
+    view.cols = cols;
+    view.chunks = chunks;
+    view.row_ptr = reinterpret_cast<const int64_t*>(row_host.data());
+    view.nnz = view.row_ptr[rows];
+    view.masks = reinterpret_cast<const uint16_t*>(mask_host.data());
+    sparsenet::validate_bitmap(view);  // std::invalid_argument -> ValueError
+    masks_.emplace(device_, mask_host.data(), mask_host.size());
+    row_ptr_.emplace(device_, row_host.data(), row_host.size());
+    a_.rows = rows;
+    a_.cols = cols;
+    a_.chunks = chunks;
+    a_.nnz = view.nnz;
+    a_.masks = static_cast<const uint16_t*>(masks_->get());
+    a_.row_ptr = static_cast<const int64_t*>(row_ptr_->get());
+  }
+
+  void matmul(const py::object& values, const py::object& x, const py::object& out, const py::object& bias,
+              uintptr_t stream) const {
+    const CallArgs c = check_call(values, x, out, bias, device_, a_.rows, a_.cols, a_.nnz);
+    DeviceScope scope(device_);
+    sparsenet::cuda::bitmap_matmul(a_, c.dtype, c.values, c.d, reinterpret_cast<cudaStream_t>(stream));
+  }
+
+  int64_t rows() const { return a_.rows; }
+  int64_t cols() const { return a_.cols; }
+  int64_t nnz() const { return a_.nnz; }
+  int device() const { return device_; }
+
+ private:
+  int device_ = -1;
+  std::optional<DeviceCopy> masks_, row_ptr_;
+  sparsenet::cuda::BitmapDevice a_;
+};
+
+// The Python class of a handle: the same constructor shape and methods for every format.
+template <typename Handle>
+void bind_handle(py::module_& m, const char* name, const char* structure_a, const char* structure_b, const char* doc) {
+  py::class_<Handle>(m, name)
+      .def(py::init<int64_t, int64_t, const py::object&, const py::object&>(), py::arg("rows"), py::arg("cols"),
+           py::arg(structure_a), py::arg(structure_b), doc)
+      .def("matmul", &Handle::matmul, py::arg("values"), py::arg("x"), py::arg("out"), py::arg("bias"),
+           py::arg("stream"), "out[:] = x A^T (+ bias), enqueued on the given CUDA stream; DLPack capsules")
+      .def_property_readonly("rows", &Handle::rows)
+      .def_property_readonly("cols", &Handle::cols)
+      .def_property_readonly("nnz", &Handle::nnz)
+      .def_property_readonly("device", &Handle::device);
+}
 
 }  // namespace
 
@@ -201,14 +296,8 @@ PYBIND11_MODULE(_C_cuda, m) {
     int n = 0;
     return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
   }, "CUDA devices this module can use (0 without a driver or a GPU)");
-  py::class_<CsrHandle>(m, "CsrHandle")
-      .def(py::init<int64_t, int64_t, const py::object&, const py::object&>(), py::arg("rows"), py::arg("cols"),
-           py::arg("row_ptr"), py::arg("col_idx"),
-           "Copies, validates and uploads a packed CSR structure held on a CUDA device (DLPack capsules).")
-      .def("matmul", &CsrHandle::matmul, py::arg("values"), py::arg("x"), py::arg("out"), py::arg("bias"),
-           py::arg("stream"), "out[:] = x A^T (+ bias), enqueued on the given CUDA stream; DLPack capsules")
-      .def_property_readonly("rows", &CsrHandle::rows)
-      .def_property_readonly("cols", &CsrHandle::cols)
-      .def_property_readonly("nnz", &CsrHandle::nnz)
-      .def_property_readonly("device", &CsrHandle::device);
+  bind_handle<CsrHandle>(m, "CsrHandle", "row_ptr", "col_idx",
+                         "Copies, validates and uploads a packed CSR structure held on a CUDA device (DLPack capsules).");
+  bind_handle<BitmapHandle>(m, "BitmapHandle", "masks", "row_ptr",
+                            "Copies, validates and uploads a bitmap structure held on a CUDA device (DLPack capsules).");
 }

@@ -1,27 +1,16 @@
 #include "cuda/csr_cuda.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <stdexcept>
 #include <string>
+
+#include "cuda/convert.cuh"
 
 namespace sparsenet::cuda {
 
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kInputsPerPass = 8;  // accumulators per lane
-
-__device__ inline float to_float(float v) { return v; }
-__device__ inline float to_float(__half v) { return __half2float(v); }
-__device__ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ inline T from_float(float v);
-template <> __device__ inline float from_float<float>(float v) { return v; }
-template <> __device__ inline __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T, typename Idx>
 __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
@@ -48,9 +37,7 @@ csr_rows_kernel(const int64_t* __restrict__ row_ptr, const Idx* __restrict__ col
     }
 #pragma unroll
     for (int j = 0; j < kInputsPerPass; ++j) {
-      float s = acc[j];
-#pragma unroll
-      for (int offset = kWarp / 2; offset > 0; offset /= 2) s += __shfl_down_sync(0xffffffffu, s, offset);
+      const float s = warp_sum(acc[j]);
       if (lane == 0 && j < n) y[(m0 + j) * ldy + row] = from_float<T>(s + b);
     }
   }
@@ -58,8 +45,7 @@ csr_rows_kernel(const int64_t* __restrict__ row_ptr, const Idx* __restrict__ col
 
 template <typename T>
 void launch(const CsrDevice& a, const void* values, const DenseDevice& d, cudaStream_t stream) {
-  const int64_t blocks = (a.rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  const dim3 grid(static_cast<unsigned>(blocks)), block(kWarp * kWarpsPerBlock);
+  const dim3 grid(static_cast<unsigned>((a.rows + kWarpsPerBlock - 1) / kWarpsPerBlock)), block(kWarp * kWarpsPerBlock);
   const auto* v = static_cast<const T*>(values);
   const auto* x = static_cast<const T*>(d.x);
   const auto* bias = static_cast<const T*>(d.bias);
@@ -78,13 +64,8 @@ void csr_matmul(const CsrDevice& a, DType dtype, const void* values, const Dense
   if (a.rows == 0 || d.batch == 0) return;
   if ((a.rows + kWarpsPerBlock - 1) / kWarpsPerBlock > 0x7fffffff)
     throw std::invalid_argument("too many rows for one launch: " + std::to_string(a.rows));
-  switch (dtype) {
-    case DType::kFloat32: launch<float>(a, values, d, stream); break;
-    case DType::kFloat16: launch<__half>(a, values, d, stream); break;
-    case DType::kBFloat16: launch<__nv_bfloat16>(a, values, d, stream); break;
-  }
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("csr_matmul launch failed: ") + cudaGetErrorString(err));
+  with_value_type(dtype, [&](auto t) { launch<decltype(t)>(a, values, d, stream); });
+  check_launch("csr_matmul");
 }
 
 }  // namespace sparsenet::cuda

@@ -67,6 +67,6 @@ def bitmap_linear(x, masks, row_ptr, values, bias, in_features: int, out_feature
     nothing to differentiate skip the dispatcher, as ``csr_linear`` does)."""
     _check_input(x, values, in_features, "bitmap_linear")
     _check_rows(row_ptr.numel() - 1, out_features)
-    if not torch.compiler.is_compiling() and not _needs_autograd(x, bias):
+    if not torch.compiler.is_compiling() and not _needs_autograd(x, bias) and x.device.type == "cpu":
         return _bitmap_linear_cpu(x, masks, row_ptr, values, bias, in_features)
     return torch.ops.sparsenet.bitmap_linear(x, masks, row_ptr, values, bias, in_features)

@@ -139,7 +139,8 @@ def check_tensor_input(x, values, op: str) -> None:
     if x.device.type == "cuda" and op in cuda.OPS:
         cuda.check_input(x, values)
         return
-    hint = "; convert with format='csr' to run on CUDA" if x.device.type == "cuda" else ""
+    formats = " or ".join(f"format={op.removesuffix('_linear')!r}" for op in cuda.OPS)
+    hint = f"; convert Linear layers with {formats} to run them on CUDA" if x.device.type == "cuda" else ""
     raise ValueError(f"sparsenet has no {x.device.type} kernel for {op}: run it on the CPU{hint}")
 
 

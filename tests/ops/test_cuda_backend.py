@@ -51,10 +51,16 @@ def test_without_the_cuda_module_a_cuda_call_says_how_to_build_it(monkeypatch):
         cuda.require()
 
 
-def test_cuda_ops_are_registered_for_the_cuda_key():
+@pytest.mark.parametrize("op", cuda.OPS)
+def test_cuda_ops_are_registered_for_the_cuda_key(op):
     # The dispatcher, not the module, picks the backend (no device branch in SparseLinear).
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("sparsenet::csr_linear", "CUDA")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("sparsenet::csr_linear_grad_input", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsenet::{op}", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsenet::{op}_grad_input", "CUDA")
+
+
+def test_bitmap_layers_carry_half_values_for_cuda():
+    sp = SparseLinear.from_dense(_pruned(8, 20, 0.5, seed=5), format="bitmap").half()
+    assert sp.values.dtype == torch.float16
 
 
 # ---- on a GPU ---------------------------------------------------------------------------------------
@@ -80,13 +86,14 @@ def _reference(lin, x):
 
 @needs_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("format", ["csr", "bitmap"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,density,batch", [((37, 53), 0.3, 1), ((256, 300), 0.1, 7), ((64, 70000), 0.02, 3),
                                                  ((128, 512), 0.5, 64), ((9, 16), 1.0, 9), ((5, 8), 0.0, 2),
                                                  ((33, 41), 0.4, 0)])
-def test_csr_linear_on_cuda_matches_float64(dtype, shape, density, batch):
+def test_linear_on_cuda_matches_float64(format, dtype, shape, density, batch):
     lin = _pruned(*shape, density, seed=batch + shape[0])
-    sp = SparseLinear.from_dense(lin).to("cuda", dtype)
+    sp = SparseLinear.from_dense(lin, format=format).to("cuda", dtype)
     x = torch.randn(batch, shape[1], device="cuda").to(dtype)
     y = sp(x)
     assert y.dtype == dtype and y.device.type == "cuda" and y.shape == (batch, shape[0])
@@ -97,9 +104,10 @@ def test_csr_linear_on_cuda_matches_float64(dtype, shape, density, batch):
 
 @needs_gpu
 @pytest.mark.gpu
-def test_cuda_input_shapes_strides_and_streams():
+@pytest.mark.parametrize("format", ["csr", "bitmap"])
+def test_cuda_input_shapes_strides_and_streams(format):
     lin = _pruned(40, 24, 0.3, seed=1)
-    sp = SparseLinear.from_dense(lin).cuda()
+    sp = SparseLinear.from_dense(lin, format=format).cuda()
     x = torch.randn(3, 5, 48, device="cuda")[..., ::2]  # 3-D and strided
     torch.testing.assert_close(sp(x).double(), _reference(lin.double().cuda(), x.double()), rtol=1e-4, atol=1e-4)
     stream = torch.cuda.Stream()
@@ -111,15 +119,16 @@ def test_cuda_input_shapes_strides_and_streams():
 
 @needs_gpu
 @pytest.mark.gpu
-def test_cuda_path_runs_the_sparsenet_kernel_not_a_fallback():
-    sp = SparseLinear.from_dense(_pruned(512, 512, 0.1, seed=2)).cuda()
+@pytest.mark.parametrize("format,kernel", [("csr", "csr_rows_kernel"), ("bitmap", "bitmap_rows_kernel")])
+def test_cuda_path_runs_the_sparsenet_kernel_not_a_fallback(format, kernel):
+    sp = SparseLinear.from_dense(_pruned(512, 512, 0.1, seed=2), format=format).cuda()
     x = torch.randn(4, 512, device="cuda")
     sp(x)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         sp(x)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert any("csr_rows_kernel" in n for n in names), names
+    assert any(kernel in n for n in names), names
     assert not any("cusparse" in n.lower() or "gemm" in n.lower() for n in names), names
 
 
@@ -135,8 +144,8 @@ def test_cuda_backward_compile_and_errors():
     torch.testing.assert_close(compiled(x.detach()), sp(x.detach()))
     with pytest.raises(TypeError, match="weight's values are torch.float32"):
         sp(x.detach().half())
-    with pytest.raises(ValueError, match="format='csr'"):
-        SparseLinear.from_dense(lin, format="bitmap").cuda()(x.detach())
+    with pytest.raises(ValueError, match="format='csr' or format='bitmap'"):
+        SparseLinear.from_dense(lin, format="bsr", block=(4, 4)).cuda()(x.detach())
 
 
 @needs_gpu
@@ -149,6 +158,19 @@ def test_cuda_handle_validates_the_structure():
     col = torch.tensor([0, 1], dtype=torch.int32, device="cuda")
     with pytest.raises(ValueError):
         _C_cuda.CsrHandle(2, 4, to_dlpack(crow), to_dlpack(col))
+    masks = torch.tensor([0b101, 0b1], dtype=torch.int16, device="cuda")  # 3 bits set, row_ptr says 2
+    row_ptr = torch.tensor([0, 1, 2], dtype=torch.int64, device="cuda")
+    with pytest.raises(ValueError):
+        _C_cuda.BitmapHandle(2, 4, to_dlpack(masks), to_dlpack(row_ptr))
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_cuda_bitmap_backward_is_a_clear_error():
+    sp = SparseLinear.from_dense(_pruned(16, 32, 0.3, seed=4), format="bitmap").cuda()
+    x = torch.randn(5, 32, device="cuda", requires_grad=True)
+    with pytest.raises(NotImplementedError, match="format='csr'"):
+        sp(x).sum().backward()
     crow = torch.tensor([0, 1, 2], dtype=torch.int64, device="cuda")
     col = torch.tensor([0, 9], dtype=torch.int32, device="cuda")  # out of range
     with pytest.raises(ValueError):
