@@ -156,6 +156,10 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
     of ``rows``) and convolutions at their input size. With ``format="auto"`` and no example, Conv2d
     layers stay dense (the report says so).
 
+    Layers on a CUDA device convert to a named format with CUDA kernels (``"csr"``, ``"bitmap"``;
+    from a CPU float32 copy, then back to the layer's device and dtype, float16 and bfloat16
+    included); ``format="auto"`` times on the CPU only, so it leaves them dense and says so.
+
     Accepts layers pruned by ``sparsenet.prune`` (before or after ``finalize``) or by
     ``torch.nn.utils.prune`` (``weight_orig`` + ``weight_mask``). ``exclude``: module names or glob
     patterns to leave dense, with everything under them (as for ``prune``). The report lists every
@@ -186,7 +190,10 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
         weight, mask = _weight_and_mask(module)
         kept = weight != 0 if mask is None else (mask & (weight != 0))
         numel = weight.numel()
-        sparsity = 1.0 - kept.sum().item() / numel if numel else 0.0
+        if weight.is_meta:  # no data to count (and no kernel there: _device_misfit says so)
+            sparsity = float("nan")
+        else:
+            sparsity = 1.0 - kept.sum().item() / numel if numel else 0.0
         before = _tensor_bytes(weight, module.bias)
         shape = linear_features(module) if is_linear(module) else tuple(as_matrix(module, weight).shape)
         row = LayerRow(name, shape, sparsity, "dense", before, before)
@@ -199,12 +206,15 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
             row.note = reason
         elif _overrides_forward(module):
             row.note = f"{type(module).__name__} overrides its forward"
-        elif weight.device.type != "cpu":
-            row.note = f"on {weight.device}: no kernel for it in this build"
-        elif weight.dtype != torch.float32:
-            row.note = f"{str(weight.dtype).removeprefix('torch.')}: the kernels run float32 only"
+        elif weight.device.type != "cpu" and (reason := _device_misfit(module, weight, format)):
+            row.note = reason
+        elif weight.device.type == "cpu" and weight.dtype != torch.float32:
+            row.note = f"{str(weight.dtype).removeprefix('torch.')}: the CPU kernels run float32 only"
         elif sparsity < min_sparsity:
             row.note = "below min_sparsity"
+        elif weight.device.type != "cpu":  # a named format with a kernel there (_device_misfit)
+            plan.append((name, module, format, None))
+            row.format = format
         elif isinstance(module, nn.Conv2d):
             _plan_conv(name, module, row, plan, timings, seen.get(name), format)
         elif timings is not None:
@@ -262,6 +272,28 @@ def _overrides_forward(module: nn.Module) -> bool:
         base = nn.Linear if isinstance(module, nn.Linear) else next(
             c for c in type(module).__mro__ if c.__name__ == "Conv1D")
     return type(module).forward is not base.forward
+
+
+def _device_misfit(module: nn.Module, weight: torch.Tensor, format: str) -> str:
+    """Why a layer off the CPU stays dense ("" when a kernel of this build runs it there)."""
+    from sparsenet.ops import cuda
+
+    device = weight.device
+    formats = [op.removesuffix("_linear") for op in cuda.OPS if op.endswith("_linear")]
+    if device.type != "cuda":
+        return f"on {device}: no kernel for it in this build"
+    if not cuda.available():
+        return f"on {device}: this build has no CUDA kernels"
+    if isinstance(module, nn.Conv2d):
+        return f"on {device}: convolutions have no CUDA kernel yet"
+    if format == "auto":
+        return (f"on {device}: format='auto' times candidates on the CPU only; pass "
+                + " or ".join(f"format={f!r}" for f in formats))
+    if format not in formats:
+        return f"on {device}: {format} has no CUDA kernel ({', '.join(formats)} do)"
+    if weight.dtype not in cuda.DTYPES:
+        return f"on {device}: {str(weight.dtype).removeprefix('torch.')} weights have no CUDA kernel"
+    return ""
 
 
 def _conv_misfit(conv: nn.Conv2d) -> str:
@@ -327,9 +359,16 @@ def _plan_conv(name: str, conv: nn.Conv2d, row, plan: list, timings, input_shape
 
 def _convert(name: str, module: nn.Module, format: str) -> nn.Module:
     with _naming(name):
-        if isinstance(module, nn.Conv2d):
-            return SparseConv2d.from_dense(module)
-        return SparseLinear.from_dense(module, format=format)
+        # Formats are built from float32 CPU weights; a layer elsewhere (CUDA, float16) is converted
+        # from a CPU float32 copy and the sparse layer moved back to the layer's device and dtype.
+        weight = module.weight
+        on_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
+        source = module if on_cpu else copy.deepcopy(module).to("cpu", torch.float32)
+        if isinstance(source, nn.Conv2d):
+            sparse = SparseConv2d.from_dense(source)
+        else:
+            sparse = SparseLinear.from_dense(source, format=format)
+        return sparse if on_cpu else sparse.to(weight.device, weight.dtype)
 
 
 @contextlib.contextmanager

@@ -143,7 +143,7 @@ def test_non_float32_layers_stay_dense_with_a_reason():
     model[2].double()
     sparse, report = sparsenet.sparsify(model)
     notes = {r.name: r.note for r in report.rows}
-    assert notes["2"] == "float64: the kernels run float32 only"
+    assert notes["2"] == "float64: the CPU kernels run float32 only"
     assert type(sparse[2]) is nn.Linear and isinstance(sparse[0], SparseLinear)
 
 
@@ -262,3 +262,30 @@ def test_conv2d_layers_are_listed_with_the_reason_they_stay_dense():
     assert rows["0"].format == "dense" and "Conv2d" in rows["0"].note and rows["0"].shape == (8, 27)
     assert 0.69 < rows["0"].sparsity < 0.71
     assert rows["2"].format == "csr" and "1 of 2 layers converted" in str(report)
+
+
+def test_layers_on_a_device_without_kernels_stay_dense_with_a_reason():
+    model = zero_linear_weights(mlp(), 0.9)
+    model[2].to("meta")
+    sparse, report = sparsenet.sparsify(model, format="csr")
+    notes = {r.name: r.note for r in report.rows}
+    assert notes["2"] == "on meta: no kernel for it in this build"
+    assert type(sparse[2]) is nn.Linear and isinstance(sparse[0], SparseLinear)
+    assert "meta" in str(report)  # the report prints, an unknown sparsity included
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+@pytest.mark.parametrize("format", ["csr", "bitmap"])
+def test_sparsify_converts_cuda_layers_to_formats_with_cuda_kernels(format):
+    model = zero_linear_weights(mlp(), 0.9).cuda().half()
+    x = torch.randn(3, model[0].in_features, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        expected = model(x)
+        sparse, report = sparsenet.sparsify(model, format=format)
+        got = sparse(x)
+    assert isinstance(sparse[0], SparseLinear) and sparse[0].values.device.type == "cuda"
+    assert sparse[0].values.dtype == torch.float16 and sparse[0].format == format
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    _, auto = sparsenet.sparsify(model)  # auto times on the CPU only: it says so for CUDA layers
+    assert all("format='auto' times candidates on the CPU only" in r.note for r in auto.rows)
