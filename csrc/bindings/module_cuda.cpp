@@ -180,7 +180,31 @@ CallArgs check_call(const py::object& values, const py::object& x, const py::obj
   return c;
 }
 
-class CsrHandle {
+// What every handle shares once its constructor has validated and uploaded the structure: its
+// device, the device-side view its kernel reads, and the checked call.
+template <typename View, void (*Kernel)(const View&, sparsenet::cuda::DType, const void*,
+                                        const sparsenet::cuda::DenseDevice&, cudaStream_t)>
+class HandleBase {
+ public:
+  // out[:] = x A^T (+ bias) on `stream` (an integer cudaStream_t; 0 is the legacy default stream).
+  void matmul(const py::object& values, const py::object& x, const py::object& out, const py::object& bias,
+              uintptr_t stream) const {
+    const CallArgs c = check_call(values, x, out, bias, device_, a_.rows, a_.cols, a_.nnz);
+    DeviceScope scope(device_);
+    Kernel(a_, c.dtype, c.values, c.d, reinterpret_cast<cudaStream_t>(stream));
+  }
+
+  int64_t rows() const { return a_.rows; }
+  int64_t cols() const { return a_.cols; }
+  int64_t nnz() const { return a_.nnz; }
+  int device() const { return device_; }
+
+ protected:
+  int device_ = -1;
+  View a_;
+};
+
+class CsrHandle : public HandleBase<sparsenet::cuda::CsrDevice, &sparsenet::cuda::csr_matmul> {
  public:
   CsrHandle(int64_t rows, int64_t cols, const py::object& row_ptr, const py::object& col_idx) {
     if (rows < 0 || cols < 0) throw py::value_error("rows and cols must be non-negative");
@@ -208,25 +232,11 @@ class CsrHandle {
     a_.index_bytes = view.index_bytes;
   }
 
-  void matmul(const py::object& values, const py::object& x, const py::object& out, const py::object& bias,
-              uintptr_t stream) const {
-    const CallArgs c = check_call(values, x, out, bias, device_, a_.rows, a_.cols, a_.nnz);
-    DeviceScope scope(device_);
-    sparsenet::cuda::csr_matmul(a_, c.dtype, c.values, c.d, reinterpret_cast<cudaStream_t>(stream));
-  }
-
-  int64_t rows() const { return a_.rows; }
-  int64_t cols() const { return a_.cols; }
-  int64_t nnz() const { return a_.nnz; }
-  int device() const { return device_; }
-
  private:
-  int device_ = -1;
   std::optional<DeviceCopy> row_ptr_, col_idx_;
-  sparsenet::cuda::CsrDevice a_;
 };
 
-class BitmapHandle {
+class BitmapHandle : public HandleBase<sparsenet::cuda::BitmapDevice, &sparsenet::cuda::bitmap_matmul> {
  public:
   BitmapHandle(int64_t rows, int64_t cols, const py::object& masks, const py::object& row_ptr) {
     if (rows < 0 || cols < 0) throw py::value_error("rows and cols must be non-negative");
@@ -256,22 +266,8 @@ class BitmapHandle {
     a_.row_ptr = static_cast<const int64_t*>(row_ptr_->get());
   }
 
-  void matmul(const py::object& values, const py::object& x, const py::object& out, const py::object& bias,
-              uintptr_t stream) const {
-    const CallArgs c = check_call(values, x, out, bias, device_, a_.rows, a_.cols, a_.nnz);
-    DeviceScope scope(device_);
-    sparsenet::cuda::bitmap_matmul(a_, c.dtype, c.values, c.d, reinterpret_cast<cudaStream_t>(stream));
-  }
-
-  int64_t rows() const { return a_.rows; }
-  int64_t cols() const { return a_.cols; }
-  int64_t nnz() const { return a_.nnz; }
-  int device() const { return device_; }
-
  private:
-  int device_ = -1;
   std::optional<DeviceCopy> masks_, row_ptr_;
-  sparsenet::cuda::BitmapDevice a_;
 };
 
 // The Python class of a handle: the same constructor shape and methods for every format.
