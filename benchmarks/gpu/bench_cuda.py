@@ -1,8 +1,9 @@
-"""sparsenet's CUDA CSR and bitmap kernels against cuBLAS dense (F.linear) and torch's cuSPARSE CSR path, float16,
-LLaMA-7B MLP shapes (11008x4096, 4096x11008) and 4096x4096, unstructured magnitude-style sparsity,
-batch 1-64.
+"""sparsenet's CUDA kernels against cuBLAS dense (F.linear) and torch's sparse paths, float16,
+LLaMA-7B MLP shapes (11008x4096, 4096x11008) and 4096x4096: CSR and bitmap on unstructured sparsity at
+batch 1-64 (against torch's cuSPARSE CSR), and BSR on 32x32 blocks at 90% at batch 256 and 2048
+(against torch's BSR matmul).
 
-    python3 benchmarks/gpu/bench_cuda.py [--sparsities 0.9,0.7,0.5] [--batches 1,4,16,64]
+    python3 benchmarks/gpu/bench_cuda.py [--sparsities 0.9,0.7,0.5] [--batches 1,4,16,64] [--parts small,bsr]
 
 Each contender runs over enough copies of its weight that together they exceed the L2 cache four
 times over (so weights come from HBM), timed by replaying a CUDA graph of those calls (events around
@@ -10,7 +11,7 @@ the replay; median of repeats; a contender that cannot be captured is timed by e
 and marked). Prints,
 per cell: each contender's time, the faster sparsenet format's speedup over dense and over cuSPARSE
 (same run), and the bandwidth it reached (bytes it must read: values, structure, input, output;
-over its time), with the GPU.
+over its time), with the GPU. The BSR table gives TFLOP/s (stored blocks' multiply-adds over time).
 """
 from __future__ import annotations
 
@@ -69,13 +70,64 @@ def time_ms(calls, repeats: int = 7, loops: int = 10) -> tuple[float, str]:
     return statistics.median(samples), how
 
 
+def block_pruned(out_f: int, in_f: int, block: int, sparsity: float, dtype) -> torch.Tensor:
+    keep = torch.rand(out_f // block, in_f // block, device="cuda") >= sparsity
+    weight = torch.randn(out_f, in_f, device="cuda", dtype=dtype)
+    return weight * keep.repeat_interleave(block, 0).repeat_interleave(block, 1).to(dtype)
+
+
+def bsr_table(batches=(256, 2048), block: int = 32, sparsity: float = 0.9) -> None:
+    dtype = torch.float16
+    print(f"\n{block}x{block} blocks, {sparsity:.0%} of them empty, float16")
+    print("| weight | batch | dense us | torch BSR us | sparsenet BSR us | vs dense | vs torch BSR | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for out_f, in_f in SHAPES:
+        torch.manual_seed(0)
+        weight = block_pruned(out_f, in_f, block, sparsity, dtype)
+        lin = torch.nn.Linear(in_f, out_f, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(weight.float().cpu())
+        layer = SparseLinear.from_dense(lin, format="bsr", block=(block, block)).to("cuda", dtype)
+        layers = [layer] + [copy.deepcopy(layer) for _ in range(copies_for(layer.nnz * 2) - 1)]
+        dense_w = [weight.clone() for _ in range(copies_for(weight.numel() * 2))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch_bsr = [weight.to_sparse_bsr((block, block)) for _ in layers]
+        for batch in batches:
+            x = torch.randn(batch, in_f, device="cuda", dtype=dtype)
+            xt = x.T.contiguous()
+            with torch.inference_mode():
+                torch.testing.assert_close(layer(x).float(), F.linear(x, weight).float(), rtol=2e-2, atol=1e-1)
+                dense_ms, _ = time_ms([lambda w=w: F.linear(x, w) for w in dense_w])
+                try:
+                    torch_ms, how = time_ms([lambda b=b: torch.sparse.mm(b, xt) for b in torch_bsr])
+                except RuntimeError as error:
+                    print(f"torch BSR path failed: {error}", flush=True)
+                    torch_ms, how = float("nan"), "failed"
+                ours_ms, _ = time_ms([lambda m=m: m(x) for m in layers])
+            note = {"graph": "", "events": " (events)"}.get(how, " (failed)")
+            tflops = 2 * batch * layer.nnz / ours_ms / 1e9
+            print(f"| {out_f}x{in_f} | {batch} | {1e3 * dense_ms:.1f} | {1e3 * torch_ms:.1f}{note} | "
+                  f"{1e3 * ours_ms:.1f} | {dense_ms / ours_ms:.2f}x | {torch_ms / ours_ms:.2f}x | {tflops:.0f} |",
+                  flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sparsities", default="0.9,0.7,0.5")
     parser.add_argument("--batches", default="1,4,16,64")
+    parser.add_argument("--parts", default="small,bsr")
     args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name(0)}, L2 {l2_bytes() / 2**20:.0f} MiB, torch {torch.__version__}")
+    if "small" in args.parts:
+        small_batch_table(args)
+    if "bsr" in args.parts:
+        bsr_table()
+
+
+def small_batch_table(args) -> None:
     dtype = torch.float16
-    print(f"{torch.cuda.get_device_name(0)}, L2 {l2_bytes() / 2**20:.0f} MiB, torch {torch.__version__}, float16")
+    print("\nunstructured, float16")
     print("| weight | sparsity | batch | dense us | cuSPARSE us | csr us | bitmap us | best vs dense | "
           "best vs cuSPARSE | best GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -31,10 +31,10 @@ tail -25 "$out/pytest.log"
 
 echo "== compute-sanitizer memcheck (short subset)"
 timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 \
-  python3 -m pytest -q -x -p no:cacheprovider "$repo/tests/ops/test_cuda_backend.py" -k "float16 or streams" \
+  python3 -m pytest -q -x -p no:cacheprovider "$repo/tests/ops/test_cuda_backend.py" -k "fp16 or streams" \
   > "$out/sanitizer.log" 2>&1
 echo "compute-sanitizer rc=$? (3: errors found; other non-zero: see sanitizer.log)"
 grep -E "ERROR SUMMARY|passed|failed|not supported" "$out/sanitizer.log" | tail -5
 
 echo "== benchmark"
-timeout 150 python3 "$repo/benchmarks/gpu/bench_cuda.py" 2>&1 | tee "$out/bench.md"
+timeout 180 python3 "$repo/benchmarks/gpu/bench_cuda.py" 2>&1 | tee "$out/bench.md"

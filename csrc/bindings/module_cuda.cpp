@@ -13,6 +13,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <stdexcept>
 #include <string>
@@ -20,8 +21,10 @@
 
 #include "bindings/dlpack_abi.h"
 #include "cpu/bitmap_view.h"
+#include "cpu/bsr_view.h"
 #include "cpu/csr_view.h"
 #include "cuda/bitmap_cuda.h"
+#include "cuda/bsr_cuda.h"
 #include "cuda/csr_cuda.h"
 
 namespace py = pybind11;
@@ -270,12 +273,54 @@ class BitmapHandle : public HandleBase<sparsenet::cuda::BitmapDevice, &sparsenet
   std::optional<DeviceCopy> masks_, row_ptr_;
 };
 
-// The Python class of a handle: the same constructor shape and methods for every format.
-template <typename Handle>
-void bind_handle(py::module_& m, const char* name, const char* structure_a, const char* structure_b, const char* doc) {
+class BsrHandle : public HandleBase<sparsenet::cuda::BsrDevice, &sparsenet::cuda::bsr_matmul> {
+ public:
+  BsrHandle(int64_t rows, int64_t cols, const py::object& block_shape, const py::object& block_ptr,
+            const py::object& block_cols) {
+    if (rows < 0 || cols < 0) throw py::value_error("rows and cols must be non-negative");
+    const dl::Tensor& st = structure_tensor(block_shape, "block_shape", {{dl::kInt, 64}}, &device_);
+    const dl::Tensor& bp = structure_tensor(block_ptr, "block_ptr", {{dl::kInt, 64}}, &device_);
+    const dl::Tensor& bc = structure_tensor(block_cols, "block_cols", {{dl::kInt, 32}}, &device_);
+    if (st.shape[0] != 2) throw py::value_error("block_shape must hold 2 entries (r, c)");
+    DeviceScope scope(device_);
+    const std::vector<uint8_t> shape_host = to_host(st), ptr_host = to_host(bp), cols_host = to_host(bc);
+    sparsenet::BsrView view;
+    view.rows = rows;
+    view.cols = cols;
+    view.r = reinterpret_cast<const int64_t*>(shape_host.data())[0];
+    view.c = reinterpret_cast<const int64_t*>(shape_host.data())[1];
+    if (view.r < 1 || view.r > sparsenet::kBsrMaxBlock || view.c < 1 || view.c > sparsenet::kBsrMaxBlock)
+      throw py::value_error("block sides must be 1.." + std::to_string(sparsenet::kBsrMaxBlock));
+    view.block_rows = sparsenet::bsr_block_rows(rows, view.r);
+    if (bp.shape[0] != view.block_rows + 1)
+      throw py::value_error("block_ptr must have ceil(rows / r) + 1 = " + std::to_string(view.block_rows + 1) + " entries");
+    view.nnzb = bc.shape[0];
+    view.block_ptr = reinterpret_cast<const int64_t*>(ptr_host.data());
+    view.block_cols = reinterpret_cast<const int32_t*>(cols_host.data());
+    sparsenet::validate_bsr(view);  // std::invalid_argument -> ValueError
+    block_ptr_.emplace(device_, ptr_host.data(), ptr_host.size());
+    block_cols_.emplace(device_, cols_host.data(), cols_host.size());
+    a_.rows = rows;
+    a_.cols = cols;
+    a_.r = view.r;
+    a_.c = view.c;
+    a_.block_rows = view.block_rows;
+    a_.nnzb = view.nnzb;
+    a_.nnz = view.nnzb * view.r * view.c;
+    a_.block_ptr = static_cast<const int64_t*>(block_ptr_->get());
+    a_.block_cols = static_cast<const int32_t*>(block_cols_->get());
+  }
+
+ private:
+  std::optional<DeviceCopy> block_ptr_, block_cols_;
+};
+
+// The Python class of a handle: Handle(rows, cols, *structure) and the same methods for every format.
+template <typename Handle, typename... Names>
+void bind_handle(py::module_& m, const char* name, const char* doc, Names... structure) {
   py::class_<Handle>(m, name)
-      .def(py::init<int64_t, int64_t, const py::object&, const py::object&>(), py::arg("rows"), py::arg("cols"),
-           py::arg(structure_a), py::arg(structure_b), doc)
+      .def(py::init<int64_t, int64_t, std::conditional_t<true, const py::object&, Names>...>(), py::arg("rows"),
+           py::arg("cols"), py::arg(structure)..., doc)
       .def("matmul", &Handle::matmul, py::arg("values"), py::arg("x"), py::arg("out"), py::arg("bias"),
            py::arg("stream"), "out[:] = x A^T (+ bias), enqueued on the given CUDA stream; DLPack capsules")
       .def_property_readonly("rows", &Handle::rows)
@@ -292,8 +337,8 @@ PYBIND11_MODULE(_C_cuda, m) {
     int n = 0;
     return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
   }, "CUDA devices this module can use (0 without a driver or a GPU)");
-  bind_handle<CsrHandle>(m, "CsrHandle", "row_ptr", "col_idx",
-                         "Copies, validates and uploads a packed CSR structure held on a CUDA device (DLPack capsules).");
-  bind_handle<BitmapHandle>(m, "BitmapHandle", "masks", "row_ptr",
-                            "Copies, validates and uploads a bitmap structure held on a CUDA device (DLPack capsules).");
+  const char* doc = "Copies, validates and uploads a packed weight's structure held on a CUDA device (DLPack capsules).";
+  bind_handle<CsrHandle>(m, "CsrHandle", doc, "row_ptr", "col_idx");
+  bind_handle<BitmapHandle>(m, "BitmapHandle", doc, "masks", "row_ptr");
+  bind_handle<BsrHandle>(m, "BsrHandle", doc, "block_shape", "block_ptr", "block_cols");
 }

@@ -156,7 +156,7 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
     of ``rows``) and convolutions at their input size. With ``format="auto"`` and no example, Conv2d
     layers stay dense (the report says so).
 
-    Layers on a CUDA device convert to a named format with CUDA kernels (``"csr"``, ``"bitmap"``;
+    Layers on a CUDA device convert to a named format with CUDA kernels (``"csr"``, ``"bitmap"``, ``"bsr"``;
     from a CPU float32 copy, then back to the layer's device and dtype, float16 and bfloat16
     included); ``format="auto"`` times on the CPU only, so it leaves them dense and says so.
 

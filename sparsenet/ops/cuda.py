@@ -2,10 +2,12 @@
 key, so a sparse module moved with ``.to("cuda")`` runs them through the same ops (and so under
 ``torch.compile`` and ``torch.export``) with no device branch in the modules.
 
-Today: ``csr_linear`` and ``bitmap_linear`` forward in float32, float16 and bfloat16 (values,
-input, bias and output share one dtype; sums in float32), a warp per weight row for small batches.
-CSR's backward (the input's gradient) runs torch's CUDA CSR matmul; bitmap's has none yet and says
-so. BSR, N:M and convolutions have no CUDA kernels yet: they say so and name the formats that do.
+Today, forward in float32, float16 and bfloat16 (values, input, bias and output share one dtype;
+sums in float32): ``csr_linear`` and ``bitmap_linear`` with a warp per weight row (small batches),
+``bsr_linear`` with each stored block and 64 inputs staged in shared memory and multiplied on the
+tensor cores (float16, bfloat16; float32 on the CUDA cores). CSR's backward (the input's gradient)
+runs torch's CUDA CSR matmul; bitmap's and BSR's have none yet and say so. N:M and convolutions
+have no CUDA kernels yet: they say so and name the formats that do.
 
 Where the package was built without a CUDA compiler, ``import sparsenet`` still works and a CUDA
 call gets a clear error saying how to build the kernels.
@@ -28,7 +30,7 @@ except ImportError as error:  # built without a CUDA compiler (or its import fai
     _MISSING = str(error)
 
 # The ops with a CUDA kernel here.
-OPS = ("csr_linear", "bitmap_linear")
+OPS = ("csr_linear", "bitmap_linear", "bsr_linear")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -62,15 +64,15 @@ def _dl(t: torch.Tensor):
     return to_dlpack(t.detach())
 
 
-# Each format's handle in _C_cuda, and which of its structure tensors holds the row pointers.
-_HANDLES = {"csr": ("CsrHandle", 0), "bitmap": ("BitmapHandle", 1)}
+# Each format's handle in _C_cuda, how many structure tensors its op takes before the values, and
+# which of them holds the row pointers (None: the op is handed out_features).
+_HANDLES = {"csr": ("CsrHandle", 2, 0), "bitmap": ("BitmapHandle", 2, 1), "bsr": ("BsrHandle", 3, None)}
 
 
-def handle_cuda(format: str, structure: tuple, in_features: int):
+def handle_cuda(format: str, structure: tuple, rows: int, in_features: int):
     """The validated CUDA handle (its own device copy of the structure) for this weight, cached like
     the CPU handles: rebuilt when a tensor dies or changes in place."""
     require()
-    kind, row_ptr_at = _HANDLES[format]
     device = structure[0].device
     for t in structure:
         if not t.is_cuda or not t.is_contiguous() or t.device != device:
@@ -79,25 +81,31 @@ def handle_cuda(format: str, structure: tuple, in_features: int):
     # 16-bit indices and masks are unsigned (formats/); DLPack export of uint16 is newer than the
     # torch versions supported, so they cross as int16 bits and the kernels read them unsigned.
     exported = [t.view(torch.int16) if t.dtype == torch.uint16 else t for t in structure]
-    rows = structure[row_ptr_at].numel() - 1
-    return cached(f"cuda:{device.index}:{format}", tuple(structure), in_features,
+    kind = _HANDLES[format][0]
+    return cached(f"cuda:{device.index}:{format}", tuple(structure), (rows, in_features),
                   lambda: getattr(_C_cuda, kind)(rows, in_features, *(_dl(t) for t in exported)))
 
 
 def _linear_cuda(format: str):
-    def run(x, first, second, values, bias, in_features):
+    """The CUDA kernel of ``sparsenet::<format>_linear(x, *structure, values, bias, in_features[,
+    out_features])``."""
+    _, n, row_ptr_at = _HANDLES[format]
+
+    def run(x, *args):
+        structure, (values, bias, in_features, *out) = args[:n], args[n:]
         check_input(x, values)
-        handle = handle_cuda(format, (first, second), in_features)
+        rows = out[0] if row_ptr_at is None else structure[row_ptr_at].numel() - 1
+        handle = handle_cuda(format, structure, rows, in_features)
         if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
             raise TypeError(f"bias must be {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
         x2 = as_rows(x, in_features)
         if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
             x2 = x2.contiguous()
-        out = torch.empty(x2.shape[0], handle.rows, dtype=x.dtype, device=x.device)
+        out_t = torch.empty(x2.shape[0], handle.rows, dtype=x.dtype, device=x.device)
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        handle.matmul(_dl(values.contiguous()), _dl(x2), _dl(out),
+        handle.matmul(_dl(values.contiguous()), _dl(x2), _dl(out_t),
                       None if bias is None else _dl(bias.contiguous()), stream)
-        return out.reshape(*x.shape[:-1], handle.rows)
+        return out_t.reshape(*x.shape[:-1], handle.rows)
 
     return run
 
@@ -112,13 +120,16 @@ def _csr_grad_input_cuda(grad_out, crow_indices, col_indices, values, in_feature
         return torch.mm(g2, w).reshape(*grad_out.shape[:-1], in_features)
 
 
-def _bitmap_grad_input_cuda(*args):
-    raise NotImplementedError("the input's gradient through a bitmap layer has no CUDA kernel yet: "
-                              "convert the layer with format='csr' to train through it on CUDA")
+def _no_grad_input(format: str):
+    def refuse(*args):
+        raise NotImplementedError(f"the input's gradient through a {format} layer has no CUDA kernel yet: "
+                                  "convert the layer with format='csr' to train through it on CUDA")
+    return refuse
 
 
 _lib = torch.library.Library("sparsenet", "IMPL")  # noqa: TOR901 (our namespace)
 _lib.impl("csr_linear", _linear_cuda("csr"), "CUDA")
 _lib.impl("csr_linear_grad_input", _csr_grad_input_cuda, "CUDA")
-_lib.impl("bitmap_linear", _linear_cuda("bitmap"), "CUDA")
-_lib.impl("bitmap_linear_grad_input", _bitmap_grad_input_cuda, "CUDA")
+for _format in ("bitmap", "bsr"):
+    _lib.impl(f"{_format}_linear", _linear_cuda(_format), "CUDA")
+    _lib.impl(f"{_format}_linear_grad_input", _no_grad_input(_format), "CUDA")

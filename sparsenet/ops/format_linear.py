@@ -69,7 +69,7 @@ def define_linear_op(packed: type) -> Callable:
         nothing to differentiate skip the dispatcher, as ``csr_linear`` does)."""
         values, bias, in_features = args[k], args[k + 1], args[k + 2]
         _check_input(x, values, in_features, f"{fmt}_linear")
-        if not torch.compiler.is_compiling() and not _needs_autograd(x, bias):
+        if not torch.compiler.is_compiling() and not _needs_autograd(x, bias) and x.device.type == "cpu":
             return cpu(x, *args)
         return op(x, *args)
 

@@ -76,6 +76,17 @@ def _pruned(out_f, in_f, density, seed, bias=True):
     return lin
 
 
+def _two_of_four(out_f, in_f, seed):
+    lin = _pruned(out_f, in_f, 1.0, seed)
+    with torch.no_grad():
+        lin.weight.view(out_f, in_f // 4, 4)[..., 2:] = 0
+    return lin
+
+
+def test_the_two_of_four_helper_makes_an_nm_layer():
+    assert SparseLinear.from_dense(_two_of_four(16, 32, seed=3), format="nm").format == "nm"
+
+
 _TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -87,7 +98,7 @@ def _reference(lin, x):
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("format", ["csr", "bitmap"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("shape,density,batch", [((37, 53), 0.3, 1), ((256, 300), 0.1, 7), ((64, 70000), 0.02, 3),
                                                  ((128, 512), 0.5, 64), ((9, 16), 1.0, 9), ((5, 8), 0.0, 2),
                                                  ((33, 41), 0.4, 0)])
@@ -97,6 +108,34 @@ def test_linear_on_cuda_matches_float64(format, dtype, shape, density, batch):
     x = torch.randn(batch, shape[1], device="cuda").to(dtype)
     y = sp(x)
     assert y.dtype == dtype and y.device.type == "cuda" and y.shape == (batch, shape[0])
+    ref = _reference(lin.double().cuda(), x.double())
+    scale = ref.abs().max().item() if ref.numel() else 1.0
+    torch.testing.assert_close(y.double(), ref, rtol=_TOLERANCE[dtype], atol=_TOLERANCE[dtype] * max(scale, 1.0))
+
+
+def _block_pruned(out_f, in_f, block, density, seed):
+    lin = _pruned(out_f, in_f, 1.0, seed)
+    g = torch.Generator().manual_seed(seed)
+    r, c = block
+    keep = torch.rand(-(-out_f // r), -(-in_f // c), generator=g) < density
+    with torch.no_grad():
+        lin.weight.mul_(keep.repeat_interleave(r, 0)[:out_f].repeat_interleave(c, 1)[:, :in_f])
+    return lin
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape,block,density,batch", [((64, 96), (16, 16), 0.3, 1), ((100, 70), (16, 16), 0.5, 130),
+                                                       ((96, 128), (32, 32), 0.1, 64), ((50, 45), (4, 8), 0.4, 17),
+                                                       ((130, 200), (64, 64), 0.5, 5), ((33, 17), (1, 4), 0.6, 70),
+                                                       ((24, 40), (8, 8), 0.0, 3), ((40, 24), (8, 8), 1.0, 0)])
+def test_bsr_linear_on_cuda_matches_float64(dtype, shape, block, density, batch):
+    lin = _block_pruned(*shape, block, density, seed=batch + shape[0])
+    sp = SparseLinear.from_dense(lin, format="bsr", block=block).to("cuda", dtype)
+    x = torch.randn(batch, shape[1], device="cuda").to(dtype)
+    y = sp(x)
+    assert y.dtype == dtype and y.shape == (batch, shape[0])
     ref = _reference(lin.double().cuda(), x.double())
     scale = ref.abs().max().item() if ref.numel() else 1.0
     torch.testing.assert_close(y.double(), ref, rtol=_TOLERANCE[dtype], atol=_TOLERANCE[dtype] * max(scale, 1.0))
@@ -119,10 +158,12 @@ def test_cuda_input_shapes_strides_and_streams(format):
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("format,kernel", [("csr", "csr_rows_kernel"), ("bitmap", "bitmap_rows_kernel")])
+@pytest.mark.parametrize("format,kernel", [("csr", "csr_rows_kernel"), ("bitmap", "bitmap_rows_kernel"),
+                                           ("bsr", "bsr_tile_kernel")])
 def test_cuda_path_runs_the_sparsenet_kernel_not_a_fallback(format, kernel):
-    sp = SparseLinear.from_dense(_pruned(512, 512, 0.1, seed=2), format=format).cuda()
-    x = torch.randn(4, 512, device="cuda")
+    lin = _block_pruned(512, 512, (16, 16), 0.1, seed=2) if format == "bsr" else _pruned(512, 512, 0.1, seed=2)
+    sp = SparseLinear.from_dense(lin, format=format).cuda().half()
+    x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
     sp(x)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         sp(x)
@@ -144,8 +185,8 @@ def test_cuda_backward_compile_and_errors():
     torch.testing.assert_close(compiled(x.detach()), sp(x.detach()))
     with pytest.raises(TypeError, match="weight's values are torch.float32"):
         sp(x.detach().half())
-    with pytest.raises(ValueError, match="format='csr' or format='bitmap'"):
-        SparseLinear.from_dense(lin, format="bsr", block=(4, 4)).cuda()(x.detach())
+    with pytest.raises(ValueError, match="format='csr' or format='bitmap' or format='bsr'"):
+        SparseLinear.from_dense(_two_of_four(16, 32, seed=3), format="nm").cuda()(x.detach())
 
 
 @needs_gpu
@@ -158,6 +199,11 @@ def test_cuda_handle_validates_the_structure():
     col = torch.tensor([0, 1], dtype=torch.int32, device="cuda")
     with pytest.raises(ValueError):
         _C_cuda.CsrHandle(2, 4, to_dlpack(crow), to_dlpack(col))
+    shape = torch.tensor([2, 2], dtype=torch.int64, device="cuda")
+    block_ptr = torch.tensor([0, 2], dtype=torch.int64, device="cuda")
+    block_cols = torch.tensor([1, 0], dtype=torch.int32, device="cuda")  # not increasing
+    with pytest.raises(ValueError):
+        _C_cuda.BsrHandle(2, 4, to_dlpack(shape), to_dlpack(block_ptr), to_dlpack(block_cols))
     masks = torch.tensor([0b101, 0b1], dtype=torch.int16, device="cuda")  # 3 bits set, row_ptr says 2
     row_ptr = torch.tensor([0, 1, 2], dtype=torch.int64, device="cuda")
     with pytest.raises(ValueError):
