@@ -7,13 +7,17 @@ interleaved, the caches flushed between rounds so that each call reads its weigh
 does inside a model larger than the cache. The fastest wins; a layer stays dense when nothing beats
 it.
 
+A layer on a CUDA device is timed there, in its dtype, against the formats with CUDA kernels, by
+CUDA events with the L2 cache flushed before each call.
+
 Timings are cached in a JSON file in the user's cache directory (``$SPARSENET_CACHE_DIR``, else
-``$XDG_CACHE_HOME/sparsenet``, else ``~/.cache/sparsenet``), keyed by CPU model, shape, density (to
-the percent), rows, threads and the formats timed: layers of one shape are timed once, and converting the same model
-again times nothing.
+``$XDG_CACHE_HOME/sparsenet``, else ``~/.cache/sparsenet``), keyed by CPU model and threads (or GPU
+and dtype), shape, density (to the percent), rows and the formats timed: layers of one shape are
+timed once, and converting the same model again times nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -84,6 +88,27 @@ def time_calls(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def time_calls_cuda(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """:func:`time_calls` for work enqueued on the current CUDA device: device seconds per call from
+    CUDA events, the L2 cache flushed (a write of twice its size) before every call."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    flush = torch.empty(2 * (getattr(props, "L2_cache_size", 0) or 64 << 20) // 4, device="cuda")
+    for fn in calls.values():  # first calls build handles (which synchronise once)
+        fn()
+    torch.cuda.synchronize()
+    events: dict[str, list] = {name: [] for name in calls}
+    for _ in range(ROUNDS):
+        for name, fn in calls.items():
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    return {name: statistics.median(a.elapsed_time(b) / 1e3 for a, b in pairs) for name, pairs in events.items()}
+
+
 class TimingCache:
     """The JSON file of measured timings; an unreadable file is treated as empty and rewritten."""
 
@@ -97,11 +122,14 @@ class TimingCache:
             self.entries = {}
 
     @staticmethod
-    def key(shape: tuple[int, int], density: float, rows: int, formats: list[str]) -> str:
+    def key(shape: tuple[int, int], density: float, rows: int, formats: list[str], machine: Optional[str] = None) -> str:
         # The candidates are part of the key: a block-structured weight is timed with BSR as well,
         # and its entry must not answer for an unstructured weight of the same shape and density.
-        return (f"{cpu_model()}|{shape[0]}x{shape[1]}|{density:.2f}|rows={rows}|threads={torch.get_num_threads()}"
-                f"|{'+'.join(formats)}")
+        # machine: a GPU and dtype the layer runs on; else this CPU, with its threads (keys as
+        # written before GPUs were timed, so earlier caches still answer).
+        where = f"{machine}|{shape[0]}x{shape[1]}|{density:.2f}|rows={rows}" if machine else (
+            f"{cpu_model()}|{shape[0]}x{shape[1]}|{density:.2f}|rows={rows}|threads={torch.get_num_threads()}")
+        return f"{where}|{'+'.join(formats)}"
 
     def get(self, key: str, formats: list[str]) -> Optional[dict[str, float]]:
         found = self.entries.get(key)
@@ -123,25 +151,38 @@ class TimingCache:
 
 def measure(weight: torch.Tensor, keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], rows: int,
             cache: TimingCache) -> Measured:
-    """Time dense against every registered format that fits this (out, in) float32 weight
-    (``registry.fitting``: BSR only for block-structured ones) at ``rows`` rows per call (from the cache when this CPU has timed such a layer before)."""
+    """Time dense against every registered format that fits this (out, in) weight (``registry.fitting``:
+    BSR only for block-structured ones) at ``rows`` rows per call, on the weight's device in its dtype
+    (on CUDA, the formats with CUDA kernels only); from the cache when this machine has timed such a
+    layer before."""
     from sparsenet.nn.linear import SparseLinear
+    from sparsenet.ops import cuda
 
+    device, dtype = weight.device, weight.dtype
+    on_cuda = device.type == "cuda"
+    weight = weight.detach().to("cpu", torch.float32)  # formats are built from CPU float32 weights
+    keep = None if keep is None else keep.to("cpu")
+    bias = None if bias is None else bias.detach().to("cpu", torch.float32)
     kept = keep if keep is not None else weight != 0
-    formats = registry.fitting(kept)
+    formats = [f for f in registry.fitting(kept) if not on_cuda or f"{f}_linear" in cuda.OPS]
     shape = tuple(weight.shape)
     density = int(kept.sum()) / weight.numel() if weight.numel() else 0.0
-    key = cache.key(shape, density, rows, formats)
+    machine = f"{torch.cuda.get_device_name(device)}|{str(dtype).removeprefix('torch.')}" if on_cuda else None
+    key = cache.key(shape, density, rows, formats, machine)
     seconds = cache.get(key, formats)
     if seconds is not None:
         return Measured(seconds, cached=True)
-    x = torch.randn(rows, shape[1])
-    dense_weight = weight.detach().to(torch.float32).contiguous()
+    dense_weight = weight.contiguous()
     layers = {f: SparseLinear.from_packed(registry.get(f).from_dense(dense_weight, keep), bias) for f in formats}
-    with torch.inference_mode():
+    if on_cuda:
+        layers = {f: layer.to(device, dtype) for f, layer in layers.items()}
+        dense_weight = dense_weight.to(device, dtype)
+        bias = None if bias is None else bias.to(device, dtype)
+    x = torch.randn(rows, shape[1], device=device, dtype=dtype)
+    with torch.inference_mode(), (torch.cuda.device(device) if on_cuda else contextlib.nullcontext()):
         calls = {"dense": lambda: F.linear(x, dense_weight, bias)}
         calls.update({f: (lambda layer=layers[f]: layer(x)) for f in formats})
-        seconds = time_calls(calls)
+        seconds = time_calls_cuda(calls) if on_cuda else time_calls(calls)
     cache.put(key, seconds)
     return Measured(seconds, layers=layers)
 

@@ -156,9 +156,9 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
     of ``rows``) and convolutions at their input size. With ``format="auto"`` and no example, Conv2d
     layers stay dense (the report says so).
 
-    Layers on a CUDA device convert to a named format with CUDA kernels (``"csr"``, ``"bitmap"``, ``"bsr"``;
-    from a CPU float32 copy, then back to the layer's device and dtype, float16 and bfloat16
-    included); ``format="auto"`` times on the CPU only, so it leaves them dense and says so.
+    Layers on a CUDA device convert to formats with CUDA kernels (``"csr"``, ``"bitmap"``, ``"bsr"``;
+    built from a CPU float32 copy, then moved back to the layer's device and dtype, float16 and
+    bfloat16 included); ``format="auto"`` times them on their GPU, in their dtype.
 
     Accepts layers pruned by ``sparsenet.prune`` (before or after ``finalize``) or by
     ``torch.nn.utils.prune`` (``weight_orig`` + ``weight_mask``). ``exclude``: module names or glob
@@ -212,7 +212,7 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
             row.note = f"{str(weight.dtype).removeprefix('torch.')}: the CPU kernels run float32 only"
         elif sparsity < min_sparsity:
             row.note = "below min_sparsity"
-        elif weight.device.type != "cpu":  # a named format with a kernel there (_device_misfit)
+        elif weight.device.type != "cpu" and format != "auto":  # with a kernel there (_device_misfit)
             plan.append((name, module, format, None))
             row.format = format
         elif isinstance(module, nn.Conv2d):
@@ -286,10 +286,7 @@ def _device_misfit(module: nn.Module, weight: torch.Tensor, format: str) -> str:
         return f"on {device}: this build has no CUDA kernels"
     if isinstance(module, nn.Conv2d):
         return f"on {device}: convolutions have no CUDA kernel yet"
-    if format == "auto":
-        return (f"on {device}: format='auto' times candidates on the CPU only; pass "
-                + " or ".join(f"format={f!r}" for f in formats))
-    if format not in formats:
+    if format != "auto" and format not in formats:
         return f"on {device}: {format} has no CUDA kernel ({', '.join(formats)} do)"
     if weight.dtype not in cuda.DTYPES:
         return f"on {device}: {str(weight.dtype).removeprefix('torch.')} weights have no CUDA kernel"

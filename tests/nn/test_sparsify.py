@@ -287,5 +287,22 @@ def test_sparsify_converts_cuda_layers_to_formats_with_cuda_kernels(format):
     assert isinstance(sparse[0], SparseLinear) and sparse[0].values.device.type == "cuda"
     assert sparse[0].values.dtype == torch.float16 and sparse[0].format == format
     torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
-    _, auto = sparsenet.sparsify(model)  # auto times on the CPU only: it says so for CUDA layers
-    assert all("format='auto' times candidates on the CPU only" in r.note for r in auto.rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_auto_times_cuda_layers_on_their_gpu(monkeypatch):
+    from sparsenet.nn import autoformat
+
+    timed = []
+
+    def scripted(calls):  # bitmap fastest; and the candidates are the formats with CUDA kernels
+        timed.append(sorted(calls))
+        return {name: {"dense": 1.0, "bitmap": 0.5}.get(name, 0.9) for name in calls}
+
+    monkeypatch.setattr(autoformat, "time_calls_cuda", scripted)
+    model = zero_linear_weights(mlp(), 0.9).cuda().half()
+    sparse, report = sparsenet.sparsify(model, rows=4)
+    assert timed and all(t == ["bitmap", "csr", "dense"] for t in timed)
+    assert isinstance(sparse[0], SparseLinear) and sparse[0].format == "bitmap"
+    assert sparse[0].values.device.type == "cuda" and sparse[0].values.dtype == torch.float16
