@@ -23,9 +23,11 @@
 #include "cpu/bitmap_view.h"
 #include "cpu/bsr_view.h"
 #include "cpu/csr_view.h"
+#include "cpu/nm_view.h"
 #include "cuda/bitmap_cuda.h"
 #include "cuda/bsr_cuda.h"
 #include "cuda/csr_cuda.h"
+#include "cuda/nm_cuda.h"
 
 namespace py = pybind11;
 namespace dl = sparsenet::dlpack;
@@ -315,6 +317,45 @@ class BsrHandle : public HandleBase<sparsenet::cuda::BsrDevice, &sparsenet::cuda
   std::optional<DeviceCopy> block_ptr_, block_cols_;
 };
 
+class NmHandle : public HandleBase<sparsenet::cuda::NmDevice, &sparsenet::cuda::nm_matmul> {
+ public:
+  NmHandle(int64_t rows, int64_t cols, const py::object& pattern, const py::object& indices) {
+    if (rows < 0 || cols < 0) throw py::value_error("rows and cols must be non-negative");
+    const dl::Tensor& pt = structure_tensor(pattern, "pattern", {{dl::kInt, 64}}, &device_);
+    const dl::Tensor& it = structure_tensor(indices, "indices", {{dl::kUInt, 8}}, &device_);
+    if (pt.shape[0] != 2) throw py::value_error("pattern must hold 2 entries (n, m)");
+    DeviceScope scope(device_);
+    const std::vector<uint8_t> pattern_host = to_host(pt), index_host = to_host(it);
+    sparsenet::NmView view;
+    view.rows = rows;
+    view.cols = cols;
+    view.n = reinterpret_cast<const int64_t*>(pattern_host.data())[0];
+    view.m = reinterpret_cast<const int64_t*>(pattern_host.data())[1];
+    if (view.m < 2 || view.m > sparsenet::kNmMaxM || view.n < 1 || view.n >= view.m)
+      throw py::value_error("pattern must be N:M with 1 <= N < M <= " + std::to_string(sparsenet::kNmMaxM));
+    view.bits = sparsenet::nm_index_bits(view.m);
+    view.groups = sparsenet::nm_groups(cols, view.m);
+    view.row_bytes = sparsenet::nm_row_bytes(cols, view.n, view.m);
+    if (it.shape[0] != rows * view.row_bytes)
+      throw py::value_error("indices must hold rows * row_bytes = " + std::to_string(rows * view.row_bytes) + " bytes");
+    view.indices = index_host.data();
+    sparsenet::validate_nm(view);  // std::invalid_argument -> ValueError
+    indices_.emplace(device_, index_host.data(), index_host.size());
+    a_.rows = rows;
+    a_.cols = cols;
+    a_.n = view.n;
+    a_.m = view.m;
+    a_.bits = view.bits;
+    a_.groups = view.groups;
+    a_.row_bytes = view.row_bytes;
+    a_.nnz = rows * view.groups * view.n;
+    a_.indices = static_cast<const uint8_t*>(indices_->get());
+  }
+
+ private:
+  std::optional<DeviceCopy> indices_;
+};
+
 // The Python class of a handle: Handle(rows, cols, *structure) and the same methods for every format.
 template <typename Handle, typename... Names>
 void bind_handle(py::module_& m, const char* name, const char* doc, Names... structure) {
@@ -341,4 +382,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   bind_handle<CsrHandle>(m, "CsrHandle", doc, "row_ptr", "col_idx");
   bind_handle<BitmapHandle>(m, "BitmapHandle", doc, "masks", "row_ptr");
   bind_handle<BsrHandle>(m, "BsrHandle", doc, "block_shape", "block_ptr", "block_cols");
+  bind_handle<NmHandle>(m, "NmHandle", doc, "pattern", "indices");
 }

@@ -156,9 +156,9 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
     of ``rows``) and convolutions at their input size. With ``format="auto"`` and no example, Conv2d
     layers stay dense (the report says so).
 
-    Layers on a CUDA device convert to formats with CUDA kernels (``"csr"``, ``"bitmap"``, ``"bsr"``;
-    built from a CPU float32 copy, then moved back to the layer's device and dtype, float16 and
-    bfloat16 included); ``format="auto"`` times them on their GPU, in their dtype.
+    Linear layers on a CUDA device convert too (every format has CUDA kernels; built from a CPU
+    float32 copy, then moved back to the layer's device and dtype, float16 and bfloat16 included);
+    ``format="auto"`` times them on their GPU, in their dtype. Convolutions there stay dense.
 
     Accepts layers pruned by ``sparsenet.prune`` (before or after ``finalize``) or by
     ``torch.nn.utils.prune`` (``weight_orig`` + ``weight_mask``). ``exclude``: module names or glob

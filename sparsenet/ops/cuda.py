@@ -3,11 +3,11 @@ key, so a sparse module moved with ``.to("cuda")`` runs them through the same op
 ``torch.compile`` and ``torch.export``) with no device branch in the modules.
 
 Today, forward in float32, float16 and bfloat16 (values, input, bias and output share one dtype;
-sums in float32): ``csr_linear`` and ``bitmap_linear`` with a warp per weight row (small batches),
-``bsr_linear`` with each stored block and 64 inputs staged in shared memory and multiplied on the
-tensor cores (float16, bfloat16; float32 on the CUDA cores). CSR's backward (the input's gradient)
-runs torch's CUDA CSR matmul; bitmap's and BSR's have none yet and say so. N:M and convolutions
-have no CUDA kernels yet: they say so and name the formats that do.
+sums in float32): ``csr_linear``, ``bitmap_linear`` and ``nm_linear`` with a warp per weight row
+(small batches; N:M has no sparse tensor-core path yet), ``bsr_linear`` with each stored block and
+64 inputs staged in shared memory and multiplied on the tensor cores (float16, bfloat16; float32 on
+the CUDA cores). CSR's backward (the input's gradient) runs torch's CUDA CSR matmul; the others'
+have none yet and say so. Convolutions have no CUDA kernel yet: they say so.
 
 Where the package was built without a CUDA compiler, ``import sparsenet`` still works and a CUDA
 call gets a clear error saying how to build the kernels.
@@ -30,7 +30,7 @@ except ImportError as error:  # built without a CUDA compiler (or its import fai
     _MISSING = str(error)
 
 # The ops with a CUDA kernel here.
-OPS = ("csr_linear", "bitmap_linear", "bsr_linear")
+OPS = ("csr_linear", "bitmap_linear", "bsr_linear", "nm_linear")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -66,7 +66,8 @@ def _dl(t: torch.Tensor):
 
 # Each format's handle in _C_cuda, how many structure tensors its op takes before the values, and
 # which of them holds the row pointers (None: the op is handed out_features).
-_HANDLES = {"csr": ("CsrHandle", 2, 0), "bitmap": ("BitmapHandle", 2, 1), "bsr": ("BsrHandle", 3, None)}
+_HANDLES = {"csr": ("CsrHandle", 2, 0), "bitmap": ("BitmapHandle", 2, 1), "bsr": ("BsrHandle", 3, None),
+            "nm": ("NmHandle", 2, None)}
 
 
 def handle_cuda(format: str, structure: tuple, rows: int, in_features: int):
@@ -130,6 +131,6 @@ def _no_grad_input(format: str):
 _lib = torch.library.Library("sparsenet", "IMPL")  # noqa: TOR901 (our namespace)
 _lib.impl("csr_linear", _linear_cuda("csr"), "CUDA")
 _lib.impl("csr_linear_grad_input", _csr_grad_input_cuda, "CUDA")
-for _format in ("bitmap", "bsr"):
+for _format in ("bitmap", "bsr", "nm"):
     _lib.impl(f"{_format}_linear", _linear_cuda(_format), "CUDA")
     _lib.impl(f"{_format}_linear_grad_input", _no_grad_input(_format), "CUDA")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparsenet
-from sparsenet.nn import SparseLinear
+from sparsenet.nn import SparseConv2d, SparseLinear
 from sparsenet.ops import cuda
 from sparsenet.ops.fatbin import architectures
 
@@ -83,8 +83,14 @@ def _two_of_four(out_f, in_f, seed):
     return lin
 
 
-def test_the_two_of_four_helper_makes_an_nm_layer():
+def test_the_nm_helpers_make_nm_layers():
     assert SparseLinear.from_dense(_two_of_four(16, 32, seed=3), format="nm").format == "nm"
+    for shape, pattern in [((32, 64), (2, 4)), ((45, 70), (2, 4)), ((64, 100), (4, 8)), ((17, 30), (1, 4)),
+                           ((20, 48), (3, 16))]:
+        lin = _nm_pruned(*shape, *pattern, seed=1)
+        sp = SparseLinear.from_dense(lin, format="nm", pattern=pattern)
+        x = torch.randn(3, shape[1])
+        torch.testing.assert_close(sp(x).double(), _reference(lin.double(), x.double()), rtol=1e-4, atol=1e-4)
 
 
 _TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -141,6 +147,33 @@ def test_bsr_linear_on_cuda_matches_float64(dtype, shape, block, density, batch)
     torch.testing.assert_close(y.double(), ref, rtol=_TOLERANCE[dtype], atol=_TOLERANCE[dtype] * max(scale, 1.0))
 
 
+def _nm_pruned(out_f, in_f, n, m, seed):
+    lin = _pruned(out_f, in_f, 1.0, seed)
+    with torch.no_grad():
+        w = lin.weight
+        groups = -(-in_f // m)
+        padded = torch.nn.functional.pad(w.abs(), (0, groups * m - in_f), value=-1.0).view(out_f, groups, m)
+        drop = padded.argsort(dim=-1)[..., : m - n]  # the m - n smallest of each group
+        keep = torch.ones_like(padded, dtype=torch.bool).scatter_(-1, drop, False).view(out_f, -1)[:, :in_f]
+        w.mul_(keep)
+    return lin
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape,pattern,batch", [((32, 64), (2, 4), 1), ((45, 70), (2, 4), 9), ((64, 100), (4, 8), 33),
+                                                 ((17, 30), (1, 4), 3), ((20, 48), (3, 16), 0)])
+def test_nm_linear_on_cuda_matches_float64(dtype, shape, pattern, batch):
+    lin = _nm_pruned(*shape, *pattern, seed=batch + shape[0])
+    sp = SparseLinear.from_dense(lin, format="nm", pattern=pattern).to("cuda", dtype)
+    x = torch.randn(batch, shape[1], device="cuda").to(dtype)
+    y = sp(x)
+    ref = _reference(lin.double().cuda(), x.double())
+    scale = ref.abs().max().item() if ref.numel() else 1.0
+    torch.testing.assert_close(y.double(), ref, rtol=_TOLERANCE[dtype], atol=_TOLERANCE[dtype] * max(scale, 1.0))
+
+
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("format", ["csr", "bitmap"])
@@ -159,9 +192,10 @@ def test_cuda_input_shapes_strides_and_streams(format):
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("format,kernel", [("csr", "csr_rows_kernel"), ("bitmap", "bitmap_rows_kernel"),
-                                           ("bsr", "bsr_tile_kernel")])
+                                           ("bsr", "bsr_tile_kernel"), ("nm", "nm_rows_kernel")])
 def test_cuda_path_runs_the_sparsenet_kernel_not_a_fallback(format, kernel):
-    lin = _block_pruned(512, 512, (16, 16), 0.1, seed=2) if format == "bsr" else _pruned(512, 512, 0.1, seed=2)
+    lin = {"bsr": lambda: _block_pruned(512, 512, (16, 16), 0.1, seed=2),
+           "nm": lambda: _two_of_four(512, 512, seed=2)}.get(format, lambda: _pruned(512, 512, 0.1, seed=2))()
     sp = SparseLinear.from_dense(lin, format=format).cuda().half()
     x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
     sp(x)
@@ -185,8 +219,9 @@ def test_cuda_backward_compile_and_errors():
     torch.testing.assert_close(compiled(x.detach()), sp(x.detach()))
     with pytest.raises(TypeError, match="weight's values are torch.float32"):
         sp(x.detach().half())
-    with pytest.raises(ValueError, match="format='csr' or format='bitmap' or format='bsr'"):
-        SparseLinear.from_dense(_two_of_four(16, 32, seed=3), format="nm").cuda()(x.detach())
+    conv = torch.nn.Conv2d(4, 8, 3)
+    with pytest.raises(ValueError, match="no cuda kernel for csr_conv2d"):
+        SparseConv2d.from_dense(conv).cuda()(torch.randn(1, 4, 8, 8, device="cuda"))
 
 
 @needs_gpu
