@@ -1,17 +1,18 @@
 """sparsenet's CUDA kernels against cuBLAS dense (F.linear) and torch's sparse paths, float16,
 LLaMA-7B MLP shapes (11008x4096, 4096x11008) and 4096x4096: CSR and bitmap on unstructured sparsity at
 batch 1-64 (against torch's cuSPARSE CSR), and BSR on 32x32 blocks at 90% at batch 256 and 2048
-(against torch's BSR matmul).
+(against torch's BSR matmul), and N:M on 2:4 at batch 16 and 2048 (against torch's semi-structured
+path).
 
-    python3 benchmarks/gpu/bench_cuda.py [--sparsities 0.9,0.7,0.5] [--batches 1,4,16,64] [--parts small,bsr]
+    python3 benchmarks/gpu/bench_cuda.py [--sparsities 0.9,0.7,0.5] [--batches 1,4,16,64] [--parts small,bsr,nm]
 
 Each contender runs over enough copies of its weight that together they exceed the L2 cache four
 times over (so weights come from HBM), timed by replaying a CUDA graph of those calls (events around
 the replay; median of repeats; a contender that cannot be captured is timed by events around a loop,
-and marked). Prints,
-per cell: each contender's time, the faster sparsenet format's speedup over dense and over cuSPARSE
-(same run), and the bandwidth it reached (bytes it must read: values, structure, input, output;
-over its time), with the GPU. The BSR table gives TFLOP/s (stored blocks' multiply-adds over time).
+and marked). Prints, per cell: each contender's time, the faster sparsenet format's speedup over
+dense and over cuSPARSE (same run), and the bandwidth it reached (bytes it must read: values,
+structure, input, output; over its time), with the GPU. The BSR table gives TFLOP/s (stored blocks'
+multiply-adds over time).
 """
 from __future__ import annotations
 
@@ -112,17 +113,56 @@ def bsr_table(batches=(256, 2048), block: int = 32, sparsity: float = 0.9) -> No
                   flush=True)
 
 
+def nm_table(batches=(16, 2048)) -> None:
+    dtype = torch.float16
+    print("\n2:4, float16")
+    print("| weight | batch | dense us | torch 2:4 us | sparsenet N:M us | vs dense | vs torch 2:4 |")
+    print("|---|---|---|---|---|---|---|")
+    for out_f, in_f in SHAPES:
+        torch.manual_seed(0)
+        weight = torch.randn(out_f, in_f, device="cuda", dtype=dtype)
+        weight.view(out_f, in_f // 4, 4)[..., 2:] = 0  # 2 of every 4
+        lin = torch.nn.Linear(in_f, out_f, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(weight.float().cpu())
+        layer = SparseLinear.from_dense(lin, format="nm").to("cuda", dtype)
+        layers = [layer] + [copy.deepcopy(layer) for _ in range(copies_for(layer.nnz * 2) - 1)]
+        dense_w = [weight.clone() for _ in range(copies_for(weight.numel() * 2))]
+        try:
+            semi = [torch.sparse.to_sparse_semi_structured(weight.clone()) for _ in layers]
+        except (RuntimeError, AttributeError) as error:
+            print(f"torch 2:4 path unavailable: {error}", flush=True)
+            semi = None
+        for batch in batches:
+            x = torch.randn(batch, in_f, device="cuda", dtype=dtype)
+            with torch.inference_mode():
+                torch.testing.assert_close(layer(x).float(), F.linear(x, weight).float(), rtol=2e-2, atol=1e-1)
+                dense_ms, _ = time_ms([lambda w=w: F.linear(x, w) for w in dense_w])
+                torch_ms, how = float("nan"), "failed"
+                if semi is not None:
+                    try:
+                        torch_ms, how = time_ms([lambda w=w: F.linear(x, w) for w in semi])
+                    except RuntimeError as error:
+                        print(f"torch 2:4 path failed: {error}", flush=True)
+                ours_ms, _ = time_ms([lambda m=m: m(x) for m in layers])
+            note = {"graph": "", "events": " (events)"}.get(how, " (failed)")
+            print(f"| {out_f}x{in_f} | {batch} | {1e3 * dense_ms:.1f} | {1e3 * torch_ms:.1f}{note} | {1e3 * ours_ms:.1f} | "
+                  f"{dense_ms / ours_ms:.2f}x | {torch_ms / ours_ms:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sparsities", default="0.9,0.7,0.5")
     parser.add_argument("--batches", default="1,4,16,64")
-    parser.add_argument("--parts", default="small,bsr")
+    parser.add_argument("--parts", default="small,bsr,nm")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name(0)}, L2 {l2_bytes() / 2**20:.0f} MiB, torch {torch.__version__}")
     if "small" in args.parts:
         small_batch_table(args)
     if "bsr" in args.parts:
         bsr_table()
+    if "nm" in args.parts:
+        nm_table()
 
 
 def small_batch_table(args) -> None:
