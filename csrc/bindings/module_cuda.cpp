@@ -6,6 +6,7 @@
 // uploads its own device copy, which its kernels read from then on: no later write to the caller's
 // tensors can make a kernel read out of bounds, as for the CPU handles.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cuda_runtime.h>
 
@@ -26,6 +27,7 @@
 #include "cpu/nm_view.h"
 #include "cuda/bitmap_cuda.h"
 #include "cuda/bsr_cuda.h"
+#include "cuda/conv_cuda.h"
 #include "cuda/csr_cuda.h"
 #include "cuda/nm_cuda.h"
 
@@ -237,6 +239,64 @@ class CsrHandle : public HandleBase<sparsenet::cuda::CsrDevice, &sparsenet::cuda
     a_.index_bytes = view.index_bytes;
   }
 
+  // out[:] = conv2d(x, A as (out_channels, in_channels / groups, kh, kw)) (+ bias) on `stream`;
+  // geometry = [kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups]; x (N, C, H, W) and
+  // out contiguous, of the values' dtype, on this handle's device.
+  void conv2d(const py::object& values, const py::object& x, const py::object& out, const py::object& bias,
+              const std::vector<int64_t>& geometry, uintptr_t stream) const {
+    if (geometry.size() != 9) throw py::value_error("geometry must hold 9 ints: kh, kw, sh, sw, ph, pw, dh, dw, groups");
+    const dl::Tensor& v = tensor_of(values, "values");
+    const dl::Tensor& xt = tensor_of(x, "x");
+    const dl::Tensor& yt = tensor_of(out, "out");
+    const dl::Tensor* bt = bias.is_none() ? nullptr : &tensor_of(bias, "bias");
+    for (const dl::Tensor* t : {&v, &xt, &yt, bt}) {
+      if (t && (t->device.device_type != dl::kCUDA || t->device.device_id != device_))
+        throw py::value_error("values, x, out and bias must be on cuda:" + std::to_string(device_) +
+                              ", where this weight's structure is");
+    }
+    const sparsenet::cuda::DType dtype = value_type(v, "values");
+    for (const auto& [t, name] : {std::pair{&xt, "x"}, std::pair{&yt, "out"}, std::pair{bt, "bias"}}) {
+      if (t && value_type(*t, name) != dtype) throw py::type_error(std::string(name) + " must have the values' dtype");
+    }
+    if (v.ndim != 1 || v.shape[0] != a_.nnz || !contiguous(v))
+      throw py::value_error("values must be contiguous with nnz = " + std::to_string(a_.nnz) + " entries");
+    if (xt.ndim != 4 || !contiguous(xt)) throw py::value_error("x must be a contiguous (N, C, H, W) tensor");
+    sparsenet::ConvShape s;
+    s.batch = xt.shape[0];
+    s.in_channels = xt.shape[1];
+    s.in_h = xt.shape[2];
+    s.in_w = xt.shape[3];
+    s.out_channels = a_.rows;
+    s.kernel_h = geometry[0];
+    s.kernel_w = geometry[1];
+    s.stride_h = geometry[2];
+    s.stride_w = geometry[3];
+    s.pad_h = geometry[4];
+    s.pad_w = geometry[5];
+    s.dil_h = geometry[6];
+    s.dil_w = geometry[7];
+    s.groups = geometry[8];
+    sparsenet::CsrView shape_only;  // validate_conv reads the weight's rows and columns only
+    shape_only.rows = a_.rows;
+    shape_only.cols = a_.cols;
+    sparsenet::validate_conv(s, shape_only);  // std::invalid_argument -> ValueError
+    if (yt.ndim != 4 || !contiguous(yt) || yt.shape[0] != s.batch || yt.shape[1] != s.out_channels ||
+        yt.shape[2] != s.out_h || yt.shape[3] != s.out_w)
+      throw py::value_error("out must be a contiguous (" + std::to_string(s.batch) + ", " + std::to_string(s.out_channels) +
+                            ", " + std::to_string(s.out_h) + ", " + std::to_string(s.out_w) + ") tensor");
+    if (bt && (bt->ndim != 1 || bt->shape[0] != a_.rows || !contiguous(*bt)))
+      throw py::value_error("bias must be contiguous with " + std::to_string(a_.rows) + " entries");
+    const size_t item = dtype == sparsenet::cuda::DType::kFloat32 ? 4 : 2;
+    const char* xlo = data_of(xt);
+    const char* ylo = data_of(yt);
+    const size_t xbytes = static_cast<size_t>(s.batch * s.in_channels * s.in_h * s.in_w) * item;
+    const size_t ybytes = static_cast<size_t>(s.batch * s.out_channels * s.out_h * s.out_w) * item;
+    if (xbytes && ybytes && ylo < xlo + xbytes && xlo < ylo + ybytes) throw py::value_error("out must not overlap x");
+    DeviceScope scope(device_);
+    sparsenet::cuda::csr_conv2d(a_, s, dtype, data_of(v), xlo, const_cast<char*>(ylo), bt ? data_of(*bt) : nullptr,
+                                reinterpret_cast<cudaStream_t>(stream));
+  }
+
  private:
   std::optional<DeviceCopy> row_ptr_, col_idx_;
 };
@@ -358,8 +418,8 @@ class NmHandle : public HandleBase<sparsenet::cuda::NmDevice, &sparsenet::cuda::
 
 // The Python class of a handle: Handle(rows, cols, *structure) and the same methods for every format.
 template <typename Handle, typename... Names>
-void bind_handle(py::module_& m, const char* name, const char* doc, Names... structure) {
-  py::class_<Handle>(m, name)
+py::class_<Handle> bind_handle(py::module_& m, const char* name, const char* doc, Names... structure) {
+  return py::class_<Handle>(m, name)
       .def(py::init<int64_t, int64_t, std::conditional_t<true, const py::object&, Names>...>(), py::arg("rows"),
            py::arg("cols"), py::arg(structure)..., doc)
       .def("matmul", &Handle::matmul, py::arg("values"), py::arg("x"), py::arg("out"), py::arg("bias"),
@@ -379,7 +439,11 @@ PYBIND11_MODULE(_C_cuda, m) {
     return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
   }, "CUDA devices this module can use (0 without a driver or a GPU)");
   const char* doc = "Copies, validates and uploads a packed weight's structure held on a CUDA device (DLPack capsules).";
-  bind_handle<CsrHandle>(m, "CsrHandle", doc, "row_ptr", "col_idx");
+  bind_handle<CsrHandle>(m, "CsrHandle", doc, "row_ptr", "col_idx")
+      .def("conv2d", &CsrHandle::conv2d, py::arg("values"), py::arg("x"), py::arg("out"), py::arg("bias"),
+           py::arg("geometry"), py::arg("stream"),
+           "out[:] = conv2d(x, A as (out_channels, in_channels / groups, kh, kw)) (+ bias) on the given stream; "
+           "geometry: kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups; NCHW DLPack capsules");
   bind_handle<BitmapHandle>(m, "BitmapHandle", doc, "masks", "row_ptr");
   bind_handle<BsrHandle>(m, "BsrHandle", doc, "block_shape", "block_ptr", "block_cols");
   bind_handle<NmHandle>(m, "NmHandle", doc, "pattern", "indices");

@@ -189,18 +189,28 @@ def measure(weight: torch.Tensor, keep: Optional[torch.Tensor], bias: Optional[t
 
 def measure_conv(conv, input_shape: tuple[int, ...], cache: TimingCache) -> Measured:
     """Time ``conv`` (an ``nn.Conv2d``) dense against its ``SparseConv2d`` on inputs of
-    ``input_shape`` (cached as :func:`measure`'s, keyed by the convolution's geometry and input)."""
+    ``input_shape`` (cached as :func:`measure`'s, keyed by the convolution's geometry and input), on
+    the layer's device in its dtype."""
+    import copy
+
     from sparsenet.nn.conv import SparseConv2d
 
-    sparse = SparseConv2d.from_dense(conv)
-    key = (f"{cpu_model()}|conv{'x'.join(str(v) for v in sparse.geometry)}|input={'x'.join(map(str, input_shape))}"
-           f"|{sparse.density:.2f}|threads={torch.get_num_threads()}")
+    device, dtype = conv.weight.device, conv.weight.dtype
+    on_cuda = device.type == "cuda"
+    sparse = SparseConv2d.from_dense(copy.deepcopy(conv).to("cpu", torch.float32) if on_cuda else conv)
+    machine = (f"{torch.cuda.get_device_name(device)}|{str(dtype).removeprefix('torch.')}" if on_cuda
+               else f"{cpu_model()}")
+    key = (f"{machine}|conv{'x'.join(str(v) for v in sparse.geometry)}|input={'x'.join(map(str, input_shape))}"
+           f"|{sparse.density:.2f}" + ("" if on_cuda else f"|threads={torch.get_num_threads()}"))
     seconds = cache.get(key, ["csr"])
     if seconds is not None:
         return Measured(seconds, cached=True)
-    x = torch.randn(*input_shape)
     dense = sparse.to_dense_conv()  # the pruned weight as the dense layer computes it
-    with torch.inference_mode():
-        seconds = time_calls({"dense": lambda: dense(x), "csr": lambda: sparse(x)})
+    if on_cuda:
+        sparse, dense = sparse.to(device, dtype), dense.to(device, dtype)
+    x = torch.randn(*input_shape, device=device, dtype=dtype)
+    with torch.inference_mode(), (torch.cuda.device(device) if on_cuda else contextlib.nullcontext()):
+        calls = {"dense": lambda: dense(x), "csr": lambda: sparse(x)}
+        seconds = time_calls_cuda(calls) if on_cuda else time_calls(calls)
     cache.put(key, seconds)
     return Measured(seconds, layers={"csr": sparse})

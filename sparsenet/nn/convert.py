@@ -156,9 +156,9 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
     of ``rows``) and convolutions at their input size. With ``format="auto"`` and no example, Conv2d
     layers stay dense (the report says so).
 
-    Linear layers on a CUDA device convert too (every format has CUDA kernels; built from a CPU
-    float32 copy, then moved back to the layer's device and dtype, float16 and bfloat16 included);
-    ``format="auto"`` times them on their GPU, in their dtype. Convolutions there stay dense.
+    Layers on a CUDA device convert too (every format has CUDA kernels; built from a CPU float32
+    copy, then moved back to the layer's device and dtype, float16 and bfloat16 included);
+    ``format="auto"`` times them on their GPU, in their dtype.
 
     Accepts layers pruned by ``sparsenet.prune`` (before or after ``finalize``) or by
     ``torch.nn.utils.prune`` (``weight_orig`` + ``weight_mask``). ``exclude``: module names or glob
@@ -212,11 +212,11 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
             row.note = f"{str(weight.dtype).removeprefix('torch.')}: the CPU kernels run float32 only"
         elif sparsity < min_sparsity:
             row.note = "below min_sparsity"
+        elif isinstance(module, nn.Conv2d):
+            _plan_conv(name, module, row, plan, timings, seen.get(name), format)
         elif weight.device.type != "cpu" and format != "auto":  # with a kernel there (_device_misfit)
             plan.append((name, module, format, None))
             row.format = format
-        elif isinstance(module, nn.Conv2d):
-            _plan_conv(name, module, row, plan, timings, seen.get(name), format)
         elif timings is not None:
             layer_rows = math.prod(seen[name][:-1]) if name in seen else rows  # as the example ran it
             with _naming(name):
@@ -284,9 +284,7 @@ def _device_misfit(module: nn.Module, weight: torch.Tensor, format: str) -> str:
         return f"on {device}: no kernel for it in this build"
     if not cuda.available():
         return f"on {device}: this build has no CUDA kernels"
-    if isinstance(module, nn.Conv2d):
-        return f"on {device}: convolutions have no CUDA kernel yet"
-    if format != "auto" and format not in formats:
+    if format != "auto" and format not in formats and not isinstance(module, nn.Conv2d):  # (convs: csr)
         return f"on {device}: {format} has no CUDA kernel ({', '.join(formats)} do)"
     if weight.dtype not in cuda.DTYPES:
         return f"on {device}: {str(weight.dtype).removeprefix('torch.')} weights have no CUDA kernel"

@@ -27,13 +27,14 @@ def output_size(geometry, height: int, width: int) -> tuple[int, int]:
     return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
 
-def _columns(geometry) -> int:
+def columns(geometry) -> int:
+    """The packed weight's columns: in_channels / groups * kh * kw."""
     in_channels, _, kh, kw = geometry[:4]
     return in_channels // geometry[10] * kh * kw
 
 
 def _conv_cpu(x, crow_indices, col_indices, values, bias, geometry):
-    handle = csr_handle(crow_indices, col_indices, values, _columns(geometry))
+    handle = csr_handle(crow_indices, col_indices, values, columns(geometry))
     n, _, h, w = x.shape
     out = torch.empty(n, geometry[1], *output_size(geometry, h, w), dtype=torch.float32)
     handle.conv2d(values.detach().numpy(), x.detach().resolve_neg().contiguous().numpy(), out.numpy(),
@@ -52,14 +53,14 @@ def _conv_fake(x, crow_indices, col_indices, values, bias, geometry):
 def dense_weight(handle, values: torch.Tensor, geometry) -> torch.Tensor:
     """The (out, in / groups, kh, kw) weight from the handle's validated structure and ``values``."""
     crow, col = (torch.from_numpy(a.copy()) for a in handle.structure())
-    packed = PackedCSR(crow, col, values.detach(), (geometry[1], _columns(geometry)))
+    packed = PackedCSR(crow, col, values.detach(), (geometry[1], columns(geometry)))
     return packed.to_dense().reshape(geometry[1], geometry[0] // geometry[10], geometry[2], geometry[3])
 
 
 def _grad_input_cpu(grad_out, crow_indices, col_indices, values, geometry, input_shape):
     # dx through torch's own transposed convolution of the dense weight (the backward pass is rarely
     # hot), made from the handle's validated copy of the structure.
-    weight = dense_weight(csr_handle(crow_indices, col_indices, values, _columns(geometry)), values, geometry)
+    weight = dense_weight(csr_handle(crow_indices, col_indices, values, columns(geometry)), values, geometry)
     _, _, _, _, sh, sw, ph, pw, dh, dw, groups = geometry
     return torch.nn.grad.conv2d_input(list(input_shape), weight, grad_out, (sh, sw), (ph, pw), (dh, dw), groups)
 
@@ -103,6 +104,6 @@ def csr_conv2d(x, crow_indices, col_indices, values, bias, geometry) -> torch.Te
     if x.dim() != 4 or x.shape[1] != geometry[0]:
         raise ValueError(f"x must have shape (N, {geometry[0]}, H, W), got {tuple(x.shape)}")
     geometry = [int(g) for g in geometry]
-    if not torch.compiler.is_compiling() and not _needs_autograd(x, bias):
+    if not torch.compiler.is_compiling() and not _needs_autograd(x, bias) and x.device.type == "cpu":
         return _conv_cpu(x, crow_indices, col_indices, values, bias, geometry)
     return torch.ops.sparsenet.csr_conv2d(x, crow_indices, col_indices, values, bias, geometry)

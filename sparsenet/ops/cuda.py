@@ -6,8 +6,9 @@ Today, forward in float32, float16 and bfloat16 (values, input, bias and output 
 sums in float32): ``csr_linear``, ``bitmap_linear`` and ``nm_linear`` with a warp per weight row
 (small batches; N:M has no sparse tensor-core path yet), ``bsr_linear`` with each stored block and
 64 inputs staged in shared memory and multiplied on the tensor cores (float16, bfloat16; float32 on
-the CUDA cores). CSR's backward (the input's gradient) runs torch's CUDA CSR matmul; the others'
-have none yet and say so. Convolutions have no CUDA kernel yet: they say so.
+the CUDA cores); ``csr_conv2d`` with a thread per output element summing over its channel's stored
+weights (direct: no im2col). CSR's backward (the input's gradient) runs torch's CUDA CSR matmul;
+the others' have none yet and say so.
 
 Where the package was built without a CUDA compiler, ``import sparsenet`` still works and a CUDA
 call gets a clear error saying how to build the kernels.
@@ -19,6 +20,7 @@ import warnings
 import torch
 from torch.utils.dlpack import to_dlpack
 
+from sparsenet.ops.csr_conv2d import columns as conv_columns, output_size
 from sparsenet.ops.csr_linear import as_rows
 from sparsenet.ops.handles import cached
 
@@ -30,7 +32,7 @@ except ImportError as error:  # built without a CUDA compiler (or its import fai
     _MISSING = str(error)
 
 # The ops with a CUDA kernel here.
-OPS = ("csr_linear", "bitmap_linear", "bsr_linear", "nm_linear")
+OPS = ("csr_linear", "bitmap_linear", "bsr_linear", "nm_linear", "csr_conv2d")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -111,6 +113,19 @@ def _linear_cuda(format: str):
     return run
 
 
+def _conv_cuda(x, crow_indices, col_indices, values, bias, geometry):
+    check_input(x, values)
+    handle = handle_cuda("csr", (crow_indices, col_indices), crow_indices.numel() - 1, conv_columns(geometry))
+    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
+        raise TypeError(f"bias must be {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+    n, _, h, w = x.shape
+    out = torch.empty(n, geometry[1], *output_size(geometry, h, w), dtype=x.dtype, device=x.device)
+    handle.conv2d(_dl(values.contiguous()), _dl(x.contiguous()), _dl(out),
+                  None if bias is None else _dl(bias.contiguous()), list(geometry[2:]),
+                  torch.cuda.current_stream(x.device).cuda_stream)
+    return out
+
+
 def _csr_grad_input_cuda(grad_out, crow_indices, col_indices, values, in_features):
     out_features = crow_indices.numel() - 1
     g2 = as_rows(grad_out, out_features)
@@ -123,8 +138,8 @@ def _csr_grad_input_cuda(grad_out, crow_indices, col_indices, values, in_feature
 
 def _no_grad_input(format: str):
     def refuse(*args):
-        raise NotImplementedError(f"the input's gradient through a {format} layer has no CUDA kernel yet: "
-                                  "convert the layer with format='csr' to train through it on CUDA")
+        hint = "" if format == "convolution" else ": convert the layer with format='csr' to train through it on CUDA"
+        raise NotImplementedError(f"the input's gradient through a {format} layer has no CUDA kernel yet{hint}")
     return refuse
 
 
@@ -134,3 +149,5 @@ _lib.impl("csr_linear_grad_input", _csr_grad_input_cuda, "CUDA")
 for _format in ("bitmap", "bsr", "nm"):
     _lib.impl(f"{_format}_linear", _linear_cuda(_format), "CUDA")
     _lib.impl(f"{_format}_linear_grad_input", _no_grad_input(_format), "CUDA")
+_lib.impl("csr_conv2d", _conv_cuda, "CUDA")
+_lib.impl("csr_conv2d_grad_input", _no_grad_input("convolution"), "CUDA")

@@ -306,3 +306,21 @@ def test_auto_times_cuda_layers_on_their_gpu(monkeypatch):
     assert timed and all(t == ["bitmap", "csr", "dense"] for t in timed)
     assert isinstance(sparse[0], SparseLinear) and sparse[0].format == "bitmap"
     assert sparse[0].values.device.type == "cuda" and sparse[0].values.dtype == torch.float16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_sparsify_converts_cuda_convolutions():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3)).cuda()
+    with torch.no_grad():
+        for conv in (model[0], model[2]):
+            conv.weight.mul_(torch.rand_like(conv.weight) < 0.2)
+    x = torch.randn(2, 4, 10, 10, device="cuda")
+    with torch.no_grad():
+        expected = model(x)
+        sparse, report = sparsenet.sparsify(model, format="csr")
+        got = sparse(x)
+    from sparsenet.nn import SparseConv2d
+
+    assert isinstance(sparse[0], SparseConv2d) and sparse[0].values.device.type == "cuda"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -192,7 +192,7 @@ def test_cuda_input_shapes_strides_and_streams(format):
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("format,kernel", [("csr", "csr_rows_kernel"), ("bitmap", "bitmap_rows_kernel"),
-                                           ("bsr", "bsr_tile_kernel"), ("nm", "nm_rows_kernel")])
+                                           ("bsr", "bsr_tile_kernel"), ("nm", "nm_rows_kernel")])  # conv: below
 def test_cuda_path_runs_the_sparsenet_kernel_not_a_fallback(format, kernel):
     lin = {"bsr": lambda: _block_pruned(512, 512, (16, 16), 0.1, seed=2),
            "nm": lambda: _two_of_four(512, 512, seed=2)}.get(format, lambda: _pruned(512, 512, 0.1, seed=2))()
@@ -219,9 +219,10 @@ def test_cuda_backward_compile_and_errors():
     torch.testing.assert_close(compiled(x.detach()), sp(x.detach()))
     with pytest.raises(TypeError, match="weight's values are torch.float32"):
         sp(x.detach().half())
-    conv = torch.nn.Conv2d(4, 8, 3)
-    with pytest.raises(ValueError, match="no cuda kernel for csr_conv2d"):
-        SparseConv2d.from_dense(conv).cuda()(torch.randn(1, 4, 8, 8, device="cuda"))
+    conv = SparseConv2d.from_dense(torch.nn.Conv2d(4, 8, 3)).cuda()
+    xi = torch.randn(1, 4, 8, 8, device="cuda", requires_grad=True)
+    with pytest.raises(NotImplementedError, match="convolution layer has no CUDA kernel yet"):
+        conv(xi).sum().backward()
 
 
 @needs_gpu
@@ -256,3 +257,58 @@ def test_cuda_bitmap_backward_is_a_clear_error():
     col = torch.tensor([0, 9], dtype=torch.int32, device="cuda")  # out of range
     with pytest.raises(ValueError):
         _C_cuda.CsrHandle(2, 4, to_dlpack(crow), to_dlpack(col))
+
+def _pruned_conv(cin, cout, k, density, seed, **options):
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(cin, cout, k, **options)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        conv.weight.mul_(torch.rand(conv.weight.shape, generator=g) < density)
+        if conv.bias is not None:
+            conv.bias.copy_(torch.randn(cout, generator=g))
+    return conv
+
+
+_CONVS = [  # (in, out, kernel, options, input size, batch)
+    (8, 16, 3, {"padding": 1}, 9, 2), (6, 10, 3, {"stride": 2, "padding": 1}, 11, 3),
+    (4, 6, 1, {}, 7, 1), (8, 8, 3, {"groups": 2, "dilation": 2, "padding": 2}, 10, 2),
+    (5, 7, (3, 5), {"stride": (2, 1), "padding": (1, 2), "bias": False}, 8, 4), (3, 4, 3, {}, 5, 0),
+]
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("cin,cout,k,options,size,batch", _CONVS)
+def test_conv2d_on_cuda_matches_float64(dtype, cin, cout, k, options, size, batch):
+    conv = _pruned_conv(cin, cout, k, 0.4, seed=cin + batch, **options)
+    sparse = SparseConv2d.from_dense(conv).to("cuda", dtype)
+    x = torch.randn(batch, cin, size, size, device="cuda").to(dtype)
+    y = sparse(x)
+    ref = conv.double().cuda()(x.double())
+    assert y.dtype == dtype and y.shape == ref.shape
+    scale = ref.abs().max().item() if ref.numel() else 1.0
+    torch.testing.assert_close(y.double(), ref, rtol=_TOLERANCE[dtype], atol=_TOLERANCE[dtype] * max(scale, 1.0))
+    cl = x.contiguous(memory_format=torch.channels_last)  # channels-last in, channels-last out
+    assert sparse(cl).is_contiguous(memory_format=torch.channels_last) or batch == 0
+
+
+def test_the_conv_cases_are_valid_convolutions():
+    for cin, cout, k, options, size, batch in _CONVS:
+        conv = _pruned_conv(cin, cout, k, 0.4, seed=cin + batch, **options)
+        x = torch.randn(batch, cin, size, size)
+        torch.testing.assert_close(SparseConv2d.from_dense(conv)(x), conv(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_cuda_conv_runs_the_sparsenet_kernel():
+    sparse = SparseConv2d.from_dense(_pruned_conv(16, 16, 3, 0.2, seed=1, padding=1)).cuda().half()
+    x = torch.randn(2, 16, 14, 14, device="cuda", dtype=torch.float16)
+    sparse(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        sparse(x)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("csr_conv2d_kernel" in n for n in names), names
+    assert not any("conv" in n.lower() and "csr_conv2d_kernel" not in n for n in names), names
