@@ -15,6 +15,7 @@ call gets a clear error saying how to build the kernels.
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
@@ -24,8 +25,8 @@ from sparsenet.ops.csr_conv2d import columns as conv_columns, output_size
 from sparsenet.ops.csr_linear import as_rows
 from sparsenet.ops.handles import cached
 
-try:
-    from sparsenet import _C_cuda
+try:  # (by its full name: "from sparsenet import" reads as a circular import while sparsenet loads)
+    _C_cuda = importlib.import_module("sparsenet._C_cuda")
     _MISSING = None
 except ImportError as error:  # built without a CUDA compiler (or its import failed): say why on use
     _C_cuda = None
