@@ -459,7 +459,7 @@ def _check_against_model(path: str, header: dict, state: dict[str, torch.Tensor]
             p = _prefix(name)
             tensors = {n: state[p + n] for n in (*spec.STRUCTURE, "values")}
             try:
-                packed = spec.from_tensors(tensors, shape)
+                packed = spec.from_tensors(registry.packable(tensors), shape)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{path!r}: sparse module {name!r} ({shape[0]}x{shape[1]}) is invalid: {e}") from None
             described = {k: entries[first].get(k) for k in packed.metadata() if k not in ("format", "version")}

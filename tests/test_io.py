@@ -1,4 +1,5 @@
 """sparsenet.save / sparsenet.load: round trips, size, tied tensors, and every kind of bad file."""
+import copy
 import io as _io
 import json
 import os
@@ -734,3 +735,26 @@ def test_load_dense_keeps_the_models_own_layer_types(tmp_path):
     target = nn.Sequential(nn.Linear(8, 4))
     assert sio.load_dense(tmp_path / "one.sn", target) is target and isinstance(target[0], nn.Linear)
     assert torch.equal(target[0].weight, single.weight)
+
+
+@pytest.mark.parametrize("format", ["csr", "bitmap"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_sparse_layers_save_load_and_densify(tmp_path, format, dtype):
+    # Half-precision values are for the CUDA kernels; a model holding them (e.g. model.half() before
+    # .cuda()) still saves, loads (its sparse values in the file's precision) and densifies in its
+    # own dtype.
+    import sparsenet
+
+    model = zero_linear_weights(nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4)), 0.7)
+    sparse, _ = sparsenet.sparsify(model, format=format)
+    half = sparse.to(dtype)
+    path = tmp_path / "half.sparsenet"
+    sparsenet.save(half, str(path))
+    loaded = sparsenet.load(str(path), nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4)))
+    assert loaded[0].format == format and loaded[0].values.dtype == dtype
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.float()(x), copy.deepcopy(half).float()(x))  # (.float() is in place)
+    dense = sparsenet.densify(half)
+    assert type(dense[0]) is nn.Linear and dense[0].weight.dtype == dtype
+    torch.testing.assert_close(dense[0].weight, model[0].weight.detach().to(dtype))

@@ -16,12 +16,23 @@ Adding a format means writing its module, its kernels and its op, and one ``regi
 """
 from __future__ import annotations
 
+import torch
+
 from sparsenet.formats.bitmap import PackedBitmap
 from sparsenet.formats.bsr import PackedBSR
 from sparsenet.formats.nm import PackedNM
 from sparsenet.formats.csr import PackedCSR
 
 _FORMATS: dict[str, type] = {}
+
+
+def packable(tensors: dict) -> dict:
+    """A layer's format tensors (structure and ``values`` by name) as the packed classes take them:
+    on the CPU, values float32. (A layer may hold them on CUDA and its values in float16 or bfloat16,
+    for the CUDA kernels; the packed classes validate and describe the CPU float32 form.)"""
+    half = (torch.float16, torch.bfloat16)  # (any other dtype is left for the format to refuse)
+    return {name: t.detach().to("cpu", torch.float32) if name == "values" and t.dtype in half else t.detach().cpu()
+            for name, t in tensors.items()}
 
 
 def register(packed: type) -> type:

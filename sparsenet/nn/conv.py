@@ -119,12 +119,14 @@ class SparseConv2d(SparseWeightModule):
 
     # ---- views --------------------------------------------------------------------------------
     def to_dense(self) -> torch.Tensor:
-        """The dense ``(out_channels, in_channels / groups, kh, kw)`` weight."""
-        return self.to_packed().to_dense().reshape(self.weight_shape)
+        """The dense ``(out_channels, in_channels / groups, kh, kw)`` weight, on the layer's device in
+        its dtype."""
+        return self._like_values(self.to_packed().to_dense().reshape(self.weight_shape))
 
     def to_dense_conv(self) -> nn.Conv2d:
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.groups, bias=self.bias is not None)
+                         self.dilation, self.groups, bias=self.bias is not None, device=self.values.device,
+                         dtype=self.values.dtype)
         with torch.no_grad():
             conv.weight.copy_(self.to_dense())
             if self.bias is not None:

@@ -73,10 +73,14 @@ class SparseWeightModule(nn.Module):
     weight_shape: tuple[int, ...]  # of the dense layer's weight
 
     def to_packed(self):
-        """The weight as its format's packed object (validated)."""
+        """The weight as its format's packed object (validated; on the CPU, float32 values)."""
         spec = registry.get(self.format)
         tensors = {name: getattr(self, name) for name in spec.STRUCTURE}
-        return spec.from_tensors({**tensors, "values": self.values.detach()}, self.packed_shape)
+        return spec.from_tensors(registry.packable({**tensors, "values": self.values}), self.packed_shape)
+
+    def _like_values(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the values' device, in their dtype (a CUDA or half-precision layer's dense views)."""
+        return t.to(self.values.device, self.values.dtype)
 
     @property
     def nnz(self) -> int:
@@ -142,7 +146,7 @@ class SparseWeightModule(nn.Module):
         if all(prefix + n in state_dict for n in names):
             given = {n: state_dict[prefix + n] for n in names}
             try:
-                spec.from_tensors(given, self.packed_shape)
+                spec.from_tensors(registry.packable(given), self.packed_shape)
             except (ValueError, TypeError) as e:
                 error_msgs.append(f"{prefix or type(self).__name__}: invalid packed {self.format} weight in "
                                   f"state_dict: {e}")
@@ -273,8 +277,8 @@ class SparseLinear(SparseWeightModule):
         return (self.out_features, self.in_features)
 
     def to_dense(self) -> torch.Tensor:
-        """The dense (out_features, in_features) weight."""
-        return self.to_packed().to_dense()
+        """The dense (out_features, in_features) weight, on the layer's device in its dtype."""
+        return self._like_values(self.to_packed().to_dense())
 
     def to_csr(self) -> CSR:
         """The weight as a CSR (from another format: its non-zeros)."""
@@ -282,7 +286,8 @@ class SparseLinear(SparseWeightModule):
         return packed.to_csr() if isinstance(packed, PackedCSR) else CSR.from_dense(packed.to_dense())
 
     def to_dense_linear(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.values.device, dtype=self.values.dtype)
         with torch.no_grad():
             linear.weight.copy_(self.to_dense())
             if self.bias is not None:
