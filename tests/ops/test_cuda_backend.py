@@ -312,3 +312,19 @@ def test_cuda_conv_runs_the_sparsenet_kernel():
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert any("csr_conv2d_kernel" in n for n in names), names
     assert not any("conv" in n.lower() and "csr_conv2d_kernel" not in n for n in names), names
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_cuda_half_models_save_load_and_densify(tmp_path):
+    model = torch.nn.Sequential(_pruned(24, 16, 0.3, seed=7), torch.nn.ReLU(), _pruned(8, 24, 0.3, seed=8))
+    sparse, _ = sparsenet.sparsify(model.cuda().half(), format="csr")
+    sparsenet.save(sparse, str(tmp_path / "m.sparsenet"))
+    skeleton = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8))
+    loaded = sparsenet.load(str(tmp_path / "m.sparsenet"), skeleton).cuda().half()
+    x = torch.randn(4, 16, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), sparse(x))
+        dense = sparsenet.densify(sparse)
+        assert dense[0].weight.device.type == "cuda" and dense[0].weight.dtype == torch.float16
+        torch.testing.assert_close(dense(x), sparse(x), rtol=2e-3, atol=2e-3)
