@@ -324,7 +324,6 @@ class CsrHandle {
   void conv2d(const py::buffer& values, const py::buffer& x, const py::buffer& y, const py::object& bias,
               const std::vector<int64_t>& geometry) const {
     const float* value_data = values_pointer(values, view_.nnz);
-    if (geometry.size() != 9) throw py::value_error("geometry must be (kh, kw, sh, sw, ph, pw, dh, dw, groups)");
     const py::buffer_info xi = x.request(), yi = y.request(/*writable=*/true);
     const auto contiguous4 = [](const py::buffer_info& b, const char* name) {
       if (b.ndim != 4) throw py::value_error(std::string(name) + " must be 4-D (batch, channels, height, width)");
@@ -337,22 +336,9 @@ class CsrHandle {
     };
     contiguous4(xi, "x");
     contiguous4(yi, "out");
-    sparsenet::ConvShape s;
-    s.batch = xi.shape[0];
-    s.in_channels = xi.shape[1];
-    s.in_h = xi.shape[2];
-    s.in_w = xi.shape[3];
-    s.out_channels = view_.rows;
-    s.kernel_h = geometry[0];
-    s.kernel_w = geometry[1];
-    s.stride_h = geometry[2];
-    s.stride_w = geometry[3];
-    s.pad_h = geometry[4];
-    s.pad_w = geometry[5];
-    s.dil_h = geometry[6];
-    s.dil_w = geometry[7];
-    s.groups = geometry[8];
-    sparsenet::validate_conv(s, view_);  // throws std::invalid_argument -> ValueError
+    sparsenet::ConvShape s = sparsenet::conv_shape(xi.shape[0], xi.shape[1], xi.shape[2], xi.shape[3], view_.rows,
+                                                   geometry);  // std::invalid_argument -> ValueError
+    sparsenet::validate_conv(s, view_);
     if (yi.shape[0] != s.batch || yi.shape[1] != s.out_channels || yi.shape[2] != s.out_h || yi.shape[3] != s.out_w)
       throw py::value_error("out must have shape (" + std::to_string(s.batch) + ", " + std::to_string(s.out_channels) +
                             ", " + std::to_string(s.out_h) + ", " + std::to_string(s.out_w) + ")");

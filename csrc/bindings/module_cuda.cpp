@@ -138,11 +138,19 @@ struct CallArgs {
   sparsenet::cuda::DenseDevice d;
 };
 
-// Checks one call's tensors against a weight of rows x cols with nnz stored values on `device`:
-// values (nnz), x (batch, cols) with contiguous rows, out (batch, rows) contiguous, bias (rows) or
-// None, all of one dtype on that device, out not overlapping x.
-CallArgs check_call(const py::object& values, const py::object& x, const py::object& out, const py::object& bias,
-                    int device, int64_t rows, int64_t cols, int64_t nnz) {
+// One call's tensors, read from their capsules: each on `device`, all of the values' dtype, the
+// values contiguous with nnz entries and the bias (if any) with rows. Shapes of x and out are the
+// caller's to check.
+struct CallTensors {
+  const dl::Tensor& v;
+  const dl::Tensor& x;
+  const dl::Tensor& y;
+  const dl::Tensor* bias;
+  sparsenet::cuda::DType dtype;
+};
+
+CallTensors call_tensors(const py::object& values, const py::object& x, const py::object& out, const py::object& bias,
+                         int device, int64_t rows, int64_t nnz) {
   const dl::Tensor& v = tensor_of(values, "values");
   const dl::Tensor& xt = tensor_of(x, "x");
   const dl::Tensor& yt = tensor_of(out, "out");
@@ -159,6 +167,25 @@ CallArgs check_call(const py::object& values, const py::object& x, const py::obj
   if (v.ndim != 1 || v.shape[0] != nnz || !contiguous(v))
     throw py::value_error("values must be contiguous with nnz = " + std::to_string(nnz) + " entries, got shape " +
                           shape_of(v));
+  if (bt && (bt->ndim != 1 || bt->shape[0] != rows || !contiguous(*bt)))
+    throw py::value_error("bias must be contiguous with " + std::to_string(rows) + " entries");
+  return {v, xt, yt, bt, dtype};
+}
+
+// Whether out's bytes overlap x's (either may be empty).
+bool overlaps(const char* x, size_t xbytes, const char* y, size_t ybytes) {
+  return xbytes && ybytes && y < x + xbytes && x < y + ybytes;
+}
+
+// Checks one linear call's tensors against a weight of rows x cols with nnz stored values on
+// `device` (call_tensors), x (batch, cols) with contiguous rows, out (batch, rows) contiguous and
+// not overlapping x.
+CallArgs check_call(const py::object& values, const py::object& x, const py::object& out, const py::object& bias,
+                    int device, int64_t rows, int64_t cols, int64_t nnz) {
+  const CallTensors t = call_tensors(values, x, out, bias, device, rows, nnz);
+  const dl::Tensor &xt = t.x, &yt = t.y;
+  const dl::Tensor* bt = t.bias;
+  const sparsenet::cuda::DType dtype = t.dtype;
   if (xt.ndim != 2 || xt.shape[1] != cols)
     throw py::value_error("x must have shape (batch, " + std::to_string(cols) + "), got " + shape_of(xt));
   const int64_t batch = xt.shape[0];
@@ -169,15 +196,13 @@ CallArgs check_call(const py::object& values, const py::object& x, const py::obj
   if (yt.ndim != 2 || yt.shape[0] != batch || yt.shape[1] != rows || !contiguous(yt))
     throw py::value_error("out must be a contiguous (" + std::to_string(batch) + ", " + std::to_string(rows) +
                           ") tensor, got " + shape_of(yt));
-  if (bt && (bt->ndim != 1 || bt->shape[0] != rows || !contiguous(*bt)))
-    throw py::value_error("bias must be contiguous with " + std::to_string(rows) + " entries");
   const size_t item = dtype == sparsenet::cuda::DType::kFloat32 ? 4 : 2;
   const char* ylo = data_of(yt);
   const char* xlo = data_of(xt);
   const size_t ybytes = static_cast<size_t>(batch * rows) * item;
   const size_t xbytes = batch == 0 ? 0 : static_cast<size_t>((batch - 1) * ldx + cols) * item;
-  if (xbytes && ybytes && ylo < xlo + xbytes && xlo < ylo + ybytes) throw py::value_error("out must not overlap x");
-  CallArgs c{dtype, data_of(v), {}};
+  if (overlaps(xlo, xbytes, ylo, ybytes)) throw py::value_error("out must not overlap x");
+  CallArgs c{dtype, data_of(t.v), {}};
   c.d.x = xlo;
   c.d.batch = batch;
   c.d.ldx = ldx;
@@ -244,57 +269,27 @@ class CsrHandle : public HandleBase<sparsenet::cuda::CsrDevice, &sparsenet::cuda
   // out contiguous, of the values' dtype, on this handle's device.
   void conv2d(const py::object& values, const py::object& x, const py::object& out, const py::object& bias,
               const std::vector<int64_t>& geometry, uintptr_t stream) const {
-    if (geometry.size() != 9) throw py::value_error("geometry must hold 9 ints: kh, kw, sh, sw, ph, pw, dh, dw, groups");
-    const dl::Tensor& v = tensor_of(values, "values");
-    const dl::Tensor& xt = tensor_of(x, "x");
-    const dl::Tensor& yt = tensor_of(out, "out");
-    const dl::Tensor* bt = bias.is_none() ? nullptr : &tensor_of(bias, "bias");
-    for (const dl::Tensor* t : {&v, &xt, &yt, bt}) {
-      if (t && (t->device.device_type != dl::kCUDA || t->device.device_id != device_))
-        throw py::value_error("values, x, out and bias must be on cuda:" + std::to_string(device_) +
-                              ", where this weight's structure is");
-    }
-    const sparsenet::cuda::DType dtype = value_type(v, "values");
-    for (const auto& [t, name] : {std::pair{&xt, "x"}, std::pair{&yt, "out"}, std::pair{bt, "bias"}}) {
-      if (t && value_type(*t, name) != dtype) throw py::type_error(std::string(name) + " must have the values' dtype");
-    }
-    if (v.ndim != 1 || v.shape[0] != a_.nnz || !contiguous(v))
-      throw py::value_error("values must be contiguous with nnz = " + std::to_string(a_.nnz) + " entries");
-    if (xt.ndim != 4 || !contiguous(xt)) throw py::value_error("x must be a contiguous (N, C, H, W) tensor");
-    sparsenet::ConvShape s;
-    s.batch = xt.shape[0];
-    s.in_channels = xt.shape[1];
-    s.in_h = xt.shape[2];
-    s.in_w = xt.shape[3];
-    s.out_channels = a_.rows;
-    s.kernel_h = geometry[0];
-    s.kernel_w = geometry[1];
-    s.stride_h = geometry[2];
-    s.stride_w = geometry[3];
-    s.pad_h = geometry[4];
-    s.pad_w = geometry[5];
-    s.dil_h = geometry[6];
-    s.dil_w = geometry[7];
-    s.groups = geometry[8];
+    const CallTensors t = call_tensors(values, x, out, bias, device_, a_.rows, a_.nnz);
+    if (t.x.ndim != 4 || !contiguous(t.x)) throw py::value_error("x must be a contiguous (N, C, H, W) tensor");
+    sparsenet::ConvShape s = sparsenet::conv_shape(t.x.shape[0], t.x.shape[1], t.x.shape[2], t.x.shape[3], a_.rows,
+                                                   geometry);  // std::invalid_argument -> ValueError
     sparsenet::CsrView shape_only;  // validate_conv reads the weight's rows and columns only
     shape_only.rows = a_.rows;
     shape_only.cols = a_.cols;
-    sparsenet::validate_conv(s, shape_only);  // std::invalid_argument -> ValueError
-    if (yt.ndim != 4 || !contiguous(yt) || yt.shape[0] != s.batch || yt.shape[1] != s.out_channels ||
-        yt.shape[2] != s.out_h || yt.shape[3] != s.out_w)
+    sparsenet::validate_conv(s, shape_only);
+    if (t.y.ndim != 4 || !contiguous(t.y) || t.y.shape[0] != s.batch || t.y.shape[1] != s.out_channels ||
+        t.y.shape[2] != s.out_h || t.y.shape[3] != s.out_w)
       throw py::value_error("out must be a contiguous (" + std::to_string(s.batch) + ", " + std::to_string(s.out_channels) +
                             ", " + std::to_string(s.out_h) + ", " + std::to_string(s.out_w) + ") tensor");
-    if (bt && (bt->ndim != 1 || bt->shape[0] != a_.rows || !contiguous(*bt)))
-      throw py::value_error("bias must be contiguous with " + std::to_string(a_.rows) + " entries");
-    const size_t item = dtype == sparsenet::cuda::DType::kFloat32 ? 4 : 2;
-    const char* xlo = data_of(xt);
-    const char* ylo = data_of(yt);
-    const size_t xbytes = static_cast<size_t>(s.batch * s.in_channels * s.in_h * s.in_w) * item;
-    const size_t ybytes = static_cast<size_t>(s.batch * s.out_channels * s.out_h * s.out_w) * item;
-    if (xbytes && ybytes && ylo < xlo + xbytes && xlo < ylo + ybytes) throw py::value_error("out must not overlap x");
+    const size_t item = t.dtype == sparsenet::cuda::DType::kFloat32 ? 4 : 2;
+    const char* xlo = data_of(t.x);
+    const char* ylo = data_of(t.y);
+    if (overlaps(xlo, static_cast<size_t>(s.batch * s.in_channels * s.in_h * s.in_w) * item, ylo,
+                 static_cast<size_t>(s.batch * s.out_channels * s.out_h * s.out_w) * item))
+      throw py::value_error("out must not overlap x");
     DeviceScope scope(device_);
-    sparsenet::cuda::csr_conv2d(a_, s, dtype, data_of(v), xlo, const_cast<char*>(ylo), bt ? data_of(*bt) : nullptr,
-                                reinterpret_cast<cudaStream_t>(stream));
+    sparsenet::cuda::csr_conv2d(a_, s, t.dtype, data_of(t.v), xlo, const_cast<char*>(ylo),
+                                t.bias ? data_of(*t.bias) : nullptr, reinterpret_cast<cudaStream_t>(stream));
   }
 
  private:

@@ -24,6 +24,28 @@ bool row_stores(const CsrView& a, int64_t r, int64_t column) {
 
 }  // namespace
 
+ConvShape conv_shape(int64_t batch, int64_t in_channels, int64_t in_h, int64_t in_w, int64_t out_channels,
+                     const std::vector<int64_t>& geometry) {
+  if (geometry.size() != 9)
+    throw std::invalid_argument("geometry must be (kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups)");
+  ConvShape s;
+  s.batch = batch;
+  s.in_channels = in_channels;
+  s.in_h = in_h;
+  s.in_w = in_w;
+  s.out_channels = out_channels;
+  s.kernel_h = geometry[0];
+  s.kernel_w = geometry[1];
+  s.stride_h = geometry[2];
+  s.stride_w = geometry[3];
+  s.pad_h = geometry[4];
+  s.pad_w = geometry[5];
+  s.dil_h = geometry[6];
+  s.dil_w = geometry[7];
+  s.groups = geometry[8];
+  return s;
+}
+
 void validate_conv(ConvShape& s, const CsrView& a) {
   for (int64_t v : {s.batch, s.in_channels, s.in_h, s.in_w, s.out_channels, s.pad_h, s.pad_w})
     if (v < 0) throw std::invalid_argument("convolution sizes and padding must be non-negative");

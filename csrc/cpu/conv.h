@@ -35,6 +35,12 @@ struct ConvArgs {
   int num_threads = 1;
 };
 
+// The shape of a convolution of an (batch, in_channels, in_h, in_w) input with `out_channels`
+// filters and geometry (kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups), as the
+// bindings receive them; std::invalid_argument unless geometry holds 9 values. Not yet validated.
+ConvShape conv_shape(int64_t batch, int64_t in_channels, int64_t in_h, int64_t in_w, int64_t out_channels,
+                     const std::vector<int64_t>& geometry);
+
 // Checks the shape against itself and the weight (out_channels rows, in_channels / groups * kh * kw
 // columns) and sets out_h, out_w; throws std::invalid_argument naming what does not fit.
 void validate_conv(ConvShape& s, const CsrView& a);
