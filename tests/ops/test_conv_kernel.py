@@ -22,6 +22,8 @@ CASES = [
     (2, 3, (7, 7), (2, 2), (3, 3), (1, 1), 1, 7, 7),
     (3, 5, (3, 3), (1, 1), (0, 0), (1, 1), 1, 3, 3),  # one output pixel
     (70, 3, (1, 1), (1, 2), (0, 0), (1, 1), 1, 1, 130),  # a wide row, stride only along it
+    (20, 12, (1, 1), (1, 1), (0, 0), (1, 1), 1, 16, 16),  # pointwise, planes a multiple of the tile
+    (12, 10, (1, 1), (1, 1), (0, 0), (1, 1), 2, 4, 12),  # planes of 48: one full tile, one masked
 ]
 
 
@@ -114,3 +116,4 @@ def test_the_handle_refuses_what_does_not_fit():
     both = torch.empty(2, 6, 8, 8)
     with pytest.raises(ValueError, match="overlap"):
         h.conv2d(vals, both[:1, :4].numpy(), both[:1].numpy(), None, geometry)
+
