@@ -129,6 +129,9 @@ def _conv_cuda(x, crow_indices, col_indices, values, bias, geometry):
 
 def _csr_grad_input_cuda(grad_out, crow_indices, col_indices, values, in_features):
     out_features = crow_indices.numel() - 1
+    # torch's CSR matmul trusts its structure: validated first (the cached handle, rebuilt and so
+    # re-validated if the tensors changed since the forward).
+    handle_cuda("csr", (crow_indices, col_indices), out_features, in_features)
     g2 = as_rows(grad_out, out_features)
     with warnings.catch_warnings():  # beta CSR support
         warnings.simplefilter("ignore", UserWarning)
