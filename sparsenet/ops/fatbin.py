@@ -35,13 +35,21 @@ def _section(data: bytes, name: bytes) -> bytes:
 
 
 def architectures(path: str) -> set[str]:
-    """``{"sm_80", "sm_90a", "compute_90", ...}``: the cubins (sm_) and PTX (compute_) in the module."""
+    """``{"sm_80", "sm_90a", "compute_90", ...}``: the cubins (sm_) and PTX (compute_) in the module.
+    ValueError for a file that is not a readable ELF64 (truncated, or something else)."""
     with open(path, "rb") as f:
-        blob = _section(f.read(), b".nv_fatbin")
+        data = f.read()
+    try:
+        return _architectures(_section(data, b".nv_fatbin"))
+    except (struct.error, ValueError) as e:
+        raise ValueError(f"{path}: not a readable little-endian ELF64 file ({e})") from None
+
+
+def _architectures(blob: bytes) -> set[str]:
     found, at = set(), 0
     while at + 16 <= len(blob):
         magic, _version, header_size, payload = struct.unpack_from("<IHHQ", blob, at)
-        if magic != _MAGIC:  # fat binaries are 8-byte aligned within the section
+        if magic != _MAGIC or header_size == 0:  # fat binaries are 8-byte aligned within the section
             at += 8
             continue
         entry, end = at + header_size, at + header_size + payload
@@ -51,6 +59,8 @@ def architectures(path: str) -> set[str]:
             flags, = struct.unpack_from("<I", blob, entry + 40)
             if kind in _KIND:
                 found.add(f"{_KIND[kind]}_{sm}{'a' if flags & _ARCH_SPECIFIC else ''}")
+            if entry_header == 0:  # a corrupt entry: nothing past it can be located
+                break
             entry += entry_header + entry_size
         at = end
     return found

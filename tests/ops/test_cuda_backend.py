@@ -41,6 +41,19 @@ def test_the_fatbin_reader_refuses_what_is_not_elf(tmp_path):
     path.write_bytes(b"not an ELF file at all")
     with pytest.raises(ValueError, match="ELF64"):
         architectures(str(path))
+    path.write_bytes(b"\x7fELF\x02\x01" + b"\0" * 20)  # an ELF64 header cut short
+    with pytest.raises(ValueError, match="not a readable"):
+        architectures(str(path))
+
+
+def test_the_fatbin_reader_survives_a_corrupt_section(tmp_path):
+    # A fat binary header whose entry claims a zero-byte header: no endless loop, nothing found.
+    import struct
+
+    from sparsenet.ops import fatbin
+
+    blob = struct.pack("<IHHQ", fatbin._MAGIC, 1, 16, 64) + b"\0" * 64
+    assert fatbin._architectures(blob) == set()
 
 
 def test_without_the_cuda_module_a_cuda_call_says_how_to_build_it(monkeypatch):
