@@ -71,6 +71,26 @@ def time_ms(calls, repeats: int = 7, loops: int = 10) -> tuple[float, str]:
     return statistics.median(samples), how
 
 
+def cpu_linear(weight: torch.Tensor) -> torch.nn.Linear:
+    """A float32 CPU nn.Linear holding `weight` (what sparsenet's formats are built from)."""
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weight.float().cpu())
+    return lin
+
+
+def time_peer(name: str, calls) -> tuple[float, str]:
+    """time_ms of a peer's calls; NaN and a printed reason where this torch build cannot run them."""
+    if calls is None:
+        return float("nan"), " (failed)"
+    try:
+        ms, how = time_ms(calls)
+    except RuntimeError as error:
+        print(f"{name} path failed: {error}", flush=True)
+        return float("nan"), " (failed)"
+    return ms, "" if how == "graph" else " (events)"
+
+
 def block_pruned(out_f: int, in_f: int, block: int, sparsity: float, dtype) -> torch.Tensor:
     keep = torch.rand(out_f // block, in_f // block, device="cuda") >= sparsity
     weight = torch.randn(out_f, in_f, device="cuda", dtype=dtype)
@@ -85,10 +105,7 @@ def bsr_table(batches=(256, 2048), block: int = 32, sparsity: float = 0.9) -> No
     for out_f, in_f in SHAPES:
         torch.manual_seed(0)
         weight = block_pruned(out_f, in_f, block, sparsity, dtype)
-        lin = torch.nn.Linear(in_f, out_f, bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(weight.float().cpu())
-        layer = SparseLinear.from_dense(lin, format="bsr", block=(block, block)).to("cuda", dtype)
+        layer = SparseLinear.from_dense(cpu_linear(weight), format="bsr", block=(block, block)).to("cuda", dtype)
         layers = [layer] + [copy.deepcopy(layer) for _ in range(copies_for(layer.nnz * 2) - 1)]
         dense_w = [weight.clone() for _ in range(copies_for(weight.numel() * 2))]
         with warnings.catch_warnings():
@@ -100,13 +117,8 @@ def bsr_table(batches=(256, 2048), block: int = 32, sparsity: float = 0.9) -> No
             with torch.inference_mode():
                 torch.testing.assert_close(layer(x).float(), F.linear(x, weight).float(), rtol=2e-2, atol=1e-1)
                 dense_ms, _ = time_ms([lambda w=w: F.linear(x, w) for w in dense_w])
-                try:
-                    torch_ms, how = time_ms([lambda b=b: torch.sparse.mm(b, xt) for b in torch_bsr])
-                except RuntimeError as error:
-                    print(f"torch BSR path failed: {error}", flush=True)
-                    torch_ms, how = float("nan"), "failed"
+                torch_ms, note = time_peer("torch BSR", [lambda b=b: torch.sparse.mm(b, xt) for b in torch_bsr])
                 ours_ms, _ = time_ms([lambda m=m: m(x) for m in layers])
-            note = {"graph": "", "events": " (events)"}.get(how, " (failed)")
             tflops = 2 * batch * layer.nnz / ours_ms / 1e9
             print(f"| {out_f}x{in_f} | {batch} | {1e3 * dense_ms:.1f} | {1e3 * torch_ms:.1f}{note} | "
                   f"{1e3 * ours_ms:.1f} | {dense_ms / ours_ms:.2f}x | {torch_ms / ours_ms:.2f}x | {tflops:.0f} |",
@@ -122,10 +134,7 @@ def nm_table(batches=(16, 2048)) -> None:
         torch.manual_seed(0)
         weight = torch.randn(out_f, in_f, device="cuda", dtype=dtype)
         weight.view(out_f, in_f // 4, 4)[..., 2:] = 0  # 2 of every 4
-        lin = torch.nn.Linear(in_f, out_f, bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(weight.float().cpu())
-        layer = SparseLinear.from_dense(lin, format="nm").to("cuda", dtype)
+        layer = SparseLinear.from_dense(cpu_linear(weight), format="nm").to("cuda", dtype)
         layers = [layer] + [copy.deepcopy(layer) for _ in range(copies_for(layer.nnz * 2) - 1)]
         dense_w = [weight.clone() for _ in range(copies_for(weight.numel() * 2))]
         try:
@@ -138,14 +147,8 @@ def nm_table(batches=(16, 2048)) -> None:
             with torch.inference_mode():
                 torch.testing.assert_close(layer(x).float(), F.linear(x, weight).float(), rtol=2e-2, atol=1e-1)
                 dense_ms, _ = time_ms([lambda w=w: F.linear(x, w) for w in dense_w])
-                torch_ms, how = float("nan"), "failed"
-                if semi is not None:
-                    try:
-                        torch_ms, how = time_ms([lambda w=w: F.linear(x, w) for w in semi])
-                    except RuntimeError as error:
-                        print(f"torch 2:4 path failed: {error}", flush=True)
+                torch_ms, note = time_peer("torch 2:4", semi and [lambda w=w: F.linear(x, w) for w in semi])
                 ours_ms, _ = time_ms([lambda m=m: m(x) for m in layers])
-            note = {"graph": "", "events": " (events)"}.get(how, " (failed)")
             print(f"| {out_f}x{in_f} | {batch} | {1e3 * dense_ms:.1f} | {1e3 * torch_ms:.1f}{note} | {1e3 * ours_ms:.1f} | "
                   f"{dense_ms / ours_ms:.2f}x | {torch_ms / ours_ms:.2f}x |", flush=True)
 
@@ -176,9 +179,7 @@ def small_batch_table(args) -> None:
             torch.manual_seed(0)
             weight = torch.randn(out_f, in_f, device="cuda", dtype=dtype)
             weight[torch.rand_like(weight, dtype=torch.float32) < sparsity] = 0
-            lin = torch.nn.Linear(in_f, out_f, bias=False)
-            with torch.no_grad():
-                lin.weight.copy_(weight.float().cpu())
+            lin = cpu_linear(weight)
             dense_w = [weight.clone() for _ in range(copies_for(weight.numel() * 2))]
             formats = {}
             for fmt in ("csr", "bitmap"):
@@ -196,18 +197,13 @@ def small_batch_table(args) -> None:
                 ms, moved = {}, {}
                 with torch.inference_mode():
                     ms["dense"], _ = time_ms([lambda w=w: F.linear(x, w) for w in dense_w])
-                    try:
-                        ms["cusparse"], how = time_ms([lambda c=c: torch.sparse.mm(c, xt) for c in csr])
-                    except RuntimeError as error:  # a torch build without this path: say so, go on
-                        print(f"cuSPARSE path failed: {error}", flush=True)
-                        ms["cusparse"], how = float("nan"), "failed"
+                    ms["cusparse"], note = time_peer("cuSPARSE", [lambda c=c: torch.sparse.mm(c, xt) for c in csr])
                     for fmt, (layers, weight_bytes) in formats.items():
                         torch.testing.assert_close(layers[0](x).float(), F.linear(x, weight).float(), rtol=2e-2,
                                                    atol=5e-2)
                         ms[fmt], _ = time_ms([lambda m=m: m(x) for m in layers])
                         moved[fmt] = weight_bytes + batch * (in_f + out_f) * 2
                 best = min(formats, key=lambda f: ms[f])
-                note = {"graph": "", "events": " (events)"}.get(how, " (failed)")
                 print(f"| {out_f}x{in_f} | {sparsity:.0%} | {batch} | {1e3 * ms['dense']:.1f} | "
                       f"{1e3 * ms['cusparse']:.1f}{note} | {1e3 * ms['csr']:.1f} | {1e3 * ms['bitmap']:.1f} | "
                       f"{ms['dense'] / ms[best]:.2f}x ({best}) | {ms['cusparse'] / ms[best]:.2f}x | "

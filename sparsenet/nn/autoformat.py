@@ -7,8 +7,8 @@ interleaved, the caches flushed between rounds so that each call reads its weigh
 does inside a model larger than the cache. The fastest wins; a layer stays dense when nothing beats
 it.
 
-A layer on a CUDA device is timed there, in its dtype, against the formats with CUDA kernels, by
-CUDA events with the L2 cache flushed before each call.
+A layer on a CUDA device is timed there, in its dtype (every format has CUDA kernels), by CUDA
+events with the L2 cache flushed before each call.
 
 Timings are cached in a JSON file in the user's cache directory (``$SPARSENET_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/sparsenet``, else ``~/.cache/sparsenet``), keyed by CPU model and threads (or GPU
@@ -17,7 +17,6 @@ timed once, and converting the same model again times nothing.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import statistics
@@ -109,6 +108,20 @@ def time_calls_cuda(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
     return {name: statistics.median(a.elapsed_time(b) / 1e3 for a, b in pairs) for name, pairs in events.items()}
 
 
+def _gpu(device: torch.device, dtype: torch.dtype) -> str:
+    """The cache keys' name for a GPU and the dtype timed on it."""
+    return f"{torch.cuda.get_device_name(device)}|{str(dtype).removeprefix('torch.')}"
+
+
+def _timed_on(device: torch.device, calls: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """:func:`time_calls`, or :func:`time_calls_cuda` on that device for a CUDA one; in inference mode."""
+    with torch.inference_mode():
+        if device.type != "cuda":
+            return time_calls(calls)
+        with torch.cuda.device(device):
+            return time_calls_cuda(calls)
+
+
 class TimingCache:
     """The JSON file of measured timings; an unreadable file is treated as empty and rewritten."""
 
@@ -152,11 +165,9 @@ class TimingCache:
 def measure(weight: torch.Tensor, keep: Optional[torch.Tensor], bias: Optional[torch.Tensor], rows: int,
             cache: TimingCache) -> Measured:
     """Time dense against every registered format that fits this (out, in) weight (``registry.fitting``:
-    BSR only for block-structured ones) at ``rows`` rows per call, on the weight's device in its dtype
-    (on CUDA, the formats with CUDA kernels only); from the cache when this machine has timed such a
-    layer before."""
+    BSR only for block-structured ones) at ``rows`` rows per call, on the weight's device in its
+    dtype; from the cache when this machine has timed such a layer before."""
     from sparsenet.nn.linear import SparseLinear
-    from sparsenet.ops import cuda
 
     device, dtype = weight.device, weight.dtype
     on_cuda = device.type == "cuda"
@@ -164,11 +175,10 @@ def measure(weight: torch.Tensor, keep: Optional[torch.Tensor], bias: Optional[t
     keep = None if keep is None else keep.to("cpu")
     bias = None if bias is None else bias.detach().to("cpu", torch.float32)
     kept = keep if keep is not None else weight != 0
-    formats = [f for f in registry.fitting(kept) if not on_cuda or f"{f}_linear" in cuda.OPS]
+    formats = registry.fitting(kept)
     shape = tuple(weight.shape)
     density = int(kept.sum()) / weight.numel() if weight.numel() else 0.0
-    machine = f"{torch.cuda.get_device_name(device)}|{str(dtype).removeprefix('torch.')}" if on_cuda else None
-    key = cache.key(shape, density, rows, formats, machine)
+    key = cache.key(shape, density, rows, formats, _gpu(device, dtype) if on_cuda else None)
     seconds = cache.get(key, formats)
     if seconds is not None:
         return Measured(seconds, cached=True)
@@ -179,10 +189,9 @@ def measure(weight: torch.Tensor, keep: Optional[torch.Tensor], bias: Optional[t
         dense_weight = dense_weight.to(device, dtype)
         bias = None if bias is None else bias.to(device, dtype)
     x = torch.randn(rows, shape[1], device=device, dtype=dtype)
-    with torch.inference_mode(), (torch.cuda.device(device) if on_cuda else contextlib.nullcontext()):
-        calls = {"dense": lambda: F.linear(x, dense_weight, bias)}
-        calls.update({f: (lambda layer=layers[f]: layer(x)) for f in formats})
-        seconds = time_calls_cuda(calls) if on_cuda else time_calls(calls)
+    calls = {"dense": lambda: F.linear(x, dense_weight, bias)}
+    calls.update({f: (lambda layer=layers[f]: layer(x)) for f in formats})
+    seconds = _timed_on(device, calls)
     cache.put(key, seconds)
     return Measured(seconds, layers=layers)
 
@@ -198,8 +207,7 @@ def measure_conv(conv, input_shape: tuple[int, ...], cache: TimingCache) -> Meas
     device, dtype = conv.weight.device, conv.weight.dtype
     on_cuda = device.type == "cuda"
     sparse = SparseConv2d.from_dense(copy.deepcopy(conv).to("cpu", torch.float32) if on_cuda else conv)
-    machine = (f"{torch.cuda.get_device_name(device)}|{str(dtype).removeprefix('torch.')}" if on_cuda
-               else f"{cpu_model()}")
+    machine = _gpu(device, dtype) if on_cuda else cpu_model()
     key = (f"{machine}|conv{'x'.join(str(v) for v in sparse.geometry)}|input={'x'.join(map(str, input_shape))}"
            f"|{sparse.density:.2f}" + ("" if on_cuda else f"|threads={torch.get_num_threads()}"))
     seconds = cache.get(key, ["csr"])
@@ -209,8 +217,6 @@ def measure_conv(conv, input_shape: tuple[int, ...], cache: TimingCache) -> Meas
     if on_cuda:
         sparse, dense = sparse.to(device, dtype), dense.to(device, dtype)
     x = torch.randn(*input_shape, device=device, dtype=dtype)
-    with torch.inference_mode(), (torch.cuda.device(device) if on_cuda else contextlib.nullcontext()):
-        calls = {"dense": lambda: dense(x), "csr": lambda: sparse(x)}
-        seconds = time_calls_cuda(calls) if on_cuda else time_calls(calls)
+    seconds = _timed_on(device, {"dense": lambda: dense(x), "csr": lambda: sparse(x)})
     cache.put(key, seconds)
     return Measured(seconds, layers={"csr": sparse})

@@ -133,9 +133,6 @@ class SparseConv2d(SparseWeightModule):
                 conv.bias.copy_(self.bias)
         return conv
 
-    def op_name(self) -> str:
-        return "csr_conv2d"
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
         if unbatched:

@@ -206,7 +206,7 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.5, inplace: bool = False,
             row.note = reason
         elif _overrides_forward(module):
             row.note = f"{type(module).__name__} overrides its forward"
-        elif weight.device.type != "cpu" and (reason := _device_misfit(module, weight, format)):
+        elif weight.device.type != "cpu" and (reason := _device_misfit(weight)):
             row.note = reason
         elif weight.device.type == "cpu" and weight.dtype != torch.float32:
             row.note = f"{str(weight.dtype).removeprefix('torch.')}: the CPU kernels run float32 only"
@@ -274,18 +274,15 @@ def _overrides_forward(module: nn.Module) -> bool:
     return type(module).forward is not base.forward
 
 
-def _device_misfit(module: nn.Module, weight: torch.Tensor, format: str) -> str:
+def _device_misfit(weight: torch.Tensor) -> str:
     """Why a layer off the CPU stays dense ("" when a kernel of this build runs it there)."""
     from sparsenet.ops import cuda
 
     device = weight.device
-    formats = [op.removesuffix("_linear") for op in cuda.OPS if op.endswith("_linear")]
     if device.type != "cuda":
         return f"on {device}: no kernel for it in this build"
     if not cuda.available():
         return f"on {device}: this build has no CUDA kernels"
-    if format != "auto" and format not in formats and not isinstance(module, nn.Conv2d):  # (convs: csr)
-        return f"on {device}: {format} has no CUDA kernel ({', '.join(formats)} do)"
     if weight.dtype not in cuda.DTYPES:
         return f"on {device}: {str(weight.dtype).removeprefix('torch.')} weights have no CUDA kernel"
     return ""

@@ -11,7 +11,6 @@ from sparsenet._weights import as_matrix, is_linear
 from sparsenet.formats import CSR, PackedCSR, hugepages, registry
 from sparsenet.ops import LINEAR_OPS
 from sparsenet.ops.csr_linear import PreparedSparse, _needs_autograd
-from sparsenet.ops.cuda import OPS as CUDA_OPS
 
 
 def _index_dtype(in_features: int) -> torch.dtype:
@@ -110,25 +109,18 @@ class SparseWeightModule(nn.Module):
             return meta.as_subclass(WeightStandIn)
 
     def _apply(self, fn, recurse=True):
-        # nn.Module.to / half / bfloat16 / double all come through here. The CPU kernels run float32;
-        # float16 and bfloat16 values are for the CUDA kernels, which exist for some ops only: refuse
-        # any other dtype change now, before this layer changes, instead of failing at the first
-        # forward. (Modules visited before this one are already converted.)
+        # nn.Module.to / half / bfloat16 / double all come through here. The CPU kernels run float32,
+        # the CUDA ones float16 and bfloat16 too: refuse any other dtype now, before this layer
+        # changes, instead of failing at the first forward. (Modules visited before this one are
+        # already converted.)
         probe = fn(torch.zeros(1))
-        if isinstance(probe, torch.Tensor) and probe.dtype != torch.float32:
-            op = self.op_name()
-            if probe.dtype not in (torch.float16, torch.bfloat16) or op not in CUDA_OPS:
-                raise TypeError(
-                    f"{type(self).__name__} holds float32 values (its CPU kernels run float32; float16 and "
-                    f"bfloat16 are for CUDA, where {', '.join(CUDA_OPS)} has kernels and {op} has none), so "
-                    f"it cannot become {str(probe.dtype).removeprefix('torch.')}: change the model's dtype "
-                    f"before sparsify, or leave the sparse layers float32"
-                )
+        if isinstance(probe, torch.Tensor) and probe.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"{type(self).__name__} holds float32 values (float16 or bfloat16 for its CUDA kernels), so it "
+                f"cannot become {str(probe.dtype).removeprefix('torch.')}: change the model's dtype before "
+                f"sparsify, or leave the sparse layers float32"
+            )
         return super()._apply(fn, recurse)
-
-    def op_name(self) -> str:
-        """The ``sparsenet::`` op this layer's forward runs."""
-        return f"{self.format}_linear"
 
     def __getstate__(self):
         # A prepared fast path holds a native handle: rebuilt on demand, never copied or pickled.

@@ -117,9 +117,9 @@ def _check_input(x, values, in_features: int, op: str = "csr_linear") -> None:
 
 
 def check_tensor_input(x, values, op: str) -> None:
-    """What every sparse op (``op``, e.g. "csr_linear") needs of its input whatever its shape: a
-    strided tensor on the weight's device; float32 on the CPU; on CUDA, an op with a CUDA kernel
-    (ops/cuda.py) and the weight's dtype."""
+    """What every sparse op (``op``, e.g. "csr_linear", for the messages) needs of its input whatever
+    its shape: a strided tensor on the weight's device; float32 on the CPU; on CUDA, the weight's
+    dtype and a build with the CUDA kernels (ops/cuda.py)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.layout != torch.strided:
@@ -134,14 +134,11 @@ def check_tensor_input(x, values, op: str) -> None:
             raise TypeError(f"the weight's values are {values.dtype}: sparsenet's CPU kernels run in float32; "
                             f"run the layer on CUDA or convert it back with module.float()")
         return
+    if x.device.type != "cuda":
+        raise ValueError(f"sparsenet has no {x.device.type} kernel for {op}: run it on the CPU or on CUDA")
     from sparsenet.ops import cuda  # (here: ops/cuda.py imports this module)
 
-    if x.device.type == "cuda" and op in cuda.OPS:
-        cuda.check_input(x, values)
-        return
-    formats = " or ".join(f"format={op.removesuffix('_linear')!r}" for op in cuda.OPS)
-    hint = f"; convert Linear layers with {formats} to run them on CUDA" if x.device.type == "cuda" else ""
-    raise ValueError(f"sparsenet has no {x.device.type} kernel for {op}: run it on the CPU{hint}")
+    cuda.check_input(x, values)
 
 
 def _needs_autograd(x, bias) -> bool:

@@ -63,6 +63,10 @@ def check_input(x: torch.Tensor, values: torch.Tensor) -> None:
                         f"convert one of them (module.to({x.dtype}) or x.to({values.dtype}))")
 
 
+def _check_bias(bias, x: torch.Tensor) -> None:
+    _check_bias(bias, x)
+
+
 def _dl(t: torch.Tensor):
     return to_dlpack(t.detach())
 
@@ -100,8 +104,7 @@ def _linear_cuda(format: str):
         check_input(x, values)
         rows = out[0] if row_ptr_at is None else structure[row_ptr_at].numel() - 1
         handle = handle_cuda(format, structure, rows, in_features)
-        if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
-            raise TypeError(f"bias must be {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+        _check_bias(bias, x)
         x2 = as_rows(x, in_features)
         if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < in_features):
             x2 = x2.contiguous()
@@ -117,8 +120,7 @@ def _linear_cuda(format: str):
 def _conv_cuda(x, crow_indices, col_indices, values, bias, geometry):
     check_input(x, values)
     handle = handle_cuda("csr", (crow_indices, col_indices), crow_indices.numel() - 1, conv_columns(geometry))
-    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
-        raise TypeError(f"bias must be {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+    _check_bias(bias, x)
     n, _, h, w = x.shape
     out = torch.empty(n, geometry[1], *output_size(geometry, h, w), dtype=x.dtype, device=x.device)
     handle.conv2d(_dl(values.contiguous()), _dl(x.contiguous()), _dl(out),

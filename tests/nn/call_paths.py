@@ -58,3 +58,14 @@ def assert_compiled_and_exported_keep(module, x, op: str) -> None:
     program = torch.export.export(module, (x,))
     assert f"sparsenet.{op}" in str(program.graph)
     torch.testing.assert_close(program.module()(x), want)
+
+
+def assert_gradients_match_dense(sparse, dense, x):
+    """The same input and bias gradients through ``sparse`` as through its dense twin ``dense``, for
+    the loss sum(layer(x)^2)."""
+    x = x.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    sparse(x).square().sum().backward()
+    dense(x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, rtol=1e-5, atol=1e-5)

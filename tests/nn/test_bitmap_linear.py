@@ -9,7 +9,7 @@ import sparsenet
 from sparsenet.formats import PackedBitmap, registry
 from sparsenet.nn import SparseLinear
 
-from call_paths import assert_compiled_and_exported_keep
+from call_paths import assert_compiled_and_exported_keep, assert_gradients_match_dense
 
 
 def pruned_linear(out_features=24, in_features=37, density=0.5, bias=True, seed=0):
@@ -36,12 +36,7 @@ def test_forward_matches_the_dense_layer_in_float64(isa):
 def test_gradients_reach_the_input_and_the_bias():
     dense = pruned_linear()
     sparse = SparseLinear.from_dense(dense, format="bitmap")
-    x = torch.randn(4, 37, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    sparse(x).square().sum().backward()
-    dense(x_ref).square().sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, rtol=1e-5, atol=1e-5)
+    assert_gradients_match_dense(sparse, dense, torch.randn(4, 37))
 
 
 def test_compile_fullgraph_and_export_keep_the_op():

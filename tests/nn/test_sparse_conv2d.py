@@ -14,7 +14,7 @@ from torch import nn
 import sparsenet
 from sparsenet.nn import SparseConv2d, autoformat
 
-from call_paths import assert_compiled_and_exported_keep
+from call_paths import assert_compiled_and_exported_keep, assert_gradients_match_dense
 
 
 def pruned_conv(density=0.3, seed=0, **kwargs):
@@ -64,12 +64,7 @@ def test_unsupported_convolutions_are_refused_clearly():
 def test_gradients_reach_the_input_and_the_bias():
     dense = pruned_conv(stride=2)
     sparse = SparseConv2d.from_dense(dense)
-    x = torch.randn(2, 8, 9, 9, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    sparse(x).square().sum().backward()
-    dense(x_ref).square().sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, rtol=1e-5, atol=1e-5)
+    assert_gradients_match_dense(sparse, dense, torch.randn(2, 8, 9, 9))
 
 
 def test_compile_fullgraph_and_export_keep_the_op():

@@ -9,7 +9,7 @@ from torch import nn
 import sparsenet
 from sparsenet.nn import SparseLinear
 
-from call_paths import assert_compiled_and_exported_keep
+from call_paths import assert_compiled_and_exported_keep, assert_gradients_match_dense
 
 
 def block_weight(out_features=40, in_features=50, block=(8, 8), density=0.4, seed=0):
@@ -81,12 +81,7 @@ def test_explicit_structure_option():
 def test_gradients_reach_the_input_and_the_bias(fmt):
     dense = linear(CASES[fmt][0]())
     sparse = SparseLinear.from_dense(dense, format=fmt)
-    x = torch.randn(4, 50, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    sparse(x).square().sum().backward()
-    dense(x_ref).square().sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, rtol=1e-5, atol=1e-5)
+    assert_gradients_match_dense(sparse, dense, torch.randn(4, 50))
 
 
 def test_compile_fullgraph_and_export_keep_the_op(fmt):

@@ -15,6 +15,15 @@ def assert_close(out, ref):
     assert err < 1e-5, f"max error {err:.2e} relative to {scale:.2e}"
 
 
+def assert_nonfinite_like_dense(got, want):
+    """``got`` (a kernel's float32 output) has NaN and Inf exactly where the float64 dense ``want``
+    has them, and is close to it everywhere else."""
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    assert torch.allclose(got.double()[finite], want[finite], atol=1e-5)
+
+
 def random_sparse(rows, cols, density, generator, empty_rows=()):
     """A float32 matrix with about `density` non-zeros (exactly 0 or all when density is 0 or 1)."""
     w = torch.randn(rows, cols, generator=generator)
