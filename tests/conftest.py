@@ -32,6 +32,16 @@ def isa(request):
     sparsenet.set_isa(before)
 
 
+@pytest.fixture
+def two_threads():
+    """sparsenet's kernels on two threads (or what this machine allows) for one test, so that their
+    threaded paths run; the setting before is restored."""
+    threads = sparsenet.get_num_threads()
+    sparsenet.set_num_threads(min(2, sparsenet._C.usable_threads()))
+    yield
+    sparsenet.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tests on one torch thread: their matrices are tiny, and a second thread

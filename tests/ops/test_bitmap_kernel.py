@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-import sparsenet
 from sparsenet import _C
 from sparsenet.formats.bitmap import PackedBitmap
 
@@ -53,15 +52,10 @@ def test_empty_rows_strided_input_and_batch_zero(isa):
     handle(b).matmul(b.values.numpy(), torch.empty(0, 70).numpy(), out.numpy())
 
 
-def test_large_and_threaded(isa):
+def test_large_and_threaded(isa, two_threads):
     w = weights(300, 1000, 0.3, 2)
     x = torch.randn(12, 1000)
-    threads = sparsenet.get_num_threads()
-    try:
-        sparsenet.set_num_threads(min(2, _C.usable_threads()))
-        assert_close(run(w, x), reference(w, x))
-    finally:
-        sparsenet.set_num_threads(threads)
+    assert_close(run(w, x), reference(w, x))
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-import sparsenet
 from sparsenet import _C
 from sparsenet.formats.bsr import PackedBSR
 
@@ -62,16 +61,11 @@ def test_strided_input_empty_block_rows_and_batch_zero(isa):
 
 
 @pytest.mark.parametrize("batch", [1, 64, 200])  # row-shared panels, and whole panels per thread
-def test_large_and_threaded(isa, batch):
+def test_large_and_threaded(isa, batch, two_threads):
     w = weights(300, 1000, (16, 16), 0.3, 2)
     p = PackedBSR.from_dense(w, block=(16, 16))
     x = torch.randn(batch, 1000)
-    threads = sparsenet.get_num_threads()
-    try:
-        sparsenet.set_num_threads(min(2, _C.usable_threads()))
-        assert_close(run(p, x), reference(w, x))
-    finally:
-        sparsenet.set_num_threads(threads)
+    assert_close(run(p, x), reference(w, x))
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])

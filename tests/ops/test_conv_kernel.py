@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sparsenet
 from sparsenet import _C
 from sparsenet.formats import PackedCSR
 
@@ -57,17 +56,12 @@ def test_every_geometry(isa, one_thread, case):
             assert_close(*run(w, x, bias if density else None, stride, padding, dilation, groups))
 
 
-def test_large_and_threaded(isa):
+def test_large_and_threaded(isa, two_threads):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(48, 32, 3, 3, generator=g) * (torch.rand(48, 32, 3, 3, generator=g) < 0.3)
-    threads = sparsenet.get_num_threads()
-    try:
-        sparsenet.set_num_threads(min(2, _C.usable_threads()))
-        for x, stride in ((torch.randn(2, 32, 30, 30, generator=g), (1, 1)), (torch.randn(1, 32, 7, 7, generator=g), (1, 1)),
-                          (torch.randn(2, 32, 30, 30, generator=g), (2, 2))):
-            assert_close(*run(w, x, torch.randn(48, generator=g), stride, (1, 1), (1, 1), 1))
-    finally:
-        sparsenet.set_num_threads(threads)
+    for x, stride in ((torch.randn(2, 32, 30, 30, generator=g), (1, 1)), (torch.randn(1, 32, 7, 7, generator=g), (1, 1)),
+                      (torch.randn(2, 32, 30, 30, generator=g), (2, 2))):
+        assert_close(*run(w, x, torch.randn(48, generator=g), stride, (1, 1), (1, 1), 1))
 
 
 @pytest.mark.parametrize("stride", [(1, 1), (2, 2)])

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-import sparsenet
 from sparsenet import _C
 from sparsenet.formats.nm import PackedNM
 
@@ -60,16 +59,11 @@ def test_strided_input_and_batch_zero(isa):
 
 
 @pytest.mark.parametrize("batch", [1, 64])
-def test_large_and_threaded(isa, batch):
+def test_large_and_threaded(isa, batch, two_threads):
     w = nm_weight(300, 1024, (2, 4), 2)
     p = PackedNM.from_dense(w)
     x = torch.randn(batch, 1024)
-    threads = sparsenet.get_num_threads()
-    try:
-        sparsenet.set_num_threads(min(2, _C.usable_threads()))
-        assert_close(run(p, x), reference(w, x))
-    finally:
-        sparsenet.set_num_threads(threads)
+    assert_close(run(p, x), reference(w, x))
 
 
 @pytest.mark.parametrize("batch", [3, 6])  # the N:M kernels, and CSR's over the derived structure
