@@ -18,9 +18,21 @@ struct Ops256 {
   static V load(const float* p) { return _mm256_load_ps(p); }    // 32-byte aligned
   static V loadu(const float* p) { return _mm256_loadu_ps(p); }
   // The first n floats from p (none for n <= 0, all 8 for n >= 8), zeros after; reads nothing past p + n.
-  static V load_first(const float* p, int64_t n) {
+  static V load_first(const float* p, int64_t n) { return load_between(p, 0, n); }
+  // Lanes [lo, hi) from p + lane (lo and hi may be outside [0, 8)), zeros elsewhere; reads nothing else.
+  static V load_between(const float* p, int64_t lo, int64_t hi) { return _mm256_maskload_ps(p, between(lo, hi)); }
+  // The first n lanes of v to p (none for n <= 0, all 8 for n >= 8); writes nothing else.
+  static void store_first(float* p, V v, int64_t n) { _mm256_maskstore_ps(p, between(0, n), v); }
+  // Lanes 0, 2, 4, ... of the 16 floats a then b.
+  static V even(V a, V b) {
+    const __m256 pairs = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));  // a0 a2 b0 b2 a4 a6 b4 b6
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), _MM_SHUFFLE(3, 1, 2, 0)));
+  }
+  static __m256i between(int64_t lo, int64_t hi) {
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes));
+    const auto clamp = [](int64_t v) { return _mm256_set1_epi32(static_cast<int>(v < -1 ? -1 : v > 8 ? 8 : v)); };
+    // lo <= lane < hi, as lane > lo - 1 and hi > lane
+    return _mm256_and_si256(_mm256_cmpgt_epi32(lanes, clamp(lo - 1)), _mm256_cmpgt_epi32(clamp(hi), lanes));
   }
   static V set1(float f) { return _mm256_set1_ps(f); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
@@ -42,9 +54,16 @@ struct Ops512 {
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_load_ps(p); }  // 64-byte aligned
   static V loadu(const float* p) { return _mm512_loadu_ps(p); }
-  static V load_first(const float* p, int64_t n) {  // as Ops256's: none for n <= 0, all for n >= 16
-    const __mmask16 lanes = n <= 0 ? 0 : n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1u);
-    return _mm512_maskz_loadu_ps(lanes, p);
+  static V load_first(const float* p, int64_t n) { return load_between(p, 0, n); }  // as Ops256's
+  static V load_between(const float* p, int64_t lo, int64_t hi) { return _mm512_maskz_loadu_ps(between(lo, hi), p); }
+  static void store_first(float* p, V v, int64_t n) { _mm512_mask_storeu_ps(p, between(0, n), v); }
+  static V even(V a, V b) {
+    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    return _mm512_permutex2var_ps(a, evens, b);
+  }
+  static __mmask16 between(int64_t lo, int64_t hi) {
+    const auto below = [](int64_t n) { return n <= 0 ? 0u : n >= 16 ? 0xffffu : (1u << n) - 1u; };  // lanes < n
+    return static_cast<__mmask16>(below(hi) & ~below(lo));
   }
   static V set1(float f) { return _mm512_set1_ps(f); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
