@@ -3,6 +3,11 @@ MobileNetV2's 1x1 ones, unstructured sparsity, batch 1 and 8: time per call, spe
 speedup per (sparsity, batch) over the shapes.
 
     python benchmarks/conv_table.py [--sparsities 0.7,0.9] [--batches 1,8] [--rounds 20] [--set resnet,mobilenet]
+                                    [--block-rows 4]
+
+--block-rows R prunes in blocks of R output channels x 1 weight column (every R consecutive output
+channels keep the same columns, as ``prune(structure="block", block=(R, 1))`` leaves them), which the
+kernel runs R rows at a time.
 
 Dense and sparse calls are interleaved, medians reported; contiguous (NCHW) inputs. Names the CPU.
 """
@@ -28,11 +33,12 @@ MOBILENETV2_1X1 = [(16, 96, 1, 1, 112), (96, 24, 1, 1, 56), (24, 144, 1, 1, 56),
                    (320, 1280, 1, 1, 7)]
 
 
-def pair(cin, cout, k, stride, sparsity, seed=0):
+def pair(cin, cout, k, stride, sparsity, seed=0, block_rows=1):
     torch.manual_seed(seed)
     dense = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False).eval()
     with torch.no_grad():
-        dense.weight.mul_(torch.rand_like(dense.weight) >= sparsity)
+        keep = torch.rand(cout // block_rows, cin * k * k) >= sparsity
+        dense.weight.mul_(keep.repeat_interleave(block_rows, 0).reshape(dense.weight.shape))
     return dense, SparseConv2d.from_dense(dense).eval()
 
 
@@ -52,11 +58,13 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", default="resnet,mobilenet")
+    parser.add_argument("--block-rows", type=int, default=1)
     args = parser.parse_args(argv)
     set_threads(args.threads)
     shapes = {"resnet": RESNET18_3X3, "mobilenet": MOBILENETV2_1X1}
     chosen = [(name, s) for name in args.set.split(",") for s in shapes[name]]
-    print(f"{cpu_label()}, {args.threads} threads; median of {args.rounds} interleaved calls, NCHW float32")
+    structure = "unstructured" if args.block_rows == 1 else f"blocks of {args.block_rows} output channels x 1 column"
+    print(f"{cpu_label()}, {args.threads} threads; median of {args.rounds} interleaved calls, NCHW float32; {structure}")
     print("| set | conv (in->out, k, stride, input) | sparsity | batch | dense ms | sparse ms | speedup |\n"
           "|---|---|---|---|---|---|---|")
     summary = {}
@@ -64,7 +72,7 @@ def main(argv=None) -> None:
         for sparsity in (float(v) for v in args.sparsities.split(",")):
             for batch in (int(v) for v in args.batches.split(",")):
                 for name, (cin, cout, k, stride, size) in chosen:
-                    dense, sparse = pair(cin, cout, k, stride, sparsity)
+                    dense, sparse = pair(cin, cout, k, stride, sparsity, block_rows=args.block_rows)
                     x = torch.randn(batch, cin, size, size)
                     torch.testing.assert_close(sparse(x), dense(x), rtol=1e-4, atol=1e-4)
                     t = median_ms({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, args.rounds)

@@ -418,7 +418,7 @@ class CsrHandle {
       direct_key_.clear();
       direct_offsets_.resize(static_cast<size_t>(view_.nnz));
       if (!sparsenet::direct_offsets(view_, s, &direct_, direct_offsets_.data(), &direct_blocks_,
-                                       &direct_sources_)) return nullptr;
+                                       &direct_sources_, &direct_same_rows_)) return nullptr;
       direct_key_ = key;
     }
     return &direct_;
@@ -451,6 +451,7 @@ class CsrHandle {
   mutable std::vector<int32_t> direct_offsets_;
   mutable std::vector<int64_t> direct_blocks_;
   mutable std::vector<int32_t> direct_sources_;
+  mutable std::vector<uint8_t> direct_same_rows_;
   mutable sparsenet::DirectConv direct_;
   mutable const float* tiled_values_ = nullptr;  // the values tiled_ copied
 };

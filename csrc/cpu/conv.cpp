@@ -69,7 +69,8 @@ void validate_conv(ConvShape& s, const CsrView& a) {
 }
 
 bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, int32_t* offsets,
-                    std::vector<int64_t>* block_start, std::vector<int32_t>* sources) {
+                    std::vector<int64_t>* block_start, std::vector<int32_t>* sources,
+                    std::vector<uint8_t>* same_rows) {
   const int64_t hp = s.in_h + 2 * s.pad_h, wp = s.in_w + 2 * s.pad_w, kk = s.kernel_h * s.kernel_w;
   d->hq = (hp + s.stride_h - 1) / s.stride_h;
   d->wq = (wp + s.stride_w - 1) / s.stride_w;
@@ -101,6 +102,15 @@ bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, int32_t
   d->block_start = block_start->data();
   for (int64_t k = 0; k < a.nnz; ++k) offsets[k] = static_cast<int32_t>(column_of(k) % d->block_cols * tile);
   d->offsets = offsets;
+  same_rows->assign(static_cast<size_t>(a.rows), 1);
+  for (int64_t r = a.rows - 2; r >= 0; --r) {  // (rows storing nothing are left alone)
+    const int64_t begin = a.row_ptr[r], n = a.row_ptr[r + 1] - begin, next = a.row_ptr[r + 1];
+    if (n == 0 || a.row_ptr[r + 2] - next != n) continue;
+    int64_t k = 0;
+    while (k < n && column_of(begin + k) == column_of(next + k)) ++k;
+    if (k == n) (*same_rows)[r] = static_cast<uint8_t>(std::min<int64_t>((*same_rows)[r + 1] + 1, kConvMaxSameRows));
+  }
+  d->same_rows = same_rows->data();
   return true;
 }
 

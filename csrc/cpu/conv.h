@@ -65,13 +65,20 @@ struct DirectConv {
   const int32_t* offsets = nullptr;      // [nnz]: stored weight k's slot in its block's packed tile (floats)
   int64_t block_cols = 1, blocks = 1;    // weight columns per block, blocks
   const int64_t* block_start = nullptr;  // [rows * (blocks + 1)]: where row r's weights of block b start
+  // [rows]: how many rows from r on (r included, at most kConvMaxSameRows) store exactly r's columns.
+  // Such rows run together: each slot load then feeds one FMA per row, where a row alone pays a
+  // broadcast, an offset and NV loads for its NV FMAs (weights pruned in blocks of output channels,
+  // structure="block" with block=(4, 1), give runs of 4).
+  const uint8_t* same_rows = nullptr;
 };
+constexpr int64_t kConvMaxSameRows = 4;
 
-// Sets hq, wq and the blocks, and fills sources, offsets (nnz entries) and block_start for shape s;
-// returns false where a group's planes would not be addressable with int32 offsets (the caller then
-// runs the portable kernel).
+// Sets hq, wq and the blocks, and fills sources, offsets (nnz entries), block_start and same_rows for
+// shape s; returns false where a group's planes would not be addressable with int32 offsets (the
+// caller then runs the portable kernel).
 bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, int32_t* offsets,
-                    std::vector<int64_t>* block_start, std::vector<int32_t>* sources);
+                    std::vector<int64_t>* block_start, std::vector<int32_t>* sources,
+                    std::vector<uint8_t>* same_rows);
 
 using CsrConvFn = void (*)(const CsrView&, const ConvShape&, const ConvArgs&, const DirectConv&);
 

@@ -93,6 +93,38 @@ inline void accumulate_row(const float* values, const int32_t* offsets, int64_t 
   for (int q = 0; q < NV; ++q) Ops::store(own + q * kW, acc[0][q]);
 }
 
+// R rows that store the same columns (DirectConv::same_rows), over the block's weights [begin, begin
+// + n) of the first row: own[i * W ...] += row i's weights times the slots. Each column's NV slot
+// vectors are loaded once for the R rows; R x NV accumulators (8) are chains enough for the FMA's
+// latency. row_values[i]: row i's first weight of the block.
+template <typename Ops, int64_t NV, int R>
+inline void accumulate_rows(const float* const* row_values, const int32_t* offsets, int64_t n, const float* packed,
+                            float* own, int64_t W) {
+  using V = typename Ops::V;
+  constexpr int64_t kW = Ops::kWidth;
+  V acc[R][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int q = 0; q < NV; ++q) acc[i][q] = Ops::load(own + i * W + q * kW);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* x = packed + offsets[j];
+    V xv[NV];
+#pragma GCC unroll 8
+    for (int q = 0; q < NV; ++q) xv[q] = Ops::load(x + q * kW);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const V w = Ops::set1(row_values[i][j]);
+#pragma GCC unroll 8
+      for (int q = 0; q < NV; ++q) acc[i][q] = Ops::fma(w, xv[q], acc[i][q]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int q = 0; q < NV; ++q) Ops::store(own + i * W + q * kW, acc[i][q]);
+}
+
 // Items of (image, group, tile of W grid pixels, chunk of the group's output channels); channels are
 // chunked only where tiles alone would leave threads idle (a 7 x 7 image is one tile or two). Each
 // column of a block: NV unaligned loads and NV aligned stores into its slot; each stored weight: one
@@ -103,6 +135,9 @@ void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
   // Output channels per item: their sums (16 KB) stay in L1; fewer items repack the same tile (64:
   // 14% slower at 90% on 512 channels at 7 x 7, which ran as 8 chunks of 2 tiles).
   constexpr int64_t kMaxRows = 128;
+  // Rows run together (accumulate_rows): up to 4 with 2 vectors per slot (AVX-512), 2 with 4 (AVX2,
+  // whose 16 registers hold 8 accumulators and a slot's 4 vectors).
+  constexpr int64_t kMaxSameRows = NV <= 2 ? kConvMaxSameRows : 2;
   const int64_t cg = s.in_channels / s.groups, kg = s.out_channels / s.groups;
   const int64_t plane = d.hq * d.wq, grid = s.out_h * d.wq, tiles = (grid + W - 1) / W;
   // A pointwise convolution (1 x 1, stride 1, no padding) reads its input where it is: its planes
@@ -154,10 +189,30 @@ void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
             for (int q = 0; q < NV; ++q) Ops::store(slot + q * kW, Ops::load_first(x + q * kW, readable - q * kW));
           }
         }
-        for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t r = r0; r < r1;) {
           const int64_t* starts = d.block_start + r * (d.blocks + 1) + b;
-          if (starts[0] != starts[1])
-            accumulate_row<Ops, NV>(a.values, d.offsets, starts[0], starts[1], packed, sums + (r - r0) * W);
+          const int64_t same = std::min<int64_t>({d.same_rows[r], r1 - r, kMaxSameRows});
+          if (starts[0] == starts[1]) {  // (then so are the rows storing the same columns)
+            r += same;
+            continue;
+          }
+          float* own = sums + (r - r0) * W;
+          if (same == 1) {
+            accumulate_row<Ops, NV>(a.values, d.offsets, starts[0], starts[1], packed, own);
+            r += 1;
+            continue;
+          }
+          const int64_t stride = d.blocks + 1;
+          const float* row_values[4] = {a.values + starts[0], a.values + starts[stride],
+                                        a.values + starts[std::min<int64_t>(2, same - 1) * stride],
+                                        a.values + starts[std::min<int64_t>(3, same - 1) * stride]};
+          if (same >= 4) {
+            accumulate_rows<Ops, NV, kMaxSameRows>(row_values, d.offsets + starts[0], starts[1] - starts[0], packed, own, W);
+            r += kMaxSameRows;
+          } else {
+            accumulate_rows<Ops, NV, 2>(row_values, d.offsets + starts[0], starts[1] - starts[0], packed, own, W);
+            r += 2;
+          }
         }
       }
       // The tile's real outputs: runs of grid pixels on one output row.

@@ -64,6 +64,33 @@ def test_large_and_threaded(isa, two_threads):
         assert_close(*run(w, x, torch.randn(48, generator=g), stride, (1, 1), (1, 1), 1))
 
 
+def rows_sharing_columns(cout, cin_g, k, runs, density, g):
+    """A (cout, cin_g, *k) weight whose output channels come in runs (lengths cycled from `runs`)
+    that store the same columns with different values, as block pruning along the output channels
+    leaves them."""
+    keep = torch.empty(cout, cin_g * k[0] * k[1], dtype=torch.bool)
+    r, i = 0, 0
+    while r < cout:
+        n = min(runs[i % len(runs)], cout - r)
+        keep[r:r + n] = torch.rand(cin_g * k[0] * k[1], generator=g) < density
+        r, i = r + n, i + 1
+    return (torch.randn(cout, cin_g * k[0] * k[1], generator=g) * keep).reshape(cout, cin_g, *k)
+
+
+@pytest.mark.parametrize("runs", [(4,), (2,), (3, 1, 6, 5), (1, 2, 4, 7)])
+def test_rows_storing_the_same_columns_run_together(isa, two_threads, runs):
+    # Runs of every length, cut by the channel chunks of an item (260 channels: 3 chunks) and by
+    # groups; empty runs; 1x1 and 3x3, stride 1 and 2.
+    g = torch.Generator().manual_seed(sum(runs))
+    for cin, cout, k, stride, groups, size in ((16, 260, (3, 3), (1, 1), 1, 9), (12, 18, (3, 3), (2, 2), 3, 11),
+                                               (24, 40, (1, 1), (1, 1), 2, 13)):
+        for density in (0.0, 0.3, 1.0):
+            w = rows_sharing_columns(cout, cin // groups, k, runs, density, g)
+            x = torch.randn(2, cin, size, size, generator=g)
+            padding = (k[0] // 2, k[1] // 2)
+            assert_close(*run(w, x, torch.randn(cout, generator=g), stride, padding, (1, 1), groups))
+
+
 @pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_non_finite_inputs_follow_dense_semantics(isa, bad, stride):
