@@ -2,7 +2,10 @@
 converted by ``sparsify()`` with its defaults (format="auto", the example input given so each
 convolution is timed at its size), timed against the dense model.
 
-    python benchmarks/sparsify_resnet.py [--sparsity 0.8] [--batches 1,8] [--rounds 10]
+    python benchmarks/sparsify_resnet.py [--sparsity 0.8] [--batches 1,8] [--rounds 10] [--block 4x1]
+
+--block RxC prunes with ``structure="block"`` in blocks of R output channels x C weight columns
+(the default is unstructured); blocks of 4 output channels run 4 rows at a time in the kernel.
 
 The network is shrink_resnet.py's (torchvision has no CPU wheel for the torch used here). Dense and
 sparse forwards are interleaved in one process, medians reported; NCHW float32, eval mode. Prints the
@@ -28,15 +31,18 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--block", default=None, help="RxC: prune in blocks of R output channels x C columns")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sparsenet.set_num_threads(args.threads)
     torch.manual_seed(0)
     dense = ResNet18().eval()
     convs = [name for name, m in dense.named_modules() if isinstance(m, nn.Conv2d)]
-    sparsenet.prune(dense, sparsity=args.sparsity, exclude=["fc"], progress=False).finalize()
+    block = tuple(int(v) for v in args.block.split("x")) if args.block else None
+    sparsenet.prune(dense, sparsity=args.sparsity, exclude=["fc"], progress=False,
+                    **({"structure": "block", "block": block} if block else {})).finalize()
     print(f"{cpu_label()}, {args.threads} threads; ResNet-18 at 224x224, its {len(convs)} convolutions pruned "
-          f"{args.sparsity:.0%} unstructured (magnitude, layer-wise)")
+          f"{args.sparsity:.0%} {f'in {block[0]}x{block[1]} blocks' if block else 'unstructured'} (magnitude, layer-wise)")
     print("| batch | dense ms | sparsify() ms | speedup | layers converted |\n|---|---|---|---|---|")
     for batch in (int(b) for b in args.batches.split(",")):
         x = torch.randn(batch, 3, 224, 224)
