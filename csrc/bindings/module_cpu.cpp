@@ -342,25 +342,37 @@ class CsrHandle {
     if (yi.shape[0] != s.batch || yi.shape[1] != s.out_channels || yi.shape[2] != s.out_h || yi.shape[3] != s.out_w)
       throw py::value_error("out must have shape (" + std::to_string(s.batch) + ", " + std::to_string(s.out_channels) +
                             ", " + std::to_string(s.out_h) + ", " + std::to_string(s.out_w) + ")");
-    const char* xlo = static_cast<const char*>(xi.ptr);
-    const char* ylo = static_cast<const char*>(yi.ptr);
-    const py::ssize_t xbytes = xi.size * 4, ybytes = yi.size * 4;
-    if (xbytes > 0 && ybytes > 0 && ylo < xlo + xbytes && xlo < ylo + ybytes) throw py::value_error("out must not overlap x");
-    sparsenet::ConvArgs c;
-    c.x = static_cast<const float*>(xi.ptr);
-    c.y = static_cast<float*>(yi.ptr);
-    c.bias = bias_pointer(bias, view_.rows);
-    c.num_threads = g_num_threads.load(std::memory_order_relaxed);
-    if (yi.size == 0) return;
-    sparsenet::CsrView view = view_;
-    view.values = value_data;
-    const sparsenet::DirectConv* dc = direct_for(s);
-    // Where the offsets do not fit int32 (planes of over 2^31 floats), the portable kernel.
-    const auto kernel = dc ? sparsenet::cpu::csr_conv2d_kernel() : &sparsenet::cpu::fallback::csr_conv2d;
-    const sparsenet::DirectConv none;
-    py::gil_scoped_release nogil;
-    kernel(view, s, c, dc ? *dc : none);
-    sparsenet::propagate_nonfinite(view, s, c);
+    run_conv(value_data, static_cast<const float*>(xi.ptr), static_cast<float*>(yi.ptr),
+             bias_pointer(bias, view_.rows), s);
+  }
+
+  // conv2d of x (a DLPack capsule: a C-contiguous float32 (batch, in_channels, h, w) CPU tensor)
+  // with the values and bias this handle keeps (keep=True), into a new (batch, out_channels * out_h
+  // * out_w) float32 tensor returned as a DLPack capsule: SparseConv2d's prepared path, the
+  // convolution's counterpart of forward() (one native call, no numpy views, no dispatcher).
+  py::object forward_conv2d(const py::object& x, const std::vector<int64_t>& geometry) const {
+    if (!owners_) throw py::value_error("this handle does not keep its buffers (keep=False): use conv2d");
+    namespace dl = sparsenet::dlpack;
+    if (!PyCapsule_IsValid(x.ptr(), dl::kCapsuleName))
+      throw py::type_error("x must be an unconsumed DLPack capsule (\"dltensor\")");
+    const dl::Tensor& t = static_cast<const dl::ManagedTensor*>(PyCapsule_GetPointer(x.ptr(), dl::kCapsuleName))->dl_tensor;
+    if (t.device.device_type != dl::kCPU) throw py::value_error("x must be in CPU memory");
+    if (t.ndim != 4) throw py::value_error("x must be 4-D (batch, channels, height, width)");
+    if (!(t.dtype.code == dl::kFloat && t.dtype.bits == 32 && t.dtype.lanes == 1)) throw py::type_error("x must be float32");
+    if (t.strides) {
+      int64_t expect = 1;
+      for (int d = 3; d >= 0; --d) {
+        if (t.shape[d] > 1 && t.strides[d] != expect) throw py::value_error("x must be contiguous (NCHW)");
+        expect *= t.shape[d];
+      }
+    }
+    sparsenet::ConvShape s = sparsenet::conv_shape(t.shape[0], t.shape[1], t.shape[2], t.shape[3], view_.rows, geometry);
+    sparsenet::validate_conv(s, view_);
+    Dense2D yd;
+    py::object y = new_output(s.batch, s.out_channels * s.out_h * s.out_w, &yd);
+    run_conv(view_.values, reinterpret_cast<const float*>(static_cast<const char*>(t.data) + t.byte_offset),
+             reinterpret_cast<float*>(yd.ptr), bias_, s);
+    return y;
   }
 
   // x A^T (+ the bias given at construction) as a new (batch, rows) float32 tensor; x and the
@@ -394,6 +406,28 @@ class CsrHandle {
 
  private:
   friend class NmHandle;  // runs its batches on a CsrHandle over a derived structure
+
+  // The convolution of validated shape s: x and y checked for shape and layout by the caller; here
+  // the overlap check, the kernel and the non-finite pass.
+  void run_conv(const float* values, const float* x, float* y, const float* bias, const sparsenet::ConvShape& s) const {
+    const int64_t xsize = s.batch * s.in_channels * s.in_h * s.in_w, ysize = s.batch * s.out_channels * s.out_h * s.out_w;
+    if (xsize > 0 && ysize > 0 && y < x + xsize && x < y + ysize) throw py::value_error("out must not overlap x");
+    if (ysize == 0) return;
+    sparsenet::ConvArgs c;
+    c.x = x;
+    c.y = y;
+    c.bias = bias;
+    c.num_threads = g_num_threads.load(std::memory_order_relaxed);
+    sparsenet::CsrView view = view_;
+    view.values = values;
+    const sparsenet::DirectConv* dc = direct_for(s);
+    // Where the offsets do not fit int32 (planes of over 2^31 floats), the portable kernel.
+    const auto kernel = dc ? sparsenet::cpu::csr_conv2d_kernel() : &sparsenet::cpu::fallback::csr_conv2d;
+    const sparsenet::DirectConv none;
+    py::gil_scoped_release nogil;
+    kernel(view, s, c, dc ? *dc : none);
+    sparsenet::propagate_nonfinite(view, s, c);
+  }
 
   // x has passed check_x (before forward allocates its output).
   void run(const float* values, const Dense2D& x, const Dense2D& y, const float* bias) const {
@@ -761,6 +795,10 @@ PYBIND11_MODULE(_C, m) {
       .def("matmul", &CsrHandle::matmul, py::arg("values"), py::arg("x"), py::arg("out"),
            py::arg("bias") = py::none(),
            "out[:] = x @ A.T (+ bias), A being the validated structure with these values (nnz float32)")
+      .def("forward_conv2d", &CsrHandle::forward_conv2d, py::arg("x"), py::arg("geometry"),
+           "conv2d of x (a DLPack capsule of a contiguous float32 NCHW CPU tensor) with the kept values and "
+           "bias, as a new (batch, out_channels * out_h * out_w) tensor's DLPack capsule; keep=True handles only. "
+           "geometry as conv2d's.")
       .def("conv2d", &CsrHandle::conv2d, py::arg("values"), py::arg("x"), py::arg("out"), py::arg("bias"),
            py::arg("geometry"),
            "out[:] = conv2d(x, A as (out_channels, in_channels / groups, kh, kw)) (+ bias); NCHW float32; "

@@ -9,10 +9,13 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from torch.compiler import is_compiling
+
 from sparsenet.formats import PackedCSR
 from sparsenet.nn.linear import SparseWeightModule, _index_dtype, _values_storage
 from sparsenet.formats import hugepages
-from sparsenet.ops.csr_conv2d import csr_conv2d
+from sparsenet.ops.csr_conv2d import PreparedConv, csr_conv2d
+from sparsenet.ops.csr_linear import _needs_autograd
 
 
 def _ints(value, name: str) -> tuple[int, int]:
@@ -139,10 +142,34 @@ class SparseConv2d(SparseWeightModule):
             x = x.unsqueeze(0)
         channels_last = (isinstance(x, torch.Tensor) and x.dim() == 4 and not x.is_contiguous()
                          and x.is_contiguous(memory_format=torch.channels_last))
-        y = csr_conv2d(x, self.crow_indices, self.col_indices, self.values, self.bias, self.geometry)
+        y = self._convolve(x)
         if channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
         return y.squeeze(0) if unbatched else y
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        buffers, params = self._buffers, self._parameters
+        crow, col, values, bias = buffers["crow_indices"], buffers["col_indices"], params["values"], params["bias"]
+        if not is_compiling() and isinstance(x, torch.Tensor) and not _needs_autograd(x, bias):
+            # Eager inference: the prepared fast path (PreparedConv), made once per set of tensors.
+            prepared = self.__dict__.get("_prepared")
+            if prepared is None or not prepared.matches(buffers, values, bias):
+                prepared = None
+                if self._preparable(crow, col, values, bias):
+                    prepared = self.__dict__["_prepared"] = PreparedConv(crow, col, values, bias, self.geometry)
+            y = None if prepared is None else prepared(x)
+            if y is not None:
+                return y
+        # The checked op: compiled graphs, autograd, other devices and dtypes, inference tensors (no
+        # version counters to tell a prepared handle it is stale), inputs it must convert.
+        return csr_conv2d(x, crow, col, values, bias, self.geometry)
+
+    @staticmethod
+    def _preparable(crow, col, values, bias) -> bool:
+        tensors = (crow, col, values) if bias is None else (crow, col, values, bias)
+        return (all(t.device.type == "cpu" and not t.is_inference() for t in tensors)
+                and values.dtype == torch.float32 and (bias is None or (bias.dtype == torch.float32
+                                                                         and bias.is_contiguous())))
 
     def extra_repr(self) -> str:
         parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}", f"stride={self.stride}"]

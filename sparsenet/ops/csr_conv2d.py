@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from torch.utils.dlpack import from_dlpack, to_dlpack
+
 from sparsenet.formats import PackedCSR
+from sparsenet.ops.csr_linear import PreparedSparse
 from sparsenet.ops.handles import csr_handle
 
 _lib = torch.library.Library("sparsenet", "FRAGMENT")  # noqa: TOR901 (csr_linear defines the namespace)
@@ -107,3 +110,27 @@ def csr_conv2d(x, crow_indices, col_indices, values, bias, geometry) -> torch.Te
     if not torch.compiler.is_compiling() and not _needs_autograd(x, bias) and x.device.type == "cpu":
         return _conv_cpu(x, crow_indices, col_indices, values, bias, geometry)
     return torch.ops.sparsenet.csr_conv2d(x, crow_indices, col_indices, values, bias, geometry)
+
+
+class PreparedConv(PreparedSparse):
+    """SparseConv2d's prepared fast path for eager inference, as ``PreparedSparse`` is SparseLinear's
+    (valid while the module holds the very tensors it was made from, unmodified): a handle that keeps
+    the values and bias, and one native call per forward that takes x as a DLPack capsule and
+    returns a new output (a trivial convolution went from 24 to about 10 us a call, nn.Conv2d's)."""
+
+    __slots__ = ("full_geometry", "kernel_geometry")
+
+    def __init__(self, crow_indices, col_indices, values, bias, geometry) -> None:
+        super().__init__(("crow_indices", "col_indices"), (crow_indices, col_indices), values, bias,
+                         columns(geometry), geometry[1])
+        self.full_geometry = list(geometry)
+        self.kernel_geometry = list(geometry[2:])
+
+    def __call__(self, x: torch.Tensor):
+        """The output for a contiguous float32 NCHW CPU ``x``; None for anything else (the caller then
+        takes the op, which converts what it can and raises the precise error for the rest)."""
+        try:
+            y = self.handle.forward_conv2d(to_dlpack(x.resolve_neg()), self.kernel_geometry)
+        except (TypeError, ValueError, RuntimeError, BufferError):
+            return None
+        return from_dlpack(y).view(x.shape[0], self.out_features, *output_size(self.full_geometry, x.shape[2], x.shape[3]))

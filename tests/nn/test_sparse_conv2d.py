@@ -71,6 +71,47 @@ def test_compile_fullgraph_and_export_keep_the_op():
     assert_compiled_and_exported_keep(SparseConv2d.from_dense(pruned_conv()), torch.randn(2, 8, 10, 10), "csr_conv2d")
 
 
+def test_eager_fast_path_is_taken_and_notices_every_kind_of_change():
+    import copy
+    import io
+
+    dense = pruned_conv(seed=3)
+    sparse = SparseConv2d.from_dense(dense)
+    x = torch.randn(2, 8, 9, 10)
+
+    def check(bias=True):
+        want = F.conv2d(x, dense.weight, dense.bias if bias else None, padding=1)
+        torch.testing.assert_close(sparse(x), want, rtol=1e-5, atol=1e-5)
+
+    with torch.no_grad():
+        check()
+        prepared = sparse._prepared
+        assert prepared.handle.keeps_buffers  # eager inference: one native call on the kept buffers
+        check()
+        assert sparse._prepared is prepared  # reused while nothing changed
+        sparse.values.mul_(2)  # in place, same memory
+        dense.weight.mul_(2)
+        check()
+        sparse.values.data = sparse.values.data * 0.5  # new storage behind the same Parameter
+        dense.weight.mul_(0.5)
+        check()
+        new_bias = torch.randn(12)
+        sparse.bias.data = new_bias.clone()  # the handle holds the bias: must follow the swap
+        dense.bias.copy_(new_bias)
+        check()
+        twin = copy.deepcopy(sparse)  # the prepared handle is neither copied nor pickled
+        buf = io.BytesIO()
+        torch.save(sparse, buf)
+        buf.seek(0)
+        for other in (twin, torch.load(buf, weights_only=False)):
+            torch.testing.assert_close(other(x), sparse(x), rtol=0, atol=0)
+        sparse.bias = None
+        check(bias=False)
+        sparse.col_indices.fill_(999)  # structure changed in place: re-validated, refused
+        with pytest.raises(ValueError, match="out of range"):
+            sparse(x)
+
+
 def small_cnn():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
