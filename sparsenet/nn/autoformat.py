@@ -12,11 +12,15 @@ events with the L2 cache flushed before each call.
 
 Timings are cached in a JSON file in the user's cache directory (``$SPARSENET_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/sparsenet``, else ``~/.cache/sparsenet``), keyed by CPU model and threads (or GPU
-and dtype), shape, density (to the percent), rows and the formats timed: layers of one shape are
-timed once, and converting the same model again times nothing.
+and dtype), shape, density (to the percent), rows, the formats timed and the native build that was
+timed (a new build's kernels may rank differently; a convolution's key also says how many of its
+output channels the kernel runs together): layers of one shape are timed once, and converting the
+same model again times nothing.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import statistics
@@ -108,6 +112,52 @@ def time_calls_cuda(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
     return {name: statistics.median(a.elapsed_time(b) / 1e3 for a, b in pairs) for name, pairs in events.items()}
 
 
+@functools.lru_cache(maxsize=None)
+def build_tag() -> str:
+    """A short digest of the native modules' files: timings measured with one build's kernels do not
+    answer for another's (read once per process, when a layer is first timed)."""
+    from sparsenet import _C
+
+    digest = hashlib.sha1()
+    modules = [_C]
+    try:
+        from sparsenet import _C_cuda
+
+        modules.append(_C_cuda)
+    except ImportError:
+        pass
+    for module in modules:
+        with open(module.__file__, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def rows_run_together(crow_indices: torch.Tensor, col_indices: torch.Tensor) -> float:
+    """The share of a CSR weight's rows that the convolution kernel runs with others (runs of
+    consecutive rows storing exactly the same columns, taken 4 and 2 at a time; DirectConv::same_rows):
+    0 for unstructured weights, 1 for weights pruned in blocks of 4 output channels."""
+    rows = crow_indices.numel() - 1
+    if rows <= 0:
+        return 0.0
+    counts = crow_indices.diff()
+    starts = crow_indices[:-1]
+    same = torch.zeros(rows, dtype=torch.bool)  # row r stores exactly row r - 1's columns
+    for r in range(1, rows):
+        n = int(counts[r])
+        if n and n == int(counts[r - 1]):
+            a, b = int(starts[r - 1]), int(starts[r])
+            same[r] = bool(torch.equal(col_indices[a:a + n], col_indices[b:b + n]))
+    together, run = 0, 1
+    for r in range(1, rows + 1):
+        if r < rows and same[r]:
+            run += 1
+            continue
+        together += run // 4 * 4 + run % 4 // 2 * 2
+        run = 1
+    return together / rows
+
+
 def _gpu(device: torch.device, dtype: torch.dtype) -> str:
     """The cache keys' name for a GPU and the dtype timed on it."""
     return f"{torch.cuda.get_device_name(device)}|{str(dtype).removeprefix('torch.')}"
@@ -142,7 +192,7 @@ class TimingCache:
         # written before GPUs were timed, so earlier caches still answer).
         where = f"{machine}|{shape[0]}x{shape[1]}|{density:.2f}|rows={rows}" if machine else (
             f"{cpu_model()}|{shape[0]}x{shape[1]}|{density:.2f}|rows={rows}|threads={torch.get_num_threads()}")
-        return f"{where}|{'+'.join(formats)}"
+        return f"{where}|{'+'.join(formats)}|build={build_tag()}"
 
     def get(self, key: str, formats: list[str]) -> Optional[dict[str, float]]:
         found = self.entries.get(key)
@@ -208,8 +258,10 @@ def measure_conv(conv, input_shape: tuple[int, ...], cache: TimingCache) -> Meas
     on_cuda = device.type == "cuda"
     sparse = SparseConv2d.from_dense(copy.deepcopy(conv).to("cpu", torch.float32) if on_cuda else conv)
     machine = _gpu(device, dtype) if on_cuda else cpu_model()
+    together = rows_run_together(sparse.crow_indices, sparse.col_indices)
     key = (f"{machine}|conv{'x'.join(str(v) for v in sparse.geometry)}|input={'x'.join(map(str, input_shape))}"
-           f"|{sparse.density:.2f}" + ("" if on_cuda else f"|threads={torch.get_num_threads()}"))
+           f"|{sparse.density:.2f}" + ("" if on_cuda else f"|threads={torch.get_num_threads()}")
+           + f"|together={together:.1f}|build={build_tag()}")
     seconds = cache.get(key, ["csr"])
     if seconds is not None:
         return Measured(seconds, cached=True)

@@ -66,7 +66,8 @@ def test_choices_follow_the_measured_times_and_are_cached(cache_dir, monkeypatch
     entries = json.loads((cache_dir / "format_timings.json").read_text())
     assert len(entries) == 3
     density = float((dense[0].weight != 0).float().mean())
-    key = f"{autoformat.cpu_model()}|32x48|{density:.2f}|rows=5|threads={torch.get_num_threads()}|bitmap+csr"
+    key = (f"{autoformat.cpu_model()}|32x48|{density:.2f}|rows=5|threads={torch.get_num_threads()}|bitmap+csr"
+           f"|build={autoformat.build_tag()}")
     assert set(entries[key]) == {"dense", "csr", "bitmap"}  # BSR does not fit an unstructured weight
 
     def no_timing(calls):

@@ -193,6 +193,47 @@ def test_format_auto_times_convolutions_on_the_example_input(monkeypatch, tmp_pa
     assert "rows=2" in rows["6"].note
 
 
+def test_convolution_timings_are_kept_apart_by_structure_and_build(monkeypatch, tmp_path):
+    # An unstructured weight and one pruned in blocks of 4 output channels (same geometry, same
+    # density) run at different speeds, and so do two builds of the kernels: neither answers for
+    # the other from the cache.
+    monkeypatch.setenv("SPARSENET_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    unstructured = nn.Conv2d(8, 16, 3, padding=1)
+    blocked = nn.Conv2d(8, 16, 3, padding=1)
+    def keep_18_of_72(rows):  # 18 random columns of 72 in each row: density 0.25 exactly
+        return torch.zeros(rows, 72).scatter_(1, torch.rand(rows, 72).argsort(1)[:, :18], 1.0).bool()
+
+    with torch.no_grad():
+        unstructured.weight.mul_(keep_18_of_72(16).reshape(16, 8, 3, 3))
+        blocked.weight.mul_(keep_18_of_72(4).repeat_interleave(4, 0).reshape(16, 8, 3, 3))
+    timed = []
+    monkeypatch.setattr(autoformat, "time_calls", lambda calls: timed.append(1) or {n: 1.0 for n in calls})
+    x = torch.randn(1, 8, 10, 10)
+    for conv in (unstructured, blocked, unstructured, blocked):
+        autoformat.measure_conv(conv, tuple(x.shape), autoformat.TimingCache())
+    assert len(timed) == 2  # each structure timed once, then cached
+    monkeypatch.setattr(autoformat, "build_tag", lambda: "another-build")
+    autoformat.measure_conv(blocked, tuple(x.shape), autoformat.TimingCache())
+    assert len(timed) == 3
+
+
+def test_rows_run_together_counts_what_the_kernel_groups():
+    def share(runs, cols=10):
+        rows, g = [], torch.Generator().manual_seed(len(runs))
+        for n in runs:
+            row = torch.rand(cols, generator=g) < 0.5
+            row[0] = True  # (a row storing nothing is never grouped)
+            rows += [row] * n
+        csr = (torch.stack(rows) * 1.0).to_sparse_csr()
+        return autoformat.rows_run_together(csr.crow_indices(), csr.col_indices())
+
+    assert share([1] * 8) == 0.0
+    assert share([4, 4]) == 1.0
+    assert share([2, 1, 3]) == pytest.approx(4 / 6)  # 2; 1 alone; 2 of 3
+    assert share([7]) == pytest.approx(6 / 7)  # 4, then 2, then 1 alone
+
+
 def test_a_forward_stays_far_below_the_im2col_matrix(tmp_path):
     # In a fresh process, its peak resident memory reset (Linux: clear_refs 5) just before the
     # forward: what the forward allocates at its peak.
