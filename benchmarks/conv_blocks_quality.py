@@ -42,12 +42,12 @@ def accuracy(model, x, y) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sparsities", default="0.7,0.8,0.9")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=30, help="training epochs; fine-tuning takes a third")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target)

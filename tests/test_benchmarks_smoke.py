@@ -108,3 +108,24 @@ def test_conv_table_runs_and_checks_agreement(capsys):
         sys.modules.pop("common", None)
     out = capsys.readouterr().out
     assert "512->512, 3x3, s1, 7x7" in out and "median speedup" in out
+
+
+def test_conv_table_runs_on_blocks_of_output_channels(capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    table = load("conv_table")
+    try:  # (each cell checks the sparse output against dense before timing it)
+        table.main(["--set", "resnet", "--sparsities", "0.9", "--batches", "1", "--rounds", "1", "--threads", "1",
+                    "--block-rows", "4"])
+    finally:
+        table.set_threads(threads)
+    out = capsys.readouterr().out
+    assert "blocks of 4 output channels" in out and "512->512, 3x3" in out
+
+
+def test_conv_blocks_quality_runs(capsys):
+    pytest.importorskip("sklearn")
+    load("conv_blocks_quality").main(["--sparsities", "0.8", "--seeds", "1", "--epochs", "2"])
+    out = capsys.readouterr().out
+    assert "| blocks 4x1 | 80% |" in out and "| unstructured | 80% |" in out
