@@ -145,6 +145,37 @@ def test_sparsify_converts_convolutions_and_lists_them(tmp_path):
         torch.testing.assert_close(back(x), want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_with_batchnorm_folded_by_torch_fx_converts_saves_and_loads(tmp_path):
+    # The README's route for CNNs: prune, finalize, fold BatchNorm with torch's fuse, sparsify.
+    from torch.fx.experimental.optimization import fuse
+
+    def cnn():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                             nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU()).eval()
+
+    model = cnn()
+    with torch.no_grad():  # statistics other than the defaults, so that folding changes the weights
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
+    sparsenet.prune(model, 0.75, structure="block", block=(4, 1), progress=False).finalize()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        want = model(x)
+    fused = fuse(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    sparse, _ = sparsenet.sparsify(fused, format="csr", min_sparsity=0.0)
+    assert isinstance(sparse.get_submodule("3"), SparseConv2d) and sparse.get_submodule("3").density == 0.25
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), want, rtol=1e-4, atol=1e-4)
+    sparsenet.save(sparse, tmp_path / "cnn.safetensors")
+    plain = cnn()
+    plain.load_state_dict(model.state_dict())  # (the BatchNorm statistics a rebuilt model would load)
+    restored = sparsenet.load(tmp_path / "cnn.safetensors", fuse(plain))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), sparse(x))
+
+
 def test_load_refuses_a_convolution_of_another_geometry(tmp_path):
     model = small_cnn()
     sparsenet.prune(model, sparsity=0.8, progress=False).finalize()
