@@ -15,7 +15,7 @@ namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 // One input channel x (in_h x in_w) into its zero-padded phase planes at dst (see conv.h). Each
 // plane row is written once, a vector at a time: masked loads give zeros where it falls on padding
 // (filling the planes with zeros first and copying over them took a third of a stride-2 layer's
-// time at 90% sparsity; a memset and a memcpy call per row, a fifth of a 28 x 28 layer's at 70%).
+// time at 90% sparsity; a memset and a memcpy call per row cost up to 5% of a stride-1 layer's).
 template <typename Ops>
 inline void split_phases(const ConvShape& s, const DirectConv& d, const float* x, float* dst) {
   using V = typename Ops::V;
@@ -95,8 +95,9 @@ inline void accumulate_row(const float* values, const int32_t* offsets, int64_t 
 
 // R rows that store the same columns (DirectConv::same_rows), over the block's weights [begin, begin
 // + n) of the first row: own[i * W ...] += row i's weights times the slots. Each column's NV slot
-// vectors are loaded once for the R rows; R x NV accumulators (8) are chains enough for the FMA's
-// latency. row_values[i]: row i's first weight of the block.
+// vectors are loaded once for the R rows; the R x NV accumulators (8 with 4 rows on AVX-512 or 2 on
+// AVX2, 4 with 2 rows on AVX-512) are the independent FMA chains. row_values[i]: row i's first
+// weight of the block.
 template <typename Ops, int64_t NV, int R>
 inline void accumulate_rows(const float* const* row_values, const int32_t* offsets, int64_t n, const float* packed,
                             float* own, int64_t W) {

@@ -7,9 +7,8 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.nn.modules.utils import _pair
-
 from torch.compiler import is_compiling
+from torch.nn.modules.utils import _pair
 
 from sparsenet.formats import PackedCSR
 from sparsenet.nn.linear import SparseWeightModule, _index_dtype, _values_storage
@@ -154,6 +153,7 @@ class SparseConv2d(SparseWeightModule):
             # Eager inference: the prepared fast path (PreparedConv), made once per set of tensors.
             prepared = self.__dict__.get("_prepared")
             if prepared is None or not prepared.matches(buffers, values, bias):
+                self.__dict__.pop("_prepared", None)  # a stale one would keep the old tensors alive
                 prepared = None
                 if self._preparable(crow, col, values, bias):
                     prepared = self.__dict__["_prepared"] = PreparedConv(crow, col, values, bias, self.geometry)
