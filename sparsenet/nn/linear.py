@@ -292,8 +292,10 @@ class SparseLinear(SparseWeightModule):
         values, bias = params["values"], params["bias"]
         prepared = self.__dict__.get("_prepared")
         eager = not is_compiling() and isinstance(x, torch.Tensor) and not _needs_autograd(x, bias)
-        if eager and prepared is not None and prepared.matches(buffers, values, bias):
-            return prepared(x)  # eager inference: the prepared fast path (see PreparedSparse)
+        if eager and prepared is not None:
+            if prepared.matches(buffers, values, bias):
+                return prepared(x)  # eager inference: the prepared fast path (see PreparedSparse)
+            del self.__dict__["_prepared"]  # stale: it would keep the old tensors alive
         names = _STRUCTURE[self.format]
         structure = tuple(buffers[name] for name in names)
         if not eager or values.device.type != "cpu" or x.device.type != "cpu" or any(

@@ -112,6 +112,33 @@ def test_eager_fast_path_is_taken_and_notices_every_kind_of_change():
             sparse(x)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_stale_prepared_path_lets_the_old_tensors_go(kind):
+    import gc
+    import weakref
+
+    from sparsenet.nn import SparseLinear
+
+    if kind == "linear":
+        torch.manual_seed(4)
+        dense = nn.Linear(8, 6)
+        with torch.no_grad():
+            dense.weight.mul_(torch.rand_like(dense.weight) < 0.3)
+        layer, x = SparseLinear.from_dense(dense), torch.randn(2, 8)
+    else:
+        layer, x = SparseConv2d.from_dense(pruned_conv(seed=4)), torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        want = layer(x)  # prepares the fast path, whose handle holds the values
+    assert "_prepared" in layer.__dict__
+    old = weakref.ref(layer.values)
+    with torch.inference_mode():  # new values the fast path does not take (inference tensors)
+        layer.values = nn.Parameter(layer.values.detach().clone(), requires_grad=False)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want)  # through the op
+    gc.collect()
+    assert "_prepared" not in layer.__dict__ and old() is None
+
+
 def small_cnn():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
