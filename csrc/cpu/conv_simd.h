@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "cpu/conv.h"
@@ -16,13 +17,15 @@ namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 // plane row is written once, a vector at a time: masked loads give zeros where it falls on padding
 // (filling the planes with zeros first and copying over them took a third of a stride-2 layer's
 // time at 90% sparsity; a memset and a memcpy call per row cost up to 5% of a stride-1 layer's).
+// Only plane rows [j0, j1) of each phase are written (the rows one thread's tiles read).
 template <typename Ops>
-inline void split_phases(const ConvShape& s, const DirectConv& d, const float* x, float* dst) {
+inline void split_phases(const ConvShape& s, const DirectConv& d, const float* x, float* dst, int64_t j0,
+                         int64_t j1) {
   using V = typename Ops::V;
   constexpr int64_t kW = Ops::kWidth;
   const int64_t plane = d.hq * d.wq, sh = s.stride_h, sw = s.stride_w;
   for (int64_t phase_y = 0; phase_y < sh; ++phase_y)
-    for (int64_t j = 0; j < d.hq; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const int64_t iy = j * sh + phase_y - s.pad_h;  // the input row of plane row j, if any
       const bool padding = iy < 0 || iy >= s.in_h;
       for (int64_t phase_x = 0; phase_x < sw; ++phase_x) {
@@ -126,19 +129,100 @@ inline void accumulate_rows(const float* const* row_values, const int32_t* offse
     for (int q = 0; q < NV; ++q) Ops::store(own + i * W + q * kW, acc[i][q]);
 }
 
+// Output channels per item: their sums (16 KB) stay in L1; fewer items repack the same tile (64:
+// 14% slower at 90% on 512 channels at 7 x 7, which ran as 8 chunks of 2 tiles).
+constexpr int64_t kMaxRows = 128;
+
+// One item: output channels [r0, r1) of image n (in its group's planes, which start at `in` at the
+// tile's first pixel) over the W grid pixels from q0. `readable`: how many of the W pixels' inputs may be
+// loaded (the last tile of an input read in place stops at its end).
+template <typename Ops>
+inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d, const float* in,
+                      int64_t n, int64_t q0, int64_t r0, int64_t r1, int64_t readable) {
+  constexpr int64_t kW = Ops::kWidth, W = plan::kConvTileFloats, NV = W / kW;
+  // Rows run together (accumulate_rows): up to 4 with 2 vectors per slot (AVX-512), 2 with 4 (AVX2,
+  // whose 16 registers hold 8 accumulators and a slot's 4 vectors).
+  constexpr int64_t kMaxSameRows = NV <= 2 ? kConvMaxSameRows : 2;
+  const int64_t grid = s.out_h * d.wq;
+  alignas(64) float sums[kMaxRows * W];
+  alignas(64) float packed[plan::kConvPackBytes / sizeof(float)];
+  std::fill(sums, sums + (r1 - r0) * W, 0.0f);
+  for (int64_t b = 0; b < d.blocks; ++b) {
+    const int64_t c0 = b * d.block_cols, c1 = std::min(c0 + d.block_cols, a.cols);
+    for (int64_t col = c0; col < c1; ++col) {
+      const float* x = in + d.sources[col];
+      float* slot = packed + (col - c0) * W;
+      if (readable == W) {
+#pragma GCC unroll 8
+        for (int q = 0; q < NV; ++q) Ops::store(slot + q * kW, Ops::loadu(x + q * kW));
+      } else {
+        for (int q = 0; q < NV; ++q) Ops::store(slot + q * kW, Ops::load_first(x + q * kW, readable - q * kW));
+      }
+    }
+    for (int64_t r = r0; r < r1;) {
+      const int64_t* starts = d.block_start + r * (d.blocks + 1) + b;
+      const int64_t same = std::min<int64_t>({d.same_rows[r], r1 - r, kMaxSameRows});
+      if (starts[0] == starts[1]) {  // (then so are the rows storing the same columns)
+        r += same;
+        continue;
+      }
+      float* own = sums + (r - r0) * W;
+      if (same == 1) {
+        accumulate_row<Ops, NV>(a.values, d.offsets, starts[0], starts[1], packed, own);
+        r += 1;
+        continue;
+      }
+      const int64_t stride = d.blocks + 1;
+      const float* row_values[4] = {a.values + starts[0], a.values + starts[stride],
+                                    a.values + starts[std::min<int64_t>(2, same - 1) * stride],
+                                    a.values + starts[std::min<int64_t>(3, same - 1) * stride]};
+      if (same >= 4) {
+        accumulate_rows<Ops, NV, kMaxSameRows>(row_values, d.offsets + starts[0], starts[1] - starts[0], packed, own, W);
+        r += kMaxSameRows;
+      } else {
+        accumulate_rows<Ops, NV, 2>(row_values, d.offsets + starts[0], starts[1] - starts[0], packed, own, W);
+        r += 2;
+      }
+    }
+  }
+  // The tile's real outputs: runs of grid pixels on one output row.
+  int64_t run_at[W], run_to[W], run_len[W];  // at most one run per pixel (out_w = 1)
+  int runs = 0;
+  for (int64_t q = q0; q < std::min(q0 + W, grid);) {
+    const int64_t oy = q / d.wq, ox = q % d.wq;
+    if (ox >= s.out_w) {
+      q = (oy + 1) * d.wq;
+      continue;
+    }
+    const int64_t end = std::min(q0 + W, oy * d.wq + s.out_w);
+    run_at[runs] = q - q0;
+    run_to[runs] = oy * s.out_w + ox;
+    run_len[runs++] = end - q;
+    q = end;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    float* own = sums + (r - r0) * W;
+    const float bias = c.bias ? c.bias[r] : 0.0f;
+    float* y = c.y + (n * s.out_channels + r) * s.out_h * s.out_w;
+    for (int i = 0; i < runs; ++i)
+      for (int64_t j = 0; j < run_len[i]; ++j) y[run_to[i] + j] = own[run_at[i] + j] + bias;
+  }
+}
+
 // Items of (image, group, tile of W grid pixels, chunk of the group's output channels); channels are
 // chunked only where tiles alone would leave threads idle (a 7 x 7 image is one tile or two). Each
 // column of a block: NV unaligned loads and NV aligned stores into its slot; each stored weight: one
 // broadcast, NV aligned loads, NV FMAs.
+//
+// Each thread takes a contiguous run of the items and writes the phase planes its own tiles read
+// into its own scratch, then helps itself to the others' leftover items (reading their planes) when
+// its run is done. Planes shared by all threads, as before, were rewritten on every call into lines
+// the other core had just read: the copy waited on the other core for each line and did not scale
+// (two threads each took longer for half the copy than one thread for all of it: 110 against 90 us
+// a call at 64 channels, 56 x 56, stride 2; written again at once, 45 us).
 template <typename Ops>
 void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d) {
-  constexpr int64_t kW = Ops::kWidth, W = plan::kConvTileFloats, NV = W / kW;
-  // Output channels per item: their sums (16 KB) stay in L1; fewer items repack the same tile (64:
-  // 14% slower at 90% on 512 channels at 7 x 7, which ran as 8 chunks of 2 tiles).
-  constexpr int64_t kMaxRows = 128;
-  // Rows run together (accumulate_rows): up to 4 with 2 vectors per slot (AVX-512), 2 with 4 (AVX2,
-  // whose 16 registers hold 8 accumulators and a slot's 4 vectors).
-  constexpr int64_t kMaxSameRows = NV <= 2 ? kConvMaxSameRows : 2;
+  constexpr int64_t W = plan::kConvTileFloats;
   const int64_t cg = s.in_channels / s.groups, kg = s.out_channels / s.groups;
   const int64_t plane = d.hq * d.wq, grid = s.out_h * d.wq, tiles = (grid + W - 1) / W;
   // A pointwise convolution (1 x 1, stride 1, no padding) reads its input where it is: its planes
@@ -147,96 +231,62 @@ void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
   const bool in_place = s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 &&
                         s.pad_w == 0;
   const int64_t per_group = in_place ? cg * plane : cg * s.stride_h * s.stride_w * plane + plane + W;
+  const int64_t channel_planes = s.stride_h * s.stride_w * plane;
+  // Plane rows a grid row reads at or past itself (the kernel's reach down), and one more for a reach
+  // to the right that runs into the next row.
+  const int64_t reach_rows = (s.kernel_h - 1) * s.dil_h / s.stride_h + 2;
   const int64_t images = s.batch * s.groups;
-  const float* planes = in_place ? c.x : scratch_panel(images * per_group);  // (the calling thread's; shared)
-  const int nt = (c.num_threads <= 1 || (a.nnz + a.rows) * s.out_h * s.out_w * s.batch < 24576) ? 1 : c.num_threads;
+  // (At most kMaxConvThreads: the per-thread state below lives on the stack, since an ISA-flagged
+  // file must not instantiate std::vector, whose out-of-line copies two ISAs would share.)
+  constexpr int kMaxConvThreads = 256;
+  const int nt = (c.num_threads <= 1 || (a.nnz + a.rows) * s.out_h * s.out_w * s.batch < 24576)
+                     ? 1 : std::min(c.num_threads, kMaxConvThreads);
   const int64_t spatial = images * tiles;
   const int64_t chunks = std::max<int64_t>({1, (kg + kMaxRows - 1) / kMaxRows,
                                             std::min<int64_t>((int64_t{nt} * 4 + spatial - 1) / spatial, kg / 16)});
-  const int64_t items = spatial * chunks;
+  const int64_t items = spatial * chunks, per_image = tiles * chunks;
+  // Per thread: its planes (images first_image on, per_group floats each) and the next item of its run.
+  const float* planes[kMaxConvThreads];
+  int64_t first_image[kMaxConvThreads];
+  std::atomic<int64_t> next[kMaxConvThreads];
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    // Channel by channel, so that both threads copy at batch 1 too; (n, g) is image n's channels
-    // g * cg on, so channel i of the whole batch is image i / C's channel i % C. Each group ends
-    // with the zeroed slack its last tile reads.
-    const int64_t channel_planes = s.stride_h * s.stride_w * plane;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < (in_place ? 0 : images * cg); ++i) {
-      float* dst = const_cast<float*>(planes) + i / cg * per_group + i % cg * channel_planes;  // the scratch
-      split_phases<Ops>(s, d, c.x + i * s.in_h * s.in_w, dst);
-      if (i % cg == cg - 1) std::fill(dst + channel_planes, dst + channel_planes + plane + W, 0.0f);
+    const int team = omp_get_num_threads(), me = omp_get_thread_num();
+    // Thread t's run: [run_start(t), run_start(t + 1)). A pointwise convolution copies nothing, so
+    // there all items are one run that every thread takes from (dynamic scheduling).
+    const auto run_start = [&](int64_t t) { return in_place ? (t == 0 ? 0 : items) : items * t / team; };
+    const int64_t lo = run_start(me), hi = run_start(me + 1);
+    if (!in_place && hi > lo) {
+      const int64_t ng0 = lo / per_image, ng1 = (hi - 1) / per_image + 1;
+      float* mine = scratch_panel((ng1 - ng0) * per_group);  // this thread's own
+      planes[me] = mine;
+      first_image[me] = ng0;
+      for (int64_t ng = ng0; ng < ng1; ++ng) {
+        // (n, g) is image n's channels g * cg on. Its tiles in this run, and the plane rows they read.
+        const int64_t t0 = ng == ng0 ? lo % per_image / chunks : 0;
+        const int64_t t1 = ng == ng1 - 1 ? (hi - 1) % per_image / chunks : tiles - 1;
+        const int64_t j0 = std::min(d.hq, t0 * W / d.wq), j1 = std::min(d.hq, (t1 * W + W - 1) / d.wq + reach_rows);
+        float* group = mine + (ng - ng0) * per_group;
+        for (int64_t i = 0; i < cg; ++i)
+          split_phases<Ops>(s, d, c.x + (ng * cg + i) * s.in_h * s.in_w, group + i * channel_planes, j0, j1);
+        if (t1 == tiles - 1) std::fill(group + cg * channel_planes, group + per_group, 0.0f);  // the slack
+      }
+    } else if (in_place) {
+      planes[me] = c.x;
     }
-    // (implicit barrier: every plane is ready)
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t chunk = item % chunks, t = item / chunks % tiles, ng = item / chunks / tiles;
-      const int64_t n = ng / s.groups, g = ng % s.groups, q0 = t * W;
-      const int64_t r0 = g * kg + kg * chunk / chunks, r1 = g * kg + kg * (chunk + 1) / chunks;
-      const float* in = planes + ng * per_group + q0;
-      // Read in place, the last tile must not load past the input: its loads are masked to it.
-      const int64_t readable = in_place ? std::min(W, grid - q0) : W;
-      alignas(64) float sums[kMaxRows * W];
-      alignas(64) float packed[plan::kConvPackBytes / sizeof(float)];
-      std::fill(sums, sums + (r1 - r0) * W, 0.0f);
-      for (int64_t b = 0; b < d.blocks; ++b) {
-        const int64_t c0 = b * d.block_cols, c1 = std::min(c0 + d.block_cols, a.cols);
-        for (int64_t col = c0; col < c1; ++col) {
-          const float* x = in + d.sources[col];
-          float* slot = packed + (col - c0) * W;
-          if (readable == W) {
-#pragma GCC unroll 8
-            for (int q = 0; q < NV; ++q) Ops::store(slot + q * kW, Ops::loadu(x + q * kW));
-          } else {
-            for (int q = 0; q < NV; ++q) Ops::store(slot + q * kW, Ops::load_first(x + q * kW, readable - q * kW));
-          }
-        }
-        for (int64_t r = r0; r < r1;) {
-          const int64_t* starts = d.block_start + r * (d.blocks + 1) + b;
-          const int64_t same = std::min<int64_t>({d.same_rows[r], r1 - r, kMaxSameRows});
-          if (starts[0] == starts[1]) {  // (then so are the rows storing the same columns)
-            r += same;
-            continue;
-          }
-          float* own = sums + (r - r0) * W;
-          if (same == 1) {
-            accumulate_row<Ops, NV>(a.values, d.offsets, starts[0], starts[1], packed, own);
-            r += 1;
-            continue;
-          }
-          const int64_t stride = d.blocks + 1;
-          const float* row_values[4] = {a.values + starts[0], a.values + starts[stride],
-                                        a.values + starts[std::min<int64_t>(2, same - 1) * stride],
-                                        a.values + starts[std::min<int64_t>(3, same - 1) * stride]};
-          if (same >= 4) {
-            accumulate_rows<Ops, NV, kMaxSameRows>(row_values, d.offsets + starts[0], starts[1] - starts[0], packed, own, W);
-            r += kMaxSameRows;
-          } else {
-            accumulate_rows<Ops, NV, 2>(row_values, d.offsets + starts[0], starts[1] - starts[0], packed, own, W);
-            r += 2;
-          }
-        }
-      }
-      // The tile's real outputs: runs of grid pixels on one output row.
-      int64_t run_at[W], run_to[W], run_len[W];  // at most one run per pixel (out_w = 1)
-      int runs = 0;
-      for (int64_t q = q0; q < std::min(q0 + W, grid);) {
-        const int64_t oy = q / d.wq, ox = q % d.wq;
-        if (ox >= s.out_w) {
-          q = (oy + 1) * d.wq;
-          continue;
-        }
-        const int64_t end = std::min(q0 + W, oy * d.wq + s.out_w);
-        run_at[runs] = q - q0;
-        run_to[runs] = oy * s.out_w + ox;
-        run_len[runs++] = end - q;
-        q = end;
-      }
-      for (int64_t r = r0; r < r1; ++r) {
-        float* own = sums + (r - r0) * W;
-        const float bias = c.bias ? c.bias[r] : 0.0f;
-        float* y = c.y + (n * s.out_channels + r) * s.out_h * s.out_w;
-        for (int i = 0; i < runs; ++i)
-          for (int64_t j = 0; j < run_len[i]; ++j) y[run_to[i] + j] = own[run_at[i] + j] + bias;
+    next[me].store(lo, std::memory_order_relaxed);
+#pragma omp barrier
+    for (int v = 0; v < team; ++v) {  // its own run first, then the others' leftovers
+      const int u = (me + v) % team;
+      const int64_t end = run_start(u + 1);
+      for (int64_t item = next[u].fetch_add(1, std::memory_order_relaxed); item < end;
+           item = next[u].fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t chunk = item % chunks, t = item / chunks % tiles, ng = item / chunks / tiles;
+        const int64_t n = ng / s.groups, g = ng % s.groups, q0 = t * W;
+        const int64_t r0 = g * kg + kg * chunk / chunks, r1 = g * kg + kg * (chunk + 1) / chunks;
+        // (Read in place, the last tile must not load past the input: its loads are masked to it.)
+        const float* in = in_place ? c.x + ng * per_group + q0 : planes[u] + (ng - first_image[u]) * per_group + q0;
+        conv_tile<Ops>(a, s, c, d, in, n, q0, r0, r1, in_place ? std::min(W, grid - q0) : W);
       }
     }
   }
