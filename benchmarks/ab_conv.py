@@ -15,7 +15,7 @@ median ratio per (sparsity, batch), with the CPU.
 --in-a-row times each build's pass over all the shapes, one layer after another as in a model
 (after an untimed pass of the same build), alternating builds pass by pass: how a build leaves its
 scratch and caches for the next layer is then part of what is measured, which call-by-call
-alternation hides (the planes' copy measured 0.98x there and 0.91-0.95x in a row).
+alternation hides (per-thread planes measured 0.98-1.00x there, about 0.95x in median in a row).
 """
 from __future__ import annotations
 
