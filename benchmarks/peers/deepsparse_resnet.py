@@ -51,7 +51,8 @@ def main() -> None:
     print(f"{cpu_label()}, {args.threads} threads (DeepSparse num_cores={args.threads}); ResNet-18 at 224x224, its "
           f"convolutions pruned {args.sparsity:.0%} (magnitude, layer-wise); median of {args.rounds} interleaved "
           "forwards")
-    print("| convolutions | batch | dense ms | sparsenet ms | DeepSparse ms | sparsenet vs dense | DeepSparse vs dense |")
+    print("| convolutions | batch | dense ms | sparsenet ms | DeepSparse ms | sparsenet vs dense | "
+          "DeepSparse vs dense |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for name, structure in STRUCTURES.items():
@@ -68,7 +69,8 @@ def main() -> None:
                     for who, got in (("sparsenet", sparse(x)), ("deepsparse", torch.from_numpy(engine(x_np)[0]))):
                         err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
                         assert err < 1e-3, (who, err)
-                    calls = {"dense": lambda: dense(x), "sparsenet": lambda: sparse(x), "deepsparse": lambda: engine(x_np)}
+                    calls = {"dense": lambda: dense(x), "sparsenet": lambda: sparse(x),
+                             "deepsparse": lambda: engine(x_np)}
                     for fn in calls.values():
                         fn()
                     t = interleaved_medians(calls, args.rounds)

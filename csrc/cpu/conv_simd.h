@@ -46,7 +46,8 @@ inline void split_phases(const ConvShape& s, const DirectConv& d, const float* x
             v = Ops::even(Ops::load_between(at + 2 * i, lo, hi), Ops::load_between(at + 2 * i + kW, lo - kW, hi - kW));
           } else {
             alignas(64) float lanes[kW] = {};
-            for (int64_t l = std::max(first - i, int64_t{0}); l < std::min(end - i, kW); ++l) lanes[l] = at[(i + l) * sw];
+            for (int64_t l = std::max(first - i, int64_t{0}); l < std::min(end - i, kW); ++l)
+              lanes[l] = at[(i + l) * sw];
             v = Ops::load(lanes);
           }
           if (i + kW <= d.wq) Ops::storeu(row + i, v);
@@ -177,7 +178,8 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
                                     a.values + starts[std::min<int64_t>(2, same - 1) * stride],
                                     a.values + starts[std::min<int64_t>(3, same - 1) * stride]};
       if (same >= 4) {
-        accumulate_rows<Ops, NV, kMaxSameRows>(row_values, d.offsets + starts[0], starts[1] - starts[0], packed, own, W);
+        accumulate_rows<Ops, NV, kMaxSameRows>(row_values, d.offsets + starts[0], starts[1] - starts[0], packed, own,
+                                               W);
         r += kMaxSameRows;
       } else {
         accumulate_rows<Ops, NV, 2>(row_values, d.offsets + starts[0], starts[1] - starts[0], packed, own, W);

@@ -133,4 +133,5 @@ class PreparedConv(PreparedSparse):
             y = self.handle.forward_conv2d(to_dlpack(x.resolve_neg()), self.kernel_geometry)
         except (TypeError, ValueError, RuntimeError, BufferError):
             return None
-        return from_dlpack(y).view(x.shape[0], self.out_features, *output_size(self.full_geometry, x.shape[2], x.shape[3]))
+        height, width = output_size(self.full_geometry, x.shape[2], x.shape[3])
+        return from_dlpack(y).view(x.shape[0], self.out_features, height, width)
