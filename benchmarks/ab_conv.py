@@ -34,10 +34,10 @@ from sparsenet import _C as new_C
 SHAPES = RESNET18_3X3 + [MOBILENETV2_1X1[i] for i in (2, 3, 8, 9)]
 
 
-def calls_for(modules, cin, cout, k, stride, size, sparsity, batch):
+def calls_for(modules, cin, cout, k, stride, size, sparsity, batch, block_rows=1):
     torch.manual_seed(0)
     weight = torch.randn(cout, cin * k * k)
-    weight[torch.rand_like(weight) < sparsity] = 0
+    weight[(torch.rand(cout // block_rows, cin * k * k) < sparsity).repeat_interleave(block_rows, 0)] = 0
     csr = weight.to_sparse_csr()
     crow = csr.crow_indices().to(torch.int64).numpy()
     col = csr.col_indices().to(torch.int32).numpy()
@@ -62,17 +62,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--in-a-row", action="store_true")
+    parser.add_argument("--block-rows", type=int, default=1, help="prune in blocks of this many output channels")
+    parser.add_argument("--isa", default=None, help="the kernel family both builds run (default: the best)")
     args = parser.parse_args()
     modules = (load_baseline(args.baseline), new_C)
     torch.set_num_threads(args.threads)
     for module in modules:
         module.set_num_threads(args.threads)
-    print(f"{cpu_label()}, {args.threads} threads; median of {args.rounds} alternating calls")
+        if args.isa:  # (on both: SPARSENET_ISA is read by the package, which the baseline is loaded without)
+            module.set_isa(args.isa)
+    print(f"{cpu_label()}, {args.threads} threads, ISA {modules[1].active_isa()}; median of {args.rounds} "
+          "alternating calls")
     for sparsity in (float(v) for v in args.sparsities.split(",")):
         for batch in (int(v) for v in args.batches.split(",")):
             ratios, passes = [], ([], [])
             for cin, cout, k, stride, size in SHAPES:
-                calls, outs = calls_for(modules, cin, cout, k, stride, size, sparsity, batch)
+                calls, outs = calls_for(modules, cin, cout, k, stride, size, sparsity, batch, args.block_rows)
                 for call in calls * 2:
                     call()
                 torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-3)

@@ -66,6 +66,8 @@ struct Ops512 {
     return static_cast<__mmask16>(below(hi) & ~below(lo));
   }
   static V set1(float f) { return _mm512_set1_ps(f); }
+  // Lane `lane` of v in every lane (a permute, no load: a constant lane once unrolled).
+  static V broadcast_lane(V v, int lane) { return _mm512_permutexvar_ps(_mm512_set1_epi32(lane), v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static void store(float* p, V v) { _mm512_store_ps(p, v); }  // 64-byte aligned
