@@ -35,13 +35,13 @@ def mlp(width: int, layers: int) -> nn.Module:
     return nn.Sequential(*blocks).eval()
 
 
-def deepsparse_engine(model: nn.Module, width: int, batch: int, cores: int, folder: str):
+def deepsparse_engine(model: nn.Module, example: torch.Tensor, cores: int, path: str):
+    """DeepSparse's engine for ``model`` exported to ONNX at ``path`` on inputs shaped as ``example``
+    (its first dimension the batch)."""
     from deepsparse import compile_model
 
-    path = os.path.join(folder, f"mlp_b{batch}.onnx")
-    torch.onnx.export(model, (torch.randn(batch, width),), path, dynamo=False, opset_version=17,
-                      input_names=["x"], output_names=["y"])
-    return compile_model(path, batch_size=batch, num_cores=cores)
+    torch.onnx.export(model, (example,), path, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
+    return compile_model(path, batch_size=example.shape[0], num_cores=cores)
 
 
 def timed(calls: dict, rounds: int) -> dict:
@@ -74,7 +74,8 @@ def main() -> None:
             csr, _ = sparsenet.sparsify(dense, min_sparsity=0.0, format="csr")
             for batch in (int(b) for b in args.batches.split(",")):
                 auto, report = sparsenet.sparsify(dense, min_sparsity=0.0, format="auto", rows=batch)
-                engine = deepsparse_engine(dense, args.width, batch, args.threads, folder)
+                engine = deepsparse_engine(dense, torch.randn(batch, args.width), args.threads,
+                                           os.path.join(folder, f"mlp_b{batch}.onnx"))
                 x = torch.randn(batch, args.width)
                 x_np = [np.ascontiguousarray(x.numpy())]
                 with torch.inference_mode():

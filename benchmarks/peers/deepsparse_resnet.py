@@ -22,21 +22,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from common import interleaved_medians  # noqa: E402
+from deepsparse_mlp import deepsparse_engine  # noqa: E402 (this script's folder)
 from machine import cpu_label  # noqa: E402
 from shrink_resnet import ResNet18  # noqa: E402
 
 import sparsenet  # noqa: E402
 
 STRUCTURES = {"unstructured": {}, "4x1 blocks": {"structure": "block", "block": (4, 1)}}
-
-
-def deepsparse_engine(model, batch: int, cores: int, folder: str):
-    from deepsparse import compile_model
-
-    path = os.path.join(folder, f"resnet_b{batch}.onnx")
-    torch.onnx.export(model, (torch.randn(batch, 3, 224, 224),), path, dynamo=False, opset_version=17,
-                      input_names=["pixel_values"], output_names=["logits"])
-    return compile_model(path, batch_size=batch, num_cores=cores)
 
 
 def main() -> None:
@@ -62,7 +54,8 @@ def main() -> None:
             for batch in (int(b) for b in args.batches.split(",")):
                 x = torch.randn(batch, 3, 224, 224)
                 sparse, _ = sparsenet.sparsify(dense, example_inputs=x)
-                engine = deepsparse_engine(dense, batch, args.threads, folder)
+                engine = deepsparse_engine(dense, torch.randn(batch, 3, 224, 224), args.threads,
+                                           os.path.join(folder, f"resnet_b{batch}.onnx"))
                 x_np = [np.ascontiguousarray(x.numpy())]
                 with torch.inference_mode():
                     want = dense(x)
