@@ -91,6 +91,19 @@ def test_rows_storing_the_same_columns_run_together(isa, two_threads, runs):
             assert_close(*run(w, x, torch.randn(cout, generator=g), stride, padding, (1, 1), groups))
 
 
+@pytest.mark.parametrize("batch, size, stride", [(3, 6, 1), (1, 8, 1), (3, 12, 2), (1, 15, 2)])
+def test_threads_runs_cut_images_and_tiles(isa, two_threads, batch, size, stride):
+    # Each thread copies the planes its run of tiles reads into its own scratch and may take the other
+    # thread's leftovers: runs that end inside an image (batch 3: 18 items, cut at image 1's second
+    # tile) and inside a tile's channel chunks (260 channels: 3 chunks; batch 1: 9 items, cut in tile
+    # 1), at stride 1 and 2, all against float64.
+    g = torch.Generator().manual_seed(batch * size)
+    for density in (0.3, 1.0):
+        w = torch.randn(260, 8, 3, 3, generator=g) * (torch.rand(260, 8, 3, 3, generator=g) < density)
+        x = torch.randn(batch, 8, size, size, generator=g)
+        assert_close(*run(w, x, torch.randn(260, generator=g), (stride, stride), (1, 1), (1, 1), 1))
+
+
 @pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_non_finite_inputs_follow_dense_semantics(isa, bad, stride):
