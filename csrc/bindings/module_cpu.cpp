@@ -398,6 +398,7 @@ class CsrHandle {
     return py::make_tuple(row_ptr, col);
   }
 
+  double rows_run_together() const { return sparsenet::rows_run_together(view_); }
   int64_t rows() const { return view_.rows; }
   int64_t cols() const { return view_.cols; }
   int64_t nnz() const { return view_.nnz; }
@@ -516,6 +517,7 @@ class FormatHandle {
     self().run(view, xd, dense_from_buffer(yi, "out"), bias_pointer(bias, view_.rows));
   }
 
+  double rows_run_together() const { return sparsenet::rows_run_together(view_); }
   int64_t rows() const { return view_.rows; }
   int64_t cols() const { return view_.cols; }
   bool keeps_buffers() const { return static_cast<bool>(owners_); }
@@ -795,6 +797,9 @@ PYBIND11_MODULE(_C, m) {
       .def("matmul", &CsrHandle::matmul, py::arg("values"), py::arg("x"), py::arg("out"),
            py::arg("bias") = py::none(),
            "out[:] = x @ A.T (+ bias), A being the validated structure with these values (nnz float32)")
+      .def("rows_run_together", &CsrHandle::rows_run_together,
+           "the share of rows the convolution kernels run together with others (runs of rows storing the "
+           "same columns, taken 4 and 2 at a time)")
       .def("forward_conv2d", &CsrHandle::forward_conv2d, py::arg("x"), py::arg("geometry"),
            "conv2d of x (a DLPack capsule of a contiguous float32 NCHW CPU tensor) with the kept values and "
            "bias, as a new (batch, out_channels * out_h * out_w) tensor's DLPack capsule; keep=True handles only. "

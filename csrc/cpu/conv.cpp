@@ -102,16 +102,36 @@ bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, int32_t
   d->block_start = block_start->data();
   for (int64_t k = 0; k < a.nnz; ++k) offsets[k] = static_cast<int32_t>(column_of(k) % d->block_cols * tile);
   d->offsets = offsets;
-  same_rows->assign(static_cast<size_t>(a.rows), 1);
+  sparsenet::same_rows(a, same_rows);
+  d->same_rows = same_rows->data();
+  return true;
+}
+
+void same_rows(const CsrView& a, std::vector<uint8_t>* runs) {
+  auto column_of = [&](int64_t k) -> int64_t {
+    return a.index_bytes == 2 ? static_cast<const uint16_t*>(a.col_idx)[k] : static_cast<const int32_t*>(a.col_idx)[k];
+  };
+  runs->assign(static_cast<size_t>(a.rows), 1);
   for (int64_t r = a.rows - 2; r >= 0; --r) {  // (rows storing nothing are left alone)
     const int64_t begin = a.row_ptr[r], n = a.row_ptr[r + 1] - begin, next = a.row_ptr[r + 1];
     if (n == 0 || a.row_ptr[r + 2] - next != n) continue;
     int64_t k = 0;
     while (k < n && column_of(begin + k) == column_of(next + k)) ++k;
-    if (k == n) (*same_rows)[r] = static_cast<uint8_t>(std::min<int64_t>((*same_rows)[r + 1] + 1, kConvMaxSameRows));
+    if (k == n) (*runs)[r] = static_cast<uint8_t>(std::min<int64_t>((*runs)[r + 1] + 1, kConvMaxSameRows));
   }
-  d->same_rows = same_rows->data();
-  return true;
+}
+
+double rows_run_together(const CsrView& a) {
+  if (a.rows <= 0) return 0.0;
+  std::vector<uint8_t> runs;
+  same_rows(a, &runs);
+  int64_t together = 0;
+  for (int64_t r = 0; r < a.rows;) {
+    const int64_t taken = runs[r] >= 4 ? 4 : runs[r] >= 2 ? 2 : 1;
+    if (taken > 1) together += taken;
+    r += taken;
+  }
+  return static_cast<double>(together) / static_cast<double>(a.rows);
 }
 
 void propagate_nonfinite(const CsrView& a, const ConvShape& s, const ConvArgs& c) {

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from sparsenet._machine import cpu_model, last_level_cache_bytes
 from sparsenet.formats import registry
+from sparsenet.ops.handles import csr_handle
 
 ROUNDS = 7  # interleaved timed calls per candidate (medians compared)
 
@@ -131,31 +132,6 @@ def build_tag() -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:12]
-
-
-def rows_run_together(crow_indices: torch.Tensor, col_indices: torch.Tensor) -> float:
-    """The share of a CSR weight's rows that the convolution kernel runs with others (runs of
-    consecutive rows storing exactly the same columns, taken 4 and 2 at a time; DirectConv::same_rows):
-    0 for unstructured weights, 1 for weights pruned in blocks of 4 output channels."""
-    rows = crow_indices.numel() - 1
-    if rows <= 0:
-        return 0.0
-    counts = crow_indices.diff()
-    starts = crow_indices[:-1]
-    same = torch.zeros(rows, dtype=torch.bool)  # row r stores exactly row r - 1's columns
-    for r in range(1, rows):
-        n = int(counts[r])
-        if n and n == int(counts[r - 1]):
-            a, b = int(starts[r - 1]), int(starts[r])
-            same[r] = bool(torch.equal(col_indices[a:a + n], col_indices[b:b + n]))
-    together, run = 0, 1
-    for r in range(1, rows + 1):
-        if r < rows and same[r]:
-            run += 1
-            continue
-        together += run // 4 * 4 + run % 4 // 2 * 2
-        run = 1
-    return together / rows
 
 
 def _gpu(device: torch.device, dtype: torch.dtype) -> str:
@@ -258,7 +234,9 @@ def measure_conv(conv, input_shape: tuple[int, ...], cache: TimingCache) -> Meas
     on_cuda = device.type == "cuda"
     sparse = SparseConv2d.from_dense(copy.deepcopy(conv).to("cpu", torch.float32) if on_cuda else conv)
     machine = _gpu(device, dtype) if on_cuda else cpu_model()
-    together = rows_run_together(sparse.crow_indices, sparse.col_indices)
+    # (how many output channels the kernel runs together: csrc/cpu/conv.h, rows_run_together)
+    handle = csr_handle(sparse.crow_indices, sparse.col_indices, sparse.values, sparse.packed_shape[1])
+    together = handle.rows_run_together()
     key = (f"{machine}|conv{'x'.join(str(v) for v in sparse.geometry)}|input={'x'.join(map(str, input_shape))}"
            f"|{sparse.density:.2f}" + ("" if on_cuda else f"|threads={torch.get_num_threads()}")
            + f"|together={together:.1f}|build={build_tag()}")

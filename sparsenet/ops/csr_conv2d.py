@@ -127,10 +127,11 @@ class PreparedConv(PreparedSparse):
         self.kernel_geometry = list(geometry[2:])
 
     def __call__(self, x: torch.Tensor):
-        """The output for a contiguous float32 NCHW CPU ``x``; None for anything else (the caller then
-        takes the op, which converts what it can and raises the precise error for the rest)."""
+        """The output for a float32 4-D CPU ``x`` (made contiguous NCHW first, as the op would: a
+        channels-last model's every call); None for anything else (the caller then takes the op,
+        which converts what it can and raises the precise error for the rest)."""
         try:
-            y = self.handle.forward_conv2d(to_dlpack(x.resolve_neg()), self.kernel_geometry)
+            y = self.handle.forward_conv2d(to_dlpack(x.contiguous().resolve_neg()), self.kernel_geometry)
         except (TypeError, ValueError, RuntimeError, BufferError):
             return None
         height, width = output_size(self.full_geometry, x.shape[2], x.shape[3])

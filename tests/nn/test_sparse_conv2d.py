@@ -277,14 +277,17 @@ def test_convolution_timings_are_kept_apart_by_structure_and_build(monkeypatch, 
 
 
 def test_rows_run_together_counts_what_the_kernel_groups():
+    from sparsenet.formats import PackedCSR
+    from sparsenet.ops.handles import csr_handle
+
     def share(runs, cols=10):
         rows, g = [], torch.Generator().manual_seed(len(runs))
         for n in runs:
             row = torch.rand(cols, generator=g) < 0.5
             row[0] = True  # (a row storing nothing is never grouped)
             rows += [row] * n
-        csr = (torch.stack(rows) * 1.0).to_sparse_csr()
-        return autoformat.rows_run_together(csr.crow_indices(), csr.col_indices())
+        p = PackedCSR.from_dense(torch.stack(rows) * 1.0)
+        return csr_handle(p.crow_indices, p.col_indices, p.values, cols).rows_run_together()
 
     assert share([1] * 8) == 0.0
     assert share([4, 4]) == 1.0
