@@ -1,5 +1,7 @@
 #include "cpu/bitmap_view.h"
 
+#include "cpu/nonfinite.h"
+
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -33,14 +35,7 @@ void validate_bitmap(const BitmapView& a) {
 }
 
 void propagate_nonfinite(const BitmapView& a, const DenseArgs& d) {
-  std::vector<int64_t> bad;
-  for (int64_t m = 0; m < d.batch; ++m) {
-    const float* x = d.x + m * d.ldx;
-    bad.clear();
-    for (int64_t c = 0; c < a.cols; ++c)
-      if (!std::isfinite(x[c])) bad.push_back(c);
-    if (bad.empty()) continue;
-    float* y = d.y + m * d.ldy;
+  for_each_nonfinite_sample(d, a.cols, [&](float* y, const std::vector<int64_t>& bad) {
     for (int64_t r = 0; r < a.rows; ++r) {
       const uint16_t* mask = a.masks + r * a.chunks;
       for (int64_t c : bad)
@@ -49,7 +44,7 @@ void propagate_nonfinite(const BitmapView& a, const DenseArgs& d) {
           break;
         }
     }
-  }
+  });
 }
 
 }  // namespace sparsenet

@@ -1,5 +1,7 @@
 #include "cpu/bsr_view.h"
 
+#include "cpu/nonfinite.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -42,13 +44,10 @@ void validate_bsr(const BsrView& a) {
 
 void propagate_nonfinite(const BsrView& a, const DenseArgs& d) {
   std::vector<int64_t> bad;
-  for (int64_t m = 0; m < d.batch; ++m) {
-    const float* x = d.x + m * d.ldx;
-    bad.clear();
-    for (int64_t k = 0; k < a.cols; ++k)
-      if (!std::isfinite(x[k])) bad.push_back(k / a.c);  // the block column it falls in
-    if (bad.empty()) continue;
-    float* y = d.y + m * d.ldy;
+  for_each_nonfinite_sample(d, a.cols, [&](float* y, const std::vector<int64_t>& columns) {
+    bad.clear();  // the block columns they fall in
+    for (const int64_t k : columns)
+      if (bad.empty() || bad.back() != k / a.c) bad.push_back(k / a.c);
     for (int64_t R = 0; R < a.block_rows; ++R) {
       bool all_covered = true;
       for (int64_t col : bad) {  // a binary search of the block row's sorted block columns
@@ -66,7 +65,7 @@ void propagate_nonfinite(const BsrView& a, const DenseArgs& d) {
       if (all_covered) continue;
       for (int64_t i = R * a.r; i < std::min(a.rows, (R + 1) * a.r); ++i) y[i] = std::numeric_limits<float>::quiet_NaN();
     }
-  }
+  });
 }
 
 }  // namespace sparsenet

@@ -1,4 +1,6 @@
 #include "cpu/conv.h"
+
+#include "cpu/nonfinite.h"
 #include "cpu/planner.h"
 
 #include <algorithm>
@@ -136,7 +138,7 @@ double rows_run_together(const CsrView& a) {
 
 void propagate_nonfinite(const CsrView& a, const ConvShape& s, const ConvArgs& c) {
   const int64_t plane = s.in_h * s.in_w, cg = s.in_channels / s.groups, kg = s.out_channels / s.groups;
-  if (!any_nonfinite(c.x, s.batch * s.in_channels * plane)) return;
+  if (!any_nonfinite_rows(c.x, s.batch, s.in_channels * plane, s.in_channels * plane, c.num_threads)) return;
   for (int64_t n = 0; n < s.batch; ++n)
     for (int64_t ci = 0; ci < s.in_channels; ++ci)
       for (int64_t iy = 0; iy < s.in_h; ++iy)

@@ -1,22 +1,13 @@
 #include "cpu/csr_view.h"
 
+#include "cpu/nonfinite.h"
+
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace sparsenet {
-
-bool any_nonfinite(const float* x, int64_t n) {
-  uint32_t any = 0;
-  for (int64_t k = 0; k < n; ++k) {  // branch-free, so it vectorises: the common case finds nothing
-    uint32_t bits;
-    std::memcpy(&bits, x + k, 4);
-    any |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-  }
-  return any != 0;
-}
 
 namespace {
 template <typename Idx>
@@ -49,25 +40,13 @@ bool row_holds_all(const CsrView& a, const Idx* col, int64_t r, const std::vecto
   return true;
 }
 
-// Columns of x[0, n) whose value is Inf or NaN (exponent bits all ones), in ascending order.
-void nonfinite_columns(const float* x, int64_t n, std::vector<int64_t>* out) {
-  out->clear();
-  if (!any_nonfinite(x, n)) return;
-  for (int64_t k = 0; k < n; ++k)
-    if (!(std::abs(x[k]) <= std::numeric_limits<float>::max())) out->push_back(k);
-}
-
 template <typename Idx>
 void propagate(const CsrView& a, const DenseArgs& d) {
   const Idx* col = static_cast<const Idx*>(a.col_idx);
-  std::vector<int64_t> bad;
-  for (int64_t m = 0; m < d.batch; ++m) {
-    nonfinite_columns(d.x + m * d.ldx, a.cols, &bad);
-    if (bad.empty()) continue;
-    float* y = d.y + m * d.ldy;
+  for_each_nonfinite_sample(d, a.cols, [&](float* y, const std::vector<int64_t>& bad) {
     for (int64_t r = 0; r < a.rows; ++r)
       if (!row_holds_all(a, col, r, bad)) y[r] = std::numeric_limits<float>::quiet_NaN();
-  }
+  });
 }
 
 }  // namespace

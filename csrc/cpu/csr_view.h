@@ -52,9 +52,6 @@ using CsrMatmulFn = void (*)(const CsrView&, const DenseArgs&);
 // samples that hold a non-finite value.
 void propagate_nonfinite(const CsrView& a, const DenseArgs& d);
 
-// Whether x[0, n) holds an Inf or NaN: one branch-free (vectorised) pass, for the scans above.
-bool any_nonfinite(const float* x, int64_t n);
-
 namespace cpu {
 namespace fallback { void csr_matmul(const CsrView&, const DenseArgs&); }
 #ifdef SPARSENET_BUILD_AVX2

@@ -1,5 +1,7 @@
 #include "cpu/nm_view.h"
 
+#include "cpu/nonfinite.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -50,14 +52,7 @@ void nm_to_csr(const NmView& a, int64_t* row_ptr, void* col_idx, int index_bytes
 }
 
 void propagate_nonfinite(const NmView& a, const DenseArgs& d) {
-  std::vector<int64_t> bad;
-  for (int64_t s = 0; s < d.batch; ++s) {
-    const float* x = d.x + s * d.ldx;
-    bad.clear();
-    for (int64_t c = 0; c < a.cols; ++c)
-      if (!std::isfinite(x[c])) bad.push_back(c);
-    if (bad.empty()) continue;
-    float* y = d.y + s * d.ldy;
+  for_each_nonfinite_sample(d, a.cols, [&](float* y, const std::vector<int64_t>& bad) {
     for (int64_t r = 0; r < a.rows; ++r)
       for (int64_t c : bad) {
         const int64_t g = c / a.m;
@@ -68,7 +63,7 @@ void propagate_nonfinite(const NmView& a, const DenseArgs& d) {
           break;
         }
       }
-  }
+  });
 }
 
 }  // namespace sparsenet

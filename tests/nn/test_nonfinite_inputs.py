@@ -82,3 +82,49 @@ def test_inf_in_the_next_rows_column_does_not_leak_into_a_row(isa):
     finite = torch.zeros(1, 8)
     finite[0, 5] = 1e30
     assert torch.equal(PATHS["eager"](layer, finite), torch.tensor([[0.0, 2e30, 1e30]]))
+
+
+def _pruned_for(fmt, out_f, in_f, g):
+    """A weight whose kept entries fit `fmt`: 16x16 blocks for BSR, 2 of every 4 for N:M."""
+    w = torch.randn(out_f, in_f, generator=g)
+    if fmt == "bsr":
+        keep = (torch.rand(out_f // 16, in_f // 16, generator=g) < 0.4).repeat_interleave(16, 0)
+        return w * keep.repeat_interleave(16, 1)
+    if fmt == "nm":
+        order = torch.rand(out_f, in_f // 4, 4, generator=g).argsort(dim=-1)
+        return w * (order < 2).reshape(out_f, in_f)
+    return w * (torch.rand(out_f, in_f, generator=g) < 0.4)
+
+
+# 160 samples x 1024 inputs, contiguous: past the size where the scan for non-finite inputs is split
+# between threads (at sample 80). One value at each end of each thread's share must be found.
+@pytest.mark.parametrize("at", [(0, 0), (79, 1023), (80, 0), (159, 1023)], ids=str)
+@pytest.mark.parametrize("fmt", ["csr", "bitmap", "bsr", "nm"])
+def test_a_large_batch_is_scanned_whole(two_threads, fmt, at):
+    g = torch.Generator().manual_seed(11)
+    lin = nn.Linear(1024, 48)
+    with torch.no_grad():
+        lin.weight.copy_(_pruned_for(fmt, 48, 1024, g))
+    layer = SparseLinear.from_dense(lin, format=fmt)
+    assert layer.format == fmt
+    x = torch.randn(160, 1024, generator=g)
+    x[at] = float("inf")
+    assert_dense_semantics(layer(x), lin, x)
+    assert layer(x)[at[0]].isnan().any()  # a pruned zero met the Inf
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bitmap", "bsr", "nm"])
+def test_columns_outside_a_strided_input_are_not_scanned(two_threads, fmt):
+    g = torch.Generator().manual_seed(12)
+    lin = nn.Linear(1024, 48)
+    with torch.no_grad():
+        lin.weight.copy_(_pruned_for(fmt, 48, 1024, g))
+    layer = SparseLinear.from_dense(lin, format=fmt)
+    wide = torch.randn(160, 1040, generator=g)
+    wide[:, 1024:] = float("nan")  # beside every row, never part of x
+    x = wide[:, :1024]
+    out = layer(x)
+    assert out.isfinite().all()
+    assert_dense_semantics(out, lin, x)
+    x[100, 5] = float("nan")
+    assert_dense_semantics(layer(x), lin, x)
