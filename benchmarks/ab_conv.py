@@ -16,6 +16,11 @@ median ratio per (sparsity, batch), with the CPU.
 (after an untimed pass of the same build), alternating builds pass by pass: how a build leaves its
 scratch and caches for the next layer is then part of what is measured, which call-by-call
 alternation hides (per-thread planes measured 0.98-1.00x there, about 0.95x in median in a row).
+
+--evict writes twice the last-level cache (on torch's threads, so sparsenet's stay awake) before
+every timed call, so weights and input come from DRAM, as for a layer of a model bigger than the
+cache: small planes, whose few tiles reuse each weight only a few times, then wait on memory (512
+channels at 7 x 7, 80%: 20-60% slower than warm).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch
 
 from ab_native import load_baseline
 from conv_table import MOBILENETV2_1X1, RESNET18_3X3
-from machine import cpu_label
+from machine import cpu_label, last_level_cache_bytes
 
 from sparsenet import _C as new_C
 
@@ -62,10 +67,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--in-a-row", action="store_true")
+    parser.add_argument("--evict", action="store_true", help="sweep 2x the last-level cache before each timed call")
     parser.add_argument("--block-rows", type=int, default=1, help="prune in blocks of this many output channels")
     parser.add_argument("--isa", default=None, help="the kernel family both builds run (default: the best)")
     args = parser.parse_args()
     modules = (load_baseline(args.baseline), new_C)
+    sweep = torch.ones(2 * last_level_cache_bytes() // 4) if args.evict else None
     torch.set_num_threads(args.threads)
     for module in modules:
         module.set_num_threads(args.threads)
@@ -88,6 +95,8 @@ def main() -> None:
                 times = ([], [])
                 for r in range(args.rounds):
                     for which in ((0, 1) if r % 2 else (1, 0)):
+                        if sweep is not None:
+                            sweep.add_(1.0)  # (written, so the lines leave dirty and the cache is emptied)
                         start = time.perf_counter()
                         calls[which]()
                         times[which].append(time.perf_counter() - start)

@@ -483,7 +483,7 @@ class CsrHandle {
   std::shared_ptr<const py::tuple> owners_;  // keep=True: the values (and bias), kept alive
   mutable std::shared_ptr<const sparsenet::cpu::TiledCsr> tiled_;
   mutable std::vector<int64_t> direct_key_;  // the shape direct_ was built for (empty: none)
-  mutable std::vector<int32_t> direct_offsets_;
+  mutable std::vector<uint16_t> direct_offsets_;
   mutable std::vector<int64_t> direct_blocks_;
   mutable std::vector<int32_t> direct_sources_;
   mutable std::vector<uint8_t> direct_same_rows_;

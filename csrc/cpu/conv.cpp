@@ -70,7 +70,7 @@ void validate_conv(ConvShape& s, const CsrView& a) {
   s.out_w = (s.in_w + 2 * s.pad_w - span_w) / s.stride_w + 1;
 }
 
-bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, int32_t* offsets,
+bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, uint16_t* offsets,
                     std::vector<int64_t>* block_start, std::vector<int32_t>* sources,
                     std::vector<uint8_t>* same_rows) {
   const int64_t hp = s.in_h + 2 * s.pad_h, wp = s.in_w + 2 * s.pad_w, kk = s.kernel_h * s.kernel_w;
@@ -102,7 +102,8 @@ bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, int32_t
     }
   }
   d->block_start = block_start->data();
-  for (int64_t k = 0; k < a.nnz; ++k) offsets[k] = static_cast<int32_t>(column_of(k) % d->block_cols * tile);
+  static_assert(cpu::plan::kConvPackBytes / 4 <= 65536, "a packed tile's slots must be addressable in 16 bits");
+  for (int64_t k = 0; k < a.nnz; ++k) offsets[k] = static_cast<uint16_t>(column_of(k) % d->block_cols * tile);
   d->offsets = offsets;
   sparsenet::same_rows(a, same_rows);
   d->same_rows = same_rows->data();

@@ -62,7 +62,9 @@ void propagate_nonfinite(const CsrView& a, const ConvShape& s, const ConvArgs& c
 struct DirectConv {
   int64_t hq = 0, wq = 0;                // phase plane height and width
   const int32_t* sources = nullptr;      // [cols]: column c's input, from the pixel, within the group's planes
-  const int32_t* offsets = nullptr;      // [nnz]: stored weight k's slot in its block's packed tile (floats)
+  // [nnz]: stored weight k's slot in its block's packed tile, in floats (below kConvPackBytes / 4, so
+  // 16 bits: of the 8 bytes per weight the kernel streamed with 32-bit offsets, half were offsets).
+  const uint16_t* offsets = nullptr;
   int64_t block_cols = 1, blocks = 1;    // weight columns per block, blocks
   const int64_t* block_start = nullptr;  // [rows * (blocks + 1)]: where row r's weights of block b start
   // [rows]: how many rows from r on (r included, at most kConvMaxSameRows) store exactly r's columns.
@@ -84,7 +86,7 @@ double rows_run_together(const CsrView& a);
 // Sets hq, wq and the blocks, and fills sources, offsets (nnz entries), block_start and same_rows for
 // shape s; returns false where a group's planes would not be addressable with int32 offsets (the
 // caller then runs the portable kernel).
-bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, int32_t* offsets,
+bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, uint16_t* offsets,
                     std::vector<int64_t>* block_start, std::vector<int32_t>* sources,
                     std::vector<uint8_t>* same_rows);
 

@@ -62,7 +62,7 @@ inline void split_phases(const ConvShape& s, const DirectConv& d, const float* x
 // 1-2 issued a cycle): the weights are taken kChains at a time into kChains sets of accumulators,
 // summed at the end.
 template <typename Ops, int64_t NV>
-inline void accumulate_row(const float* values, const int32_t* offsets, int64_t begin, int64_t end,
+inline void accumulate_row(const float* values, const uint16_t* offsets, int64_t begin, int64_t end,
                            const float* packed, float* own) {
   using V = typename Ops::V;
   constexpr int64_t kW = Ops::kWidth;
@@ -119,7 +119,7 @@ inline void accumulate_row(const float* values, const int32_t* offsets, int64_t 
 // AVX2, 4 with 2 rows on AVX-512) are the independent FMA chains. row_values[i]: row i's first
 // weight of the block.
 template <typename Ops, int64_t NV, int R>
-inline void accumulate_rows(const float* const* row_values, const int32_t* offsets, int64_t n, const float* packed,
+inline void accumulate_rows(const float* const* row_values, const uint16_t* offsets, int64_t n, const float* packed,
                             float* own, int64_t W) {
   using V = typename Ops::V;
   constexpr int64_t kW = Ops::kWidth;
