@@ -40,7 +40,8 @@ def load_baseline(path: str):
 
 
 # Each format's native handle and the structure tensor that streams beside the values.
-_HANDLES = {"csr": ("CsrHandle", "crow_indices", "col_indices"), "bitmap": ("BitmapHandle", "row_ptr", "masks")}
+_HANDLES = {"csr": ("CsrHandle", "crow_indices", "col_indices"), "bitmap": ("BitmapHandle", "row_ptr", "masks"),
+            "nm": ("NmHandle", "pattern", "indices")}
 
 
 def handles(module, packed, bias: torch.Tensor, copies: int):
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("baseline", help="path of the baseline build's _C*.so")
     parser.add_argument("--shape", type=int, nargs=2, default=(4096, 4096), metavar=("OUT", "IN"))
     parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--nm", default="2:4", metavar="N:M", help="the pattern kept with --format nm (not --sparsity)")
     parser.add_argument("--format", default="csr", choices=sorted(_HANDLES))
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--threads", type=int, default=min(2, sparsenet.ops.runtime.usable_threads()))
@@ -77,7 +79,13 @@ def main() -> None:
     torch.manual_seed(0)
     out_features, in_features = args.shape
     weight = torch.randn(out_features, in_features)
-    weight[torch.rand_like(weight) < args.sparsity] = 0
+    if args.format == "nm":  # N of every M consecutive weights of a row, at random
+        n, m = (int(v) for v in args.nm.split(":"))
+        order = torch.rand(out_features, in_features // m, m).argsort(dim=-1)
+        weight *= (order < n).reshape(out_features, in_features)
+        args.sparsity = 1 - n / m
+    else:
+        weight[torch.rand_like(weight) < args.sparsity] = 0
     bias = torch.randn(out_features)
     packed = registry.get(args.format).from_dense(weight)
     weight_bytes = packed.nbytes
