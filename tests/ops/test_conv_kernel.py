@@ -121,6 +121,21 @@ def test_non_finite_inputs_follow_dense_semantics(isa, bad, stride):
     assert torch.allclose(out.double()[finite], want[finite], atol=1e-5)
 
 
+# 2 x 16 x 64 x 64 inputs: past the size where the scan for non-finite inputs is split between the
+# threads (at image 1). A value at each end of each thread's share must be found.
+@pytest.mark.parametrize("at", [(0, 0, 0, 0), (0, 15, 63, 63), (1, 0, 0, 0), (1, 15, 63, 63)], ids=str)
+def test_a_large_input_is_scanned_whole(two_threads, at):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 16, 3, 3, generator=g) * (torch.rand(4, 16, 3, 3, generator=g) < 0.3)
+    x = torch.randn(2, 16, 64, 64, generator=g)
+    x[at] = float("nan")
+    out, want = run(w, x, None, (1, 1), (1, 1), (1, 1), 1)
+    assert torch.isnan(want[at[0]]).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
+    finite = torch.isfinite(want)
+    assert torch.allclose(out.double()[finite], want[finite], atol=1e-5)
+
+
 def test_the_handle_refuses_what_does_not_fit():
     w = torch.randn(6, 4, 3, 3)
     p = PackedCSR.from_dense(w.reshape(6, -1))
