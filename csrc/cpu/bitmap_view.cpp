@@ -2,7 +2,6 @@
 
 #include "cpu/nonfinite.h"
 
-#include <cmath>
 #include <limits>
 #include <stdexcept>
 #include <string>

@@ -3,7 +3,6 @@
 #include "cpu/nonfinite.h"
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
 #include <stdexcept>
 #include <string>
