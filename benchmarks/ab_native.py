@@ -70,12 +70,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--threads", type=int, default=min(2, sparsenet.ops.runtime.usable_threads()))
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--isa", default=None, help="the kernel family both builds run (default: the best)")
     args = parser.parse_args()
 
     base_C = load_baseline(args.baseline)
     torch.set_num_threads(args.threads)
     for module in (base_C, new_C):
         module.set_num_threads(args.threads)
+        if args.isa:  # (on both: SPARSENET_ISA is read by the package, which the baseline is loaded without)
+            module.set_isa(args.isa)
     torch.manual_seed(0)
     out_features, in_features = args.shape
     weight = torch.randn(out_features, in_features)

@@ -52,9 +52,10 @@ def test_empty_rows_strided_input_and_batch_zero(isa):
     handle(b).matmul(b.values.numpy(), torch.empty(0, 70).numpy(), out.numpy())
 
 
-def test_large_and_threaded(isa, two_threads):
-    w = weights(300, 1000, 0.3, 2)
-    x = torch.randn(12, 1000)
+@pytest.mark.parametrize("batch", [1, 12])  # 1: row pairs, 64 columns a step, then the rest
+def test_large_and_threaded(isa, two_threads, batch):
+    w = weights(301, 1000, 0.3, 2)
+    x = torch.randn(batch, 1000)
     assert_close(run(w, x), reference(w, x))
 
 
