@@ -2,8 +2,9 @@
 // stored weights are loaded (masked to their count) and moved to their columns by a permutation
 // from a 256-entry table, lanes without a weight zeroed by a second table; up to 8 samples share
 // each decoded half. Batch 1 runs rows in pairs, 64 columns a step (row_pair_in: 0.55-0.59x the
-// time of one row at a time, half by half, on 4096 x 4096 at 50-70% from DRAM). The tables are constant-initialised (no code runs at load: this file is
-// compiled with AVX2 flags, and must be harmless on a CPU without them until it is chosen).
+// time of one row at a time, half by half, on 4096 x 4096 at 50-70% from DRAM). The tables are
+// constant-initialised (no code runs at load: this file is compiled with AVX2 flags, and must be
+// harmless on a CPU without them until it is chosen).
 #include <immintrin.h>
 
 #include <cstring>
