@@ -148,7 +148,23 @@ inline void row_in(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m
   __m256 acc[NB];
 #pragma GCC unroll 8
   for (int i = 0; i < NB; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t h = 0; h < full; ++h) {
+  // 64 columns a step, each half's offset a popcount of the step's mask word (as row_pair_in).
+  const int64_t steps = a.cols / 64;
+  for (int64_t t = 0; t < steps; ++t) {
+    _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetchAhead), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetchAhead + 16), _MM_HINT_T1);
+    uint64_t word;
+    std::memcpy(&word, mask + 4 * t, sizeof word);
+#pragma GCC unroll 8
+    for (int h = 0; h < 8; ++h) {
+      const uint64_t below = h ? (uint64_t{1} << (8 * h)) - 1 : 0;
+      const __m256 w = place<kInBounds>((word >> (8 * h)) & 0xffu, v + __builtin_popcountll(word & below));
+#pragma GCC unroll 8
+      for (int i = 0; i < NB; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x[i] + t * 64 + h * 8), acc[i]);
+    }
+    v += __builtin_popcountll(word);
+  }
+  for (int64_t h = 8 * steps; h < full; ++h) {
     const __m256 w = decode<kInBounds>((mask[h / 2] >> (8 * (h % 2))) & 0xffu, v);
 #pragma GCC unroll 8
     for (int i = 0; i < NB; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x[i] + h * 8), acc[i]);
