@@ -51,6 +51,9 @@ inline void row_in(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m
     for (int j = 0; j < kAcc; ++j) acc[i][j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 4 <= full; k += 4) {
+    // The values, into L2, as in row_pair_in: batch 2-3 0.79-0.85x the time (T0: 1.01-1.10x T1's).
+    _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetchAhead), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetchAhead + 16), _MM_HINT_T1);
     uint64_t word;
     std::memcpy(&word, mask + k, sizeof word);
     if (!word) continue;
