@@ -98,18 +98,20 @@ template <typename Ops>
 void bsr_small_batch(const BsrView& a, const DenseArgs& d) {
   constexpr int64_t kW = Ops::kWidth;
   const int64_t nq = (a.r + kW - 1) / kW;
+  // Block row by block row, each for every sample in turn: the block row's weights then come from
+  // DRAM once and from cache for the other samples (sample by sample over all block rows, each sample
+  // streamed the whole weight again).
   bsr_drive(a, d, [&](int64_t R0, int64_t R1) {
-    for (int64_t m = 0; m < d.batch; ++m) {
-      const float* x = d.x + m * d.ldx;
-      float* y = d.y + m * d.ldy;
-      for (int64_t R = R0; R < R1; ++R) {
+    for (int64_t R = R0; R < R1; ++R)
+      for (int64_t m = 0; m < d.batch; ++m) {
+        const float* x = d.x + m * d.ldx;
+        float* y = d.y + m * d.ldy;
         if (a.c > 1) bsr_row_dots<Ops>(a, x, y, d.bias, R);
         else if (nq == 1) bsr_row_columns<Ops, 1>(a, x, y, d.bias, R);
         else if (nq == 2) bsr_row_columns<Ops, 2>(a, x, y, d.bias, R);
         else if (nq <= 4) bsr_row_columns<Ops, 4>(a, x, y, d.bias, R);
         else bsr_row_columns<Ops, kBsrMaxBlock / kW>(a, x, y, d.bias, R);
       }
-    }
   });
 }
 
