@@ -7,6 +7,8 @@
 #pragma once
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "cpu/csr_view.h"
 #include "cpu/panel.h"  // kPrefetchAhead
 
@@ -35,11 +37,15 @@ inline __m256 gather8(const float* x, const Idx* c) {
   return _mm256_setr_ps(x[c[0]], x[c[1]], x[c[2]], x[c[3]], x[c[4]], x[c[5]], x[c[6]], x[c[7]]);
 }
 
-// One row's non-zeros [begin, end) dotted with x (nnz: the array length, for the masked tail).
-template <typename Idx>
-inline float row_dot(const float* val, const Idx* col, const float* x, int64_t begin, int64_t end,
-                     int64_t nnz) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+// One row's non-zeros [begin, end) dotted with the NB samples x[0..NB) into out (nnz: the array
+// length, for the masked tail). Each non-zero's value and column are read once for all the samples:
+// from batch 2 on, a sample at a time had repeated the index and value loads per sample.
+template <int NB, typename Idx>
+inline void row_dots(const float* val, const Idx* col, const float* const* x, int64_t begin, int64_t end,
+                     int64_t nnz, float* out) {
+  __m256 acc0[NB], acc1[NB];
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   int64_t k = begin;
   for (; k + 16 <= end; k += 16) {
     // Weights stream from DRAM: ask for them well ahead, one prefetch per new 64 B line of each
@@ -49,11 +55,17 @@ inline float row_dot(const float* val, const Idx* col, const float* x, int64_t b
     _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetchAhead), _MM_HINT_T0);
     if (sizeof(Idx) == 4 || ((k - begin) & 16) == 0)
       _mm_prefetch(reinterpret_cast<const char*>(col + k + kPrefetchAhead), _MM_HINT_T0);
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), gather8(x, col + k), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), gather8(x, col + k + 8), acc1);
+    const __m256 v0 = _mm256_loadu_ps(val + k), v1 = _mm256_loadu_ps(val + k + 8);
+#pragma GCC unroll 4
+    for (int i = 0; i < NB; ++i) {
+      acc0[i] = _mm256_fmadd_ps(v0, gather8(x[i], col + k), acc0[i]);
+      acc1[i] = _mm256_fmadd_ps(v1, gather8(x[i], col + k + 8), acc1[i]);
+    }
   }
   if (k + 8 <= end) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), gather8(x, col + k), acc0);
+    const __m256 v0 = _mm256_loadu_ps(val + k);
+#pragma GCC unroll 4
+    for (int i = 0; i < NB; ++i) acc0[i] = _mm256_fmadd_ps(v0, gather8(x[i], col + k), acc0[i]);
     k += 8;
   }
   if (k < end && k + 8 <= nnz) {
@@ -64,26 +76,49 @@ inline float row_dot(const float* val, const Idx* col, const float* x, int64_t b
     // does not hold.
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(end - k)), lanes);
-    const __m256 xs = _mm256_and_ps(gather8(x, col + k), _mm256_castsi256_ps(live));
-    acc1 = _mm256_fmadd_ps(_mm256_maskload_ps(val + k, live), xs, acc1);
+    const __m256 v = _mm256_maskload_ps(val + k, live);
+#pragma GCC unroll 4
+    for (int i = 0; i < NB; ++i)
+      acc1[i] = _mm256_fmadd_ps(v, _mm256_and_ps(gather8(x[i], col + k), _mm256_castsi256_ps(live)), acc1[i]);
     k = end;
   }
-  float s = hsum256(_mm256_add_ps(acc0, acc1));
-  for (; k < end; ++k) s += val[k] * x[col[k]];  // only at the very end of the arrays
-  return s;
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i) {
+    float s = hsum256(_mm256_add_ps(acc0[i], acc1[i]));
+    for (int64_t j = k; j < end; ++j) s += val[j] * x[i][col[j]];  // only at the very end of the arrays
+    out[i] = s;
+  }
 }
 
-// Kept out of line on purpose: inlined into the OpenMP-outlined driver, the row loop ran short of
-// registers and spilled index temporaries to the stack every iteration (1.2x slower at 90%
-// sparsity, batch 1, one thread: 0.547 vs 0.448 ms).
-template <typename Idx>
-__attribute__((noinline)) void small_batch_rows(const sparsenet::CsrView& a, const Idx* col,
-                                                const sparsenet::DenseArgs& d, int64_t r0, int64_t r1) {
+// Rows [r0, r1) for samples [m0, m0 + NB). Kept out of line on purpose, one copy per sample count:
+// inlined into the OpenMP-outlined driver, the row loop ran short of registers and spilled index
+// temporaries to the stack every iteration (1.2x slower at 90% sparsity, batch 1, one thread: 0.547
+// vs 0.448 ms).
+template <int NB, typename Idx>
+__attribute__((noinline)) void rows_for_samples(const sparsenet::CsrView& a, const Idx* col,
+                                                const sparsenet::DenseArgs& d, int64_t r0, int64_t r1, int64_t m0) {
+  const float* x[NB];
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i) x[i] = d.x + (m0 + i) * d.ldx;
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t begin = a.row_ptr[r], end = a.row_ptr[r + 1];
+    float out[NB];
+    row_dots<NB>(a.values, col, x, a.row_ptr[r], a.row_ptr[r + 1], a.nnz, out);
     const float b = d.bias ? d.bias[r] : 0.f;
-    for (int64_t m = 0; m < d.batch; ++m)
-      d.y[m * d.ldy + r] = row_dot(a.values, col, d.x + m * d.ldx, begin, end, a.nnz) + b;
+#pragma GCC unroll 4
+    for (int i = 0; i < NB; ++i) d.y[(m0 + i) * d.ldy + r] = out[i] + b;
+  }
+}
+
+// The small batches (below the panels' kPanelMinBatch): up to three samples share each pass over a
+// row's weights; a larger batch, should one come here, in passes of three.
+template <typename Idx>
+void small_batch_rows(const sparsenet::CsrView& a, const Idx* col, const sparsenet::DenseArgs& d, int64_t r0,
+                      int64_t r1) {
+  for (int64_t m0 = 0; m0 < d.batch; m0 += 3) {
+    const int64_t n = std::min<int64_t>(3, d.batch - m0);
+    if (n == 3) rows_for_samples<3>(a, col, d, r0, r1, m0);
+    else if (n == 2) rows_for_samples<2>(a, col, d, r0, r1, m0);
+    else rows_for_samples<1>(a, col, d, r0, r1, m0);
   }
 }
 
