@@ -91,24 +91,12 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
   const uint16_t* mask1 = mask0 + a.chunks;
   const float* v0 = a.values + a.row_ptr[r];
   const float* v1 = a.values + a.row_ptr[r + 1];
-  // (Row r's look-ahead, past its end, moves to the next pair's second row: see the AVX-512 kernel.)
-  const float* const end0 = v1;
-  const int64_t jump = r + 3 <= a.rows ? a.row_ptr[r + 3] - a.row_ptr[r + 1] : 0;
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
   const int64_t steps = a.cols / 64;
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t k = 4 * t;  // the step's first 16-column chunk
-    const float* ahead0 = v0 + kPrefetchAhead;
-    if (ahead0 >= end0) ahead0 += jump;
-    _mm_prefetch(reinterpret_cast<const char*>(ahead0), _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(ahead0 + 16), _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(v1 + kPrefetchAhead), _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(v1 + kPrefetchAhead + 16), _MM_HINT_T1);
-    if ((k & 31) == 0) {
-      _mm_prefetch(reinterpret_cast<const char*>(mask0 + 2 * a.chunks + k), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(mask1 + 2 * a.chunks + k), _MM_HINT_T1);
-    }
+    pair_look_ahead(a, r, v0, v1, k);
     uint64_t word0, word1;
     std::memcpy(&word0, mask0 + k, sizeof word0);
     std::memcpy(&word1, mask1 + k, sizeof word1);

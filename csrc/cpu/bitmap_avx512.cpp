@@ -107,28 +107,11 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
   const int64_t full = a.cols / kBitmapChunk;
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
-  // Past its row's end, row r's look-ahead would ask for row r + 1's values, which the pair is
-  // reading already; it asks for the next pair's second row instead (row r + 1's runs on into the
-  // next pair's first row by itself), so that both rows of the next pair start prefetched. (Without
-  // this, the first 2 KB of every second row came unasked: 0.82-0.87x the time at 70%, 0.95-0.98x at
-  // 50%, 4096 x 4096 from DRAM, ab_native.py.)
-  const float* const end0 = a.values + a.row_ptr[r + 1];
-  const int64_t jump = r + 3 <= a.rows ? a.row_ptr[r + 3] - a.row_ptr[r + 1] : 0;
+  // The values stream from DRAM: asked for well ahead, as the CSR kernels do (the hardware
+  // prefetcher, following four streams of two rows, did not keep up).
   int64_t k = 0;
   for (; k + 4 <= full; k += 4) {
-    // The values stream from DRAM: asked for well ahead, as the CSR kernels do (the hardware
-    // prefetcher, following four streams of two rows, did not keep up), into L2 (T1: 0.86-0.95x the
-    // time of T0, which holds an L1 miss buffer per line until it arrives).
-    const float* ahead0 = v0 + kPrefetchAhead;
-    if (ahead0 >= end0) ahead0 += jump;
-    _mm_prefetch(reinterpret_cast<const char*>(ahead0), _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(ahead0 + 16), _MM_HINT_T1);
-    if ((k & 31) == 0) {  // the next pair's masks, a line (32 chunks) at a time: 0.94-0.98x the time
-      _mm_prefetch(reinterpret_cast<const char*>(mask0 + 2 * a.chunks + k), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(mask1 + 2 * a.chunks + k), _MM_HINT_T1);
-    }
-    _mm_prefetch(reinterpret_cast<const char*>(v1 + kPrefetchAhead), _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(v1 + kPrefetchAhead + 16), _MM_HINT_T1);
+    pair_look_ahead(a, r, v0, v1, k);
     uint64_t word0, word1;
     std::memcpy(&word0, mask0 + k, sizeof word0);
     std::memcpy(&word1, mask1 + k, sizeof word1);
