@@ -58,6 +58,11 @@ constexpr int64_t kNmPanelMinBatch = kPanelMinBatch;
 // measured 7% faster there and at 70%, 128 KB 5% slower than 64 (AMD EPYC Zen 4, conv_table shapes).
 constexpr int64_t kConvTileFloats = 32;
 constexpr int64_t kConvPackBytes = 64 * 1024;
+// The convolution asks for its weights ahead (conv_simd.h) on images of at most this many tiles, for
+// weights of at least this many stored values (about 200 KB), this many rows ahead.
+constexpr int64_t kConvLookAheadMaxItems = 16;
+constexpr int64_t kConvLookAheadMinNnz = 32768;
+constexpr int64_t kConvLookAheadRows = 8;
 
 // Whether a CSR call on `isa` at this batch and density runs on the column-tiled copy (which the
 // handle then builds once and keeps). Defined in planner.cpp, compiled without ISA flags: this

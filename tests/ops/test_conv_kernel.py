@@ -121,6 +121,17 @@ def test_non_finite_inputs_follow_dense_semantics(isa, bad, stride):
     assert torch.allclose(out.double()[finite], want[finite], atol=1e-5)
 
 
+# A weight of over 32K stored values on an image of few tiles (3 here): the kernel then asks for
+# each row's weights of a block 8 rows ahead, wrapping into the next block at a chunk's last rows.
+@pytest.mark.parametrize("batch", [1, 2])
+def test_large_weight_on_few_tiles(isa, threads, batch):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 128, 3, 3, generator=g) * (torch.rand(96, 128, 3, 3, generator=g) < 0.4)
+    assert int((w != 0).sum()) >= 32768
+    x = torch.randn(batch, 128, 8, 8, generator=g)
+    assert_close(*run(w, x, torch.randn(96, generator=g), (1, 1), (1, 1), (1, 1), 1))
+
+
 # 2 x 16 x 64 x 64 inputs: past the size where the scan for non-finite inputs is split between the
 # threads (at image 1). A value at each end of each thread's share must be found.
 @pytest.mark.parametrize("at", [(0, 0, 0, 0), (0, 15, 63, 63), (1, 0, 0, 0), (1, 15, 63, 63)], ids=str)
