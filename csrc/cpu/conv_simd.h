@@ -24,11 +24,25 @@ inline void split_phases(const ConvShape& s, const DirectConv& d, const float* x
   using V = typename Ops::V;
   constexpr int64_t kW = Ops::kWidth;
   const int64_t plane = d.hq * d.wq, sh = s.stride_h, sw = s.stride_w;
-  for (int64_t phase_y = 0; phase_y < sh; ++phase_y)
+  // Only the phases some weight column reads are written: a 1 x 1 convolution at stride 2 reads one
+  // of its four, and the copy of the other three had been most of such a layer's time.
+  const auto read_y = [&](int64_t phase) {
+    for (int64_t ky = 0; ky < s.kernel_h; ++ky)
+      if (ky * s.dil_h % sh == phase) return true;
+    return false;
+  };
+  const auto read_x = [&](int64_t phase) {
+    for (int64_t kx = 0; kx < s.kernel_w; ++kx)
+      if (kx * s.dil_w % sw == phase) return true;
+    return false;
+  };
+  for (int64_t phase_y = 0; phase_y < sh; ++phase_y) {
+    if (!read_y(phase_y)) continue;
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t iy = j * sh + phase_y - s.pad_h;  // the input row of plane row j, if any
       const bool padding = iy < 0 || iy >= s.in_h;
       for (int64_t phase_x = 0; phase_x < sw; ++phase_x) {
+        if (!read_x(phase_x)) continue;
         float* row = dst + (phase_y * sw + phase_x) * plane + j * d.wq;
         // Plane column i holds padded column i * sw + phase_x, input column i * sw + phase_x - pad_w:
         // from at[i * sw] for i in [first, end). (at itself may lie before the row: only the lanes
@@ -55,6 +69,7 @@ inline void split_phases(const ConvShape& s, const DirectConv& d, const float* x
         }
       }
     }
+  }
 }
 
 // own[0, NV * width) += the sum over stored weights k in [begin, end) of values[k] * packed[offsets[k] + ...]
