@@ -10,6 +10,7 @@ last-level cache twice over, so every call reads its weight from DRAM.
     cp build/<tag>/_C*.so /tmp/base_C.so      # the baseline build, before the change
     # ... rebuild with the change ...
     python benchmarks/ab_native.py /tmp/base_C.so --batch 1 64
+    python benchmarks/ab_native.py /tmp/base_C.so --format nm --nm 2:4 --isa avx2   # (csr, bitmap, nm)
 
 Prints the median time per call of each build and their ratio (new / baseline), with the CPU.
 Measures the native call only (DLPack in, DLPack out); Python-side changes need a separate look.
