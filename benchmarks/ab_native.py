@@ -29,6 +29,7 @@ import sparsenet
 from sparsenet import _C as new_C
 from sparsenet.formats import hugepages, registry
 
+from formats_table import kept
 from machine import cpu_name, last_level_cache_bytes
 
 
@@ -80,16 +81,12 @@ def main() -> None:
         module.set_num_threads(args.threads)
         if args.isa:  # (on both: SPARSENET_ISA is read by the package, which the baseline is loaded without)
             module.set_isa(args.isa)
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     out_features, in_features = args.shape
-    weight = torch.randn(out_features, in_features)
-    if args.format == "nm":  # N of every M consecutive weights of a row, at random
-        n, m = (int(v) for v in args.nm.split(":"))
-        order = torch.rand(out_features, in_features // m, m).argsort(dim=-1)
-        weight *= (order < n).reshape(out_features, in_features)
-        args.sparsity = 1 - n / m
-    else:
-        weight[torch.rand_like(weight) < args.sparsity] = 0
+    nm = tuple(int(v) for v in args.nm.split(":")) if args.format == "nm" else None
+    if nm:
+        args.sparsity = 1 - nm[0] / nm[1]
+    weight = torch.randn(out_features, in_features, generator=g) * kept(args.shape, args.sparsity, None, g, nm)
     bias = torch.randn(out_features)
     packed = registry.get(args.format).from_dense(weight)
     weight_bytes = packed.nbytes

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from common import interleaved_medians  # noqa: E402
-from deepsparse_mlp import deepsparse_engine  # noqa: E402 (this script's folder)
+from deepsparse_mlp import deepsparse_engine, timed  # noqa: E402 (this script's folder)
 from machine import cpu_label  # noqa: E402
 from shrink_resnet import ResNet18  # noqa: E402
 
@@ -62,11 +61,8 @@ def main() -> None:
                     for who, got in (("sparsenet", sparse(x)), ("deepsparse", torch.from_numpy(engine(x_np)[0]))):
                         err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
                         assert err < 1e-3, (who, err)
-                    calls = {"dense": lambda: dense(x), "sparsenet": lambda: sparse(x),
-                             "deepsparse": lambda: engine(x_np)}
-                    for fn in calls.values():
-                        fn()
-                    t = interleaved_medians(calls, args.rounds)
+                    t = timed({"dense": lambda: dense(x), "sparsenet": lambda: sparse(x),
+                               "deepsparse": lambda: engine(x_np)}, args.rounds)
                 print(f"| {name} | {batch} | {t['dense'] * 1e3:.1f} | {t['sparsenet'] * 1e3:.1f} | "
                       f"{t['deepsparse'] * 1e3:.1f} | {t['dense'] / t['sparsenet']:.2f}x | "
                       f"{t['dense'] / t['deepsparse']:.2f}x |", flush=True)

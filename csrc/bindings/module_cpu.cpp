@@ -517,7 +517,6 @@ class FormatHandle {
     self().run(view, xd, dense_from_buffer(yi, "out"), bias_pointer(bias, view_.rows));
   }
 
-  double rows_run_together() const { return sparsenet::rows_run_together(view_); }
   int64_t rows() const { return view_.rows; }
   int64_t cols() const { return view_.cols; }
   bool keeps_buffers() const { return static_cast<bool>(owners_); }
