@@ -426,8 +426,7 @@ class CsrHandle {
     const auto kernel = dc ? sparsenet::cpu::csr_conv2d_kernel() : &sparsenet::cpu::fallback::csr_conv2d;
     const sparsenet::DirectConv none;
     py::gil_scoped_release nogil;
-    kernel(view, s, c, dc ? *dc : none);
-    sparsenet::propagate_nonfinite(view, s, c);
+    if (!kernel(view, s, c, dc ? *dc : none)) sparsenet::propagate_nonfinite(view, s, c);
   }
 
   // x has passed check_x (before forward allocates its output).

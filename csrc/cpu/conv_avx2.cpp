@@ -4,8 +4,8 @@
 
 namespace sparsenet::cpu::avx2 {
 
-void csr_conv2d(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d) {
-  csr_conv2d_simd<Ops256>(a, s, c, d);
+bool csr_conv2d(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d) {
+  return csr_conv2d_simd<Ops256>(a, s, c, d);
 }
 
 }  // namespace sparsenet::cpu::avx2

@@ -36,9 +36,10 @@ void run(const CsrView& a, const ConvShape& s, const ConvArgs& c) {
 
 }  // namespace
 
-void csr_conv2d(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv&) {
+bool csr_conv2d(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv&) {
   if (a.index_bytes == 2) run<uint16_t>(a, s, c);
   else run<int32_t>(a, s, c);
+  return false;  // (inputs not checked: the caller scans them)
 }
 
 }  // namespace sparsenet::cpu::fallback

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 
 #include "cpu/conv.h"
@@ -17,10 +18,11 @@ namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 // plane row is written once, a vector at a time: masked loads give zeros where it falls on padding
 // (filling the planes with zeros first and copying over them took a third of a stride-2 layer's
 // time at 90% sparsity; a memset and a memcpy call per row cost up to 5% of a stride-1 layer's).
-// Only plane rows [j0, j1) of each phase are written (the rows one thread's tiles read).
+// Only plane rows [j0, j1) of each phase are written (the rows one thread's tiles read). Returns
+// `seen` with NaN lanes where an input it loaded was Inf or NaN (Ops::mark_nonfinite; conv.h).
 template <typename Ops>
-inline void split_phases(const ConvShape& s, const DirectConv& d, const float* x, float* dst, int64_t j0,
-                         int64_t j1) {
+inline typename Ops::V split_phases(const ConvShape& s, const DirectConv& d, const float* x, float* dst, int64_t j0,
+                                    int64_t j1, typename Ops::V seen) {
   using V = typename Ops::V;
   constexpr int64_t kW = Ops::kWidth;
   const int64_t plane = d.hq * d.wq, sh = s.stride_h, sw = s.stride_w;
@@ -64,12 +66,14 @@ inline void split_phases(const ConvShape& s, const DirectConv& d, const float* x
               lanes[l] = at[(i + l) * sw];
             v = Ops::load(lanes);
           }
+          seen = Ops::mark_nonfinite(seen, v);
           if (i + kW <= d.wq) Ops::storeu(row + i, v);
           else Ops::store_first(row + i, v, d.wq - i);
         }
       }
     }
   }
+  return seen;
 }
 
 // own[0, NV * width) += the sum over stored weights k in [begin, end) of values[k] * packed[offsets[k] + ...]
@@ -184,10 +188,12 @@ inline void prefetch_segment(const CsrView& a, const DirectConv& d, int64_t row,
 
 // One item: output channels [r0, r1) of image n (in its group's planes, which start at `in` at the
 // tile's first pixel) over the W grid pixels from q0. `readable`: how many of the W pixels' inputs may be
-// loaded (the last tile of an input read in place stops at its end).
-template <typename Ops>
+// loaded (the last tile of an input read in place stops at its end). kCheck (an input read in place,
+// which no split_phases has checked): marks *seen where a packed input is Inf or NaN (conv.h).
+template <typename Ops, bool kCheck>
 inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d, const float* in,
-                      int64_t n, int64_t q0, int64_t r0, int64_t r1, int64_t readable, bool look_ahead) {
+                      int64_t n, int64_t q0, int64_t r0, int64_t r1, int64_t readable, bool look_ahead,
+                      typename Ops::V* seen) {
   constexpr int64_t kW = Ops::kWidth, W = plan::kConvTileFloats, NV = W / kW;
   // Rows run together (accumulate_rows): up to 4 with 2 vectors per slot (AVX-512), 2 with 4 (AVX2,
   // whose 16 registers hold 8 accumulators and a slot's 4 vectors).
@@ -196,18 +202,21 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
   alignas(64) float sums[kMaxRows * W];
   alignas(64) float packed[plan::kConvPackBytes / sizeof(float)];
   std::fill(sums, sums + (r1 - r0) * W, 0.0f);
+  using V = typename Ops::V;
   for (int64_t b = 0; b < d.blocks; ++b) {
     const int64_t c0 = b * d.block_cols, c1 = std::min(c0 + d.block_cols, a.cols);
+    V checked = Ops::zero();  // (kCheck; a local of this loop alone, so that it stays in a register)
     for (int64_t col = c0; col < c1; ++col) {
       const float* x = in + d.sources[col];
       float* slot = packed + (col - c0) * W;
-      if (readable == W) {
 #pragma GCC unroll 8
-        for (int q = 0; q < NV; ++q) Ops::store(slot + q * kW, Ops::loadu(x + q * kW));
-      } else {
-        for (int q = 0; q < NV; ++q) Ops::store(slot + q * kW, Ops::load_first(x + q * kW, readable - q * kW));
+      for (int q = 0; q < NV; ++q) {
+        const V v = readable == W ? Ops::loadu(x + q * kW) : Ops::load_first(x + q * kW, readable - q * kW);
+        if constexpr (kCheck) checked = Ops::mark_nonfinite(checked, v);
+        Ops::store(slot + q * kW, v);
       }
     }
+    if constexpr (kCheck) *seen = Ops::mark_nonfinite(*seen, checked);
     for (int64_t r = r0; r < r1;) {
       const int64_t* starts = d.block_start + r * (d.blocks + 1) + b;
       const int64_t same = std::min<int64_t>({d.same_rows[r], r1 - r, kMaxSameRows});
@@ -237,7 +246,10 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
       }
     }
   }
-  // The tile's real outputs: runs of grid pixels on one output row.
+  // The tile's real outputs: runs of grid pixels on one output row, merged where one run's pixels
+  // follow the last one's in the output too (a grid that drops no pixel: then the whole tile is one
+  // run, where runs of one row each had made the copy below most of a pointwise layer's time on
+  // small images: 14 x 14 copied in runs of 14, 14 and 4 floats).
   int64_t run_at[W], run_to[W], run_len[W];  // at most one run per pixel (out_w = 1)
   int runs = 0;
   for (int64_t q = q0; q < std::min(q0 + W, grid);) {
@@ -246,10 +258,14 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
       q = (oy + 1) * d.wq;
       continue;
     }
-    const int64_t end = std::min(q0 + W, oy * d.wq + s.out_w);
-    run_at[runs] = q - q0;
-    run_to[runs] = oy * s.out_w + ox;
-    run_len[runs++] = end - q;
+    const int64_t end = std::min(q0 + W, oy * d.wq + s.out_w), to = oy * s.out_w + ox;
+    if (runs > 0 && run_at[runs - 1] + run_len[runs - 1] == q - q0 && run_to[runs - 1] + run_len[runs - 1] == to) {
+      run_len[runs - 1] += end - q;
+    } else {
+      run_at[runs] = q - q0;
+      run_to[runs] = to;
+      run_len[runs++] = end - q;
+    }
     q = end;
   }
   for (int64_t r = r0; r < r1; ++r) {
@@ -272,8 +288,11 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
 // the other core had just read: the copy waited on the other core for each line and did not scale
 // (two threads each took longer for half the copy than one thread for all of it: 110 against 90 us
 // a call at 64 channels, 56 x 56, stride 2; written again at once, 45 us).
+//
+// Returns whether every input it loaded was finite (conv.h): each thread marks what it loads, in
+// split_phases or, read in place, in conv_tile (Ops::mark_nonfinite).
 template <typename Ops>
-void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d) {
+bool csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d) {
   constexpr int64_t W = plan::kConvTileFloats;
   const int64_t cg = s.in_channels / s.groups, kg = s.out_channels / s.groups;
   const int64_t plane = d.hq * d.wq, grid = s.out_h * d.wq, tiles = (grid + W - 1) / W;
@@ -307,9 +326,11 @@ void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
   const float* planes[kMaxConvThreads];
   int64_t first_image[kMaxConvThreads];
   std::atomic<int64_t> next[kMaxConvThreads];
+  std::atomic<bool> nonfinite{false};
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int team = omp_get_num_threads(), me = omp_get_thread_num();
+    typename Ops::V seen = Ops::zero();
     // Thread t's run: [run_start(t), run_start(t + 1)). A pointwise convolution copies nothing, so
     // there all items are one run that every thread takes from (dynamic scheduling).
     const auto run_start = [&](int64_t t) { return in_place ? (t == 0 ? 0 : items) : items * t / team; };
@@ -326,7 +347,8 @@ void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
         const int64_t j0 = std::min(d.hq, t0 * W / d.wq), j1 = std::min(d.hq, (t1 * W + W - 1) / d.wq + reach_rows);
         float* group = mine + (ng - ng0) * per_group;
         for (int64_t i = 0; i < cg; ++i)
-          split_phases<Ops>(s, d, c.x + (ng * cg + i) * s.in_h * s.in_w, group + i * channel_planes, j0, j1);
+          seen = split_phases<Ops>(s, d, c.x + (ng * cg + i) * s.in_h * s.in_w, group + i * channel_planes, j0, j1,
+                                   seen);
         if (t1 == tiles - 1) std::fill(group + cg * channel_planes, group + per_group, 0.0f);  // the slack
       }
     } else if (in_place) {
@@ -344,10 +366,13 @@ void csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
         const int64_t r0 = g * kg + kg * chunk / chunks, r1 = g * kg + kg * (chunk + 1) / chunks;
         // (Read in place, the last tile must not load past the input: its loads are masked to it.)
         const float* in = in_place ? c.x + ng * per_group + q0 : planes[u] + (ng - first_image[u]) * per_group + q0;
-        conv_tile<Ops>(a, s, c, d, in, n, q0, r0, r1, in_place ? std::min(W, grid - q0) : W, look_ahead);
+        if (in_place) conv_tile<Ops, true>(a, s, c, d, in, n, q0, r0, r1, std::min(W, grid - q0), look_ahead, &seen);
+        else conv_tile<Ops, false>(a, s, c, d, in, n, q0, r0, r1, W, look_ahead, &seen);
       }
     }
+    if (std::isnan(Ops::sum(seen))) nonfinite.store(true, std::memory_order_relaxed);
   }
+  return !nonfinite.load(std::memory_order_relaxed);
 }
 
 }  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

@@ -121,6 +121,29 @@ def test_non_finite_inputs_follow_dense_semantics(isa, bad, stride):
     assert torch.allclose(out.double()[finite], want[finite], atol=1e-5)
 
 
+# The SIMD kernels check the inputs for Inf and NaN as they load them (into the phase planes, or
+# into a tile's packed slots where a pointwise convolution reads its input in place) instead of
+# scanning them afterwards: every input position some output reads must be seen. One non-finite
+# value per image, each image at another position (all of them for small inputs), in every
+# geometry, against dense semantics.
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, (c[0], c[1], *c[2], *c[3], c[6], c[7], c[8]))))
+def test_every_input_position_is_checked(isa, threads, case):
+    cin, cout, k, stride, padding, dilation, groups, h, w_ = case
+    g = torch.Generator().manual_seed(7 + cin * cout)
+    w = torch.randn(cout, cin // groups, *k, generator=g) * (torch.rand(cout, cin // groups, *k, generator=g) < 0.5)
+    positions = torch.randperm(cin * h * w_, generator=g)[:96]
+    x = torch.randn(len(positions), cin, h, w_, generator=g)
+    flat = x.view(len(positions), -1)
+    for image, at in enumerate(positions.tolist()):
+        flat[image, at] = float("nan") if image % 2 else float("inf")
+    out, want = run(w, x, None, stride, padding, dilation, groups)
+    assert torch.isnan(want).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
+    assert torch.equal(torch.isinf(out), torch.isinf(want))
+    finite = torch.isfinite(want)
+    assert torch.allclose(out.double()[finite], want[finite], atol=1e-4)
+
+
 # A weight of over 32K stored values on an image of few tiles (3 here): the kernel then asks for
 # each row's weights of a block 8 rows ahead, wrapping into the next block at a chunk's last rows.
 # Prefetches change no result, so what this pins is the answer on that path (three blocks, three
