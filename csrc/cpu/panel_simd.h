@@ -30,6 +30,23 @@ inline void panel_dot_u(const Idx* col, const float* val, int64_t begin, int64_t
   for (int u = 1; u < U; ++u)
     for (int v = 0; v < NV; ++v) part[u][v] = Ops::zero();
   int64_t k = begin;
+  // AVX-512 panels of one or two vectors: 16 weights by one vector load, each lane then broadcast by
+  // a permute, where a broadcast from memory per weight was a third load beside the panel's two
+  // (the loads, not the FMAs, were the limit): 0.90-0.95x the time at 50% (batch 16-256,
+  // 4096x4096), 0.94x at 70%, level at 90% (whose 64-wide panels keep the broadcast: 1.05x slower).
+  if constexpr (Ops::kWidth == 16 && NV <= 2) {
+    for (; k + 16 <= end; k += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(col + k + kPrefetchAhead), _MM_HINT_T0);
+      const V w16 = Ops::loadu(val + k);
+#pragma GCC unroll 16
+      for (int l = 0; l < 16; ++l) {
+        const float* xu = xp + static_cast<int64_t>(col[k + l]) * W;
+        const V w = Ops::broadcast_lane(w16, l);
+        for (int v = 0; v < NV; ++v) part[l % U][v] = Ops::fma(w, Ops::load(xu + Ops::kWidth * v), part[l % U][v]);
+      }
+    }
+  }
   for (; k + U <= end; k += U) {
     if ((k & 15) < U) {  // once per 16 non-zeros (k steps by U, a divisor of 16)
       _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetchAhead), _MM_HINT_T0);
