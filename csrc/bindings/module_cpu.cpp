@@ -431,7 +431,9 @@ class CsrHandle {
 
   // x has passed check_x (before forward allocates its output).
   void run(const float* values, const Dense2D& x, const Dense2D& y, const float* bias) const {
-    const sparsenet::DenseArgs d = dense_args(x, y, view_.rows, view_.cols, bias);
+    sparsenet::XCheck check;  // (the kernels may check x for Inf and NaN as they load it)
+    sparsenet::DenseArgs d = dense_args(x, y, view_.rows, view_.cols, bias);
+    d.x_check = &check;
     const int64_t batch = d.batch;
     if (batch == 0 || view_.rows == 0) return;
     const auto kernel = sparsenet::cpu::csr_matmul_kernel();
@@ -593,7 +595,9 @@ class BitmapHandle : public FormatHandle<BitmapHandle, sparsenet::BitmapView> {
 
   // x has passed check_x.
   static void run(const sparsenet::BitmapView& view, const Dense2D& x, const Dense2D& y, const float* bias) {
-    const sparsenet::DenseArgs d = dense_args(x, y, view.rows, view.cols, bias);
+    sparsenet::XCheck check;  // (the kernels may check x for Inf and NaN as they load it)
+    sparsenet::DenseArgs d = dense_args(x, y, view.rows, view.cols, bias);
+    d.x_check = &check;
     if (d.batch == 0 || view.rows == 0) return;
     const auto kernel = sparsenet::cpu::bitmap_matmul_kernel();
     py::gil_scoped_release nogil;
@@ -664,7 +668,9 @@ class BsrHandle : public FormatHandle<BsrHandle, sparsenet::BsrView> {
   friend class FormatHandle<BsrHandle, sparsenet::BsrView>;
 
   static void run(const sparsenet::BsrView& view, const Dense2D& x, const Dense2D& y, const float* bias) {
-    const sparsenet::DenseArgs d = dense_args(x, y, view.rows, view.cols, bias);
+    sparsenet::XCheck check;  // (the kernels may check x for Inf and NaN as they load it)
+    sparsenet::DenseArgs d = dense_args(x, y, view.rows, view.cols, bias);
+    d.x_check = &check;
     if (d.batch == 0 || view.rows == 0) return;
     const auto kernel = sparsenet::cpu::bsr_matmul_kernel();
     py::gil_scoped_release nogil;
@@ -739,7 +745,9 @@ class NmHandle : public FormatHandle<NmHandle, sparsenet::NmView> {
       derived_csr().run(view.values, x, y, bias);
       return;
     }
-    const sparsenet::DenseArgs d = dense_args(x, y, view.rows, view.cols, bias);
+    sparsenet::XCheck check;  // (the kernels may check x for Inf and NaN as they load it)
+    sparsenet::DenseArgs d = dense_args(x, y, view.rows, view.cols, bias);
+    d.x_check = &check;
     if (d.batch == 0 || view.rows == 0) return;
     const auto kernel = sparsenet::cpu::nm_matmul_kernel();
     py::gil_scoped_release nogil;

@@ -196,13 +196,15 @@ void bsr_panel_matmul(const BsrView& a, const DenseArgs& d) {
   const int nt = bsr_threads(a, d);
   const int64_t panels = (d.batch + W - 1) / W;
   if (nt > 1 && panels >= int64_t{plan::kBsrPanelsPerThread} * nt) {
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    bool nonfinite = false;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(|| : nonfinite)
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t b0 = p * W, valid = std::min(W, d.batch - b0);
       float* xp = scratch_panel(a.cols * W);  // this thread's own
-      pack_panel_simd(d.x, d.ldx, b0, valid, W, 0, a.cols, xp);
+      nonfinite = pack_panel_simd(d.x, d.ldx, b0, valid, W, 0, a.cols, xp) || nonfinite;
       for (int64_t R = 0; R < a.block_rows; ++R) bsr_panel_block_row<Ops, NV>(a, xp, R, b0, valid, d);
     }
+    record_x_check(d, nonfinite);
     return;
   }
   const int parts = bsr_parts(a, nt);

@@ -22,9 +22,13 @@ void nonfinite_columns(const float* x, int64_t n, std::vector<int64_t>* out);
 
 // Calls fn(y_row, columns) for each sample of d whose x row holds a non-finite value, with that
 // sample's output row and the columns of x it is non-finite in. Nothing else is visited, so the
-// common all-finite call costs one vectorised (and, when large, threaded) scan of x.
+// common all-finite call costs one vectorised (and, when large, threaded) scan of x, or none where
+// the kernel recorded in d.x_check that it found x finite.
 template <typename Fn>
 void for_each_nonfinite_sample(const DenseArgs& d, int64_t cols, Fn&& fn) {
+  if (d.x_check && d.x_check->checked.load(std::memory_order_relaxed) &&
+      !d.x_check->nonfinite.load(std::memory_order_relaxed))
+    return;  // the kernel saw all of x, and all of it finite
   if (!any_nonfinite_rows(d.x, d.batch, cols, d.ldx, d.num_threads)) return;
   std::vector<int64_t> bad;
   for (int64_t m = 0; m < d.batch; ++m) {

@@ -46,18 +46,24 @@ inline float* scratch_panel(int64_t floats) {
 }
 
 // xp[k * W + j] = x[(b0 + j) * ldx + k] for k in [k0, k1), j < valid; zero for valid <= j < W.
-inline void pack_panel(const float* x, int64_t ldx, int64_t b0, int64_t valid, int64_t W, int64_t k0,
+// Returns whether one of the values copied is Inf or NaN (DenseArgs::x_check).
+inline bool pack_panel(const float* x, int64_t ldx, int64_t b0, int64_t valid, int64_t W, int64_t k0,
                        int64_t k1, float* xp) {
   constexpr int64_t kBlock = 64;
+  float seen = 0.f;  // v - v: 0 for a finite v, NaN otherwise; a NaN stays
   for (int64_t kb = k0; kb < k1; kb += kBlock) {
     const int64_t ke = std::min(k1, kb + kBlock);
     for (int64_t j = 0; j < valid; ++j) {
       const float* src = x + (b0 + j) * ldx;
-      for (int64_t k = kb; k < ke; ++k) xp[k * W + j] = src[k];
+      for (int64_t k = kb; k < ke; ++k) {
+        xp[k * W + j] = src[k];
+        seen += src[k] - src[k];
+      }
     }
     for (int64_t j = valid; j < W; ++j)
       for (int64_t k = kb; k < ke; ++k) xp[k * W + j] = 0.f;
   }
+  return seen != seen;
 }
 
 // Writes a block of up to 8 output rows x `valid` batch entries from the row-major scratch tile

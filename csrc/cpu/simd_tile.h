@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "cpu/csr_view.h"
@@ -33,20 +34,25 @@ inline void transpose8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-// Same contract as pack_panel; W is a multiple of 8.
-inline void pack_panel_simd(const float* x, int64_t ldx, int64_t b0, int64_t valid, int64_t W, int64_t k0,
+// Same contract as pack_panel (the Inf/NaN check included); W is a multiple of 8.
+inline bool pack_panel_simd(const float* x, int64_t ldx, int64_t b0, int64_t valid, int64_t W, int64_t k0,
                             int64_t k1, float* xp) {
+  __m256 seen = _mm256_setzero_ps();  // NaN lanes where a value loaded was Inf or NaN (as Ops::mark_nonfinite)
   int64_t k = k0;
   for (; k + 8 <= k1; k += 8) {
     for (int64_t jb = 0; jb < W; jb += 8) {
       __m256 r[8];
-      for (int i = 0; i < 8; ++i)
+      for (int i = 0; i < 8; ++i) {
         r[i] = jb + i < valid ? _mm256_loadu_ps(x + (b0 + jb + i) * ldx + k) : _mm256_setzero_ps();
+        seen = _mm256_or_ps(seen, _mm256_sub_ps(r[i], r[i]));
+      }
       transpose8(r);
       for (int i = 0; i < 8; ++i) _mm256_store_ps(xp + (k + i) * W + jb, r[i]);
     }
   }
-  if (k < k1) pack_panel(x, ldx, b0, valid, W, k, k1, xp);
+  bool nonfinite = _mm256_movemask_ps(_mm256_cmp_ps(seen, seen, _CMP_UNORD_Q)) != 0;
+  if (k < k1) nonfinite |= pack_panel(x, ldx, b0, valid, W, k, k1, xp);
+  return nonfinite;
 }
 
 // Same contract as sparsenet::cpu::store_tile; full blocks of 8 rows go through the transpose.
@@ -68,22 +74,29 @@ inline void store_tile_simd(const float* t, int64_t W, int64_t nrows, int64_t va
 
 // The batch in panels of W samples (a multiple of 8), each packed by the team of nt threads
 // together into the calling thread's scratch panel, then work(xp, part, b0, valid) for parts
-// [0, parts) shared out dynamically; barriers keep a panel whole while it is read.
+// [0, parts) shared out dynamically; barriers keep a panel whole while it is read. Records the
+// packing's Inf/NaN check in d.x_check.
 template <typename WorkFn>
 void team_panels(const DenseArgs& d, int64_t cols, int64_t W, int nt, int parts, WorkFn work) {
   const int64_t kblocks = std::max<int64_t>(1, std::min<int64_t>(int64_t{nt} * 8, cols / 64));
   float* xp = scratch_panel(cols * W);
+  std::atomic<bool> nonfinite{false};
 #pragma omp parallel num_threads(nt)
-  for (int64_t b0 = 0; b0 < d.batch; b0 += W) {
-    const int64_t valid = std::min(W, d.batch - b0);
+  {
+    bool found = false;
+    for (int64_t b0 = 0; b0 < d.batch; b0 += W) {
+      const int64_t valid = std::min(W, d.batch - b0);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t kb = 0; kb < kblocks; ++kb)
-      pack_panel_simd(d.x, d.ldx, b0, valid, W, cols * kb / kblocks, cols * (kb + 1) / kblocks, xp);
-    // (implicit barrier: the panel is complete)
+      for (int64_t kb = 0; kb < kblocks; ++kb)
+        found |= pack_panel_simd(d.x, d.ldx, b0, valid, W, cols * kb / kblocks, cols * (kb + 1) / kblocks, xp);
+      // (implicit barrier: the panel is complete)
 #pragma omp for schedule(dynamic, 1)
-    for (int p = 0; p < parts; ++p) work(xp, p, b0, valid);
-    // (implicit barrier: nobody overwrites the panel while it is read)
+      for (int p = 0; p < parts; ++p) work(xp, p, b0, valid);
+      // (implicit barrier: nobody overwrites the panel while it is read)
+    }
+    if (found) nonfinite.store(true, std::memory_order_relaxed);
   }
+  record_x_check(d, nonfinite.load(std::memory_order_relaxed));
 }
 
 }  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

@@ -128,3 +128,33 @@ def test_columns_outside_a_strided_input_are_not_scanned(two_threads, fmt):
     assert_dense_semantics(out, lin, x)
     x[100, 5] = float("nan")
     assert_dense_semantics(layer(x), lin, x)
+
+
+# From batch 4-16 on, the kernels transpose x into panels and check each value for Inf and NaN as
+# they copy it; when all are finite the scan after the multiply is skipped, so a value the check
+# missed would go unseen. One Inf per call, at every column (the vector steps and the tails of the
+# column ranges split unevenly between the packing threads alike: 1,008 columns), in panels of the
+# batch's various widths, several panels per call, and thread-owned BSR panels (300 samples).
+@pytest.mark.parametrize("batch", [17, 40, 300])
+@pytest.mark.parametrize("fmt", ["csr", "bitmap", "bsr", "nm"])
+def test_the_panel_kernels_check_every_input(isa, two_threads, fmt, batch):
+    g = torch.Generator().manual_seed(batch)
+    lin = nn.Linear(1008, 48)
+    with torch.no_grad():
+        lin.weight.copy_(_pruned_for(fmt, 48, 1008, g))
+    layer = SparseLinear.from_dense(lin, format=fmt).eval()
+    w = lin.weight.detach()
+    x = torch.randn(batch, 1008, generator=g)
+    with torch.inference_mode():
+        finite = layer(x)
+        assert_dense_semantics(finite, lin, x)
+        for column in range(0, 1008, 1 if batch == 17 else 11):
+            m = column * 7 % batch
+            kept = x[m, column].item()
+            x[m, column] = float("inf")
+            out = layer(x)
+            x[m, column] = kept
+            assert torch.equal(out[m].isnan(), w[:, column] == 0), f"Inf at ({m}, {column})"
+            assert torch.equal(out[m].isinf(), w[:, column] != 0)
+            others = torch.arange(batch) != m
+            assert torch.equal(out[others], finite[others])
