@@ -10,7 +10,10 @@
 #include <cstring>
 
 #include "cpu/bitmap_drive.h"
+#include "cpu/bitmap_panel.h"
 #include "cpu/panel.h"  // kPrefetchAhead
+#include "cpu/planner.h"
+#include "cpu/simd_ops.h"
 
 namespace sparsenet::cpu::avx2 {
 
@@ -179,6 +182,12 @@ inline void row(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) 
 }  // namespace
 
 void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
+  if (d.batch >= plan::kBitmapPanelMinBatchAvx2) {
+    if (d.batch <= 8) bitmap_panel_matmul<Ops256, 1>(a, d);
+    else if (d.batch <= 16) bitmap_panel_matmul<Ops256, 2>(a, d);
+    else bitmap_panel_matmul<Ops256, 4>(a, d);
+    return;
+  }
   if (d.batch == 1) {
     bitmap_drive(a, d, [&](int64_t r0, int64_t r1) {
       int64_t r = r0;

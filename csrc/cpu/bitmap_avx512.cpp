@@ -8,8 +8,10 @@
 #include <cstring>
 
 #include "cpu/bitmap_drive.h"
+#include "cpu/bitmap_panel.h"
 #include "cpu/panel.h"
 #include "cpu/planner.h"
+#include "cpu/simd_ops.h"
 #include "cpu/simd_tile.h"
 
 // GCC 12's AVX-512 headers initialise their "undefined" vectors as `__m512 __Y = __Y;`, which
@@ -155,71 +157,12 @@ inline void row(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) 
   else row_in<NB, false>(a, d, r, m0);
 }
 
-// ---- batch panels: x transposed, one broadcast and NV FMAs per stored weight ------------------
-
-// Rows [r0, r1) for the W = 16 NV inputs of panel xp (W floats per column), written to y through
-// a tile of 8 rows. A row's set bits are walked two at a time into two accumulator sets, so that
-// consecutive FMAs do not wait on each other.
-template <int NV>
-void panel_rows(const BitmapView& a, const float* xp, int64_t r0, int64_t r1, int64_t b0, int64_t valid,
-                const DenseArgs& d) {
-  constexpr int64_t W = 16 * NV;
-  alignas(64) float tile[8 * W];
-  for (int64_t rb = r0; rb < r1; rb += 8) {
-    const int64_t nrows = std::min<int64_t>(8, r1 - rb);
-    for (int64_t i = 0; i < nrows; ++i) {
-      const int64_t r = rb + i;
-      const uint16_t* mask = a.masks + r * a.chunks;
-      const float* v = a.values + a.row_ptr[r];
-      __m512 acc0[NV], acc1[NV];
-#pragma GCC unroll 4
-      for (int n = 0; n < NV; ++n) acc0[n] = acc1[n] = _mm512_setzero_ps();
-      // Walked four chunks (64 columns) per mask word: a loop that ended with every chunk's last
-      // bit mispredicted its exit about once per 8 weights at 50% density.
-      const auto walk = [&](uint64_t bits, const float* base) {
-        while (bits) {
-          const float* p0 = base + __builtin_ctzll(bits) * W;
-          const __m512 w0 = _mm512_set1_ps(*v++);
-          bits &= bits - 1;
-#pragma GCC unroll 4
-          for (int n = 0; n < NV; ++n) acc0[n] = _mm512_fmadd_ps(w0, _mm512_load_ps(p0 + 16 * n), acc0[n]);
-          if (!bits) break;
-          const float* p1 = base + __builtin_ctzll(bits) * W;
-          const __m512 w1 = _mm512_set1_ps(*v++);
-          bits &= bits - 1;
-#pragma GCC unroll 4
-          for (int n = 0; n < NV; ++n) acc1[n] = _mm512_fmadd_ps(w1, _mm512_load_ps(p1 + 16 * n), acc1[n]);
-        }
-      };
-      int64_t k = 0;
-      for (; k + 4 <= a.chunks; k += 4) {
-        uint64_t word;
-        std::memcpy(&word, mask + k, sizeof word);
-        walk(word, xp + k * kBitmapChunk * W);
-      }
-      for (; k < a.chunks; ++k) walk(mask[k], xp + k * kBitmapChunk * W);
-#pragma GCC unroll 4
-      for (int n = 0; n < NV; ++n) _mm512_store_ps(tile + i * W + 16 * n, _mm512_add_ps(acc0[n], acc1[n]));
-    }
-    store_tile_simd(tile, W, nrows, valid, rb, b0, d.y, d.ldy, d.bias);
-  }
-}
-
-template <int NV>
-void panel_matmul(const BitmapView& a, const DenseArgs& d) {
-  const int nt = bitmap_threads(a, d);
-  const int parts = static_cast<int>(std::min<int64_t>(std::max<int64_t>(a.rows, 1), int64_t{nt} * 8));
-  team_panels(d, a.cols, 16 * NV, nt, parts, [&](const float* xp, int p, int64_t b0, int64_t valid) {
-    panel_rows<NV>(a, xp, bitmap_part_start(a, p, parts), bitmap_part_start(a, p + 1, parts), b0, valid, d);
-  });
-}
-
 }  // namespace
 
 void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
   if (d.batch >= plan::kBitmapPanelMinBatch) {
-    if (d.batch <= 16) panel_matmul<1>(a, d);
-    else panel_matmul<2>(a, d);
+    if (d.batch <= 16) bitmap_panel_matmul<Ops512, 1>(a, d);
+    else bitmap_panel_matmul<Ops512, 2>(a, d);
     return;
   }
   if (d.batch == 1) {

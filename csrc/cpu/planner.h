@@ -36,6 +36,10 @@ constexpr double kWidePanelMaxDensity = 0.3;
 // weight becomes one broadcast and W/16 FMAs; below, each 16-column chunk is decoded (vexpandps)
 // once for up to 8 inputs, which also multiplies the decoded zeros.
 constexpr int64_t kBitmapPanelMinBatch = 4;
+// The same on AVX2, whose row kernel shares each decoded 8-column half between up to 8 inputs: the
+// panel took 1.3-1.5x its time at batch 4, 0.79-0.93x at 8, 0.43-0.59x at 16 and 0.30-0.46x at 64
+// (4096 x 4096, 50-70%).
+constexpr int64_t kBitmapPanelMinBatchAvx2 = 8;
 
 // BSR weights: from this many inputs x is transposed into a panel and every block runs as a
 // register-blocked dense micro-kernel (up to 8 rows x the panel width); below, each sample's
