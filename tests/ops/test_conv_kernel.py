@@ -23,6 +23,8 @@ CASES = [
     (70, 3, (1, 1), (1, 2), (0, 0), (1, 1), 1, 1, 130),  # a wide row, stride only along it
     (20, 12, (1, 1), (1, 1), (0, 0), (1, 1), 1, 16, 16),  # pointwise, planes a multiple of the tile
     (12, 10, (1, 1), (1, 1), (0, 0), (1, 1), 2, 4, 12),  # planes of 48: one full tile, one masked
+    (6, 10, (1, 1), (1, 1), (0, 0), (1, 1), 1, 7, 7),  # pointwise, 49 pixels: tiles run on into the next image
+    (5, 9, (1, 1), (1, 1), (0, 0), (1, 1), 1, 6, 11),  # 66 pixels: a tile ends two pixels into an image
 ]
 
 
