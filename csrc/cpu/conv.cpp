@@ -79,7 +79,11 @@ bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, uint16_
   const int64_t plane = d->hq * d->wq, phases = s.stride_h * s.stride_w, cg = s.in_channels / s.groups;
   if (cg * phases * plane + plane >= INT32_MAX) return false;
   const int64_t tile = cpu::plan::kConvTileFloats;
-  d->block_cols = std::max<int64_t>(1, cpu::plan::kConvPackBytes / (tile * 4));
+  const double density = a.rows > 0 && a.cols > 0 ? static_cast<double>(a.nnz) / (static_cast<double>(a.rows) * a.cols)
+                                                  : 0.0;
+  const bool half_blocks = density >= cpu::plan::kConvDensePackMinDensity && rows_run_together(a) < 0.5;
+  d->block_cols = std::max<int64_t>(
+      1, (half_blocks ? cpu::plan::kConvDensePackBytes : cpu::plan::kConvPackBytes) / (tile * 4));
   d->blocks = std::max<int64_t>(1, (a.cols + d->block_cols - 1) / d->block_cols);
   sources->resize(static_cast<size_t>(a.cols));
   for (int64_t column = 0; column < a.cols; ++column) {

@@ -62,6 +62,14 @@ constexpr int64_t kNmPanelMinBatch = kPanelMinBatch;
 // measured 7% faster there and at 70%, 128 KB 5% slower than 64 (AMD EPYC Zen 4, conv_table shapes).
 constexpr int64_t kConvTileFloats = 32;
 constexpr int64_t kConvPackBytes = 64 * 1024;
+// Denser weights (at least this share stored), unless their rows run together, take half-size
+// blocks: every row sweeps its block's slots, and 64 KB of them do not stay in L1 (a probe that kept
+// the loads inside 8-32 KB took 0.81-0.90x the time), while a row's weights per block still outweigh
+// its per-block setup. ab_conv.py, new / 64 KB: 50% sparse 0.78-0.81, 70% 0.93-0.94 (AVX2
+// 0.89-0.93), 80% 0.98-0.99, 90% 1.01-1.03 (kept at 64 KB); 16 KB blocks at 50-70% 0.83-1.01; rows
+// in blocks of 4 (run together, fewer loads per FMA) 1.01-1.04 (kept at 64 KB).
+constexpr int64_t kConvDensePackBytes = 32 * 1024;
+constexpr double kConvDensePackMinDensity = 0.25;
 // The convolution asks for its weights ahead (conv_simd.h) on images of at most this many tiles, for
 // weights of at least this many stored values (about 200 KB), this many rows ahead.
 constexpr int64_t kConvLookAheadMaxItems = 16;

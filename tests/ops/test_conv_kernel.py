@@ -159,6 +159,16 @@ def test_large_weight_on_few_tiles(isa, threads, batch):
     assert_close(*run(w, x, torch.randn(96, generator=g), (1, 1), (1, 1), (1, 1), 1))
 
 
+# Weights of 576 columns run in blocks of 512 (64 KB of packed slots) below 25% density and of 256
+# above (planner.h): both, each with a last, partial block.
+@pytest.mark.parametrize("density", [0.1, 0.4])
+def test_blocks_of_either_size(isa, threads, density):
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(40, 64, 3, 3, generator=g) * (torch.rand(40, 64, 3, 3, generator=g) < density)
+    x = torch.randn(2, 64, 10, 10, generator=g)
+    assert_close(*run(w, x, torch.randn(40, generator=g), (1, 1), (1, 1), (1, 1), 1))
+
+
 # 2 x 16 x 64 x 64 inputs: past the size where the scan for non-finite inputs is split between the
 # threads (at image 1). A value at each end of each thread's share must be found.
 @pytest.mark.parametrize("at", [(0, 0, 0, 0), (0, 15, 63, 63), (1, 0, 0, 0), (1, 15, 63, 63)], ids=str)
