@@ -188,16 +188,10 @@ void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
     else bitmap_panel_matmul<Ops256, 4>(a, d);
     return;
   }
-  if (d.batch == 1) {
-    bitmap_drive(a, d, [&](int64_t r0, int64_t r1) {
-      int64_t r = r0;
-      for (; r + 2 <= r1; r += 2) {
-        // The pair's plain loads read at most 7 floats past the second row's values.
-        if (a.nnz - a.row_ptr[r + 2] >= 8) row_pair_in<true>(a, d, r);
-        else row_pair_in<false>(a, d, r);
-      }
-      if (r < r1) row<1>(a, d, r, 0);
-    });
+  if (d.batch == 1) {  // (the pair's plain loads read at most 7 floats past the second row's values)
+    bitmap_pairs(
+        a, d, 8, [&](int64_t r, bool in) { in ? row_pair_in<true>(a, d, r) : row_pair_in<false>(a, d, r); },
+        [&](int64_t r) { row<1>(a, d, r, 0); });
     return;
   }
   bitmap_drive(a, d, [&](int64_t r0, int64_t r1) {

@@ -58,6 +58,18 @@ inline void pair_look_ahead(const BitmapView& a, int64_t r, const float* v0, con
   }
 }
 
+// Batch 1 in row pairs: pair(r, in_bounds) for rows r and r + 1 of each part, single(r) for a part's
+// odd last row. in_bounds: `reach` floats past the pair's last value are still inside the values,
+// so the pair kernel's plain loads may run past it.
+template <typename PairFn, typename SingleFn>
+void bitmap_pairs(const BitmapView& a, const DenseArgs& d, int64_t reach, PairFn pair, SingleFn single) {
+  bitmap_drive(a, d, [&](int64_t r0, int64_t r1) {
+    int64_t r = r0;
+    for (; r + 2 <= r1; r += 2) pair(r, a.nnz - a.row_ptr[r + 2] >= reach);
+    if (r < r1) single(r);
+  });
+}
+
 // rows(r0, r1): rows [r0, r1) for every batch entry.
 template <typename RowsFn>
 void bitmap_drive(const BitmapView& a, const DenseArgs& d, RowsFn rows) {

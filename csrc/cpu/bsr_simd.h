@@ -201,7 +201,7 @@ void bsr_panel_matmul(const BsrView& a, const DenseArgs& d) {
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t b0 = p * W, valid = std::min(W, d.batch - b0);
       float* xp = scratch_panel(a.cols * W);  // this thread's own
-      nonfinite = pack_panel_simd(d.x, d.ldx, b0, valid, W, 0, a.cols, xp) || nonfinite;
+      nonfinite |= pack_panel_simd(d.x, d.ldx, b0, valid, W, 0, a.cols, xp);
       for (int64_t R = 0; R < a.block_rows; ++R) bsr_panel_block_row<Ops, NV>(a, xp, R, b0, valid, d);
     }
     record_x_check(d, nonfinite);

@@ -79,9 +79,11 @@ bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, uint16_
   const int64_t plane = d->hq * d->wq, phases = s.stride_h * s.stride_w, cg = s.in_channels / s.groups;
   if (cg * phases * plane + plane >= INT32_MAX) return false;
   const int64_t tile = cpu::plan::kConvTileFloats;
+  sparsenet::same_rows(a, same_rows);
+  d->same_rows = same_rows->data();
   const double density = a.rows > 0 && a.cols > 0 ? static_cast<double>(a.nnz) / (static_cast<double>(a.rows) * a.cols)
                                                   : 0.0;
-  const bool half_blocks = density >= cpu::plan::kConvDensePackMinDensity && rows_run_together(a) < 0.5;
+  const bool half_blocks = density >= cpu::plan::kConvDensePackMinDensity && share_run_together(*same_rows) < 0.5;
   d->block_cols = std::max<int64_t>(
       1, (half_blocks ? cpu::plan::kConvDensePackBytes : cpu::plan::kConvPackBytes) / (tile * 4));
   d->blocks = std::max<int64_t>(1, (a.cols + d->block_cols - 1) / d->block_cols);
@@ -109,8 +111,6 @@ bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, uint16_
   static_assert(cpu::plan::kConvPackBytes / 4 <= 65536, "a packed tile's slots must be addressable in 16 bits");
   for (int64_t k = 0; k < a.nnz; ++k) offsets[k] = static_cast<uint16_t>(column_of(k) % d->block_cols * tile);
   d->offsets = offsets;
-  sparsenet::same_rows(a, same_rows);
-  d->same_rows = same_rows->data();
   return true;
 }
 
@@ -128,17 +128,22 @@ void same_rows(const CsrView& a, std::vector<uint8_t>* runs) {
   }
 }
 
-double rows_run_together(const CsrView& a) {
-  if (a.rows <= 0) return 0.0;
-  std::vector<uint8_t> runs;
-  same_rows(a, &runs);
+double share_run_together(const std::vector<uint8_t>& runs) {
+  const int64_t rows = static_cast<int64_t>(runs.size());
+  if (rows == 0) return 0.0;
   int64_t together = 0;
-  for (int64_t r = 0; r < a.rows;) {
+  for (int64_t r = 0; r < rows;) {
     const int64_t taken = runs[r] >= 4 ? 4 : runs[r] >= 2 ? 2 : 1;
     if (taken > 1) together += taken;
     r += taken;
   }
-  return static_cast<double>(together) / static_cast<double>(a.rows);
+  return static_cast<double>(together) / static_cast<double>(rows);
+}
+
+double rows_run_together(const CsrView& a) {
+  std::vector<uint8_t> runs;
+  same_rows(a, &runs);
+  return share_run_together(runs);
 }
 
 void propagate_nonfinite(const CsrView& a, const ConvShape& s, const ConvArgs& c) {

@@ -80,8 +80,9 @@ void same_rows(const CsrView& a, std::vector<uint8_t>* runs);
 
 // The share of a's rows that the kernels run with others (same_rows, taken 4 and then 2 at a time):
 // 0 for unstructured weights, 1 for weights pruned in blocks of 4 output channels. format="auto"
-// keys its timings by it.
+// keys its timings by it; share_run_together: the same from same_rows' runs.
 double rows_run_together(const CsrView& a);
+double share_run_together(const std::vector<uint8_t>& runs);
 
 // Sets hq, wq and the blocks, and fills sources, offsets (nnz entries), block_start and same_rows for
 // shape s; returns false where a group's planes would not be addressable with int32 offsets (the

@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstdint>
 
 #include "cpu/conv.h"
@@ -214,7 +213,7 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
 #pragma GCC unroll 8
       for (int q = 0; q < NV; ++q) {
         V v = readable == W ? Ops::loadu(x + q * kW) : Ops::load_first(x + q * kW, readable - q * kW);
-        if (next_image)  // slot readable + j: pixel j of the next image
+        if (kCheck && next_image)  // (read in place only) slot readable + j: pixel j of the next image
           v = Ops::merge(v, Ops::load_between(next_image + d.sources[col] + q * kW - readable, readable - q * kW,
                                               readable + next_pixels - q * kW));
         if constexpr (kCheck) checked = Ops::mark_nonfinite(checked, v);
@@ -343,8 +342,8 @@ bool csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
   const float* planes[kMaxConvThreads];
   int64_t first_image[kMaxConvThreads];
   std::atomic<int64_t> next[kMaxConvThreads];
-  std::atomic<bool> nonfinite{false};
-#pragma omp parallel num_threads(nt) if (nt > 1)
+  bool nonfinite = false;
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(|| : nonfinite)
   {
     const int team = omp_get_num_threads(), me = omp_get_thread_num();
     typename Ops::V seen = Ops::zero();
@@ -396,9 +395,9 @@ bool csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
         else conv_tile<Ops, false>(a, s, c, d, in, n, q0, r0, r1, W, look_ahead, &seen);
       }
     }
-    if (std::isnan(Ops::sum(seen))) nonfinite.store(true, std::memory_order_relaxed);
+    nonfinite = Ops::any_nan(seen);
   }
-  return !nonfinite.load(std::memory_order_relaxed);
+  return !nonfinite;
 }
 
 }  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

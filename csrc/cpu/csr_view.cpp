@@ -50,12 +50,6 @@ void propagate(const CsrView& a, const DenseArgs& d) {
 
 }  // namespace
 
-void record_x_check(const DenseArgs& d, bool nonfinite) {
-  if (!d.x_check) return;
-  d.x_check->nonfinite.store(nonfinite, std::memory_order_relaxed);
-  d.x_check->checked.store(true, std::memory_order_relaxed);
-}
-
 void propagate_nonfinite(const CsrView& a, const DenseArgs& d) {
   if (a.index_bytes == 2) propagate<uint16_t>(a, d);
   else propagate<int32_t>(a, d);

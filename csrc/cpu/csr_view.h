@@ -48,14 +48,10 @@ struct DenseArgs {
   const float* bias = nullptr;  // may be null
   int num_threads = 1;
   // May be null. The batch-panel kernels, which load all of x to transpose it, check it for Inf and
-  // NaN as they do and record it here (record_x_check); propagate_nonfinite then skips its own
+  // NaN as they do and record it here (record_x_check, cpu/nonfinite.h); propagate_nonfinite then skips its own
   // scan, a second pass over x (4% of a CSR call at 1,024 x 1,536 inputs).
   XCheck* x_check = nullptr;
 };
-
-// Records in d.x_check (if any) that every value of x was checked, and whether one was non-finite.
-// (Out of line, in a file without ISA flags: capability.h.)
-void record_x_check(const DenseArgs& d, bool nonfinite);
 
 using CsrMatmulFn = void (*)(const CsrView&, const DenseArgs&);
 

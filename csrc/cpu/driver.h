@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "cpu/csr_view.h"
+#include "cpu/nonfinite.h"
 #include "cpu/panel.h"
 #include "cpu/work_split.h"
 
@@ -37,16 +38,15 @@ void drive(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d, int64_t v
   }
   float* xp = scratch_panel(a.cols * max_width);
   const int64_t kblocks = std::max<int64_t>(1, std::min<int64_t>(int64_t{nt} * kChunksPerThread, a.cols / 64));
-  std::atomic<bool> nonfinite{false};
-#pragma omp parallel num_threads(nt)
+  bool nonfinite = false;
+#pragma omp parallel num_threads(nt) reduction(|| : nonfinite)
   {
-    bool found = false;
     for (int64_t b0 = 0; b0 < d.batch; b0 += max_width) {
       const int64_t valid = std::min(max_width, d.batch - b0);
       const int64_t W = (valid + vec - 1) / vec * vec;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t kb = 0; kb < kblocks; ++kb)
-        found |= pack(d.x, d.ldx, b0, valid, W, a.cols * kb / kblocks, a.cols * (kb + 1) / kblocks, xp);
+        nonfinite |= pack(d.x, d.ldx, b0, valid, W, a.cols * kb / kblocks, a.cols * (kb + 1) / kblocks, xp);
       // (implicit barrier: the panel is complete)
 #pragma omp for schedule(dynamic, 1)
       for (int c = 0; c < chunks; ++c) {
@@ -56,9 +56,8 @@ void drive(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d, int64_t v
       }
       // (implicit barrier: nobody overwrites the panel while it is read)
     }
-    if (found) nonfinite.store(true, std::memory_order_relaxed);
   }
-  record_x_check(d, nonfinite.load(std::memory_order_relaxed));
+  record_x_check(d, nonfinite);
 }
 
 }  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

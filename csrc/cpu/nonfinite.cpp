@@ -42,6 +42,12 @@ bool any_nonfinite_rows(const float* x, int64_t rows, int64_t cols, int64_t ld, 
   return any != 0;
 }
 
+void record_x_check(const DenseArgs& d, bool nonfinite) {
+  if (!d.x_check) return;
+  d.x_check->nonfinite.store(nonfinite, std::memory_order_relaxed);
+  d.x_check->checked.store(true, std::memory_order_relaxed);
+}
+
 void nonfinite_columns(const float* x, int64_t n, std::vector<int64_t>* out) {
   out->clear();
   if (!any_nonfinite(x, n)) return;

@@ -41,6 +41,7 @@ struct Ops256 {
   // in, a NaN stays a NaN). A chain of one OR (1 cycle) per vector, where adding 0 x v chained an
   // FMA's 4 cycles onto every copied vector.
   static V mark_nonfinite(V acc, V v) { return _mm256_or_ps(acc, _mm256_sub_ps(v, v)); }
+  static bool any_nan(V v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
   // The lanes of a and b where each lane is zero in one of them (bits OR-ed: exact, -0.0 kept).
   static V merge(V a, V b) { return _mm256_or_ps(a, b); }
   static void store(float* p, V v) { _mm256_store_ps(p, v); }  // 32-byte aligned
@@ -77,6 +78,7 @@ struct Ops512 {
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V mark_nonfinite(V acc, V v) { return _mm512_or_ps(acc, _mm512_sub_ps(v, v)); }  // as Ops256's
+  static bool any_nan(V v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
   static V merge(V a, V b) { return _mm512_or_ps(a, b); }                                   // as Ops256's
   static void store(float* p, V v) { _mm512_store_ps(p, v); }  // 64-byte aligned
   static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }

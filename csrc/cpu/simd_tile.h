@@ -7,11 +7,12 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 
 #include "cpu/csr_view.h"
+#include "cpu/nonfinite.h"
 #include "cpu/panel.h"
+#include "cpu/simd_ops.h"
 
 namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
@@ -37,20 +38,20 @@ inline void transpose8(__m256 r[8]) {
 // Same contract as pack_panel (the Inf/NaN check included); W is a multiple of 8.
 inline bool pack_panel_simd(const float* x, int64_t ldx, int64_t b0, int64_t valid, int64_t W, int64_t k0,
                             int64_t k1, float* xp) {
-  __m256 seen = _mm256_setzero_ps();  // NaN lanes where a value loaded was Inf or NaN (as Ops::mark_nonfinite)
+  __m256 seen = _mm256_setzero_ps();  // NaN lanes where a value loaded was Inf or NaN
   int64_t k = k0;
   for (; k + 8 <= k1; k += 8) {
     for (int64_t jb = 0; jb < W; jb += 8) {
       __m256 r[8];
       for (int i = 0; i < 8; ++i) {
         r[i] = jb + i < valid ? _mm256_loadu_ps(x + (b0 + jb + i) * ldx + k) : _mm256_setzero_ps();
-        seen = _mm256_or_ps(seen, _mm256_sub_ps(r[i], r[i]));
+        seen = Ops256::mark_nonfinite(seen, r[i]);
       }
       transpose8(r);
       for (int i = 0; i < 8; ++i) _mm256_store_ps(xp + (k + i) * W + jb, r[i]);
     }
   }
-  bool nonfinite = _mm256_movemask_ps(_mm256_cmp_ps(seen, seen, _CMP_UNORD_Q)) != 0;
+  bool nonfinite = Ops256::any_nan(seen);
   if (k < k1) nonfinite |= pack_panel(x, ldx, b0, valid, W, k, k1, xp);
   return nonfinite;
 }
@@ -80,23 +81,19 @@ template <typename WorkFn>
 void team_panels(const DenseArgs& d, int64_t cols, int64_t W, int nt, int parts, WorkFn work) {
   const int64_t kblocks = std::max<int64_t>(1, std::min<int64_t>(int64_t{nt} * 8, cols / 64));
   float* xp = scratch_panel(cols * W);
-  std::atomic<bool> nonfinite{false};
-#pragma omp parallel num_threads(nt)
-  {
-    bool found = false;
-    for (int64_t b0 = 0; b0 < d.batch; b0 += W) {
-      const int64_t valid = std::min(W, d.batch - b0);
+  bool nonfinite = false;
+#pragma omp parallel num_threads(nt) reduction(|| : nonfinite)
+  for (int64_t b0 = 0; b0 < d.batch; b0 += W) {
+    const int64_t valid = std::min(W, d.batch - b0);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t kb = 0; kb < kblocks; ++kb)
-        found |= pack_panel_simd(d.x, d.ldx, b0, valid, W, cols * kb / kblocks, cols * (kb + 1) / kblocks, xp);
-      // (implicit barrier: the panel is complete)
+    for (int64_t kb = 0; kb < kblocks; ++kb)
+      nonfinite |= pack_panel_simd(d.x, d.ldx, b0, valid, W, cols * kb / kblocks, cols * (kb + 1) / kblocks, xp);
+    // (implicit barrier: the panel is complete)
 #pragma omp for schedule(dynamic, 1)
-      for (int p = 0; p < parts; ++p) work(xp, p, b0, valid);
-      // (implicit barrier: nobody overwrites the panel while it is read)
-    }
-    if (found) nonfinite.store(true, std::memory_order_relaxed);
+    for (int p = 0; p < parts; ++p) work(xp, p, b0, valid);
+    // (implicit barrier: nobody overwrites the panel while it is read)
   }
-  record_x_check(d, nonfinite.load(std::memory_order_relaxed));
+  record_x_check(d, nonfinite);
 }
 
 }  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

@@ -7,10 +7,10 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <atomic>
 #include <utility>
 
 #include "cpu/csr_view.h"
+#include "cpu/nonfinite.h"
 #include "cpu/panel.h"
 #include "cpu/panel_simd.h"
 #include "cpu/simd_tile.h"
@@ -78,18 +78,17 @@ void run_tiled(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d) {
     const int64_t valid = std::min(max_width, d.batch - b0);
     return std::pair<int64_t, int64_t>{valid, (valid + Ops::kWidth - 1) / Ops::kWidth * Ops::kWidth};
   };
-  std::atomic<bool> nonfinite{false};
-#pragma omp parallel num_threads(nt)
+  bool nonfinite = false;
+#pragma omp parallel num_threads(nt) reduction(|| : nonfinite)
   {
-    bool found = false;
     for (int64_t g0 = 0; g0 < d.batch; g0 += kGroup * max_width) {
       const int64_t panels = std::min(kGroup, (d.batch - g0 + max_width - 1) / max_width);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t job = 0; job < panels * kblocks; ++job) {
         const int64_t p = job / kblocks, kb = job % kblocks, b0 = g0 + p * max_width;
         const auto [valid, W] = width(b0);
-        found |= pack_panel_simd(d.x, d.ldx, b0, valid, W, a.cols * kb / kblocks, a.cols * (kb + 1) / kblocks,
-                                 xp + p * panel_floats);
+        nonfinite |= pack_panel_simd(d.x, d.ldx, b0, valid, W, a.cols * kb / kblocks, a.cols * (kb + 1) / kblocks,
+                                     xp + p * panel_floats);
       }
       // (implicit barrier: the panels are complete)
 #pragma omp for schedule(dynamic, 1)
@@ -101,9 +100,8 @@ void run_tiled(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d) {
         }
       // (implicit barrier: nobody overwrites the panels while they are read)
     }
-    if (found) nonfinite.store(true, std::memory_order_relaxed);
   }
-  record_x_check(d, nonfinite.load(std::memory_order_relaxed));
+  record_x_check(d, nonfinite);
 }
 
 }  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

@@ -85,8 +85,11 @@ def test_inf_in_the_next_rows_column_does_not_leak_into_a_row(isa):
 
 
 def _pruned_for(fmt, out_f, in_f, g):
-    """A weight whose kept entries fit `fmt`: 16x16 blocks for BSR, 2 of every 4 for N:M."""
+    """A weight whose kept entries fit `fmt`: 16x16 blocks for BSR, 2 of every 4 for N:M; "sparse csr":
+    5% dense (below the column-tiled copy's densities, so CSR runs its row-range panels)."""
     w = torch.randn(out_f, in_f, generator=g)
+    if fmt == "sparse csr":
+        return w * (torch.rand(out_f, in_f, generator=g) < 0.05)
     if fmt == "bsr":
         keep = (torch.rand(out_f // 16, in_f // 16, generator=g) < 0.4).repeat_interleave(16, 0)
         return w * keep.repeat_interleave(16, 1)
@@ -134,15 +137,16 @@ def test_columns_outside_a_strided_input_are_not_scanned(two_threads, fmt):
 # they copy it; when all are finite the scan after the multiply is skipped, so a value the check
 # missed would go unseen. One Inf per call, at every column (the vector steps and the tails of the
 # column ranges split unevenly between the packing threads alike: 1,008 columns), in panels of the
-# batch's various widths, several panels per call, and thread-owned BSR panels (300 samples).
+# batch's various widths, several panels per call, and thread-owned BSR panels (300 samples); CSR
+# both on its column-tiled copy and, 5% dense, on its row-range panels.
 @pytest.mark.parametrize("batch", [17, 40, 300])
-@pytest.mark.parametrize("fmt", ["csr", "bitmap", "bsr", "nm"])
+@pytest.mark.parametrize("fmt", ["csr", "sparse csr", "bitmap", "bsr", "nm"])
 def test_the_panel_kernels_check_every_input(isa, two_threads, fmt, batch):
     g = torch.Generator().manual_seed(batch)
     lin = nn.Linear(1008, 48)
     with torch.no_grad():
         lin.weight.copy_(_pruned_for(fmt, 48, 1008, g))
-    layer = SparseLinear.from_dense(lin, format=fmt).eval()
+    layer = SparseLinear.from_dense(lin, format=fmt.split()[-1]).eval()
     w = lin.weight.detach()
     x = torch.randn(batch, 1008, generator=g)
     with torch.inference_mode():
