@@ -97,9 +97,11 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
   const int64_t steps = a.cols / 64;
+  PairLookAhead ahead(a, r);
+  int64_t consumed = 0;
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t k = 4 * t;  // the step's first 16-column chunk
-    pair_look_ahead(a, r, v0, v1, k);
+    ahead.step(k, consumed);
     uint64_t word0, word1;
     std::memcpy(&word0, mask0 + k, sizeof word0);
     std::memcpy(&word1, mask1 + k, sizeof word1);
@@ -117,8 +119,10 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
         acc2 = _mm256_fmadd_ps(w1, xv, acc2);
       }
     }
-    v0 += __builtin_popcountll(word0);
-    v1 += __builtin_popcountll(word1);
+    const int n0 = __builtin_popcountll(word0), n1 = __builtin_popcountll(word1);
+    v0 += n0;
+    v1 += n1;
+    consumed = n0 + n1;
   }
   acc0 = halves_from<kInBounds>(a, x, mask0, v0, 8 * steps, _mm256_add_ps(acc0, acc1));
   acc2 = halves_from<kInBounds>(a, x, mask1, v1, 8 * steps, _mm256_add_ps(acc2, acc3));

@@ -109,11 +109,12 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
   const int64_t full = a.cols / kBitmapChunk;
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
-  // The values stream from DRAM: asked for well ahead, as the CSR kernels do (the hardware
-  // prefetcher, following four streams of two rows, did not keep up).
-  int64_t k = 0;
+  // The values stream from DRAM: asked for a pair ahead (the hardware prefetcher, following four
+  // streams of two rows, did not keep up).
+  PairLookAhead ahead(a, r);
+  int64_t k = 0, consumed = 0;
   for (; k + 4 <= full; k += 4) {
-    pair_look_ahead(a, r, v0, v1, k);
+    ahead.step(k, consumed);
     uint64_t word0, word1;
     std::memcpy(&word0, mask0 + k, sizeof word0);
     std::memcpy(&word1, mask1 + k, sizeof word1);
@@ -134,8 +135,10 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
         acc2 = _mm512_fmadd_ps(w1, xv, acc2);
       }
     }
-    v0 += __builtin_popcountll(word0);
-    v1 += __builtin_popcountll(word1);
+    const int n0 = __builtin_popcountll(word0), n1 = __builtin_popcountll(word1);
+    v0 += n0;
+    v1 += n1;
+    consumed = n0 + n1;
   }
   for (; k < a.chunks; ++k) {  // the rest, the last chunk's x masked to the columns that exist
     const int64_t valid = std::min<int64_t>(kBitmapChunk, a.cols - k * kBitmapChunk);
