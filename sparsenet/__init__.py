@@ -15,6 +15,7 @@ from sparsenet.ops.runtime import (  # noqa: E402
     available_isas,
     get_isa,
     get_num_threads,
+    release_output_cache,
     set_isa,
     set_num_threads,
     show_config,
@@ -28,4 +29,5 @@ _init_from_environment()
 __all__ = [
     "__version__", "formats", "nn", "ops", "pruning", "prune", "reconstruction", "reconstruct", "finetune", "structure", "shrink", "sparsify", "densify", "SparseLinear", "SparseConv2d", "save", "load",
     "set_num_threads", "get_num_threads", "set_isa", "get_isa", "available_isas", "show_config",
+    "release_output_cache",
 ]

@@ -27,6 +27,7 @@
 #include "cpu/nm_view.h"
 #include "cpu/dispatch.h"
 #include "cpu/huge_alloc.h"
+#include "cpu/output_pool.h"
 #include "cpu/planner.h"
 #include "cpu/tiled.h"
 #include "cpu/work_split.h"
@@ -44,9 +45,10 @@ std::atomic<int> g_num_threads{1};
 // on one thread, as torch does there, and set_num_threads refuses more.
 std::atomic<bool> g_forked{false};
 
-void after_fork_in_child() {  // runs inside fork(): atomics only
+void after_fork_in_child() {  // runs inside fork(): no locks, no allocation
   g_num_threads.store(1);
   g_forked.store(true);
+  sparsenet::cpu::OutputPool::instance().reset_after_fork();
 }
 
 // Threads this process may run on: the CPUs in its affinity mask, at most OpenMP's thread limit.
@@ -135,11 +137,14 @@ struct OwnedOutput {
   sparsenet::dlpack::ManagedTensor managed{};
   int64_t shape[2]{};
   int64_t strides[2]{};
+  size_t pooled = 0;  // the OutputPool block's capacity; 0: from aligned_alloc
 };
 
 void free_output(sparsenet::dlpack::ManagedTensor* m) {
-  std::free(m->dl_tensor.data);
-  delete static_cast<OwnedOutput*>(m->manager_ctx);
+  auto* owned = static_cast<OwnedOutput*>(m->manager_ctx);
+  if (owned->pooled) sparsenet::cpu::OutputPool::instance().give(m->dl_tensor.data, owned->pooled);
+  else std::free(m->dl_tensor.data);
+  delete owned;
 }
 
 void destroy_unconsumed(PyObject* capsule) {
@@ -153,7 +158,9 @@ py::object new_output(int64_t rows, int64_t cols, Dense2D* out) {
   namespace dl = sparsenet::dlpack;
   const size_t bytes = (static_cast<size_t>(rows) * static_cast<size_t>(cols) * 4 + 63) / 64 * 64;
   auto owned = std::make_unique<OwnedOutput>();
-  void* data = std::aligned_alloc(64, bytes > 0 ? bytes : 64);
+  void* data = bytes >= sparsenet::cpu::OutputPool::kMinBytes
+                   ? sparsenet::cpu::OutputPool::instance().take(bytes, &owned->pooled)
+                   : std::aligned_alloc(64, bytes > 0 ? bytes : 64);
   if (data == nullptr) throw std::bad_alloc();
   owned->shape[0] = rows;
   owned->shape[1] = cols;
@@ -166,7 +173,7 @@ py::object new_output(int64_t rows, int64_t cols, Dense2D* out) {
   m.deleter = free_output;
   PyObject* capsule = PyCapsule_New(&m, dl::kCapsuleName, destroy_unconsumed);
   if (capsule == nullptr) {
-    std::free(data);
+    free_output(owned.release() ? &m : &m);  // (frees the data and `owned`)
     throw py::error_already_set();
   }
   owned.release();  // the capsule (or its consumer) owns it now
@@ -845,12 +852,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("supported_isas", &sparsenet::cpu::supported_isas);
   m.def("active_isa", &sparsenet::cpu::active_isa);
   m.def("set_isa", &sparsenet::cpu::set_isa, py::arg("name"));
+  sparsenet::cpu::OutputPool::instance();  // created now, so that the fork handler never allocates
   pthread_atfork(nullptr, nullptr, after_fork_in_child);
   m.def("set_num_threads", &set_num_threads, py::arg("n"),
         "threads for the kernels: at least 1, at most usable_threads(); 1 in a forked child");
   m.def("get_num_threads", []() { return g_num_threads.load(); });
   m.def("usable_threads", &usable_threads, "CPUs this process may run on (affinity mask, OpenMP's thread limit)");
   m.def("in_forked_child", []() { return g_forked.load(); });
+  m.def("output_cache_bytes", []() { return sparsenet::cpu::OutputPool::instance().kept_bytes(); },
+        "bytes of freed large outputs kept for reuse (see csrc/cpu/output_pool.h)");
+  m.def("release_output_cache", []() { return sparsenet::cpu::OutputPool::instance().release(); },
+        "unmaps the freed large outputs kept for reuse; returns the bytes given back");
   m.def("max_threads", []() { return omp_get_max_threads(); });
   m.attr("compiler") = SPARSENET_COMPILER;
   m.attr("openmp_version") = _OPENMP;

@@ -53,6 +53,18 @@ def set_isa(name: str) -> None:
     _C.set_isa(name)
 
 
+def release_output_cache() -> int:
+    """Unmaps the large outputs (32 MiB and up) the CPU kernels keep for reuse; returns the bytes.
+
+    An output that large is never served by glibc from memory it has touched before: every page of
+    it would fault in anew on every call. The kernels therefore keep up to four freed ones (256 MiB
+    at most) for the next outputs of about the same size. Call this to give that memory back at
+    once, e.g. after a large batch job; it is also given back piecemeal as newer outputs replace
+    older ones.
+    """
+    return _C.release_output_cache()
+
+
 def cuda_built() -> bool:
     """Whether this build has its CUDA kernels (``sparsenet._C_cuda``)."""
     from sparsenet.ops import cuda

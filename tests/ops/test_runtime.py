@@ -5,6 +5,7 @@ import tempfile
 import sys
 
 import pytest
+import torch
 
 import sparsenet
 from sparsenet.ops import cuda
@@ -149,3 +150,44 @@ def test_one_openmp_runtime_shared_with_torch():
     r = run_python(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("1 "), r.stdout
+
+
+def test_large_outputs_are_reused_and_released():
+    # 2,048 rows x 4,096 outputs: 32 MiB, the smallest output kept for reuse (csrc/cpu/output_pool.h).
+    from torch import nn
+
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 4096)
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand_like(dense.weight) > 0.7)
+    layer = sparsenet.SparseLinear.from_dense(dense)
+    sparsenet.release_output_cache()
+    x1, x2 = torch.randn(2048, 64), torch.randn(2048, 64)
+    with torch.no_grad():
+        first = layer(x1)
+        address = first.data_ptr()
+        assert sparsenet._C.output_cache_bytes() == 0
+        expected = first.clone()
+        del first  # its buffer goes back to the cache, values and all
+        assert sparsenet._C.output_cache_bytes() >= 32 * 2**20
+        second = layer(x2)
+        assert second.data_ptr() == address and sparsenet._C.output_cache_bytes() == 0
+        torch.testing.assert_close(second, dense(x2), rtol=1e-5, atol=1e-5)  # every value written anew
+        kept = layer(x1)  # a new buffer while `second` still holds the old one
+        assert kept.data_ptr() != address
+        torch.testing.assert_close(kept, expected)
+        del second, kept
+    assert sparsenet.release_output_cache() >= 64 * 2**20
+    assert sparsenet._C.output_cache_bytes() == 0 and sparsenet.release_output_cache() == 0
+
+
+def test_output_cache_keeps_at_most_four_buffers():
+    from torch import nn
+
+    layer = sparsenet.SparseLinear.from_dense(nn.Linear(8, 4096))
+    sparsenet.release_output_cache()
+    with torch.no_grad():
+        outputs = [layer(torch.randn(2048 + 512 * i, 8)) for i in range(6)]  # 32-47 MiB, none reusable by another
+    del outputs
+    assert 4 * 32 * 2**20 <= sparsenet._C.output_cache_bytes() <= 4 * 48 * 2**20
+    sparsenet.release_output_cache()
