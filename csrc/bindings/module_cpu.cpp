@@ -173,7 +173,8 @@ py::object new_output(int64_t rows, int64_t cols, Dense2D* out) {
   m.deleter = free_output;
   PyObject* capsule = PyCapsule_New(&m, dl::kCapsuleName, destroy_unconsumed);
   if (capsule == nullptr) {
-    free_output(owned.release() ? &m : &m);  // (frees the data and `owned`)
+    owned.release();
+    free_output(&m);  // frees the data and the OwnedOutput itself
     throw py::error_already_set();
   }
   owned.release();  // the capsule (or its consumer) owns it now
