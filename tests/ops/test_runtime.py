@@ -80,6 +80,15 @@ sparsenet.set_num_threads(threads)
 x = torch.randn(4, 64, 512)
 with torch.inference_mode():
     expected = torch.stack([model(x[i]) for i in range(4)])
+# A 32 MiB output: the parent's output cache holds one when the workers fork; theirs start empty.
+wide = sparsenet.SparseLinear.from_dense(nn.Linear(8, 4096))
+xw = torch.randn(2048, 8)
+with torch.inference_mode():
+    expected_wide, spare = wide(xw), wide(xw)
+del spare
+assert sparsenet._C.output_cache_bytes() >= 32 * 2**20
+
+seen = []  # (per worker: each has its own copy)
 
 class Rows(torch.utils.data.Dataset):
     def __len__(self):
@@ -93,7 +102,16 @@ class Rows(torch.utils.data.Dataset):
         else:
             raise AssertionError("set_num_threads(2) in a forked child must refuse")
         sparsenet.set_num_threads(1)  # allowed: it is what the child runs with
+        if not seen:  # this worker's first item: the parent's cached output is not the child's
+            assert sparsenet._C.output_cache_bytes() == 0
+            seen.append(i)
         with torch.inference_mode():
+            y = wide(xw)  # the child's own output cache works: the second call reuses the first's
+            address = y.data_ptr()
+            assert sparsenet._C.output_cache_bytes() == 0
+            del y
+            y = wide(xw)
+            assert y.data_ptr() == address and torch.equal(y, expected_wide)
             return model(x[i])
 
 start = time.monotonic()
