@@ -39,20 +39,19 @@ inline int bitmap_threads(const BitmapView& a, const DenseArgs& d) {
 // pair's masks go a line (32 chunks) at a time.
 class PairLookAhead {
  public:
-  PairLookAhead(const BitmapView& a, int64_t r) : a_(a), r_(r), end_(a.values + a.nnz) {
-    const float* own = a.values + a.row_ptr[r];
-    // At least kPrefetchAhead floats ahead: a pair of short rows is too little to hide DRAM's latency.
-    ahead_ = std::max(a.values + a.row_ptr[std::min(r + 2, a.rows)], own + kPrefetchAhead);
-  }
+  // At least kPrefetchAhead floats ahead: a pair of short rows is too little to hide DRAM's latency.
+  PairLookAhead(const BitmapView& a, int64_t r)
+      : a_(a), r_(r), ahead_(std::max(a.row_ptr[std::min(r + 2, a.rows)], a.row_ptr[r] + kPrefetchAhead)) {}
 
   // Chunk k on, n values of the pair consumed by the step before.
   void step(int64_t k, int64_t n) {
     ahead_ += n;
-    if (ahead_ + 4 * kLineFloats <= end_) {  // (never past the values: the pointer must stay valid)
-      to_l2(ahead_);
-      to_l2(ahead_ + kLineFloats);
-      to_l2(ahead_ + 2 * kLineFloats);
-      to_l2(ahead_ + 3 * kLineFloats);
+    if (ahead_ + 4 * kLineFloats <= a_.nnz) {  // (an offset, so that no pointer points past the values)
+      const float* p = a_.values + ahead_;
+      to_l2(p);
+      to_l2(p + kLineFloats);
+      to_l2(p + 2 * kLineFloats);
+      to_l2(p + 3 * kLineFloats);
     }
     if ((k & 31) == 0 && r_ + 3 < a_.rows) {
       to_l2(a_.masks + (r_ + 2) * a_.chunks + k);
@@ -75,8 +74,7 @@ class PairLookAhead {
 
   const BitmapView& a_;
   int64_t r_;
-  const float* end_;
-  const float* ahead_;
+  int64_t ahead_;  // the value the look-ahead has reached
 };
 
 // Batch 1 in row pairs: pair(r, in_bounds) for rows r and r + 1 of each part, single(r) for a part's
