@@ -74,9 +74,11 @@ bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, uint16_
                     std::vector<int64_t>* block_start, std::vector<int32_t>* sources,
                     std::vector<uint8_t>* same_rows) {
   const int64_t hp = s.in_h + 2 * s.pad_h, wp = s.in_w + 2 * s.pad_w, kk = s.kernel_h * s.kernel_w;
-  d->hq = (hp + s.stride_h - 1) / s.stride_h;
-  d->wq = (wp + s.stride_w - 1) / s.stride_w;
-  const int64_t plane = d->hq * d->wq, phases = s.stride_h * s.stride_w, cg = s.in_channels / s.groups;
+  d->in_place = s.stride_h == 1 && s.stride_w == 1 && s.out_w <= s.in_w && kk <= kConvMaxTaps;
+  d->hq = d->in_place ? s.in_h : (hp + s.stride_h - 1) / s.stride_h;
+  d->wq = d->in_place ? s.in_w : (wp + s.stride_w - 1) / s.stride_w;
+  const int64_t plane = d->hq * d->wq, phases = d->in_place ? 1 : s.stride_h * s.stride_w;
+  const int64_t cg = s.in_channels / s.groups;
   if (cg * phases * plane + plane >= INT32_MAX) return false;
   const int64_t tile = cpu::plan::kConvTileFloats;
   sparsenet::same_rows(a, same_rows);
@@ -91,6 +93,10 @@ bool direct_offsets(const CsrView& a, const ConvShape& s, DirectConv* d, uint16_
   for (int64_t column = 0; column < a.cols; ++column) {
     const int64_t ci = column / kk, ky = column % kk / s.kernel_w, kx = column % s.kernel_w;
     const int64_t ry = ky * s.dil_h, rx = kx * s.dil_w;  // reach into the padded input
+    if (d->in_place) {  // (negative where the reach starts in the padding: those lanes are masked)
+      (*sources)[column] = static_cast<int32_t>(ci * plane + (ry - s.pad_h) * d->wq + rx - s.pad_w);
+      continue;
+    }
     const int64_t phase = (ry % s.stride_h) * s.stride_w + rx % s.stride_w;
     (*sources)[column] = static_cast<int32_t>((ci * phases + phase) * plane + ry / s.stride_h * d->wq + rx / s.stride_w);
   }

@@ -11,8 +11,13 @@
 // that is q plus a per-column offset. So a tile of consecutive grid pixels reads, for each weight
 // column, one contiguous run of input, which the kernels pack once per tile (see DirectConv); the
 // offsets are computed once per input size. Grid columns past out_w are computed and dropped (2 of 58
-// for a 56 x 56 output with padding 1 at stride 1). A pointwise convolution (1 x 1, stride 1, no
-// padding) has nothing to pad or drop and reads its input in place.
+// for a 56 x 56 output with padding 1 at stride 1).
+//
+// At stride 1 (where out_w <= in_w and the kernel has at most kConvMaxTaps taps) nothing is copied:
+// the grid is the input's own (hq x wq = in_h x in_w), column (ci, ky, kx) reads the input at q + (ky *
+// dh - pad_h) * in_w + kx * dw - pad_w, and the tile's packing loads each column's pixels masked to
+// those whose input lies inside the image (the padding's zeros are the masked lanes). A pointwise
+// convolution (1 x 1, no padding) needs no masks.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -60,7 +65,8 @@ void propagate_nonfinite(const CsrView& a, const ConvShape& s, const ConvArgs& c
 // cycle; packed, each column's slot is read by every output channel that stores it (19 of 64 at
 // 70%). A block's slots take up to kConvPackBytes (planner.h).
 struct DirectConv {
-  int64_t hq = 0, wq = 0;                // phase plane height and width
+  int64_t hq = 0, wq = 0;                // phase plane height and width (the input's, in place)
+  bool in_place = false;                 // stride 1: the input is read where it lies (see above)
   const int32_t* sources = nullptr;      // [cols]: column c's input, from the pixel, within the group's planes
   // [nnz]: stored weight k's slot in its block's packed tile, in floats (below kConvPackBytes / 4, so
   // 16 bits: of the 8 bytes per weight the kernel streamed with 32-bit offsets, half were offsets).
@@ -74,6 +80,9 @@ struct DirectConv {
   const uint8_t* same_rows = nullptr;
 };
 constexpr int64_t kConvMaxSameRows = 4;
+// Kernel taps (kh * kw) up to which a stride-1 convolution reads its input in place: a tile keeps one
+// lane mask per tap.
+constexpr int64_t kConvMaxTaps = 64;
 
 // DirectConv::same_rows for a weight (its structure alone decides it).
 void same_rows(const CsrView& a, std::vector<uint8_t>* runs);

@@ -190,8 +190,10 @@ inline void prefetch_segment(const CsrView& a, const DirectConv& d, int64_t row,
 // loaded (the last tile of an input read in place stops at its end). kCheck (an input read in place,
 // which no split_phases has checked): marks *seen where a packed input is Inf or NaN (conv.h).
 // next_image (read in place only; else null): the tile's slots from `readable` on are the first
-// next_pixels pixels of image n + 1, whose channels start there.
-template <typename Ops, bool kCheck>
+// next_pixels pixels of image n + 1, whose channels start there. kTaps (a stride-1 kernel larger than
+// 1 x 1 read in place, conv.h): each column's pixels are loaded masked to those whose input lies
+// inside the image, one mask per kernel tap (`readable` is unused).
+template <typename Ops, bool kCheck, bool kTaps = false>
 inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d, const float* in,
                       int64_t n, int64_t q0, int64_t r0, int64_t r1, int64_t readable, bool look_ahead,
                       typename Ops::V* seen, const float* next_image = nullptr, int64_t next_pixels = 0) {
@@ -204,15 +206,47 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
   alignas(64) float packed[plan::kConvPackBytes / sizeof(float)];
   std::fill(sums, sums + (r1 - r0) * W, 0.0f);
   using V = typename Ops::V;
+  // kTaps: bit j of tap_lanes[ky * kw + kx] is set where pixel q0 + j's input for that tap lies inside
+  // the image (its row and its column both do).
+  static_assert(W <= 32, "a tap's lanes are the bits of a uint32_t");
+  uint32_t tap_lanes[kTaps ? kConvMaxTaps : 1];
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  if constexpr (kTaps) {
+    uint32_t row_ok[kConvMaxTaps] = {}, col_ok[kConvMaxTaps] = {};
+    int64_t oy = q0 / d.wq, ox = q0 % d.wq;
+    for (int64_t j = 0; j < W; ++j) {
+      for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
+        const int64_t iy = oy + ky * s.dil_h - s.pad_h;
+        row_ok[ky] |= static_cast<uint32_t>(iy >= 0 && iy < s.in_h) << j;
+      }
+      for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
+        const int64_t ix = ox + kx * s.dil_w - s.pad_w;
+        col_ok[kx] |= static_cast<uint32_t>(ix >= 0 && ix < s.in_w) << j;
+      }
+      if (++ox == d.wq) {
+        ox = 0;
+        ++oy;
+      }
+    }
+    for (int64_t t = 0; t < taps; ++t) tap_lanes[t] = row_ok[t / s.kernel_w] & col_ok[t % s.kernel_w];
+  }
   for (int64_t b = 0; b < d.blocks; ++b) {
     const int64_t c0 = b * d.block_cols, c1 = std::min(c0 + d.block_cols, a.cols);
     V checked = Ops::zero();  // (kCheck; a local of this loop alone, so that it stays in a register)
+    int64_t tap = c0 % taps;  // (kTaps) column col's tap: columns run (channel, ky, kx)
     for (int64_t col = c0; col < c1; ++col) {
       const float* x = in + d.sources[col];
       float* slot = packed + (col - c0) * W;
+      uint32_t lanes = 0;
+      if constexpr (kTaps) {
+        lanes = tap_lanes[tap];
+        if (++tap == taps) tap = 0;
+      }
 #pragma GCC unroll 8
       for (int q = 0; q < NV; ++q) {
-        V v = readable == W ? Ops::loadu(x + q * kW) : Ops::load_first(x + q * kW, readable - q * kW);
+        V v;
+        if constexpr (kTaps) v = Ops::load_lanes(x + q * kW, (lanes >> (q * kW)) & ((1u << kW) - 1u));
+        else v = readable == W ? Ops::loadu(x + q * kW) : Ops::load_first(x + q * kW, readable - q * kW);
         if (kCheck && next_image)  // (read in place only) slot readable + j: pixel j of the next image
           v = Ops::merge(v, Ops::load_between(next_image + d.sources[col] + q * kW - readable, readable - q * kW,
                                               readable + next_pixels - q * kW));
@@ -291,9 +325,12 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
 // column of a block: NV unaligned loads and NV aligned stores into its slot; each stored weight: one
 // broadcast, NV aligned loads, NV FMAs.
 //
-// Each thread takes a contiguous run of the items and writes the phase planes its own tiles read
-// into its own scratch, then helps itself to the others' leftover items (reading their planes) when
-// its run is done. Planes shared by all threads, as before, were rewritten on every call into lines
+// A convolution read in place (stride 1: conv.h) copies nothing, and its threads take items from one
+// shared run. Otherwise each thread takes a contiguous run of the items and writes the phase planes
+// its own tiles read into its own scratch, then helps itself to the others' leftover items (reading
+// their planes) when its run is done. (Stride-1 3x3 layers read in place, with a lane mask per tap,
+// instead of through a padded copy: ab_conv.py, AVX-512, 0.83-0.92x the time at 90% and 0.88-0.97x
+// at 70%, batch 8; 0.83-0.96x at batch 1. The copy had been about a sixth of a 90% layer's time.) Planes shared by all threads, as before, were rewritten on every call into lines
 // the other core had just read: the copy waited on the other core for each line and did not scale
 // (two threads each took longer for half the copy than one thread for all of it: 110 against 90 us
 // a call at 64 channels, 56 x 56, stride 2; written again at once, 45 us).
@@ -305,11 +342,11 @@ bool csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
   constexpr int64_t W = plan::kConvTileFloats;
   const int64_t cg = s.in_channels / s.groups, kg = s.out_channels / s.groups;
   const int64_t plane = d.hq * d.wq, grid = s.out_h * d.wq, tiles = (grid + W - 1) / W;
-  // A pointwise convolution (1 x 1, stride 1, no padding) reads its input where it is: its planes
-  // are the input's, and no grid pixel is dropped. Others read a copy in phase planes, with the
-  // slack the last tile's loads reach past them.
-  const bool in_place = s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 &&
-                        s.pad_w == 0;
+  // A stride-1 convolution reads its input where it is (conv.h: its planes are the input's; a
+  // pointwise one, 1 x 1 without padding, needs no lane masks and drops no grid pixel). Others read
+  // a copy in phase planes, with the slack the last tile's loads reach past them.
+  const bool in_place = d.in_place;
+  const bool masked = in_place && !(s.kernel_h == 1 && s.kernel_w == 1 && s.pad_h == 0 && s.pad_w == 0);
   const int64_t per_group = in_place ? cg * plane : cg * s.stride_h * s.stride_w * plane + plane + W;
   const int64_t channel_planes = s.stride_h * s.stride_w * plane;
   // Plane rows a grid row reads at or past itself (the kernel's reach down), and one more for a reach
@@ -327,7 +364,7 @@ bool csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
   // 0.86-0.93x, 28 x 28 0.95-0.98x. (For other convolutions, whose grid also drops columns, a tile
   // across rows and images measured slower: BENCHMARKS.md, compact tiles.)
   const int64_t pixels = s.out_h * s.out_w;
-  const bool across = in_place && s.groups == 1 && s.batch > 1 && pixels >= W && pixels % W != 0;
+  const bool across = in_place && !masked && s.groups == 1 && s.batch > 1 && pixels >= W && pixels % W != 0;
   const int64_t spatial = across ? (s.batch * pixels + W - 1) / W : images * tiles;
   const int64_t chunks = std::max<int64_t>({1, (kg + kMaxRows - 1) / kMaxRows,
                                             std::min<int64_t>((int64_t{nt} * 4 + spatial - 1) / spatial, kg / 16)});
@@ -391,7 +428,8 @@ bool csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
         const int64_t r0 = g * kg + kg * chunk / chunks, r1 = g * kg + kg * (chunk + 1) / chunks;
         // (Read in place, the last tile must not load past the input: its loads are masked to it.)
         const float* in = in_place ? c.x + ng * per_group + q0 : planes[u] + (ng - first_image[u]) * per_group + q0;
-        if (in_place) conv_tile<Ops, true>(a, s, c, d, in, n, q0, r0, r1, std::min(W, grid - q0), look_ahead, &seen);
+        if (masked) conv_tile<Ops, true, true>(a, s, c, d, in, n, q0, r0, r1, W, look_ahead, &seen);
+        else if (in_place) conv_tile<Ops, true>(a, s, c, d, in, n, q0, r0, r1, std::min(W, grid - q0), look_ahead, &seen);
         else conv_tile<Ops, false>(a, s, c, d, in, n, q0, r0, r1, W, look_ahead, &seen);
       }
     }

@@ -21,6 +21,15 @@ struct Ops256 {
   static V load_first(const float* p, int64_t n) { return load_between(p, 0, n); }
   // Lanes [lo, hi) from p + lane (lo and hi may be outside [0, 8)), zeros elsewhere; reads nothing else.
   static V load_between(const float* p, int64_t lo, int64_t hi) { return _mm256_maskload_ps(p, between(lo, hi)); }
+  // The lanes whose bit is set in `lanes` from p + lane, zeros elsewhere; reads nothing else.
+  static V load_lanes(const float* p, uint32_t lanes) {
+    // (Most vectors of a convolution's tile have every lane: a plain load there, where the mask's
+    // three steps made the 3x3 layers at batch 8 up to 1.11x slower than before; 0.65-0.99 with it.)
+    if (lanes == 0xffu) return _mm256_loadu_ps(p);
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(lanes)), bit), bit);
+    return _mm256_maskload_ps(p, set);
+  }
   // The first n lanes of v to p (none for n <= 0, all 8 for n >= 8); writes nothing else.
   static void store_first(float* p, V v, int64_t n) { _mm256_maskstore_ps(p, between(0, n), v); }
   // Lanes 0, 2, 4, ... of the 16 floats a then b.
@@ -63,6 +72,8 @@ struct Ops512 {
   static V loadu(const float* p) { return _mm512_loadu_ps(p); }
   static V load_first(const float* p, int64_t n) { return load_between(p, 0, n); }  // as Ops256's
   static V load_between(const float* p, int64_t lo, int64_t hi) { return _mm512_maskz_loadu_ps(between(lo, hi), p); }
+  // As Ops256's (a masked load costs what a plain one does here: a branch for full masks measured level).
+  static V load_lanes(const float* p, uint32_t lanes) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>(lanes), p); }
   static void store_first(float* p, V v, int64_t n) { _mm512_mask_storeu_ps(p, between(0, n), v); }
   static V even(V a, V b) {
     const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);

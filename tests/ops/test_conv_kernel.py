@@ -25,6 +25,10 @@ CASES = [
     (12, 10, (1, 1), (1, 1), (0, 0), (1, 1), 2, 4, 12),  # planes of 48: one full tile, one masked
     (6, 10, (1, 1), (1, 1), (0, 0), (1, 1), 1, 7, 7),  # pointwise, 49 pixels: tiles run on into the next image
     (5, 9, (1, 1), (1, 1), (0, 0), (1, 1), 1, 6, 11),  # 66 pixels: a tile ends two pixels into an image
+    (3, 4, (3, 5), (1, 1), (1, 2), (1, 1), 1, 7, 9),  # stride 1, read in place with lane masks per tap
+    (4, 6, (3, 3), (1, 1), (2, 2), (1, 1), 1, 5, 6),  # stride 1, output wider than the input: planes
+    (5, 4, (1, 1), (1, 1), (1, 1), (1, 1), 1, 4, 5),  # 1 x 1 with padding: planes
+    (2, 3, (9, 9), (1, 1), (4, 4), (1, 1), 1, 12, 10),  # 81 taps, more than the masks kept: planes
 ]
 
 
@@ -95,10 +99,10 @@ def test_rows_storing_the_same_columns_run_together(isa, two_threads, runs):
 
 @pytest.mark.parametrize("batch, size, stride", [(3, 6, 1), (1, 8, 1), (3, 12, 2), (1, 15, 2)])
 def test_threads_runs_cut_images_and_tiles(isa, two_threads, batch, size, stride):
-    # Each thread copies the planes its run of tiles reads into its own scratch and may take the other
-    # thread's leftovers: runs that end inside an image (batch 3: 18 items, cut at image 1's second
-    # tile) and inside a tile's channel chunks (260 channels: 3 chunks; batch 1: 9 items, cut in tile
-    # 1), at stride 1 and 2, all against float64.
+    # At stride 2 each thread copies the planes its run of tiles reads into its own scratch and may
+    # take the other thread's leftovers: runs that end inside an image (batch 3: 18 items, cut at
+    # image 1's second tile) and inside a tile's channel chunks (260 channels: 3 chunks; batch 1: 9
+    # items, cut in tile 1). At stride 1 (read in place) the threads share one run. All against float64.
     g = torch.Generator().manual_seed(batch * size)
     for density in (0.3, 1.0):
         w = torch.randn(260, 8, 3, 3, generator=g) * (torch.rand(260, 8, 3, 3, generator=g) < density)
