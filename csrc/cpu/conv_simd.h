@@ -215,6 +215,7 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
     uint32_t row_ok[kConvMaxTaps] = {}, col_ok[kConvMaxTaps] = {};
     int64_t oy = q0 / d.wq, ox = q0 % d.wq;
     for (int64_t j = 0; j < W; ++j) {
+      if (next_image && j == readable) oy = ox = 0;  // the next image's first pixels from here on
       for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
         const int64_t iy = oy + ky * s.dil_h - s.pad_h;
         row_ok[ky] |= static_cast<uint32_t>(iy >= 0 && iy < s.in_h) << j;
@@ -245,9 +246,21 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
 #pragma GCC unroll 8
       for (int q = 0; q < NV; ++q) {
         V v;
-        if constexpr (kTaps) v = Ops::load_lanes(x + q * kW, (lanes >> (q * kW)) & ((1u << kW) - 1u));
-        else v = readable == W ? Ops::loadu(x + q * kW) : Ops::load_first(x + q * kW, readable - q * kW);
-        if (kCheck && next_image)  // (read in place only) slot readable + j: pixel j of the next image
+        constexpr uint32_t kLanes = (1u << kW) - 1u;
+        if constexpr (kTaps) {
+          if (next_image) {  // lanes below `readable` from image n, the next next_pixels from image n + 1
+            const auto below = [](int64_t n) { return static_cast<uint32_t>((uint64_t{1} << n) - 1u); };  // n <= 32
+            const uint32_t here = below(readable), there = below(readable + next_pixels) & ~here;
+            v = Ops::merge(Ops::load_lanes(x + q * kW, ((lanes & here) >> (q * kW)) & kLanes),
+                           Ops::load_lanes(next_image + d.sources[col] - readable + q * kW,
+                                           ((lanes & there) >> (q * kW)) & kLanes));
+          } else {
+            v = Ops::load_lanes(x + q * kW, (lanes >> (q * kW)) & kLanes);
+          }
+        } else {
+          v = readable == W ? Ops::loadu(x + q * kW) : Ops::load_first(x + q * kW, readable - q * kW);
+        }
+        if (!kTaps && kCheck && next_image)  // (read in place only) slot readable + j: pixel j of the next image
           v = Ops::merge(v, Ops::load_between(next_image + d.sources[col] + q * kW - readable, readable - q * kW,
                                               readable + next_pixels - q * kW));
         if constexpr (kCheck) checked = Ops::mark_nonfinite(checked, v);
@@ -358,13 +371,15 @@ bool csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
   constexpr int kMaxConvThreads = 256;
   const int nt = (c.num_threads <= 1 || (a.nnz + a.rows) * s.out_h * s.out_w * s.batch < 24576)
                      ? 1 : std::min(c.num_threads, kMaxConvThreads);
-  // A pointwise convolution on images whose pixels are not a multiple of W (14 x 14 = 6 tiles and 4
-  // pixels) lets a tile run on into the next image: 8 images of 14 x 14 in 49 tiles, not 56; its
-  // packing adds one masked load per slot vector. Batch 8: 7 x 7 layers 0.84-0.91x the time, 14 x 14
-  // 0.86-0.93x, 28 x 28 0.95-0.98x. (For other convolutions, whose grid also drops columns, a tile
-  // across rows and images measured slower: BENCHMARKS.md, compact tiles.)
+  // A convolution read in place on images whose pixels are not a multiple of W (14 x 14 = 6 tiles and
+  // 4 pixels) lets a tile run on into the next image: 8 images of 14 x 14 in 49 tiles, not 56; its
+  // packing adds one masked load per slot vector. Pointwise layers at batch 8: 7 x 7 0.84-0.91x the
+  // time, 14 x 14 0.86-0.93x, 28 x 28 0.95-0.98x; 3x3 layers (lane masks per tap, where the grid drops
+  // no column): 7 x 7 0.84-0.89x, 14 x 14 0.89-0.94x (AVX2 0.78 / 0.92). (Through phase planes, whose
+  // grid drops columns, a tile across rows and images measured slower: BENCHMARKS.md, compact tiles.)
   const int64_t pixels = s.out_h * s.out_w;
-  const bool across = in_place && !masked && s.groups == 1 && s.batch > 1 && pixels >= W && pixels % W != 0;
+  const bool across = in_place && (!masked || s.out_w == d.wq) && s.groups == 1 && s.batch > 1 && pixels >= W &&
+                      pixels % W != 0;
   const int64_t spatial = across ? (s.batch * pixels + W - 1) / W : images * tiles;
   const int64_t chunks = std::max<int64_t>({1, (kg + kMaxRows - 1) / kMaxRows,
                                             std::min<int64_t>((int64_t{nt} * 4 + spatial - 1) / spatial, kg / 16)});
@@ -419,8 +434,13 @@ bool csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
           const int64_t first = item / chunks * W, n = first / pixels, p = first % pixels;
           const int64_t here = std::min(W, pixels - p);
           const int64_t next = n + 1 < s.batch ? std::min(W - here, pixels) : 0;
-          conv_tile<Ops, true>(a, s, c, d, c.x + n * per_group + p, n, p, r0, r1, here, look_ahead, &seen,
-                               next ? c.x + (n + 1) * per_group : nullptr, next);
+          const float* next_image = next ? c.x + (n + 1) * per_group : nullptr;
+          if (masked)
+            conv_tile<Ops, true, true>(a, s, c, d, c.x + n * per_group + p, n, p, r0, r1, here, look_ahead, &seen,
+                                       next_image, next);
+          else
+            conv_tile<Ops, true>(a, s, c, d, c.x + n * per_group + p, n, p, r0, r1, here, look_ahead, &seen,
+                                 next_image, next);
           continue;
         }
         const int64_t chunk = item % chunks, t = item / chunks % tiles, ng = item / chunks / tiles;
