@@ -79,15 +79,17 @@ inline typename Ops::V split_phases(const ConvShape& s, const DirectConv& d, con
 // (aligned slots). One chain of FMAs per accumulator would wait on the FMA's latency (4 cycles, with
 // 1-2 issued a cycle): the weights are taken kChains at a time into kChains sets of accumulators,
 // summed at the end.
-template <typename Ops, int64_t NV>
+// kToRegs: the sums start from zero and end in out[0, NV) instead of own (a tile whose weight is one
+// block: conv_tile writes them to the output from there).
+template <typename Ops, int64_t NV, bool kToRegs = false>
 inline void accumulate_row(const float* values, const uint16_t* offsets, int64_t begin, int64_t end,
-                           const float* packed, float* own) {
+                           const float* packed, float* own, typename Ops::V* out = nullptr) {
   using V = typename Ops::V;
   constexpr int64_t kW = Ops::kWidth;
   constexpr int kChains = NV >= 8 ? 1 : static_cast<int>(8 / NV);  // 8 vectors in flight
   V acc[kChains][NV];
 #pragma GCC unroll 8
-  for (int q = 0; q < NV; ++q) acc[0][q] = Ops::load(own + q * kW);
+  for (int q = 0; q < NV; ++q) acc[0][q] = kToRegs ? Ops::zero() : Ops::load(own + q * kW);
 #pragma GCC unroll 8
   for (int c = 1; c < kChains; ++c)
 #pragma GCC unroll 8
@@ -128,7 +130,10 @@ inline void accumulate_row(const float* values, const uint16_t* offsets, int64_t
 #pragma GCC unroll 8
     for (int q = 0; q < NV; ++q) acc[0][q] = Ops::add(acc[0][q], acc[c][q]);
 #pragma GCC unroll 8
-  for (int q = 0; q < NV; ++q) Ops::store(own + q * kW, acc[0][q]);
+  for (int q = 0; q < NV; ++q) {
+    if constexpr (kToRegs) out[q] = acc[0][q];
+    else Ops::store(own + q * kW, acc[0][q]);
+  }
 }
 
 // R rows that store the same columns (DirectConv::same_rows), over the block's weights [begin, begin
@@ -193,7 +198,7 @@ inline void prefetch_segment(const CsrView& a, const DirectConv& d, int64_t row,
 // next_pixels pixels of image n + 1, whose channels start there. kTaps (a stride-1 kernel larger than
 // 1 x 1 read in place, conv.h): each column's pixels are loaded masked to those whose input lies
 // inside the image, one mask per kernel tap (`readable` is unused).
-template <typename Ops, bool kCheck, bool kTaps = false>
+template <typename Ops, bool kCheck, bool kTaps, bool kDirect>
 inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d, const float* in,
                       int64_t n, int64_t q0, int64_t r0, int64_t r1, int64_t readable, bool look_ahead,
                       typename Ops::V* seen, const float* next_image = nullptr, int64_t next_pixels = 0) {
@@ -204,8 +209,53 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
   const int64_t grid = s.out_h * d.wq;
   alignas(64) float sums[kMaxRows * W];
   alignas(64) float packed[plan::kConvPackBytes / sizeof(float)];
-  std::fill(sums, sums + (r1 - r0) * W, 0.0f);
+  // The tile's real outputs: runs of grid pixels on one output row, merged where one run's pixels
+  // follow the last one's in the output too (a grid that drops no pixel: then the whole tile is one
+  // run, where runs of one row each had made the copy below most of a pointwise layer's time on
+  // small images: 14 x 14 copied in runs of 14, 14 and 4 floats).
+  int64_t run_at[W], run_to[W], run_len[W];  // at most one run per pixel (out_w = 1)
+  int runs = 0;
+  for (int64_t q = q0; q < std::min(q0 + W, grid);) {
+    const int64_t oy = q / d.wq, ox = q % d.wq;
+    if (ox >= s.out_w) {
+      q = (oy + 1) * d.wq;
+      continue;
+    }
+    const int64_t end = std::min(q0 + W, oy * d.wq + s.out_w), to = oy * s.out_w + ox;
+    if (runs > 0 && run_at[runs - 1] + run_len[runs - 1] == q - q0 && run_to[runs - 1] + run_len[runs - 1] == to) {
+      run_len[runs - 1] += end - q;
+    } else {
+      run_at[runs] = q - q0;
+      run_to[runs] = to;
+      run_len[runs++] = end - q;
+    }
+    q = end;
+  }
+  if (next_image) {
+    run_at[runs] = readable;
+    run_to[runs] = s.out_channels * s.out_h * s.out_w;  // (y below is image n's)
+    run_len[runs++] = next_pixels;
+  }
   using V = typename Ops::V;
+  // kDirect (a weight of one block: most pointwise layers): each row's sums are complete after one
+  // pass, and go from the registers to the output, with no zeroed sums before nor a pass over them
+  // after. (A template parameter: tested per row, the branches cost the other layers 2-3%.)
+  constexpr bool direct = kDirect;
+  if constexpr (!direct) std::fill(sums, sums + (r1 - r0) * W, 0.0f);
+  const auto write_out = [&](int64_t r, const V* acc) {  // row r's W sums, plus its bias, to its runs
+    const V bias = Ops::set1(c.bias ? c.bias[r] : 0.0f);
+    float* y = c.y + (n * s.out_channels + r) * s.out_h * s.out_w;
+    if (runs == 1 && run_len[0] == W) {
+#pragma GCC unroll 8
+      for (int64_t q = 0; q < NV; ++q) Ops::storeu(y + run_to[0] + q * kW, Ops::add(acc[q], bias));
+      return;
+    }
+    alignas(64) float row[W];
+#pragma GCC unroll 8
+    for (int64_t q = 0; q < NV; ++q) Ops::store(row + q * kW, Ops::add(acc[q], bias));
+    for (int i = 0; i < runs; ++i)
+      for (int64_t j = 0; j < run_len[i]; ++j) y[run_to[i] + j] = row[run_at[i] + j];
+  };
   // kTaps: bit j of tap_lanes[ky * kw + kx] is set where pixel q0 + j's input for that tap lies inside
   // the image (its row and its column both do).
   static_assert(W <= 32, "a tap's lanes are the bits of a uint32_t");
@@ -274,63 +324,64 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
       if (look_ahead)
         for (int64_t i = r; i < r + same; ++i) prefetch_segment(a, d, i + plan::kConvLookAheadRows, b, r0, r1);
       if (starts[0] == starts[1]) {  // (then so are the rows storing the same columns)
+        if constexpr (direct) {
+          V zeros[NV];
+#pragma GCC unroll 8
+          for (int64_t q = 0; q < NV; ++q) zeros[q] = Ops::zero();
+          for (int64_t i = r; i < r + same; ++i) write_out(i, zeros);
+        }
         r += same;
         continue;
       }
       float* own = sums + (r - r0) * W;
       if (same == 1) {
-        accumulate_row<Ops, NV>(a.values, d.offsets, starts[0], starts[1], packed, own);
+        if constexpr (direct) {
+          V acc[NV];
+          accumulate_row<Ops, NV, true>(a.values, d.offsets, starts[0], starts[1], packed, nullptr, acc);
+          write_out(r, acc);
+        } else {
+          accumulate_row<Ops, NV>(a.values, d.offsets, starts[0], starts[1], packed, own);
+        }
         r += 1;
         continue;
       }
+      const int64_t together = same >= 4 ? kMaxSameRows : 2;
+      if constexpr (direct) std::fill(own, own + together * W, 0.0f);
       const int64_t stride = d.blocks + 1;
       const float* row_values[4] = {a.values + starts[0], a.values + starts[stride],
                                     a.values + starts[std::min<int64_t>(2, same - 1) * stride],
                                     a.values + starts[std::min<int64_t>(3, same - 1) * stride]};
-      if (same >= 4) {
+      if (same >= 4)
         accumulate_rows<Ops, NV, kMaxSameRows>(row_values, d.offsets + starts[0], starts[1] - starts[0], packed, own,
                                                W);
-        r += kMaxSameRows;
-      } else {
+      else
         accumulate_rows<Ops, NV, 2>(row_values, d.offsets + starts[0], starts[1] - starts[0], packed, own, W);
-        r += 2;
-      }
+      if constexpr (direct)
+        for (int64_t i = 0; i < together; ++i) {
+          V acc[NV];
+#pragma GCC unroll 8
+          for (int64_t q = 0; q < NV; ++q) acc[q] = Ops::load(own + i * W + q * kW);
+          write_out(r + i, acc);
+        }
+      r += together;
     }
   }
-  // The tile's real outputs: runs of grid pixels on one output row, merged where one run's pixels
-  // follow the last one's in the output too (a grid that drops no pixel: then the whole tile is one
-  // run, where runs of one row each had made the copy below most of a pointwise layer's time on
-  // small images: 14 x 14 copied in runs of 14, 14 and 4 floats).
-  int64_t run_at[W], run_to[W], run_len[W];  // at most one run per pixel (out_w = 1)
-  int runs = 0;
-  for (int64_t q = q0; q < std::min(q0 + W, grid);) {
-    const int64_t oy = q / d.wq, ox = q % d.wq;
-    if (ox >= s.out_w) {
-      q = (oy + 1) * d.wq;
-      continue;
+  if constexpr (!direct) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* own = sums + (r - r0) * W;
+      const float bias = c.bias ? c.bias[r] : 0.0f;
+      float* y = c.y + (n * s.out_channels + r) * s.out_h * s.out_w;
+      for (int i = 0; i < runs; ++i)
+        for (int64_t j = 0; j < run_len[i]; ++j) y[run_to[i] + j] = own[run_at[i] + j] + bias;
     }
-    const int64_t end = std::min(q0 + W, oy * d.wq + s.out_w), to = oy * s.out_w + ox;
-    if (runs > 0 && run_at[runs - 1] + run_len[runs - 1] == q - q0 && run_to[runs - 1] + run_len[runs - 1] == to) {
-      run_len[runs - 1] += end - q;
-    } else {
-      run_at[runs] = q - q0;
-      run_to[runs] = to;
-      run_len[runs++] = end - q;
-    }
-    q = end;
   }
-  if (next_image) {
-    run_at[runs] = readable;
-    run_to[runs] = s.out_channels * s.out_h * s.out_w;  // (y below is image n's)
-    run_len[runs++] = next_pixels;
-  }
-  for (int64_t r = r0; r < r1; ++r) {
-    float* own = sums + (r - r0) * W;
-    const float bias = c.bias ? c.bias[r] : 0.0f;
-    float* y = c.y + (n * s.out_channels + r) * s.out_h * s.out_w;
-    for (int i = 0; i < runs; ++i)
-      for (int64_t j = 0; j < run_len[i]; ++j) y[run_to[i] + j] = own[run_at[i] + j] + bias;
-  }
+}
+
+// conv_tile for this weight: kDirect where it is one block.
+template <typename Ops, bool kCheck, bool kTaps = false, typename... Rest>
+inline void run_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, const DirectConv& d, Rest... rest) {
+  if (d.blocks == 1) conv_tile<Ops, kCheck, kTaps, true>(a, s, c, d, rest...);
+  else conv_tile<Ops, kCheck, kTaps, false>(a, s, c, d, rest...);
 }
 
 // Items of (image, group, tile of W grid pixels, chunk of the group's output channels); channels are
@@ -436,10 +487,10 @@ bool csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
           const int64_t next = n + 1 < s.batch ? std::min(W - here, pixels) : 0;
           const float* next_image = next ? c.x + (n + 1) * per_group : nullptr;
           if (masked)
-            conv_tile<Ops, true, true>(a, s, c, d, c.x + n * per_group + p, n, p, r0, r1, here, look_ahead, &seen,
+            run_tile<Ops, true, true>(a, s, c, d, c.x + n * per_group + p, n, p, r0, r1, here, look_ahead, &seen,
                                        next_image, next);
           else
-            conv_tile<Ops, true>(a, s, c, d, c.x + n * per_group + p, n, p, r0, r1, here, look_ahead, &seen,
+            run_tile<Ops, true>(a, s, c, d, c.x + n * per_group + p, n, p, r0, r1, here, look_ahead, &seen,
                                  next_image, next);
           continue;
         }
@@ -448,9 +499,9 @@ bool csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
         const int64_t r0 = g * kg + kg * chunk / chunks, r1 = g * kg + kg * (chunk + 1) / chunks;
         // (Read in place, the last tile must not load past the input: its loads are masked to it.)
         const float* in = in_place ? c.x + ng * per_group + q0 : planes[u] + (ng - first_image[u]) * per_group + q0;
-        if (masked) conv_tile<Ops, true, true>(a, s, c, d, in, n, q0, r0, r1, W, look_ahead, &seen);
-        else if (in_place) conv_tile<Ops, true>(a, s, c, d, in, n, q0, r0, r1, std::min(W, grid - q0), look_ahead, &seen);
-        else conv_tile<Ops, false>(a, s, c, d, in, n, q0, r0, r1, W, look_ahead, &seen);
+        if (masked) run_tile<Ops, true, true>(a, s, c, d, in, n, q0, r0, r1, W, look_ahead, &seen);
+        else if (in_place) run_tile<Ops, true>(a, s, c, d, in, n, q0, r0, r1, std::min(W, grid - q0), look_ahead, &seen);
+        else run_tile<Ops, false>(a, s, c, d, in, n, q0, r0, r1, W, look_ahead, &seen);
       }
     }
     nonfinite = Ops::any_nan(seen);
