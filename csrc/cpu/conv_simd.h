@@ -240,8 +240,7 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
   // kDirect (a weight of one block: most pointwise layers): each row's sums are complete after one
   // pass, and go from the registers to the output, with no zeroed sums before nor a pass over them
   // after. (A template parameter: tested per row, the branches cost the other layers 2-3%.)
-  constexpr bool direct = kDirect;
-  if constexpr (!direct) std::fill(sums, sums + (r1 - r0) * W, 0.0f);
+  if constexpr (!kDirect) std::fill(sums, sums + (r1 - r0) * W, 0.0f);
   const auto write_out = [&](int64_t r, const V* acc) {  // row r's W sums, plus its bias, to its runs
     const V bias = Ops::set1(c.bias ? c.bias[r] : 0.0f);
     float* y = c.y + (n * s.out_channels + r) * s.out_h * s.out_w;
@@ -324,7 +323,7 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
       if (look_ahead)
         for (int64_t i = r; i < r + same; ++i) prefetch_segment(a, d, i + plan::kConvLookAheadRows, b, r0, r1);
       if (starts[0] == starts[1]) {  // (then so are the rows storing the same columns)
-        if constexpr (direct) {
+        if constexpr (kDirect) {
           V zeros[NV];
 #pragma GCC unroll 8
           for (int64_t q = 0; q < NV; ++q) zeros[q] = Ops::zero();
@@ -335,7 +334,7 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
       }
       float* own = sums + (r - r0) * W;
       if (same == 1) {
-        if constexpr (direct) {
+        if constexpr (kDirect) {
           V acc[NV];
           accumulate_row<Ops, NV, true>(a.values, d.offsets, starts[0], starts[1], packed, nullptr, acc);
           write_out(r, acc);
@@ -346,7 +345,7 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
         continue;
       }
       const int64_t together = same >= 4 ? kMaxSameRows : 2;
-      if constexpr (direct) std::fill(own, own + together * W, 0.0f);
+      if constexpr (kDirect) std::fill(own, own + together * W, 0.0f);
       const int64_t stride = d.blocks + 1;
       const float* row_values[4] = {a.values + starts[0], a.values + starts[stride],
                                     a.values + starts[std::min<int64_t>(2, same - 1) * stride],
@@ -356,7 +355,7 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
                                                W);
       else
         accumulate_rows<Ops, NV, 2>(row_values, d.offsets + starts[0], starts[1] - starts[0], packed, own, W);
-      if constexpr (direct)
+      if constexpr (kDirect)
         for (int64_t i = 0; i < together; ++i) {
           V acc[NV];
 #pragma GCC unroll 8
@@ -366,7 +365,7 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
       r += together;
     }
   }
-  if constexpr (!direct) {
+  if constexpr (!kDirect) {
     for (int64_t r = r0; r < r1; ++r) {
       float* own = sums + (r - r0) * W;
       const float bias = c.bias ? c.bias[r] : 0.0f;
@@ -390,14 +389,16 @@ inline void run_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
 // broadcast, NV aligned loads, NV FMAs.
 //
 // A convolution read in place (stride 1: conv.h) copies nothing, and its threads take items from one
-// shared run. Otherwise each thread takes a contiguous run of the items and writes the phase planes
-// its own tiles read into its own scratch, then helps itself to the others' leftover items (reading
-// their planes) when its run is done. (Stride-1 3x3 layers read in place, with a lane mask per tap,
-// instead of through a padded copy: ab_conv.py, AVX-512, 0.83-0.92x the time at 90% and 0.88-0.97x
-// at 70%, batch 8; 0.83-0.96x at batch 1. The copy had been about a sixth of a 90% layer's time.) Planes shared by all threads, as before, were rewritten on every call into lines
-// the other core had just read: the copy waited on the other core for each line and did not scale
-// (two threads each took longer for half the copy than one thread for all of it: 110 against 90 us
-// a call at 64 channels, 56 x 56, stride 2; written again at once, 45 us).
+// shared run. (Stride-1 3x3 layers read in place, with a lane mask per tap, instead of through a
+// padded copy: ab_conv.py, AVX-512, 0.83-0.92x the time at 90% and 0.88-0.97x at 70%, batch 8;
+// 0.83-0.96x at batch 1. The copy had been about a sixth of a 90% layer's time.)
+//
+// Otherwise each thread takes a contiguous run of the items and writes the phase planes its own
+// tiles read into its own scratch, then helps itself to the others' leftover items (reading their
+// planes) when its run is done. Planes shared by all threads, as before, were rewritten on every call
+// into lines the other core had just read: the copy waited on the other core for each line and did
+// not scale (two threads each took longer for half the copy than one thread for all of it: 110
+// against 90 us a call at 64 channels, 56 x 56, stride 2; written again at once, 45 us).
 //
 // Returns whether every input it loaded was finite (conv.h): each thread marks what it loads, in
 // split_phases or, read in place, in conv_tile (Ops::mark_nonfinite).

@@ -216,9 +216,12 @@ def test_output_cache_keeps_at_most_four_buffers():
 
     layer = sparsenet.SparseLinear.from_dense(nn.Linear(8, 4096))
     sparsenet.release_output_cache()
+    # 2,048 + 64 i rows of 4,096 floats, all alive at once: 32-37 MiB, kept in whole 2 MiB pages.
+    mib = sorted(-(-(32 + i) // 2) * 2 for i in range(6))
     with torch.no_grad():
-        outputs = [layer(torch.randn(2048 + 512 * i, 8)) for i in range(6)]  # 32-47 MiB: none serves another
+        outputs = [layer(torch.randn(2048 + 64 * i, 8)) for i in range(6)]
         assert sparsenet._C.output_cache_bytes() == 0
-    del outputs
-    assert 4 * 32 * 2**20 <= sparsenet._C.output_cache_bytes() <= 4 * 48 * 2**20
-    assert sparsenet.release_output_cache() >= 4 * 32 * 2**20
+    del outputs  # six given back (far below the 256 MiB cap): four are kept, in whatever order
+    kept = sparsenet._C.output_cache_bytes()
+    assert sum(mib[:4]) * 2**20 <= kept <= sum(mib[2:]) * 2**20  # (any five would be more)
+    assert sparsenet.release_output_cache() == kept
