@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import sparsenet
 from machine import last_level_cache_bytes
+from sparsenet.formats import hugepages
 from sparsenet.nn import SparseLinear
 
 SHAPES = [(4096, 4096), (1536, 384), (384, 1536)]  # (out_features, in_features)
@@ -136,20 +137,29 @@ def check_agreement(c: Contenders, x: torch.Tensor, tolerance: float = 1e-4) -> 
 class ReadProbe:
     """A streaming read of twice the last-level cache, at least 256 MiB (torch.sum, current threads),
     timed with the same statistic as the kernels it is the limit for (the median), next to them in
-    time. Not interleaved with their rounds: such a read flushes every cache and TLB, which would
-    change what small layers cost. (On a 300 MiB L3 a 256 MiB probe would measure the cache.)"""
+    time. Not interleaved with their rounds here: such a read flushes every cache and TLB, which would
+    change what small layers cost (formats_table.py, whose contenders all read from DRAM, does
+    interleave it). (On a 300 MiB L3 a 256 MiB probe would measure the cache.)
+
+    The buffer lives in huge pages, as the sparse formats' weights do (sparsenet.formats.hugepages):
+    from 4 KiB pages torch.sum read 28 GB/s where it read 32 from 2 MiB pages in the same minute
+    (AMD EPYC, 2 threads), and the CSR kernel came out at up to 110% of a limit taken that way."""
 
     BYTES = max(256 * 2**20, 2 * LLC_BYTES)
 
     def __init__(self):
-        self.buf = torch.ones(self.BYTES // 4)
+        self.buf = hugepages.empty_group([(self.BYTES // 4, torch.float32)])[0].fill_(1.0)
+        self.buf.sum()
+
+    def read(self) -> None:
+        """One streaming read of BYTES (for callers that time it among their own calls)."""
         self.buf.sum()
 
     def bandwidth(self, calls: int = 7) -> float:
         times = []
         for _ in range(calls):
             t = time.perf_counter()
-            self.buf.sum()
+            self.read()
             times.append(time.perf_counter() - t)
         return self.BYTES / statistics.median(times)
 
