@@ -87,7 +87,7 @@ inline __m256 halves_from(const BitmapView& a, const float* x, const uint16_t* m
 // halves' value offsets are popcounts of that word, so they do not wait on each other (advanced half
 // by half, each waited on the previous popcount); one load of x serves both rows; values and the
 // next pair's masks are prefetched into L2, as in the AVX-512 kernel.
-template <bool kInBounds>
+template <bool kInBounds, int kLookAheadLines>
 inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
   const float* x = d.x;
   const uint16_t* mask0 = a.masks + r * a.chunks;
@@ -97,7 +97,7 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
   const int64_t steps = a.cols / 64;
-  PairLookAhead ahead(a, r);
+  PairLookAhead<kLookAheadLines> ahead(a, r);
   int64_t consumed = 0;
   for (int64_t t = 0; t < steps; ++t) {
     const int64_t k = 4 * t;  // the step's first 16-column chunk
@@ -194,7 +194,11 @@ void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
   }
   if (d.batch == 1) {  // (the pair's plain loads read at most 7 floats past the second row's values)
     bitmap_pairs(
-        a, d, 8, [&](int64_t r, bool in) { in ? row_pair_in<true>(a, d, r) : row_pair_in<false>(a, d, r); },
+        a, d, 8,
+        [&](int64_t r, bool in, bool wide) {
+          if (wide) in ? row_pair_in<true, 8>(a, d, r) : row_pair_in<false, 8>(a, d, r);
+          else in ? row_pair_in<true, 4>(a, d, r) : row_pair_in<false, 4>(a, d, r);
+        },
         [&](int64_t r) { row<1>(a, d, r, 0); });
     return;
   }

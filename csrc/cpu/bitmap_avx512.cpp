@@ -99,7 +99,7 @@ inline void row_in(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m
 
 // Batch 1: rows r and r + 1 together. Their chunks are independent work for the core to overlap
 // (each row alone waits on its own loads and popcounts), and one load of x serves both.
-template <bool kInBounds>
+template <bool kInBounds, int kLookAheadLines>
 inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
   const float* x = d.x;
   const uint16_t* mask0 = a.masks + r * a.chunks;
@@ -111,7 +111,7 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
   __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
   // The values stream from DRAM: asked for a pair ahead (the hardware prefetcher, following four
   // streams of two rows, did not keep up).
-  PairLookAhead ahead(a, r);
+  PairLookAhead<kLookAheadLines> ahead(a, r);
   int64_t k = 0, consumed = 0;
   for (; k + 4 <= full; k += 4) {
     ahead.step(k, consumed);
@@ -170,7 +170,11 @@ void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
   }
   if (d.batch == 1) {  // (the pair's plain loads read at most 15 floats past the second row's values)
     bitmap_pairs(
-        a, d, kBitmapChunk, [&](int64_t r, bool in) { in ? row_pair_in<true>(a, d, r) : row_pair_in<false>(a, d, r); },
+        a, d, kBitmapChunk,
+        [&](int64_t r, bool in, bool wide) {
+          if (wide) in ? row_pair_in<true, 8>(a, d, r) : row_pair_in<false, 8>(a, d, r);
+          else in ? row_pair_in<true, 4>(a, d, r) : row_pair_in<false, 4>(a, d, r);
+        },
         [&](int64_t r) { row<1>(a, d, r, 0); });
     return;
   }

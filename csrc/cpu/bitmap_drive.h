@@ -37,6 +37,14 @@ inline int bitmap_threads(const BitmapView& a, const DenseArgs& d) {
 // loop over exactly the lines the pointer passed was 1.08x slower than before: its trip count,
 // 0-3, mispredicted; half a pair ahead was 1.45x slower, one and a half 0.98-1.05x.) The next
 // pair's masks go a line (32 chunks) at a time.
+//
+// kLines: the lines asked for per step of 4 chunks of both rows. The pair consumes 8 * density lines
+// a step on average, and the pointer is not line-aligned (4 lines from it cover 3 to 4 whole ones), so
+// at densities past about 0.4 four lines leave gaps, each a miss the pair later waits for: there 8
+// (wide_look_ahead). 4096 x 4096 from DRAM, new / 4 lines: 50% sparse, 5-8 lines 0.81-0.86 (AVX2
+// 0.77); 30% sparse 0.78-0.89. At 70% sparse 5 or 6 lines measured level (0.995-1.02), so sparser
+// weights keep 4; a count read at run time instead of a template parameter cost them 3-4%.
+template <int kLines>
 class PairLookAhead {
  public:
   // At least kPrefetchAhead floats ahead: a pair of short rows is too little to hide DRAM's latency.
@@ -46,12 +54,10 @@ class PairLookAhead {
   // Chunk k on, n values of the pair consumed by the step before.
   void step(int64_t k, int64_t n) {
     ahead_ += n;
-    if (ahead_ + 4 * kLineFloats <= a_.nnz) {  // (an offset, so that no pointer points past the values)
+    if (ahead_ + kLines * kLineFloats <= a_.nnz) {  // (an offset, so that no pointer points past the values)
       const float* p = a_.values + ahead_;
-      to_l2(p);
-      to_l2(p + kLineFloats);
-      to_l2(p + 2 * kLineFloats);
-      to_l2(p + 3 * kLineFloats);
+#pragma GCC unroll 8
+      for (int i = 0; i < kLines; ++i) to_l2(p + i * kLineFloats);
     }
     if ((k & 31) == 0 && r_ + 3 < a_.rows) {
       to_l2(a_.masks + (r_ + 2) * a_.chunks + k);
@@ -77,14 +83,21 @@ class PairLookAhead {
   int64_t ahead_;  // the value the look-ahead has reached
 };
 
-// Batch 1 in row pairs: pair(r, in_bounds) for rows r and r + 1 of each part, single(r) for a part's
-// odd last row. in_bounds: `reach` floats past the pair's last value are still inside the values,
-// so the pair kernel's plain loads may run past it.
+// Whether the batch-1 look-ahead asks for 8 lines a step rather than 4 (PairLookAhead).
+inline bool wide_look_ahead(const BitmapView& a) {
+  const double cells = static_cast<double>(a.rows) * static_cast<double>(a.chunks) * 16.0;
+  return cells > 0 && static_cast<double>(a.nnz) > 0.4 * cells;
+}
+
+// Batch 1 in row pairs: pair(r, in_bounds, wide) for rows r and r + 1 of each part, single(r) for a
+// part's odd last row. in_bounds: `reach` floats past the pair's last value are still inside the
+// values, so the pair kernel's plain loads may run past it; wide: wide_look_ahead.
 template <typename PairFn, typename SingleFn>
 void bitmap_pairs(const BitmapView& a, const DenseArgs& d, int64_t reach, PairFn pair, SingleFn single) {
+  const bool wide = wide_look_ahead(a);
   bitmap_drive(a, d, [&](int64_t r0, int64_t r1) {
     int64_t r = r0;
-    for (; r + 2 <= r1; r += 2) pair(r, a.nnz - a.row_ptr[r + 2] >= reach);
+    for (; r + 2 <= r1; r += 2) pair(r, a.nnz - a.row_ptr[r + 2] >= reach, wide);
     if (r < r1) single(r);
   });
 }
