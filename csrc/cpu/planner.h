@@ -34,8 +34,10 @@ constexpr double kWidePanelMaxDensity = 0.3;
 
 // Bitmap weights on AVX-512: from this many inputs x is transposed into a panel and each stored
 // weight becomes one broadcast and W/16 FMAs; below, each 16-column chunk is decoded (vexpandps)
-// once for up to 8 inputs, which also multiplies the decoded zeros.
-constexpr int64_t kBitmapPanelMinBatch = 4;
+// once for up to 8 inputs, which also multiplies the decoded zeros. (It was 4: the row kernel then
+// measured 0.46-0.56x the panel's time at batch 4, 0.60-0.74x at 6, 0.82-1.05x at 8 and 1.12-1.50x
+// at 12; 4096 x 4096 from DRAM, 50-70%, ab_native.py.)
+constexpr int64_t kBitmapPanelMinBatch = 8;
 // The same on AVX2, whose row kernel shares each decoded 8-column half between up to 8 inputs: the
 // panel took 1.3-1.5x its time at batch 4, 0.79-0.93x at 8, 0.43-0.59x at 16 and 0.30-0.46x at 64
 // (4096 x 4096, 50-70%).

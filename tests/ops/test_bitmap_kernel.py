@@ -10,7 +10,7 @@ from sparsenet.formats.bitmap import PackedBitmap
 from csr_testing import assert_close, assert_nonfinite_like_dense, reference
 
 DENSITIES = [0.0, 0.05, 0.5, 0.9, 1.0]
-BATCHES = [1, 2, 3, 7, 8, 9, 16, 17, 33]
+BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33]  # the row kernels below 8, the panels from 8
 COLS = [1, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100]
 
 
@@ -52,18 +52,19 @@ def test_empty_rows_strided_input_and_batch_zero(isa):
     handle(b).matmul(b.values.numpy(), torch.empty(0, 70).numpy(), out.numpy())
 
 
-@pytest.mark.parametrize("batch", [1, 12])  # 1: row pairs, 64 columns a step, then the rest
+@pytest.mark.parametrize("batch", [1, 5, 12])  # 1: row pairs, 64 columns a step, then the rest; 5: rows; 12: panels
 def test_large_and_threaded(isa, two_threads, batch):
     w = weights(301, 1000, 0.3, 2)
     x = torch.randn(batch, 1000)
     assert_close(run(w, x), reference(w, x))
 
 
+@pytest.mark.parametrize("batch", [6, 9])  # the row kernels, then the panels (batch 8 and up)
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
-def test_non_finite_inputs_follow_dense_semantics(isa, bad):
+def test_non_finite_inputs_follow_dense_semantics(isa, bad, batch):
     w = weights(6, 40, 0.4, 3)
     w[2] = 0  # a row storing nothing
-    x = torch.randn(6, 40)  # 6: the panel kernels too, where they exist (batch 4 and up)
+    x = torch.randn(batch, 40)
     x[1, 5] = bad  # a column some rows store and others do not
     x[2, 39] = bad  # in the last, partial chunk
     x[4, 17] = bad
