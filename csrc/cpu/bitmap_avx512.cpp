@@ -1,11 +1,13 @@
 // AVX-512 bitmap kernel: a 16-column chunk decodes with one masked load of its stored weights and
-// one expand (vexpandps) to their columns; up to 8 samples share each decoded chunk. (GCC folds
+// one expand (vexpandps) to their columns; up to 7 samples share each decoded chunk, from 8 on the
+// panels (bitmap_panel.h) take over. (GCC folds
 // the load into the expand's memory form; keeping them apart with an asm barrier measured the same
 // on Zen 4, 0.99-1.01x the time at batch 1 and 8, so the fold stays.)
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/bitmap_drive.h"
 #include "cpu/bitmap_panel.h"
@@ -97,18 +99,28 @@ inline void row_in(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m
   }
 }
 
-// Batch 1: rows r and r + 1 together. Their chunks are independent work for the core to overlap
-// (each row alone waits on its own loads and popcounts), and one load of x serves both.
-template <bool kInBounds, int kLookAheadLines>
+// Batches 1-7: rows r and r + 1 together, for all NB samples. The two rows' chunks are independent
+// work for the core to overlap (each row alone waits on its own loads and popcounts), and each load
+// of x serves both. (Batches 2-7 had run one row at a time, row_in: in pairs they take 0.58-0.60x
+// that time at 50%, 0.63-0.76x at 70%, 0.69-0.84x at 90%; 4096 x 4096 from DRAM.) At batch 1 each
+// row's sums alternate between two accumulators, so the FMA latency is not one chain; from 2
+// samples on, the samples are the chains. row_in serves a part's odd last row.
+template <int NB, bool kInBounds, int kLookAheadLines>
 inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
-  const float* x = d.x;
+  constexpr int kAlt = NB == 1 ? 2 : 1;
+  const float* x[NB];
+#pragma GCC unroll 8
+  for (int i = 0; i < NB; ++i) x[i] = d.x + i * d.ldx;
   const uint16_t* mask0 = a.masks + r * a.chunks;
   const uint16_t* mask1 = mask0 + a.chunks;
   const float* v0 = a.values + a.row_ptr[r];
   const float* v1 = a.values + a.row_ptr[r + 1];
   const int64_t full = a.cols / kBitmapChunk;
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
+  __m512 acc0[NB][kAlt], acc1[NB][kAlt];  // row r's sums, row r + 1's
+#pragma GCC unroll 8
+  for (int i = 0; i < NB; ++i)
+#pragma GCC unroll 2
+    for (int j = 0; j < kAlt; ++j) acc0[i][j] = acc1[i][j] = _mm512_setzero_ps();
   // The values stream from DRAM: asked for a pair ahead (the hardware prefetcher, following four
   // streams of two rows, did not keep up).
   PairLookAhead<kLookAheadLines> ahead(a, r);
@@ -124,15 +136,13 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
                          __builtin_popcountll(word1 & 0xffffffffffffull)};
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
-      const __m512 xv = _mm512_loadu_ps(x + (k + c) * kBitmapChunk);
       const __m512 w0 = decode<kInBounds>(static_cast<unsigned>(word0 >> (16 * c)) & 0xffffu, v0 + off0[c]);
       const __m512 w1 = decode<kInBounds>(static_cast<unsigned>(word1 >> (16 * c)) & 0xffffu, v1 + off1[c]);
-      if (c % 2) {
-        acc1 = _mm512_fmadd_ps(w0, xv, acc1);
-        acc3 = _mm512_fmadd_ps(w1, xv, acc3);
-      } else {
-        acc0 = _mm512_fmadd_ps(w0, xv, acc0);
-        acc2 = _mm512_fmadd_ps(w1, xv, acc2);
+#pragma GCC unroll 8
+      for (int i = 0; i < NB; ++i) {
+        const __m512 xv = _mm512_loadu_ps(x[i] + (k + c) * kBitmapChunk);
+        acc0[i][c % kAlt] = _mm512_fmadd_ps(w0, xv, acc0[i][c % kAlt]);
+        acc1[i][c % kAlt] = _mm512_fmadd_ps(w1, xv, acc1[i][c % kAlt]);
       }
     }
     const int n0 = __builtin_popcountll(word0), n1 = __builtin_popcountll(word1);
@@ -142,15 +152,27 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
   }
   for (; k < a.chunks; ++k) {  // the rest, the last chunk's x masked to the columns that exist
     const int64_t valid = std::min<int64_t>(kBitmapChunk, a.cols - k * kBitmapChunk);
-    const __m512 xv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << valid) - 1u), x + k * kBitmapChunk);
-    acc0 = _mm512_fmadd_ps(decode<kInBounds>(mask0[k], v0), xv, acc0);
-    acc2 = _mm512_fmadd_ps(decode<kInBounds>(mask1[k], v1), xv, acc2);
+    const __m512 w0 = decode<kInBounds>(mask0[k], v0), w1 = decode<kInBounds>(mask1[k], v1);
+#pragma GCC unroll 8
+    for (int i = 0; i < NB; ++i) {
+      const __m512 xv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << valid) - 1u), x[i] + k * kBitmapChunk);
+      acc0[i][0] = _mm512_fmadd_ps(w0, xv, acc0[i][0]);
+      acc1[i][0] = _mm512_fmadd_ps(w1, xv, acc1[i][0]);
+    }
     v0 += __builtin_popcount(mask0[k]);
     v1 += __builtin_popcount(mask1[k]);
   }
   const float b0 = d.bias ? d.bias[r] : 0.0f, b1 = d.bias ? d.bias[r + 1] : 0.0f;
-  d.y[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + b0;
-  d.y[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(acc2, acc3)) + b1;
+#pragma GCC unroll 8
+  for (int i = 0; i < NB; ++i) {
+    __m512 s0 = acc0[i][0], s1 = acc1[i][0];
+    if constexpr (kAlt == 2) {
+      s0 = _mm512_add_ps(s0, acc0[i][1]);
+      s1 = _mm512_add_ps(s1, acc1[i][1]);
+    }
+    d.y[i * d.ldy + r] = _mm512_reduce_add_ps(s0) + b0;
+    d.y[i * d.ldy + r + 1] = _mm512_reduce_add_ps(s1) + b1;
+  }
 }
 
 template <int NB>
@@ -168,19 +190,29 @@ void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
     else bitmap_panel_matmul<Ops512, 2>(a, d);
     return;
   }
-  if (d.batch == 1) {  // (the pair's plain loads read at most 15 floats past the second row's values)
+  // Batches 1-7 (one block of samples): rows in pairs. (The pair's plain loads read at most 15
+  // floats past the second row's values.)
+  const auto pairs = [&](auto nb) {
+    constexpr int NB = decltype(nb)::value;
     bitmap_pairs(
         a, d, kBitmapChunk,
         [&](int64_t r, bool in, bool wide) {
-          if (wide) in ? row_pair_in<true, 8>(a, d, r) : row_pair_in<false, 8>(a, d, r);
-          else in ? row_pair_in<true, 4>(a, d, r) : row_pair_in<false, 4>(a, d, r);
+          if (wide) in ? row_pair_in<NB, true, 8>(a, d, r) : row_pair_in<NB, false, 8>(a, d, r);
+          else in ? row_pair_in<NB, true, 4>(a, d, r) : row_pair_in<NB, false, 4>(a, d, r);
         },
-        [&](int64_t r) { row<1>(a, d, r, 0); });
-    return;
+        [&](int64_t r) { row<NB>(a, d, r, 0); });
+  };
+  static_assert(plan::kBitmapPanelMinBatch <= 8, "batches 1-7 only below");
+  using std::integral_constant;
+  switch (d.batch) {
+    case 1: pairs(integral_constant<int, 1>{}); break;
+    case 2: pairs(integral_constant<int, 2>{}); break;
+    case 3: pairs(integral_constant<int, 3>{}); break;
+    case 4: pairs(integral_constant<int, 4>{}); break;
+    case 5: pairs(integral_constant<int, 5>{}); break;
+    case 6: pairs(integral_constant<int, 6>{}); break;
+    default: pairs(integral_constant<int, 7>{}); break;
   }
-  bitmap_drive(a, d, [&](int64_t r0, int64_t r1) {
-    rows_in_sample_blocks(r0, r1, d.batch, [&](auto nb, int64_t r, int64_t m0) { row<decltype(nb)::value>(a, d, r, m0); });
-  });
 }
 
 }  // namespace sparsenet::cpu::avx512

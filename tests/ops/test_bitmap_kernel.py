@@ -10,7 +10,7 @@ from sparsenet.formats.bitmap import PackedBitmap
 from csr_testing import assert_close, assert_nonfinite_like_dense, reference
 
 DENSITIES = [0.0, 0.05, 0.5, 0.9, 1.0]
-BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33]  # the row kernels below 8, the panels from 8
+BATCHES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 33]  # rows (in pairs on AVX-512) below 8, the panels from 8
 COLS = [1, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100]
 
 
