@@ -1,8 +1,8 @@
 // AVX-512 bitmap kernel: a 16-column chunk decodes with one masked load of its stored weights and
-// one expand (vexpandps) to their columns; up to 7 samples share each decoded chunk, from 8 on the
-// panels (bitmap_panel.h) take over. (GCC folds
-// the load into the expand's memory form; keeping them apart with an asm barrier measured the same
-// on Zen 4, 0.99-1.01x the time at batch 1 and 8, so the fold stays.)
+// one expand (vexpandps) to their columns; up to 7 samples share each decoded chunk, and from 8 on
+// the panels (bitmap_panel.h) take over. (GCC folds the load into the expand's memory form; keeping
+// them apart with an asm barrier measured the same on Zen 4, 0.99-1.01x the time at batch 1 and 8,
+// so the fold stays.)
 #include <immintrin.h>
 
 #include <algorithm>
