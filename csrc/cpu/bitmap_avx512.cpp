@@ -1,5 +1,5 @@
 // AVX-512 bitmap kernel: a 16-column chunk decodes with one masked load of its stored weights and
-// one expand (vexpandps) to their columns; up to 7 samples share each decoded chunk, and from 8 on
+// one expand (vexpandps) to their columns; up to 8 samples share each decoded chunk, and from 9 on
 // the panels (bitmap_panel.h) take over. (GCC folds the load into the expand's memory form; keeping
 // them apart with an asm barrier measured the same on Zen 4, 0.99-1.01x the time at batch 1 and 8,
 // so the fold stays.)
@@ -99,7 +99,7 @@ inline void row_in(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m
   }
 }
 
-// Batches 1-7: rows r and r + 1 together, for all NB samples. The two rows' chunks are independent
+// Batches 1-8: rows r and r + 1 together, for all NB samples. The two rows' chunks are independent
 // work for the core to overlap (each row alone waits on its own loads and popcounts), and each load
 // of x serves both. (Batches 2-7 had run one row at a time, row_in: in pairs they take 0.58-0.60x
 // that time at 50%, 0.63-0.76x at 70%, 0.69-0.84x at 90%; 4096 x 4096 from DRAM.) At batch 1 each
@@ -185,12 +185,13 @@ inline void row(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) 
 }  // namespace
 
 void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
-  if (d.batch >= plan::kBitmapPanelMinBatch) {
+  const double cells = static_cast<double>(a.rows) * static_cast<double>(a.cols);
+  if (d.batch >= plan::bitmap_panel_min_batch(cells > 0 ? static_cast<double>(a.nnz) / cells : 0.0)) {
     if (d.batch <= 16) bitmap_panel_matmul<Ops512, 1>(a, d);
     else bitmap_panel_matmul<Ops512, 2>(a, d);
     return;
   }
-  // Batches 1-7 (one block of samples): rows in pairs. (The pair's plain loads read at most 15
+  // Batches 1-8 (one block of samples): rows in pairs. (The pair's plain loads read at most 15
   // floats past the second row's values.)
   const auto pairs = [&](auto nb) {
     constexpr int NB = decltype(nb)::value;
@@ -202,7 +203,7 @@ void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
         },
         [&](int64_t r) { row<NB>(a, d, r, 0); });
   };
-  static_assert(plan::kBitmapPanelMinBatch <= 8, "batches 1-7 only below");
+  static_assert(plan::kBitmapPanelMinBatch <= 9, "batches 1-8 only below");
   using std::integral_constant;
   switch (d.batch) {
     case 1: pairs(integral_constant<int, 1>{}); break;
@@ -211,7 +212,8 @@ void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
     case 4: pairs(integral_constant<int, 4>{}); break;
     case 5: pairs(integral_constant<int, 5>{}); break;
     case 6: pairs(integral_constant<int, 6>{}); break;
-    default: pairs(integral_constant<int, 7>{}); break;
+    case 7: pairs(integral_constant<int, 7>{}); break;
+    default: pairs(integral_constant<int, 8>{}); break;
   }
 }
 

@@ -10,7 +10,7 @@ from sparsenet.formats.bitmap import PackedBitmap
 from csr_testing import assert_close, assert_nonfinite_like_dense, reference
 
 DENSITIES = [0.0, 0.05, 0.5, 0.9, 1.0]
-BATCHES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 33]  # rows (in pairs on AVX-512) below 8, the panels from 8
+BATCHES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 33]  # rows below 9 (AVX-512, in pairs) or 8 (AVX2), then panels
 COLS = [1, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100]
 
 
@@ -59,7 +59,7 @@ def test_large_and_threaded(isa, two_threads, batch):
     assert_close(run(w, x), reference(w, x))
 
 
-@pytest.mark.parametrize("batch", [6, 9])  # the row kernels, then the panels (batch 8 and up)
+@pytest.mark.parametrize("batch", [6, 9])  # the row kernels, then the panels (from batch 9 or 8)
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_non_finite_inputs_follow_dense_semantics(isa, bad, batch):
     w = weights(6, 40, 0.4, 3)
