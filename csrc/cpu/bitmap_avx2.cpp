@@ -1,13 +1,14 @@
 // AVX2 bitmap kernel: each 16-column chunk as two 8-column halves. AVX2 has no expand, so a half's
 // stored weights are loaded (masked to their count) and moved to their columns by a permutation
 // from a 256-entry table, lanes without a weight zeroed by a second table; up to 8 samples share
-// each decoded half. Batch 1 runs rows in pairs, 64 columns a step (row_pair_in: 0.55-0.59x the
-// time of one row at a time, half by half, on 4096 x 4096 at 50-70% from DRAM). The tables are
-// constant-initialised (no code runs at load: this file is compiled with AVX2 flags, and must be
-// harmless on a CPU without them until it is chosen).
+// each decoded half. Batches 1-5 run rows in pairs, 64 columns a step (row_pair_in: at batch 1
+// 0.55-0.59x the time of one row at a time, half by half, on 4096 x 4096 at 50-70% from DRAM). The
+// tables are constant-initialised (no code runs at load: this file is compiled with AVX2 flags, and
+// must be harmless on a CPU without them until it is chosen).
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/bitmap_drive.h"
 #include "cpu/bitmap_panel.h"
@@ -69,33 +70,29 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-// x[0, cols) against row r's halves from h0 on (v: the row's values there), the last one partial.
-template <bool kInBounds>
-inline __m256 halves_from(const BitmapView& a, const float* x, const uint16_t* mask, const float* v, int64_t h0,
-                          __m256 acc) {
-  const int64_t full = a.cols / 8;
-  for (int64_t h = h0; h < full; ++h)
-    acc = _mm256_fmadd_ps(decode<kInBounds>((mask[h / 2] >> (8 * (h % 2))) & 0xffu, v), _mm256_loadu_ps(x + h * 8), acc);
-  if (const int64_t rest = a.cols - full * 8) {
-    const __m256 w = decode<kInBounds>((mask[full / 2] >> (8 * (full % 2))) & 0xffu, v);
-    acc = _mm256_fmadd_ps(w, _mm256_maskload_ps(x + full * 8, lanes(kTables.prefix[rest])), acc);
-  }
-  return acc;
-}
-
-// Batch 1: rows r and r + 1 together, 64 columns (one 64-bit read of each row's masks) a step. The
-// halves' value offsets are popcounts of that word, so they do not wait on each other (advanced half
-// by half, each waited on the previous popcount); one load of x serves both rows; values and the
-// next pair's masks are prefetched into L2, as in the AVX-512 kernel.
-template <bool kInBounds, int kLookAheadLines>
+// Batches 1-5: rows r and r + 1 together, for all NB samples, 64 columns (one 64-bit read of each
+// row's masks) a step. The halves' value offsets are popcounts of that word, so they do not wait on
+// each other (advanced half by half, each waited on the previous popcount); each load of x serves
+// both rows; values and the next pair's masks are prefetched into L2, as in the AVX-512 kernel. At
+// batch 1 each row's sums alternate between two accumulators (the FMA latency is not one chain);
+// from 2 samples on, the samples are the chains. (Batches 2-5 had run one row at a time, row_in: in
+// pairs 0.58-0.72x that time at 50%, 0.77-0.88x at 70%, 0.87-0.98x at 90%, 4096 x 4096 from DRAM;
+// batch 6 in pairs 1.00-1.28x slower: its 12 accumulators and the decode no longer fit 16 registers.)
+template <int NB, bool kInBounds, int kLookAheadLines>
 inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
-  const float* x = d.x;
+  constexpr int kAlt = NB == 1 ? 2 : 1;
+  const float* x[NB];
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i) x[i] = d.x + i * d.ldx;
   const uint16_t* mask0 = a.masks + r * a.chunks;
   const uint16_t* mask1 = mask0 + a.chunks;
   const float* v0 = a.values + a.row_ptr[r];
   const float* v1 = a.values + a.row_ptr[r + 1];
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+  __m256 acc0[NB][kAlt], acc1[NB][kAlt];  // row r's sums, row r + 1's
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i)
+#pragma GCC unroll 2
+    for (int j = 0; j < kAlt; ++j) acc0[i][j] = acc1[i][j] = _mm256_setzero_ps();
   const int64_t steps = a.cols / 64;
   PairLookAhead<kLookAheadLines> ahead(a, r);
   int64_t consumed = 0;
@@ -108,15 +105,13 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
 #pragma GCC unroll 8
     for (int h = 0; h < 8; ++h) {
       const uint64_t below = h ? (uint64_t{1} << (8 * h)) - 1 : 0;
-      const __m256 xv = _mm256_loadu_ps(x + k * 16 + h * 8);
       const __m256 w0 = place<kInBounds>((word0 >> (8 * h)) & 0xffu, v0 + __builtin_popcountll(word0 & below));
       const __m256 w1 = place<kInBounds>((word1 >> (8 * h)) & 0xffu, v1 + __builtin_popcountll(word1 & below));
-      if (h % 2) {
-        acc1 = _mm256_fmadd_ps(w0, xv, acc1);
-        acc3 = _mm256_fmadd_ps(w1, xv, acc3);
-      } else {
-        acc0 = _mm256_fmadd_ps(w0, xv, acc0);
-        acc2 = _mm256_fmadd_ps(w1, xv, acc2);
+#pragma GCC unroll 4
+      for (int i = 0; i < NB; ++i) {
+        const __m256 xv = _mm256_loadu_ps(x[i] + k * 16 + h * 8);
+        acc0[i][h % kAlt] = _mm256_fmadd_ps(w0, xv, acc0[i][h % kAlt]);
+        acc1[i][h % kAlt] = _mm256_fmadd_ps(w1, xv, acc1[i][h % kAlt]);
       }
     }
     const int n0 = __builtin_popcountll(word0), n1 = __builtin_popcountll(word1);
@@ -124,10 +119,30 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
     v1 += n1;
     consumed = n0 + n1;
   }
-  acc0 = halves_from<kInBounds>(a, x, mask0, v0, 8 * steps, _mm256_add_ps(acc0, acc1));
-  acc2 = halves_from<kInBounds>(a, x, mask1, v1, 8 * steps, _mm256_add_ps(acc2, acc3));
-  d.y[r] = hsum(acc0) + (d.bias ? d.bias[r] : 0.0f);
-  d.y[r + 1] = hsum(acc2) + (d.bias ? d.bias[r + 1] : 0.0f);
+  // The rest, half by half; the last half's x masked to the columns that exist.
+  const int64_t full = a.cols / 8;
+  for (int64_t h = 8 * steps; h < a.cols / 8 + (a.cols % 8 != 0); ++h) {
+    const __m256 w0 = decode<kInBounds>((mask0[h / 2] >> (8 * (h % 2))) & 0xffu, v0);
+    const __m256 w1 = decode<kInBounds>((mask1[h / 2] >> (8 * (h % 2))) & 0xffu, v1);
+#pragma GCC unroll 4
+    for (int i = 0; i < NB; ++i) {
+      const __m256 xv = h < full ? _mm256_loadu_ps(x[i] + h * 8)
+                                 : _mm256_maskload_ps(x[i] + h * 8, lanes(kTables.prefix[a.cols - full * 8]));
+      acc0[i][0] = _mm256_fmadd_ps(w0, xv, acc0[i][0]);
+      acc1[i][0] = _mm256_fmadd_ps(w1, xv, acc1[i][0]);
+    }
+  }
+  const float b0 = d.bias ? d.bias[r] : 0.0f, b1 = d.bias ? d.bias[r + 1] : 0.0f;
+#pragma GCC unroll 4
+  for (int i = 0; i < NB; ++i) {
+    __m256 s0 = acc0[i][0], s1 = acc1[i][0];
+    if constexpr (kAlt == 2) {
+      s0 = _mm256_add_ps(s0, acc0[i][1]);
+      s1 = _mm256_add_ps(s1, acc1[i][1]);
+    }
+    d.y[i * d.ldy + r] = hsum(s0) + b0;
+    d.y[i * d.ldy + r + 1] = hsum(s1) + b1;
+  }
 }
 
 // Row r for samples [m0, m0 + NB). Halves without a stored weight are not skipped: at the
@@ -192,14 +207,25 @@ void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
     else bitmap_panel_matmul<Ops256, 4>(a, d);
     return;
   }
-  if (d.batch == 1) {  // (the pair's plain loads read at most 7 floats past the second row's values)
-    bitmap_pairs(
-        a, d, 8,
-        [&](int64_t r, bool in, bool wide) {
-          if (wide) in ? row_pair_in<true, 8>(a, d, r) : row_pair_in<false, 8>(a, d, r);
-          else in ? row_pair_in<true, 4>(a, d, r) : row_pair_in<false, 4>(a, d, r);
-        },
-        [&](int64_t r) { row<1>(a, d, r, 0); });
+  if (d.batch <= 5) {  // rows in pairs (their plain loads read at most 7 floats past the second row's values)
+    const auto pairs = [&](auto nb) {
+      constexpr int NB = decltype(nb)::value;
+      bitmap_pairs(
+          a, d, 8,
+          [&](int64_t r, bool in, bool wide) {
+            if (wide) in ? row_pair_in<NB, true, 8>(a, d, r) : row_pair_in<NB, false, 8>(a, d, r);
+            else in ? row_pair_in<NB, true, 4>(a, d, r) : row_pair_in<NB, false, 4>(a, d, r);
+          },
+          [&](int64_t r) { row<NB>(a, d, r, 0); });
+    };
+    using std::integral_constant;
+    switch (d.batch) {
+      case 1: pairs(integral_constant<int, 1>{}); break;
+      case 2: pairs(integral_constant<int, 2>{}); break;
+      case 3: pairs(integral_constant<int, 3>{}); break;
+      case 4: pairs(integral_constant<int, 4>{}); break;
+      default: pairs(integral_constant<int, 5>{}); break;
+    }
     return;
   }
   bitmap_drive(a, d, [&](int64_t r0, int64_t r1) {
