@@ -8,7 +8,6 @@
 #include <immintrin.h>
 
 #include <cstring>
-#include <type_traits>
 
 #include "cpu/bitmap_drive.h"
 #include "cpu/bitmap_panel.h"
@@ -132,17 +131,7 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
       acc1[i][0] = _mm256_fmadd_ps(w1, xv, acc1[i][0]);
     }
   }
-  const float b0 = d.bias ? d.bias[r] : 0.0f, b1 = d.bias ? d.bias[r + 1] : 0.0f;
-#pragma GCC unroll 4
-  for (int i = 0; i < NB; ++i) {
-    __m256 s0 = acc0[i][0], s1 = acc1[i][0];
-    if constexpr (kAlt == 2) {
-      s0 = _mm256_add_ps(s0, acc0[i][1]);
-      s1 = _mm256_add_ps(s1, acc1[i][1]);
-    }
-    d.y[i * d.ldy + r] = hsum(s0) + b0;
-    d.y[i * d.ldy + r + 1] = hsum(s1) + b1;
-  }
+  store_pair_sums<Ops256>(d, r, acc0, acc1);
 }
 
 // Row r for samples [m0, m0 + NB). Halves without a stored weight are not skipped: at the
@@ -208,24 +197,9 @@ void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
     return;
   }
   if (d.batch <= 5) {  // rows in pairs (their plain loads read at most 7 floats past the second row's values)
-    const auto pairs = [&](auto nb) {
-      constexpr int NB = decltype(nb)::value;
-      bitmap_pairs(
-          a, d, 8,
-          [&](int64_t r, bool in, bool wide) {
-            if (wide) in ? row_pair_in<NB, true, 8>(a, d, r) : row_pair_in<NB, false, 8>(a, d, r);
-            else in ? row_pair_in<NB, true, 4>(a, d, r) : row_pair_in<NB, false, 4>(a, d, r);
-          },
-          [&](int64_t r) { row<NB>(a, d, r, 0); });
-    };
-    using std::integral_constant;
-    switch (d.batch) {
-      case 1: pairs(integral_constant<int, 1>{}); break;
-      case 2: pairs(integral_constant<int, 2>{}); break;
-      case 3: pairs(integral_constant<int, 3>{}); break;
-      case 4: pairs(integral_constant<int, 4>{}); break;
-      default: pairs(integral_constant<int, 5>{}); break;
-    }
+    bitmap_pairs<5>(
+        a, d, 8, [&](auto nb, auto in, auto lines, int64_t r) { row_pair_in<nb(), in(), lines()>(a, d, r); },
+        [&](auto nb, int64_t r) { row<nb()>(a, d, r, 0); });
     return;
   }
   bitmap_drive(a, d, [&](int64_t r0, int64_t r1) {

@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 
 #include "cpu/bitmap_drive.h"
 #include "cpu/bitmap_panel.h"
@@ -162,17 +161,7 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
     v0 += __builtin_popcount(mask0[k]);
     v1 += __builtin_popcount(mask1[k]);
   }
-  const float b0 = d.bias ? d.bias[r] : 0.0f, b1 = d.bias ? d.bias[r + 1] : 0.0f;
-#pragma GCC unroll 8
-  for (int i = 0; i < NB; ++i) {
-    __m512 s0 = acc0[i][0], s1 = acc1[i][0];
-    if constexpr (kAlt == 2) {
-      s0 = _mm512_add_ps(s0, acc0[i][1]);
-      s1 = _mm512_add_ps(s1, acc1[i][1]);
-    }
-    d.y[i * d.ldy + r] = _mm512_reduce_add_ps(s0) + b0;
-    d.y[i * d.ldy + r + 1] = _mm512_reduce_add_ps(s1) + b1;
-  }
+  store_pair_sums<Ops512>(d, r, acc0, acc1);
 }
 
 template <int NB>
@@ -191,30 +180,13 @@ void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
     else bitmap_panel_matmul<Ops512, 2>(a, d);
     return;
   }
-  // Batches 1-8 (one block of samples): rows in pairs. (The pair's plain loads read at most 15
-  // floats past the second row's values.)
-  const auto pairs = [&](auto nb) {
-    constexpr int NB = decltype(nb)::value;
-    bitmap_pairs(
-        a, d, kBitmapChunk,
-        [&](int64_t r, bool in, bool wide) {
-          if (wide) in ? row_pair_in<NB, true, 8>(a, d, r) : row_pair_in<NB, false, 8>(a, d, r);
-          else in ? row_pair_in<NB, true, 4>(a, d, r) : row_pair_in<NB, false, 4>(a, d, r);
-        },
-        [&](int64_t r) { row<NB>(a, d, r, 0); });
-  };
-  static_assert(plan::kBitmapPanelMinBatch <= 9, "batches 1-8 only below");
-  using std::integral_constant;
-  switch (d.batch) {
-    case 1: pairs(integral_constant<int, 1>{}); break;
-    case 2: pairs(integral_constant<int, 2>{}); break;
-    case 3: pairs(integral_constant<int, 3>{}); break;
-    case 4: pairs(integral_constant<int, 4>{}); break;
-    case 5: pairs(integral_constant<int, 5>{}); break;
-    case 6: pairs(integral_constant<int, 6>{}); break;
-    case 7: pairs(integral_constant<int, 7>{}); break;
-    default: pairs(integral_constant<int, 8>{}); break;
-  }
+  // Batches 1-8: rows in pairs. (The pair's plain loads read at most 15 floats past the second
+  // row's values.)
+  static_assert(plan::kBitmapPanelMinBatch <= 9, "batches 1-8 only here");
+  bitmap_pairs<8>(
+      a, d, kBitmapChunk,
+      [&](auto nb, auto in, auto lines, int64_t r) { row_pair_in<nb(), in(), lines()>(a, d, r); },
+      [&](auto nb, int64_t r) { row<nb()>(a, d, r, 0); });
 }
 
 }  // namespace sparsenet::cpu::avx512

@@ -28,7 +28,7 @@ inline int bitmap_threads(const BitmapView& a, const DenseArgs& d) {
   return (d.num_threads <= 1 || (bitmap_cost_before(a, a.rows) + a.rows) * d.batch < 24576) ? 1 : d.num_threads;
 }
 
-// The look-ahead of the batch-1 row-pair kernels (rows r and r + 1 read side by side). The pair's
+// The look-ahead of the row-pair kernels (rows r and r + 1 read side by side). The pair's
 // values are one contiguous region and so are the next pair's: as the pair consumes n values, a
 // pointer into the next pair's region moves n values on, and each step asks for the 4 lines (64
 // floats) from it, into L2. The look-ahead runs one pair ahead as one linear stream. (Before, each
@@ -83,23 +83,69 @@ class PairLookAhead {
   int64_t ahead_;  // the value the look-ahead has reached
 };
 
-// Whether the batch-1 look-ahead asks for 8 lines a step rather than 4 (PairLookAhead).
+// f(std::integral_constant<int, batch>{}) for batch in [kLow, kHigh] (kHigh for anything above).
+template <int kLow, int kHigh, typename F>
+inline void with_batch(int64_t batch, F f) {
+  if constexpr (kLow == kHigh) {
+    f(std::integral_constant<int, kLow>{});
+  } else {
+    if (batch == kLow) f(std::integral_constant<int, kLow>{});
+    else with_batch<kLow + 1, kHigh>(batch, f);
+  }
+}
+
+// Whether the row-pair look-ahead asks for 8 lines a step rather than 4 (PairLookAhead).
 inline bool wide_look_ahead(const BitmapView& a) {
   const double cells = static_cast<double>(a.rows) * static_cast<double>(a.chunks) * 16.0;
   return cells > 0 && static_cast<double>(a.nnz) > 0.4 * cells;
 }
 
-// Batch 1 in row pairs: pair(r, in_bounds, wide) for rows r and r + 1 of each part, single(r) for a
-// part's odd last row. in_bounds: `reach` floats past the pair's last value are still inside the
-// values, so the pair kernel's plain loads may run past it; wide: wide_look_ahead.
-template <typename PairFn, typename SingleFn>
+// Batches 1 to kMaxBatch in row pairs, the batch a constant for the kernel:
+// pair(nb, in_bounds, lines, r) for rows r and r + 1 of each part, single(nb, r) for a part's odd
+// last row, with nb = std::integral_constant<int, batch>, in_bounds a std::bool_constant (`reach`
+// floats past the pair's last value are still inside the values, so the pair kernel's plain loads
+// may run past it) and lines a std::integral_constant<int, 4 or 8> (PairLookAhead's kLines:
+// wide_look_ahead). Each ISA's row_pair_in<NB, kInBounds, kLines>.
+template <int kMaxBatch, typename PairFn, typename SingleFn>
 void bitmap_pairs(const BitmapView& a, const DenseArgs& d, int64_t reach, PairFn pair, SingleFn single) {
+  using std::bool_constant;
+  using std::integral_constant;
   const bool wide = wide_look_ahead(a);
-  bitmap_drive(a, d, [&](int64_t r0, int64_t r1) {
-    int64_t r = r0;
-    for (; r + 2 <= r1; r += 2) pair(r, a.nnz - a.row_ptr[r + 2] >= reach, wide);
-    if (r < r1) single(r);
+  with_batch<1, kMaxBatch>(d.batch, [&](auto nb) {
+    bitmap_drive(a, d, [&](int64_t r0, int64_t r1) {
+      int64_t r = r0;
+      for (; r + 2 <= r1; r += 2) {
+        const bool in = a.nnz - a.row_ptr[r + 2] >= reach;
+        if (wide) {
+          if (in) pair(nb, bool_constant<true>{}, integral_constant<int, 8>{}, r);
+          else pair(nb, bool_constant<false>{}, integral_constant<int, 8>{}, r);
+        } else {
+          if (in) pair(nb, bool_constant<true>{}, integral_constant<int, 4>{}, r);
+          else pair(nb, bool_constant<false>{}, integral_constant<int, 4>{}, r);
+        }
+      }
+      if (r < r1) single(nb, r);
+    });
   });
+}
+
+// The end of a row pair's kernel: the sums of rows r and r + 1 for each of NB samples (acc0 and acc1,
+// each sample's kAlt accumulators added up) plus the bias, to y.
+template <typename Ops, int NB, int kAlt>
+inline void store_pair_sums(const DenseArgs& d, int64_t r, const typename Ops::V (&acc0)[NB][kAlt],
+                            const typename Ops::V (&acc1)[NB][kAlt]) {
+  const float b0 = d.bias ? d.bias[r] : 0.0f, b1 = d.bias ? d.bias[r + 1] : 0.0f;
+#pragma GCC unroll 8
+  for (int i = 0; i < NB; ++i) {
+    typename Ops::V s0 = acc0[i][0], s1 = acc1[i][0];
+#pragma GCC unroll 2
+    for (int j = 1; j < kAlt; ++j) {
+      s0 = Ops::add(s0, acc0[i][j]);
+      s1 = Ops::add(s1, acc1[i][j]);
+    }
+    d.y[i * d.ldy + r] = Ops::sum(s0) + b0;
+    d.y[i * d.ldy + r + 1] = Ops::sum(s1) + b1;
+  }
 }
 
 // rows(r0, r1): rows [r0, r1) for every batch entry.
