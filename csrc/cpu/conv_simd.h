@@ -332,7 +332,9 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
         r += same;
         continue;
       }
-      float* own = sums + (r - r0) * W;
+      // (kDirect: rows run together write their sums out at once, so each group starts at sums[0],
+      // and an item's rows are not bounded by kMaxRows.)
+      float* own = kDirect ? sums : sums + (r - r0) * W;
       if (same == 1) {
         if constexpr (kDirect) {
           V acc[NV];
@@ -433,7 +435,8 @@ bool csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
   const bool across = in_place && (!masked || s.out_w == d.wq) && s.groups == 1 && s.batch > 1 && pixels >= W &&
                       pixels % W != 0;
   const int64_t spatial = across ? (s.batch * pixels + W - 1) / W : images * tiles;
-  const int64_t chunks = std::max<int64_t>({1, (kg + kMaxRows - 1) / kMaxRows,
+  const bool one_block = d.blocks == 1;  // (conv_tile's kDirect: no sums kept per row)
+  const int64_t chunks = std::max<int64_t>({1, one_block ? 1 : (kg + kMaxRows - 1) / kMaxRows,
                                             std::min<int64_t>((int64_t{nt} * 4 + spatial - 1) / spatial, kg / 16)});
   const int64_t items = spatial * chunks, per_image = tiles * chunks;
   // Few tiles reuse each weight only a few times, so a large weight comes from L3 or DRAM on every
