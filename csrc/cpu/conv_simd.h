@@ -170,7 +170,8 @@ inline void accumulate_rows(const float* const* row_values, const uint16_t* offs
 }
 
 // Output channels per item: their sums (16 KB) stay in L1; fewer items repack the same tile (64:
-// 14% slower at 90% on 512 channels at 7 x 7, which ran as 8 chunks of 2 tiles).
+// 14% slower at 90% on 512 channels at 7 x 7, which ran as 8 chunks of 2 tiles). A weight of one
+// block keeps no sums per row (conv_tile's kDirect), and its items take all channels.
 constexpr int64_t kMaxRows = 128;
 
 // Asks for row `row`'s weights (values and offsets) of block b, or where that row is past the item's

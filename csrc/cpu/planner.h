@@ -33,14 +33,14 @@ constexpr int64_t kWideBatch = 16;
 constexpr double kWidePanelMaxDensity = 0.3;
 
 // Bitmap weights on AVX-512: from this many inputs x is transposed into a panel and each stored
-// weight becomes one broadcast and W/16 FMAs; below, each 16-column chunk is decoded (vexpandps)
-// once for up to 8 inputs, which also multiplies the decoded zeros. (It was 4: the row kernel then
-// measured 0.46-0.56x the panel's time at batch 4, 0.60-0.74x at 6, 0.82-1.05x at 8 and 1.12-1.50x
-// at 12; 4096 x 4096 from DRAM, 50-70%, ab_native.py. Once rows ran in pairs, batch 8 took
-// 0.48-0.70x the panel's time, batch 9 1.01-1.44x, 11 1.27-1.89x: 18 accumulators and 9 input
-// pointers no longer fit the registers.) Weights under 15% dense take the panel at batch 8 too: its
-// cost follows the stored weights, the pairs' every chunk (90%: pairs 1.18x the panel's time at
-// batch 8, 0.94x at 6; 80%: 0.89x at 8).
+// weight becomes one broadcast and W/16 FMAs; below, rows run in pairs and each 16-column chunk is
+// decoded (vexpandps) once for all inputs, which also multiplies the decoded zeros. (It was 4: the
+// row kernel then measured 0.46-0.56x the panel's time at batch 4, 0.60-0.74x at 6, 0.82-1.05x at 8
+// and 1.12-1.50x at 12; 4096 x 4096 from DRAM, 50-70%, ab_native.py. Once rows ran in pairs,
+// batch 8 took 0.48-0.70x the panel's time, batch 9 1.01-1.44x, 11 1.27-1.89x: 18 accumulators and
+// 9 input pointers no longer fit the registers.) Weights under 15% dense take the panel at batch 8
+// too: its cost follows the stored weights, the pairs' every chunk (90%: pairs 1.18x the panel's
+// time at batch 8, 0.94x at 6; 80%: 0.89x at 8).
 constexpr int64_t kBitmapPanelMinBatch = 9;
 constexpr double kBitmapSparsePanelMaxDensity = 0.15;
 inline int64_t bitmap_panel_min_batch(double density) {
