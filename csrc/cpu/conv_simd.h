@@ -436,9 +436,17 @@ bool csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
   const bool across = in_place && (!masked || s.out_w == d.wq) && s.groups == 1 && s.batch > 1 && pixels >= W &&
                       pixels % W != 0;
   const int64_t spatial = across ? (s.batch * pixels + W - 1) / W : images * tiles;
-  const bool one_block = d.blocks == 1;  // (conv_tile's kDirect: no sums kept per row)
-  const int64_t chunks = std::max<int64_t>({1, one_block ? 1 : (kg + kMaxRows - 1) / kMaxRows,
-                                            std::min<int64_t>((int64_t{nt} * 4 + spatial - 1) / spatial, kg / 16)});
+  // A weight of one block (conv_tile's kDirect, no sums kept per row) is one chunk of output
+  // channels, or one per thread where there are few tiles (under 16): 7 x 7 layers at 90% then took
+  // 0.90-0.94x the time of one chunk at batch 8 (13 tiles) and 0.94-0.98x of four at batch 1 (2
+  // tiles); three or more chunks were slower, and so were two on images of many tiles (192->32 at
+  // 28 x 28, batch 8: 1.30x). Other weights: chunks of at most kMaxRows channels, more where tiles
+  // alone would leave threads idle.
+  const bool one_block = d.blocks == 1;
+  const int64_t chunks =
+      one_block ? (spatial < 16 ? std::max<int64_t>(1, std::min<int64_t>(nt, kg / 16)) : 1)
+                : std::max<int64_t>({1, (kg + kMaxRows - 1) / kMaxRows,
+                                     std::min<int64_t>((int64_t{nt} * 4 + spatial - 1) / spatial, kg / 16)});
   const int64_t items = spatial * chunks, per_image = tiles * chunks;
   // Few tiles reuse each weight only a few times, so a large weight comes from L3 or DRAM on every
   // call, row by row in short runs: those are asked for ahead (prefetch_segment). 512 channels at
