@@ -242,19 +242,34 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
   // pass, and go from the registers to the output, with no zeroed sums before nor a pass over them
   // after. (A template parameter: tested per row, the branches cost the other layers 2-3%.)
   if constexpr (!kDirect) std::fill(sums, sums + (r1 - r0) * W, 0.0f);
-  const auto write_out = [&](int64_t r, const V* acc) {  // row r's W sums, plus its bias, to its runs
-    const V bias = Ops::set1(c.bias ? c.bias[r] : 0.0f);
-    float* y = c.y + (n * s.out_channels + r) * s.out_h * s.out_w;
-    if (runs == 1 && run_len[0] == W) {
+  // Row r's W sums plus its bias to its runs in the output: from registers (write_out) or from
+  // memory (copy_out). Most tiles are one run of all W pixels, a vector store each; the others copy
+  // run by run.
+  const auto row_out = [&](int64_t r) { return c.y + (n * s.out_channels + r) * s.out_h * s.out_w; };
+  const bool whole = runs == 1 && run_len[0] == W;
+  const auto copy_out = [&](int64_t r, const float* sums_r) {
+    const float bias = c.bias ? c.bias[r] : 0.0f;
+    float* y = row_out(r);
+    if (whole) {
 #pragma GCC unroll 8
-      for (int64_t q = 0; q < NV; ++q) Ops::storeu(y + run_to[0] + q * kW, Ops::add(acc[q], bias));
+      for (int64_t q = 0; q < NV; ++q)
+        Ops::storeu(y + run_to[0] + q * kW, Ops::add(Ops::load(sums_r + q * kW), Ops::set1(bias)));
+      return;
+    }
+    for (int i = 0; i < runs; ++i)
+      for (int64_t j = 0; j < run_len[i]; ++j) y[run_to[i] + j] = sums_r[run_at[i] + j] + bias;
+  };
+  const auto write_out = [&](int64_t r, const V* acc) {
+    if (whole) {
+      const V bias = Ops::set1(c.bias ? c.bias[r] : 0.0f);
+#pragma GCC unroll 8
+      for (int64_t q = 0; q < NV; ++q) Ops::storeu(row_out(r) + run_to[0] + q * kW, Ops::add(acc[q], bias));
       return;
     }
     alignas(64) float row[W];
 #pragma GCC unroll 8
-    for (int64_t q = 0; q < NV; ++q) Ops::store(row + q * kW, Ops::add(acc[q], bias));
-    for (int i = 0; i < runs; ++i)
-      for (int64_t j = 0; j < run_len[i]; ++j) y[run_to[i] + j] = row[run_at[i] + j];
+    for (int64_t q = 0; q < NV; ++q) Ops::store(row + q * kW, acc[q]);
+    copy_out(r, row);
   };
   // kTaps: bit j of tap_lanes[ky * kw + kx] is set where pixel q0 + j's input for that tap lies inside
   // the image (its row and its column both do).
@@ -359,24 +374,12 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
       else
         accumulate_rows<Ops, NV, 2>(row_values, d.offsets + starts[0], starts[1] - starts[0], packed, own, W);
       if constexpr (kDirect)
-        for (int64_t i = 0; i < together; ++i) {
-          V acc[NV];
-#pragma GCC unroll 8
-          for (int64_t q = 0; q < NV; ++q) acc[q] = Ops::load(own + i * W + q * kW);
-          write_out(r + i, acc);
-        }
+        for (int64_t i = 0; i < together; ++i) copy_out(r + i, own + i * W);
       r += together;
     }
   }
-  if constexpr (!kDirect) {
-    for (int64_t r = r0; r < r1; ++r) {
-      float* own = sums + (r - r0) * W;
-      const float bias = c.bias ? c.bias[r] : 0.0f;
-      float* y = c.y + (n * s.out_channels + r) * s.out_h * s.out_w;
-      for (int i = 0; i < runs; ++i)
-        for (int64_t j = 0; j < run_len[i]; ++j) y[run_to[i] + j] = own[run_at[i] + j] + bias;
-    }
-  }
+  if constexpr (!kDirect)
+    for (int64_t r = r0; r < r1; ++r) copy_out(r, sums + (r - r0) * W);
 }
 
 // conv_tile for this weight: kDirect where it is one block.
