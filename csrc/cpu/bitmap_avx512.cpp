@@ -174,8 +174,7 @@ inline void row(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) 
 }  // namespace
 
 void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
-  const double cells = static_cast<double>(a.rows) * static_cast<double>(a.cols);
-  if (d.batch >= plan::bitmap_panel_min_batch(cells > 0 ? static_cast<double>(a.nnz) / cells : 0.0)) {
+  if (d.batch >= plan::bitmap_panel_min_batch(density(a))) {
     if (d.batch <= 16) bitmap_panel_matmul<Ops512, 1>(a, d);
     else bitmap_panel_matmul<Ops512, 2>(a, d);
     return;

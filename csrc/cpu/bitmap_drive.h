@@ -95,10 +95,7 @@ inline void with_batch(int64_t batch, F f) {
 }
 
 // Whether the row-pair look-ahead asks for 8 lines a step rather than 4 (PairLookAhead).
-inline bool wide_look_ahead(const BitmapView& a) {
-  const double cells = static_cast<double>(a.rows) * static_cast<double>(a.chunks) * 16.0;
-  return cells > 0 && static_cast<double>(a.nnz) > 0.4 * cells;
-}
+inline bool wide_look_ahead(const BitmapView& a) { return density(a) > 0.4; }
 
 // Batches 1 to kMaxBatch in row pairs, the batch a constant for the kernel:
 // pair(nb, in_bounds, lines, r) for rows r and r + 1 of each part, single(nb, r) for a part's odd

@@ -42,8 +42,10 @@ inline int64_t part_start(int64_t n, int p, int parts, CostFn cost_before) {
   return lo;
 }
 
-// Fraction of entries that are non-zero (0 for an empty shape): kernels pick layouts by it.
-inline double density(const CsrView& a) {
+// Fraction of entries that are non-zero (0 for an empty shape) of any format's view with rows, cols
+// and nnz: kernels pick layouts by it.
+template <typename View>
+inline double density(const View& a) {
   const double total = static_cast<double>(a.rows) * static_cast<double>(a.cols);
   return total > 0 ? static_cast<double>(a.nnz) / total : 0.0;
 }

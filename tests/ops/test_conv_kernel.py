@@ -87,7 +87,7 @@ def rows_sharing_columns(cout, cin_g, k, runs, density, g):
 def test_rows_storing_the_same_columns_run_together(isa, two_threads, runs):
     # Runs of every length, cut by the channel chunks of an item (260 channels: 3 chunks) and by
     # groups; empty runs; 1x1 and 3x3, stride 1 and 2; a pointwise weight of one block, whose items
-    # take all 300 channels at once (their sums go straight to the output).
+    # take more than 128 channels (150 on two threads: their sums go straight to the output).
     g = torch.Generator().manual_seed(sum(runs))
     for cin, cout, k, stride, groups, size in ((16, 260, (3, 3), (1, 1), 1, 9), (12, 18, (3, 3), (2, 2), 3, 11),
                                                (24, 40, (1, 1), (1, 1), 2, 13), (16, 300, (1, 1), (1, 1), 1, 7)):
