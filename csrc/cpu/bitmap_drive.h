@@ -83,17 +83,6 @@ class PairLookAhead {
   int64_t ahead_;  // the value the look-ahead has reached
 };
 
-// f(std::integral_constant<int, batch>{}) for batch in [kLow, kHigh] (kHigh for anything above).
-template <int kLow, int kHigh, typename F>
-inline void with_batch(int64_t batch, F f) {
-  if constexpr (kLow == kHigh) {
-    f(std::integral_constant<int, kLow>{});
-  } else {
-    if (batch == kLow) f(std::integral_constant<int, kLow>{});
-    else with_batch<kLow + 1, kHigh>(batch, f);
-  }
-}
-
 // Whether the row-pair look-ahead asks for 8 lines a step rather than 4 (PairLookAhead).
 inline bool wide_look_ahead(const BitmapView& a) { return density(a) > 0.4; }
 
@@ -108,7 +97,7 @@ void bitmap_pairs(const BitmapView& a, const DenseArgs& d, int64_t reach, PairFn
   using std::bool_constant;
   using std::integral_constant;
   const bool wide = wide_look_ahead(a);
-  with_batch<1, kMaxBatch>(d.batch, [&](auto nb) {
+  with_count<1, kMaxBatch>(d.batch, [&](auto nb) {
     bitmap_drive(a, d, [&](int64_t r0, int64_t r1) {
       int64_t r = r0;
       for (; r + 2 <= r1; r += 2) {

@@ -157,33 +157,25 @@ inline void bsr_panel_rows(const BsrView& a, const float* xp, int64_t R, int64_t
     store_tile_simd(tile + i * W, W, std::min(8, NR - i), valid, R * a.r + g + i, b0, d.y, d.ldy, d.bias);
 }
 
-// Block row R in groups of up to kGroup rows: a group walks the block row's blocks once, so the more
-// rows it holds the fewer times each panel vector is loaded (16 x 1 vector of accumulators fit
-// AVX-512's 32 registers, 8 x 2 as well, 8 x 1 AVX2's 16).
+// Rows of a register tile: its rows x NV accumulators, the NV panel vectors of a column and one
+// broadcast weight within the register file (AVX-512's 32 vectors: 16 x 1, 8 x 2; AVX2's 16:
+// 8 x 1, 6 x 2).
+template <typename Ops, int NV>
+constexpr int bsr_tile_rows() {
+  if constexpr (Ops::kWidth == 16) return NV == 1 ? 16 : 8;
+  else return NV == 1 ? 8 : 6;
+}
+
+// Block row R in groups of up to bsr_tile_rows rows: a group walks the block row's blocks once, so
+// the more rows it holds the fewer times each panel vector is loaded.
 template <typename Ops, int NV>
 inline void bsr_panel_block_row(const BsrView& a, const float* xp, int64_t R, int64_t b0, int64_t valid,
                                 const DenseArgs& d) {
-  constexpr int kGroup = (Ops::kWidth == 16 && NV == 1) ? 16 : 8;
+  constexpr int kGroup = bsr_tile_rows<Ops, NV>();
   const int64_t nr = std::min(a.r, a.rows - R * a.r);
-  for (int64_t g = 0; g < nr;) {
-    if (kGroup == 16 && nr - g >= 16) {
-      bsr_panel_rows<Ops, kGroup, NV>(a, xp, R, g, b0, valid, d);
-      g += 16;
-      continue;
-    }
-    const int64_t n = std::min<int64_t>(8, nr - g);
-    switch (n) {
-      case 8: bsr_panel_rows<Ops, 8, NV>(a, xp, R, g, b0, valid, d); break;
-      case 7: bsr_panel_rows<Ops, 7, NV>(a, xp, R, g, b0, valid, d); break;
-      case 6: bsr_panel_rows<Ops, 6, NV>(a, xp, R, g, b0, valid, d); break;
-      case 5: bsr_panel_rows<Ops, 5, NV>(a, xp, R, g, b0, valid, d); break;
-      case 4: bsr_panel_rows<Ops, 4, NV>(a, xp, R, g, b0, valid, d); break;
-      case 3: bsr_panel_rows<Ops, 3, NV>(a, xp, R, g, b0, valid, d); break;
-      case 2: bsr_panel_rows<Ops, 2, NV>(a, xp, R, g, b0, valid, d); break;
-      default: bsr_panel_rows<Ops, 1, NV>(a, xp, R, g, b0, valid, d); break;
-    }
-    g += n;
-  }
+  for (int64_t g = 0; g < nr; g += kGroup)
+    with_count<1, kGroup>(std::min<int64_t>(kGroup, nr - g),
+                          [&](auto n) { bsr_panel_rows<Ops, n(), NV>(a, xp, R, g, b0, valid, d); });
 }
 
 // Panels of W = width * NV samples. With many panels' worth of samples, each thread takes whole

@@ -55,6 +55,9 @@ constexpr int64_t kBitmapPanelMinBatchAvx2 = 8;
 // register-blocked dense micro-kernel (up to 8 rows x the panel width); below, each sample's
 // outputs are dot products over the stored blocks.
 constexpr int64_t kBsrPanelMinBatch = 4;
+// AVX2 from this many inputs: panels of 16 (two vectors a weight, 6 rows a register tile) where
+// panels of 8 re-read every block once per 8 samples.
+constexpr int64_t kBsrWidePanelMinBatchAvx2 = 16;
 
 // BSR at large batch: from this many panels per thread, threads take whole panels (each its own
 // x slice, no barrier) instead of sharing out each panel's block rows.

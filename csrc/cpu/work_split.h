@@ -2,11 +2,25 @@
 // compiled into each one's own namespace (see capability.h).
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/capability.h"
 #include "cpu/csr_view.h"
 
 namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
+
+// f(std::integral_constant<int, n>{}) for n in [kLow, kHigh] (kHigh for anything above): a count
+// known at run time (a batch, a block's rows) as a constant, so that a kernel keeps its
+// accumulators in registers.
+template <int kLow, int kHigh, typename F>
+inline void with_count(int64_t n, F f) {
+  if constexpr (kLow == kHigh) {
+    f(std::integral_constant<int, kLow>{});
+  } else {
+    if (n == kLow) f(std::integral_constant<int, kLow>{});
+    else with_count<kLow + 1, kHigh>(n, f);
+  }
+}
 
 // Row range [begin, end) of part `part` out of `parts`, balanced by non-zeros (a row is never split).
 inline void balanced_rows(const CsrView& a, int part, int parts, int64_t* begin, int64_t* end) {
