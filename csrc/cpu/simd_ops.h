@@ -44,6 +44,7 @@ struct Ops256 {
     return _mm256_and_si256(_mm256_cmpgt_epi32(lanes, clamp(lo - 1)), _mm256_cmpgt_epi32(clamp(hi), lanes));
   }
   static V set1(float f) { return _mm256_set1_ps(f); }
+  static V broadcast_lane(V v, int lane) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(lane)); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   // acc with a NaN in each lane where v is Inf or NaN (v - v: +0 where finite, NaN where not; OR-ed
