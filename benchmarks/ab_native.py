@@ -10,7 +10,8 @@ last-level cache twice over, so every call reads its weight from DRAM.
     cp build/<tag>/_C*.so /tmp/base_C.so      # the baseline build, before the change
     # ... rebuild with the change ...
     python benchmarks/ab_native.py /tmp/base_C.so --batch 1 64
-    python benchmarks/ab_native.py /tmp/base_C.so --format nm --nm 2:4 --isa avx2   # (csr, bitmap, nm)
+    python benchmarks/ab_native.py /tmp/base_C.so --format nm --nm 2:4 --isa avx2   # (csr, bitmap, nm, bsr)
+    python benchmarks/ab_native.py /tmp/base_C.so --format bsr --block 16x16 --sparsity 0.7 --batch 1024
 
 Prints the median time per call of each build and their ratio (new / baseline), with the CPU.
 Measures the native call only (DLPack in, DLPack out); Python-side changes need a separate look.
@@ -43,7 +44,7 @@ def load_baseline(path: str):
 
 # Each format's native handle and the structure tensor that streams beside the values.
 _HANDLES = {"csr": ("CsrHandle", "crow_indices", "col_indices"), "bitmap": ("BitmapHandle", "row_ptr", "masks"),
-            "nm": ("NmHandle", "pattern", "indices")}
+            "nm": ("NmHandle", "pattern", "indices"), "bsr": ("BsrHandle", "block_ptr", "block_cols")}
 
 
 def handles(module, packed, bias: torch.Tensor, copies: int):
@@ -55,7 +56,8 @@ def handles(module, packed, bias: torch.Tensor, copies: int):
     made = []
     for _ in range(copies):
         streamed, values = hugepages.copy_group([tensors[stream], packed.values])
-        structure = {offsets: tensors[offsets].clone().numpy(), stream: streamed.numpy()}
+        structure = {name: tensors[name].clone().numpy() for name in packed.STRUCTURE}  # (bsr: its block shape too)
+        structure[stream] = streamed.numpy()
         ordered = [structure[name] for name in packed.STRUCTURE]
         made.append(getattr(module, kind)(out_features, in_features, *ordered, values.numpy(), True,
                                           bias.clone().numpy()))
@@ -69,6 +71,8 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--nm", default="2:4", metavar="N:M", help="the pattern kept with --format nm (not --sparsity)")
     parser.add_argument("--format", default="csr", choices=sorted(_HANDLES))
+    parser.add_argument("--block", type=lambda v: tuple(int(n) for n in v.split("x")), default=(16, 16), metavar="RxC",
+                        help="the block shape with --format bsr, whole blocks kept or pruned")
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--threads", type=int, default=min(2, sparsenet.ops.runtime.usable_threads()))
     parser.add_argument("--rounds", type=int, default=40)
@@ -86,9 +90,10 @@ def main() -> None:
     nm = tuple(int(v) for v in args.nm.split(":")) if args.format == "nm" else None
     if nm:
         args.sparsity = 1 - nm[0] / nm[1]
-    weight = torch.randn(out_features, in_features, generator=g) * kept(args.shape, args.sparsity, None, g, nm)
+    block = args.block if args.format == "bsr" else None
+    weight = torch.randn(out_features, in_features, generator=g) * kept(args.shape, args.sparsity, block, g, nm)
     bias = torch.randn(out_features)
-    packed = registry.get(args.format).from_dense(weight)
+    packed = registry.get(args.format).from_dense(weight, **({"block": block} if block else {}))
     weight_bytes = packed.nbytes
     copies = max(2, -(-2 * last_level_cache_bytes() // weight_bytes))
     contenders = {"baseline": handles(base_C, packed, bias, copies), "new": handles(new_C, packed, bias, copies)}
