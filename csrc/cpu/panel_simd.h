@@ -38,13 +38,13 @@ inline void panel_dot_u(const Idx* col, const float* val, int64_t begin, int64_t
   // time at 70% (384x1536 at 64 and 1,024 rows, 4096x4096 at 256), 0.92-0.97x at 50% (batch 4-32),
   // 0.92-0.99x at 90% (batch 8-64; batch 4 1.03x).
   if constexpr ((Ops::kWidth == 16 && NV <= 2) || Ops::kWidth == 8) {
-    constexpr int kL = Ops::kWidth;
-    for (; k + kL <= end; k += kL) {
+    constexpr int kLanes = Ops::kWidth;
+    for (; k + kLanes <= end; k += kLanes) {
       _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetchAhead), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(col + k + kPrefetchAhead), _MM_HINT_T0);
       const V wl = Ops::loadu(val + k);
 #pragma GCC unroll 16
-      for (int l = 0; l < kL; ++l) {
+      for (int l = 0; l < kLanes; ++l) {
         const float* xu = xp + static_cast<int64_t>(col[k + l]) * W;
         const V w = Ops::broadcast_lane(wl, l);
         for (int v = 0; v < NV; ++v) part[l % U][v] = Ops::fma(w, Ops::load(xu + Ops::kWidth * v), part[l % U][v]);
