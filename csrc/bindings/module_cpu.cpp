@@ -414,7 +414,8 @@ class CsrHandle {
   bool keeps_buffers() const { return static_cast<bool>(owners_); }
 
  private:
-  friend class NmHandle;  // runs its batches on a CsrHandle over a derived structure
+  friend class NmHandle;      // run their batches on a CsrHandle over a derived structure
+  friend class BitmapHandle;
 
   // The convolution of validated shape s: x and y checked for shape and layout by the caller; here
   // the overlap check, the kernel and the non-finite pass.
@@ -602,7 +603,11 @@ class BitmapHandle : public FormatHandle<BitmapHandle, sparsenet::BitmapView> {
   friend class FormatHandle<BitmapHandle, sparsenet::BitmapView>;
 
   // x has passed check_x.
-  static void run(const sparsenet::BitmapView& view, const Dense2D& x, const Dense2D& y, const float* bias) {
+  void run(const sparsenet::BitmapView& view, const Dense2D& x, const Dense2D& y, const float* bias) const {
+    if (sparsenet::cpu::plan::bitmap_batch_on_csr(sparsenet::cpu::active_isa(), x.rows)) {
+      derived_csr().run(view.values, x, y, bias);  // (before the GIL is released: builds under it)
+      return;
+    }
     sparsenet::XCheck check;  // (the kernels may check x for Inf and NaN as they load it)
     sparsenet::DenseArgs d = dense_args(x, y, view.rows, view.cols, bias);
     d.x_check = &check;
@@ -613,8 +618,20 @@ class BitmapHandle : public FormatHandle<BitmapHandle, sparsenet::BitmapView> {
     sparsenet::propagate_nonfinite(view, d);
   }
 
+  // A CSR structure over the same values (planner: bitmap_batch_on_csr), built on first use.
+  const CsrHandle& derived_csr() const {
+    if (!csr_) {
+      const int index_bytes = view_.cols <= 65536 ? 2 : 4;
+      std::vector<uint8_t> col(static_cast<size_t>(view_.nnz * index_bytes));
+      sparsenet::bitmap_to_csr(view_, col.data(), index_bytes);
+      csr_ = std::make_unique<const CsrHandle>(view_.rows, view_.cols, row_ptr_, std::move(col), index_bytes);
+    }
+    return *csr_;
+  }
+
   std::vector<uint16_t, sparsenet::cpu::HugePageAllocator<uint16_t>> masks_;  // streamed on every call
   std::vector<int64_t> row_ptr_;
+  mutable std::unique_ptr<const CsrHandle> csr_;
 };
 
 // A block-sparse (BSR) weight checked once and ready to multiply (see csrc/cpu/bsr_view.h for the

@@ -1,18 +1,18 @@
 // AVX2 bitmap kernel: each 16-column chunk as two 8-column halves. AVX2 has no expand, so a half's
 // stored weights are loaded (masked to their count) and moved to their columns by a permutation
-// from a 256-entry table whose sign bits also zero the lanes without a weight; up to 8 samples
-// share each decoded half. Batches 1-5 run rows in pairs, 64 columns a step (row_pair_in: at batch 1
+// from a 256-entry table whose sign bits also zero the lanes without a weight; up to 5 samples
+// share each decoded half (from 6 the handle runs CSR's kernels over a derived structure:
+// plan::kBitmapCsrMinBatchAvx2). Rows run in pairs, 64 columns a step (row_pair_in: at batch 1
 // 0.55-0.59x the time of one row at a time, half by half, on 4096 x 4096 at 50-70% from DRAM). The
 // tables are constant-initialised (no code runs at load: this file is compiled with AVX2 flags, and
 // must be harmless on a CPU without them until it is chosen).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "cpu/bitmap_drive.h"
-#include "cpu/bitmap_panel.h"
 #include "cpu/panel.h"  // kPrefetchAhead
-#include "cpu/planner.h"
 #include "cpu/simd_ops.h"
 
 namespace sparsenet::cpu::avx2 {
@@ -196,22 +196,20 @@ inline void row(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) 
 
 }  // namespace
 
+// Rows in pairs for up to 5 inputs at a time (their plain loads read at most 7 floats past the second
+// row's values). From plan::kBitmapCsrMinBatchAvx2 inputs the handle runs CSR's kernels over a
+// derived structure instead, so larger batches, served here in slices of 5, are not a case to tune.
 void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
-  if (d.batch >= plan::kBitmapPanelMinBatchAvx2) {
-    if (d.batch <= 8) bitmap_panel_matmul<Ops256, 1>(a, d);
-    else if (d.batch <= 16) bitmap_panel_matmul<Ops256, 2>(a, d);
-    else bitmap_panel_matmul<Ops256, 4>(a, d);
-    return;
+  constexpr int kSlice = 5;
+  for (int64_t m0 = 0; m0 < d.batch; m0 += kSlice) {
+    DenseArgs slice = d;
+    slice.batch = std::min<int64_t>(kSlice, d.batch - m0);
+    slice.x = d.x + m0 * d.ldx;
+    slice.y = d.y + m0 * d.ldy;
+    bitmap_pairs<kSlice>(
+        a, slice, 8, [&](auto nb, auto in, auto lines, int64_t r) { row_pair_in<nb(), in(), lines()>(a, slice, r); },
+        [&](auto nb, int64_t r) { row<nb()>(a, slice, r, 0); });
   }
-  if (d.batch <= 5) {  // rows in pairs (their plain loads read at most 7 floats past the second row's values)
-    bitmap_pairs<5>(
-        a, d, 8, [&](auto nb, auto in, auto lines, int64_t r) { row_pair_in<nb(), in(), lines()>(a, d, r); },
-        [&](auto nb, int64_t r) { row<nb()>(a, d, r, 0); });
-    return;
-  }
-  bitmap_drive(a, d, [&](int64_t r0, int64_t r1) {
-    rows_in_sample_blocks(r0, r1, d.batch, [&](auto nb, int64_t r, int64_t m0) { row<decltype(nb)::value>(a, d, r, m0); });
-  });
 }
 
 }  // namespace sparsenet::cpu::avx2

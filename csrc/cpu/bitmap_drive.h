@@ -147,26 +147,4 @@ void bitmap_drive(const BitmapView& a, const DenseArgs& d, RowsFn rows) {
   for (int p = 0; p < parts; ++p) rows(bitmap_part_start(a, p, parts), bitmap_part_start(a, p + 1, parts));
 }
 
-// row(std::integral_constant<int, NB>{}, r, m0) for each row of [r0, r1), and within it for the
-// samples in blocks of 8 and one last block of NB < 8: a row's values stay in L1 while the blocks
-// reuse them, and NB, a constant, lets the kernel keep its NB accumulators in registers.
-template <typename RowFn>
-inline void rows_in_sample_blocks(int64_t r0, int64_t r1, int64_t batch, RowFn row) {
-  using std::integral_constant;
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t m = 0;
-    for (; m + 8 <= batch; m += 8) row(integral_constant<int, 8>{}, r, m);
-    switch (batch - m) {
-      case 7: row(integral_constant<int, 7>{}, r, m); break;
-      case 6: row(integral_constant<int, 6>{}, r, m); break;
-      case 5: row(integral_constant<int, 5>{}, r, m); break;
-      case 4: row(integral_constant<int, 4>{}, r, m); break;
-      case 3: row(integral_constant<int, 3>{}, r, m); break;
-      case 2: row(integral_constant<int, 2>{}, r, m); break;
-      case 1: row(integral_constant<int, 1>{}, r, m); break;
-      default: break;
-    }
-  }
-}
-
 }  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

@@ -33,6 +33,17 @@ void validate_bitmap(const BitmapView& a) {
                                 std::to_string(a.nnz));
 }
 
+void bitmap_to_csr(const BitmapView& a, void* col_idx, int index_bytes) {
+  int64_t n = 0;
+  for (int64_t r = 0; r < a.rows; ++r)
+    for (int64_t k = 0; k < a.chunks; ++k)
+      for (unsigned bits = a.masks[r * a.chunks + k]; bits; bits &= bits - 1, ++n) {
+        const int64_t c = k * kBitmapChunk + __builtin_ctz(bits);
+        if (index_bytes == 2) static_cast<uint16_t*>(col_idx)[n] = static_cast<uint16_t>(c);
+        else static_cast<int32_t*>(col_idx)[n] = static_cast<int32_t>(c);
+      }
+}
+
 void propagate_nonfinite(const BitmapView& a, const DenseArgs& d) {
   for_each_nonfinite_sample(d, a.cols, [&](float* y, const std::vector<int64_t>& bad) {
     for (int64_t r = 0; r < a.rows; ++r) {

@@ -38,6 +38,10 @@ void validate_bitmap(const BitmapView& a);
 // by a zero weight). Kernels may skip chunks without stored weights, so this is applied after them.
 void propagate_nonfinite(const BitmapView& a, const DenseArgs& d);
 
+// The column of each stored weight, row by row (the values' order, so a CSR structure over the same
+// values with the same row_ptr): index_bytes 2 (uint16, cols <= 65536) or 4 (int32) each, to col_idx.
+void bitmap_to_csr(const BitmapView& a, void* col_idx, int index_bytes);
+
 using BitmapMatmulFn = void (*)(const BitmapView&, const DenseArgs&);
 
 namespace cpu {

@@ -7,4 +7,8 @@ bool wants_tiled_csr(const std::string& isa, int64_t batch, double density) {
   return batch > kWideBatch ? density >= kTiledMinDensityWide : density >= kTiledMinDensityNarrow;
 }
 
+bool bitmap_batch_on_csr(const std::string& isa, int64_t batch) {
+  return isa == "avx2" && batch >= kBitmapCsrMinBatchAvx2;
+}
+
 }  // namespace sparsenet::cpu::plan

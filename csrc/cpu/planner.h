@@ -46,10 +46,16 @@ constexpr double kBitmapSparsePanelMaxDensity = 0.15;
 inline int64_t bitmap_panel_min_batch(double density) {
   return density < kBitmapSparsePanelMaxDensity ? kBitmapPanelMinBatch - 1 : kBitmapPanelMinBatch;
 }
-// The same on AVX2, whose row kernel shares each decoded 8-column half between up to 8 inputs: the
-// panel took 1.3-1.5x its time at batch 4, 0.79-0.93x at 8, 0.43-0.59x at 16 and 0.30-0.46x at 64
-// (4096 x 4096, 50-70%).
-constexpr int64_t kBitmapPanelMinBatchAvx2 = 8;
+// On AVX2, from this many inputs a CSR structure derived from the bitmap once (over the same values)
+// runs CSR's kernels (bitmap_batch_on_csr); below, the bitmap's own row-pair kernels. AVX2 had run
+// bitmap panels from batch 8 and shared each decoded half between the inputs below; CSR's kernels,
+// whose column index per weight costs less than walking the mask's bits, took 0.19-0.74x the
+// bitmap panels' time at batch 8-32 on 4096 x 4096 at 50-90%, 0.23-0.82x at 64-1,024 rows (1.05x
+// on 1536 x 384 at 1,024, whose 384 columns keep the bitmap's whole panel in L2), and at 70%
+// 0.62x / 0.49x the row kernel's at batch 6 / 7 (0.75x at 5, where the pairs, level at 50%, stay;
+// AMD EPYC Zen 3, formats_table.py). AVX-512 keeps its own kernels, not measured against CSR since.
+constexpr int64_t kBitmapCsrMinBatchAvx2 = 6;
+bool bitmap_batch_on_csr(const std::string& isa, int64_t batch);
 
 // BSR weights: from this many inputs x is transposed into a panel and every block runs as a
 // register-blocked dense micro-kernel (bsr_tile_rows rows x the panel width); below, each sample's
