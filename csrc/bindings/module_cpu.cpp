@@ -301,8 +301,8 @@ class CsrHandle {
     else view_.values = nullptr;  // handed over again on every matmul
   }
 
-  // A structure derived in C++ from another format's (N:M), moved in and validated like any other;
-  // the values are handed to run() on every call.
+  // A structure derived in C++ from another format's (derived(): N:M, AVX2 bitmap batches), moved in
+  // and validated like any other; the values are handed to run() on every call.
   CsrHandle(int64_t rows, int64_t cols, std::vector<int64_t> row_ptr, std::vector<uint8_t> col_idx, int index_bytes)
       : row_ptr_(std::move(row_ptr)) {
     col_idx_.assign(col_idx.begin(), col_idx.end());
@@ -416,6 +416,18 @@ class CsrHandle {
  private:
   friend class NmHandle;      // run their batches on a CsrHandle over a derived structure
   friend class BitmapHandle;
+
+  // A handle over a structure derived from another format's, over the same values (in their order):
+  // fill(row_ptr, col_idx, index_bytes) writes its rows + 1 offsets and nnz column indices
+  // (index_bytes 2 for up to 65536 columns, else 4).
+  template <typename Fill>
+  static std::unique_ptr<const CsrHandle> derived(int64_t rows, int64_t cols, int64_t nnz, Fill fill) {
+    const int index_bytes = cols <= 65536 ? 2 : 4;
+    std::vector<int64_t> row_ptr(rows + 1);
+    std::vector<uint8_t> col(static_cast<size_t>(nnz * index_bytes));
+    fill(row_ptr.data(), col.data(), index_bytes);
+    return std::make_unique<const CsrHandle>(rows, cols, std::move(row_ptr), std::move(col), index_bytes);
+  }
 
   // The convolution of validated shape s: x and y checked for shape and layout by the caller; here
   // the overlap check, the kernel and the non-finite pass.
@@ -604,7 +616,8 @@ class BitmapHandle : public FormatHandle<BitmapHandle, sparsenet::BitmapView> {
 
   // x has passed check_x.
   void run(const sparsenet::BitmapView& view, const Dense2D& x, const Dense2D& y, const float* bias) const {
-    if (sparsenet::cpu::plan::bitmap_batch_on_csr(sparsenet::cpu::active_isa(), x.rows)) {
+    if (x.rows >= sparsenet::cpu::plan::kBitmapCsrMinBatchAvx2 &&  // (small batches pay nothing for this)
+        sparsenet::cpu::plan::bitmap_batch_on_csr(sparsenet::cpu::active_isa(), x.rows)) {
       derived_csr().run(view.values, x, y, bias);  // (before the GIL is released: builds under it)
       return;
     }
@@ -620,12 +633,11 @@ class BitmapHandle : public FormatHandle<BitmapHandle, sparsenet::BitmapView> {
 
   // A CSR structure over the same values (planner: bitmap_batch_on_csr), built on first use.
   const CsrHandle& derived_csr() const {
-    if (!csr_) {
-      const int index_bytes = view_.cols <= 65536 ? 2 : 4;
-      std::vector<uint8_t> col(static_cast<size_t>(view_.nnz * index_bytes));
-      sparsenet::bitmap_to_csr(view_, col.data(), index_bytes);
-      csr_ = std::make_unique<const CsrHandle>(view_.rows, view_.cols, row_ptr_, std::move(col), index_bytes);
-    }
+    if (!csr_)
+      csr_ = CsrHandle::derived(view_.rows, view_.cols, view_.nnz, [&](int64_t* row_ptr, void* col, int index_bytes) {
+        std::copy(row_ptr_.begin(), row_ptr_.end(), row_ptr);
+        sparsenet::bitmap_to_csr(view_, col, index_bytes);
+      });
     return *csr_;
   }
 
@@ -781,13 +793,10 @@ class NmHandle : public FormatHandle<NmHandle, sparsenet::NmView> {
   }
 
   const CsrHandle& derived_csr() const {
-    if (!csr_) {
-      const int index_bytes = view_.cols <= 65536 ? 2 : 4;
-      std::vector<int64_t> row_ptr(view_.rows + 1);
-      std::vector<uint8_t> col(static_cast<size_t>(view_.rows * view_.slots() * index_bytes));
-      sparsenet::nm_to_csr(view_, row_ptr.data(), col.data(), index_bytes);
-      csr_ = std::make_unique<const CsrHandle>(view_.rows, view_.cols, std::move(row_ptr), std::move(col), index_bytes);
-    }
+    if (!csr_)
+      csr_ = CsrHandle::derived(view_.rows, view_.cols, nnz(), [&](int64_t* row_ptr, void* col, int index_bytes) {
+        sparsenet::nm_to_csr(view_, row_ptr, col, index_bytes);
+      });
     return *csr_;
   }
 

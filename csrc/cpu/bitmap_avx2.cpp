@@ -141,13 +141,13 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
   store_pair_sums<Ops256>(d, r, acc0, acc1);
 }
 
-// Row r for samples [m0, m0 + NB). Halves without a stored weight are not skipped: at the
+// Row r for the NB samples. Halves without a stored weight are not skipped: at the
 // densities this format is for, the branch would mispredict more often than it saves work.
 template <int NB, bool kInBounds>
-inline void row_in(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) {
+inline void row_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
   const float* x[NB];
 #pragma GCC unroll 8
-  for (int i = 0; i < NB; ++i) x[i] = d.x + (m0 + i) * d.ldx;
+  for (int i = 0; i < NB; ++i) x[i] = d.x + i * d.ldx;
   const uint16_t* mask = a.masks + r * a.chunks;
   const float* v = a.values + a.row_ptr[r];
   const int64_t full = a.cols / 8;  // 8-column halves whose columns all exist
@@ -184,14 +184,14 @@ inline void row_in(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m
   }
   const float b = d.bias ? d.bias[r] : 0.0f;
 #pragma GCC unroll 8
-  for (int i = 0; i < NB; ++i) d.y[(m0 + i) * d.ldy + r] = hsum(acc[i]) + b;
+  for (int i = 0; i < NB; ++i) d.y[i * d.ldy + r] = hsum(acc[i]) + b;
 }
 
 template <int NB>
-inline void row(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) {
+inline void row(const BitmapView& a, const DenseArgs& d, int64_t r) {
   // A half's plain 8-float load reads at most 7 floats past the row's last value.
-  if (a.nnz - a.row_ptr[r + 1] >= 8) row_in<NB, true>(a, d, r, m0);
-  else row_in<NB, false>(a, d, r, m0);
+  if (a.nnz - a.row_ptr[r + 1] >= 8) row_in<NB, true>(a, d, r);
+  else row_in<NB, false>(a, d, r);
 }
 
 }  // namespace
@@ -208,7 +208,7 @@ void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
     slice.y = d.y + m0 * d.ldy;
     bitmap_pairs<kSlice>(
         a, slice, 8, [&](auto nb, auto in, auto lines, int64_t r) { row_pair_in<nb(), in(), lines()>(a, slice, r); },
-        [&](auto nb, int64_t r) { row<nb()>(a, slice, r, 0); });
+        [&](auto nb, int64_t r) { row<nb()>(a, slice, r); });
   }
 }
 

@@ -34,16 +34,16 @@ inline __m512 decode(unsigned bits, const float* v) {
   return _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), packed);
 }
 
-// Row r for samples [m0, m0 + NB). Four chunks per step from one 64-bit read of their masks: their
+// Row r for the NB samples. Four chunks per step from one 64-bit read of their masks: their
 // value offsets are popcounts of that one word, so the steps do not wait on each other (a pointer
 // advanced chunk by chunk made every chunk wait for the previous popcount), and one sample's sums
 // alternate between two accumulators (the FMA latency is not a chain either).
 template <int NB, bool kInBounds>
-inline void row_in(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) {
+inline void row_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
   constexpr int kAcc = NB <= 4 ? 2 : 1;
   const float* x[NB];
 #pragma GCC unroll 8
-  for (int i = 0; i < NB; ++i) x[i] = d.x + (m0 + i) * d.ldx;
+  for (int i = 0; i < NB; ++i) x[i] = d.x + i * d.ldx;
   const uint16_t* mask = a.masks + r * a.chunks;
   const float* v = a.values + a.row_ptr[r];
   const int64_t full = a.cols / kBitmapChunk;  // chunks whose 16 columns all exist
@@ -94,7 +94,7 @@ inline void row_in(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m
     __m512 sum = acc[i][0];
 #pragma GCC unroll 8
     for (int j = 1; j < kAcc; ++j) sum = _mm512_add_ps(sum, acc[i][j]);
-    d.y[(m0 + i) * d.ldy + r] = _mm512_reduce_add_ps(sum) + b;
+    d.y[i * d.ldy + r] = _mm512_reduce_add_ps(sum) + b;
   }
 }
 
@@ -165,10 +165,10 @@ inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
 }
 
 template <int NB>
-inline void row(const BitmapView& a, const DenseArgs& d, int64_t r, int64_t m0) {
+inline void row(const BitmapView& a, const DenseArgs& d, int64_t r) {
   // A chunk's plain 16-float load reads at most 15 floats past the row's last value.
-  if (a.nnz - a.row_ptr[r + 1] >= kBitmapChunk) row_in<NB, true>(a, d, r, m0);
-  else row_in<NB, false>(a, d, r, m0);
+  if (a.nnz - a.row_ptr[r + 1] >= kBitmapChunk) row_in<NB, true>(a, d, r);
+  else row_in<NB, false>(a, d, r);
 }
 
 }  // namespace
@@ -185,7 +185,7 @@ void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
   bitmap_pairs<8>(
       a, d, kBitmapChunk,
       [&](auto nb, auto in, auto lines, int64_t r) { row_pair_in<nb(), in(), lines()>(a, d, r); },
-      [&](auto nb, int64_t r) { row<nb()>(a, d, r, 0); });
+      [&](auto nb, int64_t r) { row<nb()>(a, d, r); });
 }
 
 }  // namespace sparsenet::cpu::avx512

@@ -53,7 +53,9 @@ def test_empty_rows_strided_input_and_batch_zero(isa):
     handle(b).matmul(b.values.numpy(), torch.empty(0, 70).numpy(), out.numpy())
 
 
-@pytest.mark.parametrize("batch", [1, 5, 12])  # 1 and 5: row pairs, 64 columns a step, then the rest; 12: panels
+# 1 and 5: row pairs, 64 columns a step, then the rest; 12: panels (AVX-512), or CSR's kernels over
+# the structure derived from the bitmap (AVX2)
+@pytest.mark.parametrize("batch", [1, 5, 12])
 def test_large_and_threaded(isa, two_threads, batch):
     w = weights(301, 1000, 0.3, 2)
     x = torch.randn(batch, 1000)
