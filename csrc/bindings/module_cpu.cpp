@@ -704,20 +704,40 @@ class BsrHandle : public FormatHandle<BsrHandle, sparsenet::BsrView> {
  private:
   friend class FormatHandle<BsrHandle, sparsenet::BsrView>;
 
-  static void run(const sparsenet::BsrView& view, const Dense2D& x, const Dense2D& y, const float* bias) {
+  void run(sparsenet::BsrView view, const Dense2D& x, const Dense2D& y, const float* bias) const {
     sparsenet::XCheck check;  // (the kernels may check x for Inf and NaN as they load it)
     sparsenet::DenseArgs d = dense_args(x, y, view.rows, view.cols, bias);
     d.x_check = &check;
     if (d.batch == 0 || view.rows == 0) return;
     const auto kernel = sparsenet::cpu::bsr_matmul_kernel();
+    transposed_for(d.batch, &view);  // (before the GIL is released: builds under it)
     py::gil_scoped_release nogil;
     kernel(view, d);
     sparsenet::propagate_nonfinite(view, d);
   }
 
+  // Points view at the block-transposed copy of its values (bsr_transpose_blocks) where the planner
+  // runs this batch on it: built on first use under the GIL, rebuilt when handed other values (as
+  // CsrHandle's tiled copy).
+  void transposed_for(int64_t batch, sparsenet::BsrView* view) const {
+    const int64_t slice = sparsenet::cpu::plan::bsr_direct_slice(sparsenet::cpu::active_isa(), batch, view->r, view->c);
+    if (slice == 0) return;
+    if (transposed_values_ != view->values || transposed_slice_ != slice) {
+      transposed_.resize(static_cast<size_t>(view->nnzb * view->r * view->c));
+      sparsenet::bsr_transpose_blocks(*view, slice, transposed_.data());
+      transposed_values_ = view->values;
+      transposed_slice_ = slice;
+    }
+    view->values_t = transposed_.data();
+    view->slice = slice;
+  }
+
   int64_t shape_[2] = {1, 1};  // (r, c), as structure() shows it
   std::vector<int64_t> block_ptr_;
   std::vector<int32_t, sparsenet::cpu::HugePageAllocator<int32_t>> block_cols_;
+  mutable std::vector<float, sparsenet::cpu::HugePageAllocator<float>> transposed_;
+  mutable const float* transposed_values_ = nullptr;  // the values transposed_ copied
+  mutable int64_t transposed_slice_ = 0;
 };
 
 // An N:M weight checked once and ready to multiply (see csrc/cpu/nm_view.h for the layout). As the

@@ -5,7 +5,8 @@
 namespace sparsenet::cpu::avx2 {
 
 void bsr_matmul(const BsrView& a, const DenseArgs& d) {
-  if (d.batch >= plan::kBsrWidePanelMinBatchAvx2) bsr_panel_matmul<Ops256, 2>(a, d);
+  if (a.values_t && a.slice == 16) bsr_direct_matmul<Ops256, 2>(a, d);
+  else if (d.batch >= plan::kBsrWidePanelMinBatchAvx2) bsr_panel_matmul<Ops256, 2>(a, d);
   else if (d.batch >= plan::kBsrPanelMinBatch) bsr_panel_matmul<Ops256, 1>(a, d);
   else bsr_small_batch<Ops256>(a, d);
 }

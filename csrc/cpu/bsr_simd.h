@@ -10,6 +10,8 @@
 // From there x is transposed into a panel (W samples per column) and each stored weight becomes one
 // broadcast and W / width FMAs into a register tile of up to 16 rows x W samples: a block of r rows
 // reuses every panel vector it loads r times (up to 16), as a dense micro-kernel does.
+// AVX2 from batch 16, blocks 16k high and at least 8 wide: direct tiles (bsr_direct_matmul), the
+// weights (a block-transposed copy) as the vector operand and x broadcast in place.
 #pragma once
 #include <immintrin.h>
 
@@ -204,6 +206,115 @@ void bsr_panel_matmul(const BsrView& a, const DenseArgs& d) {
     for (int64_t R = bsr_part_start(a, p, parts); R < bsr_part_start(a, p + 1, parts); ++R)
       bsr_panel_block_row<Ops, NV>(a, xp, R, b0, valid, d);
   });
+}
+
+// ---- direct tiles: the weights as the vector operand ------------------------------------------------
+
+// Samples of a direct tile: 6 rows x 2 vectors of outputs, one broadcast of x a row and 2 weight
+// vectors a column within AVX2's 16 registers (the sgemm shape). Only that shape is tuned (planner).
+template <typename Ops, int NV>
+constexpr int bsr_direct_samples() {
+  static_assert(Ops::kWidth == 8 && NV == 2, "direct BSR tiles are measured on AVX2's 6 x 2 only");
+  return 6;
+}
+
+// Samples [m0, m0 + MR) against slice s (rows [s * S, s * S + S) of every block) of block row R,
+// from the block-transposed copy a.values_t: y's rows get the slice's outputs (+ bias) directly.
+// x's lines for a block are asked for plan::kBsrDirectAhead blocks ahead (a block's 16 columns are
+// one line of each of MR rows, wherever its block column falls: no hardware prefetcher follows
+// that), running on into the first blocks of the next tile's `next` samples.
+template <typename Ops, int MR, int NV>
+inline void bsr_direct_tile(const BsrView& a, const DenseArgs& d, int64_t m0, int64_t next, int64_t R, int64_t s) {
+  using V = typename Ops::V;
+  constexpr int64_t kW = Ops::kWidth, S = kW * NV, kAhead = plan::kBsrDirectAhead;
+  const int64_t i0 = R * a.r + s * S, nr = std::min(S, a.rows - i0);
+  V acc[MR][NV];
+  {
+    V bias[NV];
+#pragma GCC unroll 4
+    for (int n = 0; n < NV; ++n) bias[n] = d.bias ? Ops::load_first(d.bias + i0 + n * kW, nr - n * kW) : Ops::zero();
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int n = 0; n < NV; ++n) acc[i][n] = bias[n];
+  }
+  const int64_t block = a.r * a.c, ldx = d.ldx, b0 = a.block_ptr[R], b1 = a.block_ptr[R + 1];
+  const float* x = d.x + m0 * ldx;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t j0 = int64_t{a.block_cols[b]} * a.c, nc = std::min(a.c, a.cols - j0);
+    const float* w = a.values_t + b * block + s * S * a.c;
+    const float* xb = x + j0;
+    if (b + kAhead < b1) {
+      const float* xa = x + int64_t{a.block_cols[b + kAhead]} * a.c;
+#pragma GCC unroll 32
+      for (int i = 0; i < MR; ++i) _mm_prefetch(reinterpret_cast<const char*>(xa + i * ldx), _MM_HINT_T0);
+    } else if (b0 + (b + kAhead - b1) < b1) {
+      const float* xa = x + MR * ldx + int64_t{a.block_cols[b0 + (b + kAhead - b1)]} * a.c;
+      for (int64_t i = 0; i < next; ++i) _mm_prefetch(reinterpret_cast<const char*>(xa + i * ldx), _MM_HINT_T0);
+    }
+    for (int64_t j = 0; j < nc; ++j) {
+      V wv[NV];
+#pragma GCC unroll 4
+      for (int n = 0; n < NV; ++n) wv[n] = Ops::load(w + j * S + n * kW);
+      // Fully unrolled, so that the accumulators have constant indices and stay in registers.
+#pragma GCC unroll 32
+      for (int i = 0; i < MR; ++i) {
+        const V xv = Ops::set1(xb[i * ldx + j]);
+#pragma GCC unroll 4
+        for (int n = 0; n < NV; ++n) acc[i][n] = Ops::fma(wv[n], xv, acc[i][n]);
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) {
+    float* y = d.y + (m0 + i) * d.ldy + i0;
+#pragma GCC unroll 4
+    for (int n = 0; n < NV; ++n) {
+      if (nr >= (n + 1) * kW) Ops::storeu(y + n * kW, acc[i][n]);
+      else Ops::store_first(y + n * kW, acc[i][n], nr - n * kW);
+    }
+  }
+}
+
+// Samples [m0, m1) against block rows [R0, R1): a block row's slice of weights is read from L1 by
+// all the tiles in turn.
+template <typename Ops, int NV>
+inline void bsr_direct_rows(const BsrView& a, const DenseArgs& d, int64_t m0, int64_t m1, int64_t R0, int64_t R1) {
+  constexpr int MR = bsr_direct_samples<Ops, NV>();
+  constexpr int64_t S = Ops::kWidth * NV;
+  for (int64_t R = R0; R < R1; ++R)
+    for (int64_t s = 0; s * S < a.r && R * a.r + s * S < a.rows; ++s)
+      for (int64_t m = m0; m < m1; m += MR) {
+        const int64_t next = std::clamp<int64_t>(m1 - m - MR, 0, MR);
+        with_count<1, MR>(std::min<int64_t>(MR, m1 - m),
+                          [&](auto n) { bsr_direct_tile<Ops, n(), NV>(a, d, m, next, R, s); });
+      }
+}
+
+// y = A x over the block-transposed copy (a.slice == width * NV), x read in place. Samples run in
+// groups whose x rows fill about plan::kBsrDirectSlabBytes (L2); a group meets every block row in
+// turn. With many groups' worth of samples each thread takes whole groups; with few, the team
+// shares out each group's block rows.
+template <typename Ops, int NV>
+void bsr_direct_matmul(const BsrView& a, const DenseArgs& d) {
+  constexpr int64_t MR = bsr_direct_samples<Ops, NV>();
+  const int64_t fit = plan::kBsrDirectSlabBytes / (std::max<int64_t>(a.cols, 1) * 4);
+  const int64_t group = std::max<int64_t>(MR, fit / MR * MR);
+  const int64_t groups = (d.batch + group - 1) / group;
+  const int nt = bsr_threads(a, d);
+  if (nt == 1 || groups >= int64_t{plan::kBsrPanelsPerThread} * nt) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
+    for (int64_t g = 0; g < groups; ++g)
+      bsr_direct_rows<Ops, NV>(a, d, g * group, std::min(d.batch, (g + 1) * group), 0, a.block_rows);
+    return;
+  }
+  const int parts = bsr_parts(a, nt);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t m0 = g * group, m1 = std::min(d.batch, m0 + group);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int p = 0; p < parts; ++p)
+      bsr_direct_rows<Ops, NV>(a, d, m0, m1, bsr_part_start(a, p, parts), bsr_part_start(a, p + 1, parts));
+  }
 }
 
 }  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY

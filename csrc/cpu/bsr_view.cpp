@@ -41,6 +41,16 @@ void validate_bsr(const BsrView& a) {
                                 " does not match the " + std::to_string(a.nnzb) + " stored blocks");
 }
 
+void bsr_transpose_blocks(const BsrView& a, int64_t slice, float* out) {
+  const int64_t block = a.r * a.c;
+  for (int64_t b = 0; b < a.nnzb; ++b) {
+    const float* v = a.values + b * block;
+    float* t = out + b * block;
+    for (int64_t i = 0; i < a.r; ++i)
+      for (int64_t j = 0; j < a.c; ++j) t[(i / slice) * slice * a.c + j * slice + i % slice] = v[i * a.c + j];
+  }
+}
+
 void propagate_nonfinite(const BsrView& a, const DenseArgs& d) {
   std::vector<int64_t> bad;
   for_each_nonfinite_sample(d, a.cols, [&](float* y, const std::vector<int64_t>& columns) {

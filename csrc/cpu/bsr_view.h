@@ -26,6 +26,11 @@ struct BsrView {
   const int64_t* block_ptr = nullptr;
   const int32_t* block_cols = nullptr;
   const float* values = nullptr;
+  // Optional: the values again, each block column by column in slices of `slice` rows
+  // (values_t[b * r * c + s * slice * c + j * slice + i] is row s * slice + i, column j of block b),
+  // where the kernel wants the weights as its vector operand (bsr_transpose_blocks). Null: none.
+  const float* values_t = nullptr;
+  int64_t slice = 0;
 };
 
 constexpr int64_t kBsrMaxBlock = 64;
@@ -34,6 +39,10 @@ inline int64_t bsr_block_rows(int64_t rows, int64_t r) { return r > 0 ? (rows + 
 
 // Throws std::invalid_argument naming the first broken invariant. O(block_rows + nnzb), once per handle.
 void validate_bsr(const BsrView& a);
+
+// Writes a's values (r a multiple of slice) in the block-transposed layout of BsrView::values_t to
+// out (nnzb * r * c floats).
+void bsr_transpose_blocks(const BsrView& a, int64_t slice, float* out);
 
 // Dense semantics for non-finite inputs (as for CSR): y[m, i] becomes NaN where sample m has Inf or
 // NaN in a column that no stored block of row i's block row covers. Applied after the kernels.

@@ -66,6 +66,25 @@ constexpr int64_t kBsrPanelMinBatch = 4;
 // (4096x4096 at 90% and 384x1536 at 70%, 16x16 blocks; AMD EPYC Zen 3, ab_native.py).
 constexpr int64_t kBsrWidePanelMinBatchAvx2 = 16;
 
+// AVX2 from this many inputs, for blocks whose height is a multiple of 16 and width at least
+// kBsrDirectMinWidth: the weights become the vector operand (a block-transposed copy the handle
+// keeps, bsr_transpose_blocks) and x is read in place, a broadcast a sample, into a tile of 6
+// samples x 16 outputs stored as y's rows: no panel to pack, no transposed store, and each x value
+// loaded once for 16 outputs where the panel loaded each weight once for 16 samples. Samples run in
+// groups whose x rows fill about kBsrDirectSlabBytes (L2) while each block row's weights stay in
+// L1 for the group's tiles. Against the panels (ab_native.py, new / panels, AMD EPYC Zen 3):
+// 16x16 blocks, 4096x4096 at 90%, batch 16-128: 0.37-0.52; 384x1536 / 1536x384 at 70%, batch 64:
+// 0.52 / 0.60, 1,024: 0.98 / 0.88 (2 blocks ahead on x; 1 ahead measured 0.88-1.0x the time of
+// none, 2 ahead 0.9x of 1); 32x32 0.61-0.93; 16x8 0.57-1.0. Blocks 8 high (one vector of outputs,
+// a broadcast per FMA) measured 1.14-1.50x the panels' time, 16x4 0.52-1.13, 16x1 1.14-1.53: panels.
+constexpr int64_t kBsrDirectMinBatchAvx2 = 16;
+constexpr int64_t kBsrDirectMinWidth = 8;
+constexpr int64_t kBsrDirectSlabBytes = 256 * 1024;
+constexpr int64_t kBsrDirectAhead = 2;
+// The slice height of the block-transposed copy a call on `isa` at this batch runs on, for blocks
+// of r x c; 0 where it runs on the panels.
+int64_t bsr_direct_slice(const std::string& isa, int64_t batch, int64_t r, int64_t c);
+
 // BSR at large batch: from this many panels per thread, threads take whole panels (each its own
 // x slice, no barrier) instead of sharing out each panel's block rows.
 constexpr int kBsrPanelsPerThread = 4;

@@ -69,17 +69,35 @@ def test_large_and_threaded(isa, batch, two_threads):
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_non_finite_inputs_follow_dense_semantics(isa, bad):
-    w = weights(12, 40, (4, 8), 0.5, 3)
-    w[4:8] = 0  # a block row storing nothing
-    p = PackedBSR.from_dense(w, block=(4, 8))
-    x = torch.randn(6, 40)  # 6: the panel kernels too
+@pytest.mark.parametrize("block, batch", [((4, 8), 6), ((16, 16), 20)])  # panels; AVX2's direct tiles
+def test_non_finite_inputs_follow_dense_semantics(isa, bad, block, batch):
+    w = weights(36, 40, block, 0.5, 3)
+    w[4:8] = 0  # a block row storing nothing (of 4 x 8 blocks)
+    w[16:32] = 0  # (of 16 x 16 blocks)
+    p = PackedBSR.from_dense(w, block=block)
+    x = torch.randn(batch, 40)
     x[1, 5] = bad
     x[2, 39] = bad  # in the last, partial block column
     x[4, 17] = bad
+    x[batch - 1, 20] = bad  # in the last, partial tile of samples
     got = run(p, x)
     want = torch.nn.functional.linear(x.double(), p.to_dense().double())
     assert_nonfinite_like_dense(got, want)
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 8)], ids=["16x16", "32x8"])
+def test_large_batch_copy_of_the_values_follows_the_values_handed_over(isa, block):
+    # From batch 16 AVX2 runs 16-row blocks on a block-transposed copy of the values, which the handle
+    # keeps: values handed over in another buffer must be copied again, not answered from the old copy.
+    w = weights(40, 56, block, 0.5, 5)
+    p = PackedBSR.from_dense(w, block=block)
+    h = handle(p)
+    x = torch.randn(33, 56)
+    first, second = p.values.clone(), p.values * -3
+    for values, scale in ((first, 1), (second, -3), (first, 1)):
+        out = torch.empty(33, 40)
+        h.matmul(values.numpy(), x.numpy(), out.numpy())
+        assert_close(out, reference(w * scale, x))
 
 
 def test_handle_validates_and_keeps_its_own_copy():
