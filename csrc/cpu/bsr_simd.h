@@ -291,10 +291,31 @@ inline void bsr_direct_rows(const BsrView& a, const DenseArgs& d, int64_t m0, in
       }
 }
 
+// Whether samples [m0, m1) of x hold an Inf or NaN: read front to back, row after row, which also
+// brings them into this core's L2 ahead of the tiles (whose broadcasts hop from row to row and block
+// to block, beyond any hardware prefetcher) and spares propagate_nonfinite its own pass over x.
+template <typename Ops>
+inline bool samples_nonfinite(const DenseArgs& d, int64_t cols, int64_t m0, int64_t m1) {
+  using V = typename Ops::V;
+  constexpr int64_t kW = Ops::kWidth;
+  V seen[2] = {Ops::zero(), Ops::zero()};  // two chains of ORs
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* x = d.x + m * d.ldx;
+    int64_t j = 0;
+    for (; j + 2 * kW <= cols; j += 2 * kW) {
+      seen[0] = Ops::mark_nonfinite(seen[0], Ops::loadu(x + j));
+      seen[1] = Ops::mark_nonfinite(seen[1], Ops::loadu(x + j + kW));
+    }
+    for (; j < cols; j += kW) seen[0] = Ops::mark_nonfinite(seen[0], Ops::load_first(x + j, cols - j));
+  }
+  return Ops::any_nan(Ops::merge(seen[0], seen[1]));
+}
+
 // y = A x over the block-transposed copy (a.slice == width * NV), x read in place. Samples run in
 // groups whose x rows fill about plan::kBsrDirectSlabBytes (L2); a group meets every block row in
-// turn. With many groups' worth of samples each thread takes whole groups; with few, the team
-// shares out each group's block rows.
+// turn, once each thread that works on it has read its rows through (samples_nonfinite). With many
+// groups' worth of samples each thread takes whole groups; with few, the team shares out each
+// group's block rows.
 template <typename Ops, int NV>
 void bsr_direct_matmul(const BsrView& a, const DenseArgs& d) {
   constexpr int64_t MR = bsr_direct_samples<Ops, NV>();
@@ -302,19 +323,28 @@ void bsr_direct_matmul(const BsrView& a, const DenseArgs& d) {
   const int64_t group = std::max<int64_t>(MR, fit / MR * MR);
   const int64_t groups = (d.batch + group - 1) / group;
   const int nt = bsr_threads(a, d);
+  bool nonfinite = false;
   if (nt == 1 || groups >= int64_t{plan::kBsrPanelsPerThread} * nt) {
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
-    for (int64_t g = 0; g < groups; ++g)
-      bsr_direct_rows<Ops, NV>(a, d, g * group, std::min(d.batch, (g + 1) * group), 0, a.block_rows);
-    return;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(|| : nonfinite) if (nt > 1)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t m0 = g * group, m1 = std::min(d.batch, m0 + group);
+      nonfinite |= samples_nonfinite<Ops>(d, a.cols, m0, m1);
+      bsr_direct_rows<Ops, NV>(a, d, m0, m1, 0, a.block_rows);
+    }
+  } else {
+    const int parts = bsr_parts(a, nt);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t m0 = g * group, m1 = std::min(d.batch, m0 + group);
+#pragma omp parallel num_threads(nt) reduction(|| : nonfinite)
+      {
+        nonfinite |= samples_nonfinite<Ops>(d, a.cols, m0, m1);  // (each thread: into its own L2)
+#pragma omp for schedule(dynamic, 1)
+        for (int p = 0; p < parts; ++p)
+          bsr_direct_rows<Ops, NV>(a, d, m0, m1, bsr_part_start(a, p, parts), bsr_part_start(a, p + 1, parts));
+      }
+    }
   }
-  const int parts = bsr_parts(a, nt);
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t m0 = g * group, m1 = std::min(d.batch, m0 + group);
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int p = 0; p < parts; ++p)
-      bsr_direct_rows<Ops, NV>(a, d, m0, m1, bsr_part_start(a, p, parts), bsr_part_start(a, p + 1, parts));
-  }
+  record_x_check(d, nonfinite);
 }
 
 }  // namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY
