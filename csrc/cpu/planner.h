@@ -77,6 +77,8 @@ constexpr int64_t kBsrWidePanelMinBatchAvx2 = 16;
 // 0.52 / 0.60, 1,024: 0.98 / 0.88 (2 blocks ahead on x; 1 ahead measured 0.88-1.0x the time of
 // none, 2 ahead 0.9x of 1); 32x32 0.61-0.93; 16x8 0.57-1.0. Blocks 8 high (one vector of outputs,
 // a broadcast per FMA) measured 1.14-1.50x the panels' time, 16x4 0.52-1.13, 16x1 1.14-1.53: panels.
+// Asking for the next block row's weights into L2, a share per tile, measured 0.96-0.99 / 1.03-1.07
+// at 1,024 rows (384x1536 / 1536x384) and was dropped; the hardware follows that stream.
 constexpr int64_t kBsrDirectMinBatchAvx2 = 16;
 constexpr int64_t kBsrDirectMinWidth = 8;
 constexpr int64_t kBsrDirectSlabBytes = 256 * 1024;
