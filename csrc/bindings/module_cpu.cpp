@@ -442,12 +442,14 @@ class CsrHandle {
     c.num_threads = g_num_threads.load(std::memory_order_relaxed);
     sparsenet::CsrView view = view_;
     view.values = values;
-    const sparsenet::DirectConv* dc = direct_for(s);
+    // (held here: a call from another thread on another input size may replace the handle's plan
+    // while this one's kernel still reads it)
+    const std::shared_ptr<const ConvPlan> plan = direct_for(s);
     // Where the offsets do not fit int32 (planes of over 2^31 floats), the portable kernel.
-    const auto kernel = dc ? sparsenet::cpu::csr_conv2d_kernel() : &sparsenet::cpu::fallback::csr_conv2d;
+    const auto kernel = plan ? sparsenet::cpu::csr_conv2d_kernel() : &sparsenet::cpu::fallback::csr_conv2d;
     const sparsenet::DirectConv none;
     py::gil_scoped_release nogil;
-    if (!kernel(view, s, c, dc ? *dc : none)) sparsenet::propagate_nonfinite(view, s, c);
+    if (!kernel(view, s, c, plan ? plan->direct : none)) sparsenet::propagate_nonfinite(view, s, c);
   }
 
   // x has passed check_x (before forward allocates its output).
@@ -460,31 +462,49 @@ class CsrHandle {
     const auto kernel = sparsenet::cpu::csr_matmul_kernel();
     sparsenet::CsrView view = view_;
     view.values = values;
-    view.tiled = tiled_for(batch, values);
+    // (held here: a call from another thread with other values may replace the handle's copy while
+    // this one's kernel still reads it)
+    const std::shared_ptr<const sparsenet::cpu::TiledCsr> tiled = tiled_for(batch, values);
+    view.tiled = tiled.get();
     py::gil_scoped_release nogil;
     kernel(view, d);
     sparsenet::propagate_nonfinite(view, d);
   }
 
-  // The convolution's input offsets (cpu/conv.h) for this input size and geometry, built on first
-  // use under the GIL and kept while calls keep that shape; null where they would not fit int32.
-  const sparsenet::DirectConv* direct_for(const sparsenet::ConvShape& s) const {
-    const std::vector<int64_t> key = {s.in_h, s.in_w, s.kernel_h, s.kernel_w, s.stride_h, s.stride_w, s.pad_h,
-                                      s.pad_w, s.dil_h, s.dil_w, s.in_channels, s.groups};
-    if (key != direct_key_) {
-      direct_key_.clear();
-      direct_offsets_.resize(static_cast<size_t>(view_.nnz));
-      if (!sparsenet::direct_offsets(view_, s, &direct_, direct_offsets_.data(), &direct_blocks_,
-                                       &direct_sources_, &direct_same_rows_)) return nullptr;
-      direct_key_ = key;
+  // The convolution's input offsets (cpu/conv.h) for one input size and geometry; `direct` points
+  // into the vectors beside it.
+  struct ConvPlan {
+    std::vector<int64_t> key;  // the shape it was built for
+    std::vector<uint16_t> offsets;
+    std::vector<int64_t> blocks;
+    std::vector<int32_t> sources;
+    std::vector<uint8_t> same_rows;
+    sparsenet::DirectConv direct;
+  };
+
+  // The plan for shape s, built on first use under the GIL and kept while calls keep that shape (a
+  // new object for a new shape); null where its offsets would not fit int32.
+  std::shared_ptr<const ConvPlan> direct_for(const sparsenet::ConvShape& s) const {
+    std::vector<int64_t> key = {s.in_h, s.in_w, s.kernel_h, s.kernel_w, s.stride_h, s.stride_w, s.pad_h,
+                                s.pad_w, s.dil_h, s.dil_w, s.in_channels, s.groups};
+    if (!direct_ || direct_->key != key) {
+      auto plan = std::make_shared<ConvPlan>();
+      plan->offsets.resize(static_cast<size_t>(view_.nnz));
+      if (!sparsenet::direct_offsets(view_, s, &plan->direct, plan->offsets.data(), &plan->blocks, &plan->sources,
+                                     &plan->same_rows)) {
+        direct_.reset();
+        return nullptr;
+      }
+      plan->key = std::move(key);
+      direct_ = std::move(plan);
     }
-    return &direct_;
+    return direct_;
   }
 
   // The column-tiled copy (cpu/tiled.h), built on first use under the GIL (so two threads never
   // build it at once), where the planner says a call gains from it. It copies the values too, so it
   // is rebuilt when handed others.
-  const sparsenet::cpu::TiledCsr* tiled_for(int64_t batch, const float* values) const {
+  std::shared_ptr<const sparsenet::cpu::TiledCsr> tiled_for(int64_t batch, const float* values) const {
     if (batch < sparsenet::cpu::plan::kPanelMinBatch) return nullptr;  // batch 1 pays nothing for this
     if (!sparsenet::cpu::plan::wants_tiled_csr(sparsenet::cpu::active_isa(), batch,
                                                sparsenet::cpu::baseline::density(view_)))
@@ -495,7 +515,7 @@ class CsrHandle {
       tiled_ = std::make_shared<const sparsenet::cpu::TiledCsr>(sparsenet::cpu::build_tiled(from));
       tiled_values_ = values;
     }
-    return tiled_.get();
+    return tiled_;
   }
 
   CsrView view_;  // structure: this handle's private copy; values: the kept buffer (keep=True)
@@ -504,12 +524,7 @@ class CsrHandle {
   const float* bias_ = nullptr;              // keep=True: the bias given at construction, if any
   std::shared_ptr<const py::tuple> owners_;  // keep=True: the values (and bias), kept alive
   mutable std::shared_ptr<const sparsenet::cpu::TiledCsr> tiled_;
-  mutable std::vector<int64_t> direct_key_;  // the shape direct_ was built for (empty: none)
-  mutable std::vector<uint16_t> direct_offsets_;
-  mutable std::vector<int64_t> direct_blocks_;
-  mutable std::vector<int32_t> direct_sources_;
-  mutable std::vector<uint8_t> direct_same_rows_;
-  mutable sparsenet::DirectConv direct_;
+  mutable std::shared_ptr<const ConvPlan> direct_;  // the last shape's plan
   mutable const float* tiled_values_ = nullptr;  // the values tiled_ copied
 };
 
@@ -710,34 +725,45 @@ class BsrHandle : public FormatHandle<BsrHandle, sparsenet::BsrView> {
     d.x_check = &check;
     if (d.batch == 0 || view.rows == 0) return;
     const auto kernel = sparsenet::cpu::bsr_matmul_kernel();
-    transposed_for(d.batch, &view);  // (before the GIL is released: builds under it)
+    // (built under the GIL, and held here: a call from another thread with other values may replace
+    // the handle's copy while this one's kernel still reads it)
+    const std::shared_ptr<const Transposed> transposed = transposed_for(d.batch, view);
+    if (transposed) {
+      view.values_t = transposed->values.data();
+      view.slice = transposed->slice;
+    }
     py::gil_scoped_release nogil;
     kernel(view, d);
     sparsenet::propagate_nonfinite(view, d);
   }
 
-  // Points view at the block-transposed copy of its values (bsr_transpose_blocks) where the planner
-  // runs this batch on it: built on first use under the GIL, rebuilt when handed other values (as
-  // CsrHandle's tiled copy).
-  void transposed_for(int64_t batch, sparsenet::BsrView* view) const {
-    const int64_t slice = sparsenet::cpu::plan::bsr_direct_slice(sparsenet::cpu::active_isa(), batch, view->r, view->c);
-    if (slice == 0) return;
-    if (transposed_values_ != view->values || transposed_slice_ != slice) {
-      transposed_.resize(static_cast<size_t>(view->nnzb * view->r * view->c));
-      sparsenet::bsr_transpose_blocks(*view, slice, transposed_.data());
-      transposed_values_ = view->values;
-      transposed_slice_ = slice;
+  // The block-transposed copy of view's values (bsr_transpose_blocks) where the planner runs this
+  // batch on it, else null: built on first use, rebuilt (as a new object) when handed other values,
+  // as CsrHandle's tiled copy.
+  struct Transposed {
+    std::vector<float, sparsenet::cpu::HugePageAllocator<float>> values;
+    int64_t slice = 0;
+    const float* from = nullptr;  // the values it copied
+  };
+  std::shared_ptr<const Transposed> transposed_for(int64_t batch, const sparsenet::BsrView& view) const {
+    const int64_t slice =
+        sparsenet::cpu::plan::bsr_direct_slice(sparsenet::cpu::active_isa(), batch, view.r, view.c);
+    if (slice == 0) return nullptr;
+    if (!transposed_ || transposed_->from != view.values || transposed_->slice != slice) {
+      auto t = std::make_shared<Transposed>();
+      t->values.resize(static_cast<size_t>(view.nnzb * view.r * view.c));
+      sparsenet::bsr_transpose_blocks(view, slice, t->values.data());
+      t->slice = slice;
+      t->from = view.values;
+      transposed_ = std::move(t);
     }
-    view->values_t = transposed_.data();
-    view->slice = slice;
+    return transposed_;
   }
 
   int64_t shape_[2] = {1, 1};  // (r, c), as structure() shows it
   std::vector<int64_t> block_ptr_;
   std::vector<int32_t, sparsenet::cpu::HugePageAllocator<int32_t>> block_cols_;
-  mutable std::vector<float, sparsenet::cpu::HugePageAllocator<float>> transposed_;
-  mutable const float* transposed_values_ = nullptr;  // the values transposed_ copied
-  mutable int64_t transposed_slice_ = 0;
+  mutable std::shared_ptr<const Transposed> transposed_;
 };
 
 // An N:M weight checked once and ready to multiply (see csrc/cpu/nm_view.h for the layout). As the
