@@ -727,7 +727,7 @@ class BsrHandle : public FormatHandle<BsrHandle, sparsenet::BsrView> {
     const auto kernel = sparsenet::cpu::bsr_matmul_kernel();
     // (built under the GIL, and held here: a call from another thread with other values may replace
     // the handle's copy while this one's kernel still reads it)
-    const std::shared_ptr<const Transposed> transposed = transposed_for(d.batch, view);
+    const std::shared_ptr<const Transposed> transposed = transposed_for(view);
     if (transposed) {
       view.values_t = transposed->values.data();
       view.slice = transposed->slice;
@@ -738,16 +738,15 @@ class BsrHandle : public FormatHandle<BsrHandle, sparsenet::BsrView> {
   }
 
   // The block-transposed copy of view's values (bsr_transpose_blocks) where the planner runs this
-  // batch on it, else null: built on first use, rebuilt (as a new object) when handed other values,
-  // as CsrHandle's tiled copy.
+  // ISA and block shape on it, else null: built on first use, rebuilt (as a new object) when handed
+  // other values, as CsrHandle's tiled copy.
   struct Transposed {
     std::vector<float, sparsenet::cpu::HugePageAllocator<float>> values;
     int64_t slice = 0;
     const float* from = nullptr;  // the values it copied
   };
-  std::shared_ptr<const Transposed> transposed_for(int64_t batch, const sparsenet::BsrView& view) const {
-    const int64_t slice =
-        sparsenet::cpu::plan::bsr_direct_slice(sparsenet::cpu::active_isa(), batch, view.r, view.c);
+  std::shared_ptr<const Transposed> transposed_for(const sparsenet::BsrView& view) const {
+    const int64_t slice = sparsenet::cpu::plan::bsr_direct_slice(sparsenet::cpu::active_isa(), view.r, view.c);
     if (slice == 0) return nullptr;
     if (!transposed_ || transposed_->from != view.values || transposed_->slice != slice) {
       auto t = std::make_shared<Transposed>();

@@ -10,7 +10,7 @@
 // From there x is transposed into a panel (W samples per column) and each stored weight becomes one
 // broadcast and W / width FMAs into a register tile of up to 16 rows x W samples: a block of r rows
 // reuses every panel vector it loads r times (up to 16), as a dense micro-kernel does.
-// AVX2 from batch 16, blocks 16k high and at least 8 wide: direct tiles (bsr_direct_matmul), the
+// AVX2, blocks 16k high and at least 8 wide, every batch: direct tiles (bsr_direct_matmul), the
 // weights (a block-transposed copy) as the vector operand and x broadcast in place.
 #pragma once
 #include <immintrin.h>

@@ -66,26 +66,28 @@ constexpr int64_t kBsrPanelMinBatch = 4;
 // (4096x4096 at 90% and 384x1536 at 70%, 16x16 blocks; AMD EPYC Zen 3, ab_native.py).
 constexpr int64_t kBsrWidePanelMinBatchAvx2 = 16;
 
-// AVX2 from this many inputs, for blocks whose height is a multiple of 16 and width at least
+// AVX2, every batch, for blocks whose height is a multiple of 16 and width at least
 // kBsrDirectMinWidth: the weights become the vector operand (a block-transposed copy the handle
-// keeps, bsr_transpose_blocks) and x is read in place, a broadcast a sample, into a tile of 6
-// samples x 16 outputs stored as y's rows: no panel to pack, no transposed store, and each x value
-// loaded once for 16 outputs where the panel loaded each weight once for 16 samples. Samples run in
-// groups whose x rows fill about kBsrDirectSlabBytes (L2) while each block row's weights stay in
-// L1 for the group's tiles. Against the panels (ab_native.py, new / panels, AMD EPYC Zen 3):
-// 16x16 blocks, 4096x4096 at 90%, batch 16-128: 0.37-0.52; 384x1536 / 1536x384 at 70%, batch 64:
+// keeps, bsr_transpose_blocks: the values' bytes again) and x is read in place, a broadcast a
+// sample, into a tile of up to 6 samples x 16 outputs stored as y's rows: no panel to pack, no
+// transposed store, each x value loaded once for 16 outputs (where the panel loaded each weight once
+// for 16 samples), and at batch 1 no horizontal sums. Samples run in groups whose x rows fill about
+// kBsrDirectSlabBytes (L2) while each block row's weights stay in L1 for the group's tiles. Against
+// the kernels before (ab_native.py, new / before, AMD EPYC Zen 3), 16x16 blocks: 4096x4096 at
+// 90% batch 1 / 2-3 / 4-12 / 16-128: 0.66 / 0.63-0.65 / 0.28-0.39 / 0.37-0.52; at 50% batch 1-3
+// 0.57-0.67; 384x1536 / 1536x384 at 70%, batch 1: 0.87 / 0.89, 4-12: 0.40-0.51 (384x1536), 64:
 // 0.52 / 0.60, 1,024: 0.98 / 0.88 (2 blocks ahead on x; 1 ahead measured 0.88-1.0x the time of
-// none, 2 ahead 0.9x of 1); 32x32 0.61-0.93; 16x8 0.57-1.0. Blocks 8 high (one vector of outputs,
-// a broadcast per FMA) measured 1.14-1.50x the panels' time, 16x4 0.52-1.13, 16x1 1.14-1.53: panels.
-// Asking for the next block row's weights into L2, a share per tile, measured 0.96-0.99 / 1.03-1.07
-// at 1,024 rows (384x1536 / 1536x384) and was dropped; the hardware follows that stream.
-constexpr int64_t kBsrDirectMinBatchAvx2 = 16;
+// none, 2 ahead 0.9x of 1). 32x32: 0.53-0.99 (batch 1-2 level); 16x8: 0.57-0.87 (1,024 rows level).
+// Blocks 8 high (one vector of outputs, a broadcast per FMA) measured 1.14-1.50x the panels' time
+// at batch 16-1,024, 16x4 0.52-1.13, 16x1 1.14-1.53: their old kernels stay. Asking for the next
+// block row's weights into L2, a share per tile, measured 0.96-0.99 / 1.03-1.07 at 1,024 rows
+// (384x1536 / 1536x384) and was dropped; the hardware follows that stream.
 constexpr int64_t kBsrDirectMinWidth = 8;
 constexpr int64_t kBsrDirectSlabBytes = 256 * 1024;
 constexpr int64_t kBsrDirectAhead = 2;
-// The slice height of the block-transposed copy a call on `isa` at this batch runs on, for blocks
-// of r x c; 0 where it runs on the panels.
-int64_t bsr_direct_slice(const std::string& isa, int64_t batch, int64_t r, int64_t c);
+// The slice height of the block-transposed copy that calls on `isa` run on, for blocks of r x c; 0
+// where they run on the kernels over the values as stored.
+int64_t bsr_direct_slice(const std::string& isa, int64_t r, int64_t c);
 
 // BSR at large batch: from this many panels per thread, threads take whole panels (each its own
 // x slice, no barrier) instead of sharing out each panel's block rows.

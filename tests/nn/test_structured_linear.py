@@ -165,11 +165,12 @@ def test_tracked_structure_edit_is_validated_again(fmt):
             sparse(x)
 
 
-def test_in_place_value_edit_reaches_the_large_batch_kernels(isa):
-    # The BSR handle keeps a copy of the values for batches from 16 on AVX2 (16-row blocks): a
-    # tracked edit must give a new handle, and so a new copy.
+@pytest.mark.parametrize("batch", [1, 40])
+def test_in_place_value_edit_reaches_the_copy_of_the_values(isa, batch):
+    # The BSR handle keeps a copy of the values on AVX2 (16-row blocks): a tracked edit must give a
+    # new handle, and so a new copy.
     sparse = SparseLinear.from_dense(linear(block_weight(48, 64, block=(16, 16))), format="bsr")
-    x = torch.randn(40, 64)
+    x = torch.randn(batch, 64)
     with torch.no_grad():
         before = sparse(x)
         sparse.values.mul_(2)

@@ -69,7 +69,7 @@ def test_large_and_threaded(isa, batch, two_threads):
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-@pytest.mark.parametrize("block, batch", [((4, 8), 6), ((16, 16), 20)])  # panels; AVX2's direct tiles
+@pytest.mark.parametrize("block, batch", [((4, 8), 6), ((16, 16), 20), ((16, 16), 5)])  # panels; AVX2's direct tiles
 def test_non_finite_inputs_follow_dense_semantics(isa, bad, block, batch):
     w = weights(36, 40, block, 0.5, 3)
     w[4:8] = 0  # a block row storing nothing (of 4 x 8 blocks)
@@ -86,16 +86,17 @@ def test_non_finite_inputs_follow_dense_semantics(isa, bad, block, batch):
 
 
 @pytest.mark.parametrize("block", [(16, 16), (32, 8)], ids=["16x16", "32x8"])
-def test_large_batch_copy_of_the_values_follows_the_values_handed_over(isa, block):
-    # From batch 16 AVX2 runs 16-row blocks on a block-transposed copy of the values, which the handle
+@pytest.mark.parametrize("batch", [1, 33])
+def test_copy_of_the_values_follows_the_values_handed_over(isa, block, batch):
+    # AVX2 runs blocks 16k rows high on a block-transposed copy of the values, which the handle
     # keeps: values handed over in another buffer must be copied again, not answered from the old copy.
     w = weights(40, 56, block, 0.5, 5)
     p = PackedBSR.from_dense(w, block=block)
     h = handle(p)
-    x = torch.randn(33, 56)
+    x = torch.randn(batch, 56)
     first, second = p.values.clone(), p.values * -3
     for values, scale in ((first, 1), (second, -3), (first, 1)):
-        out = torch.empty(33, 40)
+        out = torch.empty(batch, 40)
         h.matmul(values.numpy(), x.numpy(), out.numpy())
         assert_close(out, reference(w * scale, x))
 
