@@ -312,14 +312,15 @@ inline bool samples_nonfinite(const DenseArgs& d, int64_t cols, int64_t m0, int6
 }
 
 // y = A x over the block-transposed copy (a.slice == width * NV), x read in place. Samples run in
-// groups whose x rows fill about plan::kBsrDirectSlabBytes (L2); a group meets every block row in
-// turn, once each thread that works on it has read its rows through (samples_nonfinite). With many
-// groups' worth of samples each thread takes whole groups; with few, the team shares out each
-// group's block rows.
+// groups whose x rows fill about plan::kBsrDirectSlabBytes (L2; more where the weights pass from
+// DRAM each time: planner); a group meets every block row in turn, once each thread that works on it
+// has read its rows through (samples_nonfinite). With many groups' worth of samples each thread
+// takes whole groups; with few, the team shares out each group's block rows.
 template <typename Ops, int NV>
 void bsr_direct_matmul(const BsrView& a, const DenseArgs& d) {
   constexpr int64_t MR = bsr_direct_samples<Ops, NV>();
-  const int64_t fit = plan::kBsrDirectSlabBytes / (std::max<int64_t>(a.cols, 1) * 4);
+  const bool big = a.nnzb * a.r * a.c * int64_t{sizeof(float)} > plan::kBsrDirectBigWeightBytes;
+  const int64_t fit = (big ? plan::kBsrDirectBigSlabBytes : plan::kBsrDirectSlabBytes) / (std::max<int64_t>(a.cols, 1) * 4);
   const int64_t group = std::max<int64_t>(MR, fit / MR * MR);
   const int64_t groups = (d.batch + group - 1) / group;
   const int nt = bsr_threads(a, d);

@@ -84,6 +84,12 @@ constexpr int64_t kBsrWidePanelMinBatchAvx2 = 16;
 // (384x1536 / 1536x384) and was dropped; the hardware follows that stream.
 constexpr int64_t kBsrDirectMinWidth = 8;
 constexpr int64_t kBsrDirectSlabBytes = 256 * 1024;
+// Weights of more than kBsrDirectBigWeightBytes come from DRAM on every pass of a group (4096x4096
+// at 50%, 32 MiB: 2.4x dense at batch 64 where CSR, passing once, made 4.1x): their groups take up
+// to kBsrDirectBigSlabBytes of x instead (read from L3, a few lines ahead), so that they pass once
+// per that many samples.
+constexpr int64_t kBsrDirectBigWeightBytes = 8 * 1024 * 1024;
+constexpr int64_t kBsrDirectBigSlabBytes = 4 * 1024 * 1024;
 constexpr int64_t kBsrDirectAhead = 2;
 // The slice height of the block-transposed copy that calls on `isa` run on, for blocks of r x c; 0
 // where they run on the kernels over the values as stored.

@@ -68,6 +68,17 @@ def test_large_and_threaded(isa, batch, two_threads):
     assert_close(run(p, x), reference(w, x))
 
 
+@pytest.mark.parametrize("batch", [3, 70])
+def test_weights_too_big_for_the_cache_pass_in_bigger_groups(isa, batch, two_threads):
+    # Past 8 MB of values AVX2's direct tiles group more samples per pass over the weights.
+    w = weights(2048, 1100, (16, 16), 0.6, 7)  # ~1.35M stored values of 16x16 blocks: ~5.4M bytes...
+    w = torch.cat([w, w.flip(0)], dim=1)  # ...twice: past 8 MB
+    p = PackedBSR.from_dense(w, block=(16, 16))
+    assert p.values.numel() * 4 > 8 * 1024 * 1024
+    x = torch.randn(batch, w.shape[1])
+    assert_close(run(p, x), reference(w, x))
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 @pytest.mark.parametrize("block, batch", [((4, 8), 6), ((16, 16), 20), ((16, 16), 5)])  # panels; AVX2's direct tiles
 def test_non_finite_inputs_follow_dense_semantics(isa, bad, block, batch):
