@@ -320,7 +320,8 @@ template <typename Ops, int NV>
 void bsr_direct_matmul(const BsrView& a, const DenseArgs& d) {
   constexpr int64_t MR = bsr_direct_samples<Ops, NV>();
   const bool big = a.nnzb * a.r * a.c * int64_t{sizeof(float)} > plan::kBsrDirectBigWeightBytes;
-  const int64_t fit = (big ? plan::kBsrDirectBigSlabBytes : plan::kBsrDirectSlabBytes) / (std::max<int64_t>(a.cols, 1) * 4);
+  const int64_t slab = big ? plan::kBsrDirectBigSlabBytes : plan::kBsrDirectSlabBytes;
+  const int64_t fit = slab / (std::max<int64_t>(a.cols, 1) * 4);
   const int64_t group = std::max<int64_t>(MR, fit / MR * MR);
   const int64_t groups = (d.batch + group - 1) / group;
   const int nt = bsr_threads(a, d);
