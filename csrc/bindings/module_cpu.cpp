@@ -14,6 +14,7 @@
 #include <cstring>
 #include <cstdlib>
 #include <memory>
+#include <utility>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -252,6 +253,30 @@ const float* bias_pointer(const py::object& bias, int64_t rows) {
 
 // A packed CSR weight checked once and ready to multiply (see csrc/cpu/csr_view.h for the layout).
 //
+// What a handle derives from what a call hands it (a copy of the values, a convolution's plan for
+// an input size), kept for the calls that follow with the same key. Built under the GIL; replaced by
+// a new object, never rewritten, when the key changes; and each call holds the object it got while
+// its kernel runs without the GIL, so that another thread's call with another key cannot pull it
+// from under it (two threads calling one handle with other values or input sizes had crashed the
+// process, or swapped answers).
+template <typename T, typename Key>
+class DerivedCache {
+ public:
+  // build() -> std::shared_ptr<const T>, null where there is nothing to derive.
+  template <typename Build>
+  std::shared_ptr<const T> get(const Key& key, Build build) const {
+    if (!held_ || key_ != key) {
+      held_ = build();
+      key_ = key;
+    }
+    return held_;
+  }
+
+ private:
+  mutable std::shared_ptr<const T> held_;
+  mutable Key key_{};
+};
+
 // The handle owns a private copy of the structure (row pointers and column indices), made and then
 // validated at construction, and only ever reads that copy: whatever later happens to the caller's
 // buffers, including writes torch cannot see (through .data, .numpy() or DLPack), no kernel can be
@@ -474,7 +499,6 @@ class CsrHandle {
   // The convolution's input offsets (cpu/conv.h) for one input size and geometry; `direct` points
   // into the vectors beside it.
   struct ConvPlan {
-    std::vector<int64_t> key;  // the shape it was built for
     std::vector<uint16_t> offsets;
     std::vector<int64_t> blocks;
     std::vector<int32_t> sources;
@@ -482,40 +506,33 @@ class CsrHandle {
     sparsenet::DirectConv direct;
   };
 
-  // The plan for shape s, built on first use under the GIL and kept while calls keep that shape (a
-  // new object for a new shape); null where its offsets would not fit int32.
+  // The plan for shape s, built on first use and kept while calls keep that shape; null where its
+  // offsets would not fit int32.
   std::shared_ptr<const ConvPlan> direct_for(const sparsenet::ConvShape& s) const {
-    std::vector<int64_t> key = {s.in_h, s.in_w, s.kernel_h, s.kernel_w, s.stride_h, s.stride_w, s.pad_h,
-                                s.pad_w, s.dil_h, s.dil_w, s.in_channels, s.groups};
-    if (!direct_ || direct_->key != key) {
+    const std::vector<int64_t> key = {s.in_h, s.in_w, s.kernel_h, s.kernel_w, s.stride_h, s.stride_w, s.pad_h,
+                                      s.pad_w, s.dil_h, s.dil_w, s.in_channels, s.groups};
+    return direct_.get(key, [&]() -> std::shared_ptr<const ConvPlan> {
       auto plan = std::make_shared<ConvPlan>();
       plan->offsets.resize(static_cast<size_t>(view_.nnz));
       if (!sparsenet::direct_offsets(view_, s, &plan->direct, plan->offsets.data(), &plan->blocks, &plan->sources,
-                                     &plan->same_rows)) {
-        direct_.reset();
+                                     &plan->same_rows))
         return nullptr;
-      }
-      plan->key = std::move(key);
-      direct_ = std::move(plan);
-    }
-    return direct_;
+      return plan;
+    });
   }
 
-  // The column-tiled copy (cpu/tiled.h), built on first use under the GIL (so two threads never
-  // build it at once), where the planner says a call gains from it. It copies the values too, so it
-  // is rebuilt when handed others.
+  // The column-tiled copy (cpu/tiled.h), where the planner says a call gains from it. It copies the
+  // values too, so it is rebuilt when handed others.
   std::shared_ptr<const sparsenet::cpu::TiledCsr> tiled_for(int64_t batch, const float* values) const {
     if (batch < sparsenet::cpu::plan::kPanelMinBatch) return nullptr;  // batch 1 pays nothing for this
     if (!sparsenet::cpu::plan::wants_tiled_csr(sparsenet::cpu::active_isa(), batch,
                                                sparsenet::cpu::baseline::density(view_)))
       return nullptr;
-    if (!tiled_ || tiled_values_ != values) {
+    return tiled_.get(values, [&] {
       sparsenet::CsrView from = view_;
       from.values = values;
-      tiled_ = std::make_shared<const sparsenet::cpu::TiledCsr>(sparsenet::cpu::build_tiled(from));
-      tiled_values_ = values;
-    }
-    return tiled_;
+      return std::make_shared<const sparsenet::cpu::TiledCsr>(sparsenet::cpu::build_tiled(from));
+    });
   }
 
   CsrView view_;  // structure: this handle's private copy; values: the kept buffer (keep=True)
@@ -523,9 +540,8 @@ class CsrHandle {
   std::vector<uint8_t, sparsenet::cpu::HugePageAllocator<uint8_t>> col_idx_;  // streamed on every call
   const float* bias_ = nullptr;              // keep=True: the bias given at construction, if any
   std::shared_ptr<const py::tuple> owners_;  // keep=True: the values (and bias), kept alive
-  mutable std::shared_ptr<const sparsenet::cpu::TiledCsr> tiled_;
-  mutable std::shared_ptr<const ConvPlan> direct_;  // the last shape's plan
-  mutable const float* tiled_values_ = nullptr;  // the values tiled_ copied
+  DerivedCache<sparsenet::cpu::TiledCsr, const float*> tiled_;  // keyed by the values it copied
+  DerivedCache<ConvPlan, std::vector<int64_t>> direct_;          // keyed by the input shape
 };
 
 
@@ -738,31 +754,27 @@ class BsrHandle : public FormatHandle<BsrHandle, sparsenet::BsrView> {
   }
 
   // The block-transposed copy of view's values (bsr_transpose_blocks) where the planner runs this
-  // ISA and block shape on it, else null: built on first use, rebuilt (as a new object) when handed
-  // other values, as CsrHandle's tiled copy.
+  // ISA and block shape on it, else null: built on first use, rebuilt when handed other values.
   struct Transposed {
     std::vector<float, sparsenet::cpu::HugePageAllocator<float>> values;
     int64_t slice = 0;
-    const float* from = nullptr;  // the values it copied
   };
   std::shared_ptr<const Transposed> transposed_for(const sparsenet::BsrView& view) const {
     const int64_t slice = sparsenet::cpu::plan::bsr_direct_slice(sparsenet::cpu::active_isa(), view.r, view.c);
     if (slice == 0) return nullptr;
-    if (!transposed_ || transposed_->from != view.values || transposed_->slice != slice) {
+    return transposed_.get({view.values, slice}, [&] {
       auto t = std::make_shared<Transposed>();
       t->values.resize(static_cast<size_t>(view.nnzb * view.r * view.c));
       sparsenet::bsr_transpose_blocks(view, slice, t->values.data());
       t->slice = slice;
-      t->from = view.values;
-      transposed_ = std::move(t);
-    }
-    return transposed_;
+      return std::shared_ptr<const Transposed>(std::move(t));
+    });
   }
 
   int64_t shape_[2] = {1, 1};  // (r, c), as structure() shows it
   std::vector<int64_t> block_ptr_;
   std::vector<int32_t, sparsenet::cpu::HugePageAllocator<int32_t>> block_cols_;
-  mutable std::shared_ptr<const Transposed> transposed_;
+  DerivedCache<Transposed, std::pair<const float*, int64_t>> transposed_;  // keyed by (values, slice)
 };
 
 // An N:M weight checked once and ready to multiply (see csrc/cpu/nm_view.h for the layout). As the

@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "cpu/bsr_drive.h"
+#include "cpu/nonfinite.h"
 #include "cpu/panel.h"
 #include "cpu/planner.h"
 #include "cpu/simd_tile.h"
@@ -291,24 +292,12 @@ inline void bsr_direct_rows(const BsrView& a, const DenseArgs& d, int64_t m0, in
       }
 }
 
-// Whether samples [m0, m1) of x hold an Inf or NaN: read front to back, row after row, which also
-// brings them into this core's L2 ahead of the tiles (whose broadcasts hop from row to row and block
-// to block, beyond any hardware prefetcher) and spares propagate_nonfinite its own pass over x.
-template <typename Ops>
+// Whether samples [m0, m1) of x hold an Inf or NaN (nonfinite.h's scan, on this thread): it reads
+// them front to back, row after row, so they are also in this core's L2 ahead of the tiles (whose
+// broadcasts hop from row to row and block to block, beyond any hardware prefetcher), and
+// propagate_nonfinite is spared its own pass over x.
 inline bool samples_nonfinite(const DenseArgs& d, int64_t cols, int64_t m0, int64_t m1) {
-  using V = typename Ops::V;
-  constexpr int64_t kW = Ops::kWidth;
-  V seen[2] = {Ops::zero(), Ops::zero()};  // two chains of ORs
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* x = d.x + m * d.ldx;
-    int64_t j = 0;
-    for (; j + 2 * kW <= cols; j += 2 * kW) {
-      seen[0] = Ops::mark_nonfinite(seen[0], Ops::loadu(x + j));
-      seen[1] = Ops::mark_nonfinite(seen[1], Ops::loadu(x + j + kW));
-    }
-    for (; j < cols; j += kW) seen[0] = Ops::mark_nonfinite(seen[0], Ops::load_first(x + j, cols - j));
-  }
-  return Ops::any_nan(Ops::merge(seen[0], seen[1]));
+  return any_nonfinite_rows(d.x + m0 * d.ldx, m1 - m0, cols, d.ldx, 1);
 }
 
 // y = A x over the block-transposed copy (a.slice == width * NV), x read in place. Samples run in
@@ -330,7 +319,7 @@ void bsr_direct_matmul(const BsrView& a, const DenseArgs& d) {
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(|| : nonfinite) if (nt > 1)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t m0 = g * group, m1 = std::min(d.batch, m0 + group);
-      nonfinite |= samples_nonfinite<Ops>(d, a.cols, m0, m1);
+      nonfinite |= samples_nonfinite(d, a.cols, m0, m1);
       bsr_direct_rows<Ops, NV>(a, d, m0, m1, 0, a.block_rows);
     }
   } else {
@@ -339,7 +328,7 @@ void bsr_direct_matmul(const BsrView& a, const DenseArgs& d) {
       const int64_t m0 = g * group, m1 = std::min(d.batch, m0 + group);
 #pragma omp parallel num_threads(nt) reduction(|| : nonfinite)
       {
-        nonfinite |= samples_nonfinite<Ops>(d, a.cols, m0, m1);  // (each thread: into its own L2)
+        nonfinite |= samples_nonfinite(d, a.cols, m0, m1);  // (each thread: into its own L2)
 #pragma omp for schedule(dynamic, 1)
         for (int p = 0; p < parts; ++p)
           bsr_direct_rows<Ops, NV>(a, d, m0, m1, bsr_part_start(a, p, parts), bsr_part_start(a, p + 1, parts));
