@@ -465,6 +465,7 @@ class CsrHandle {
     c.y = y;
     c.bias = bias;
     c.num_threads = g_num_threads.load(std::memory_order_relaxed);
+    c.stream_output = sparsenet::cpu::plan::streams_conv_output(ysize * static_cast<int64_t>(sizeof(float)));
     sparsenet::CsrView view = view_;
     view.values = values;
     // (held here: a call from another thread on another input size may replace the handle's plan
@@ -948,6 +949,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("release_output_cache", []() { return sparsenet::cpu::OutputPool::instance().release(); },
         "unmaps the freed large outputs kept for reuse; returns the bytes given back");
   m.def("max_threads", []() { return omp_get_max_threads(); });
+  m.def("last_level_cache_bytes", &sparsenet::cpu::plan::last_level_cache_bytes,
+        "the last-level data cache as Linux lists it (0 where it lists none); convolutions stream outputs of "
+        "more than a third of it past the caches");
+  m.def("_set_conv_stream_floor", &sparsenet::cpu::plan::set_conv_stream_floor, py::arg("bytes"),
+        "for tests: convolutions stream outputs of more than `bytes` (-1: a third of the last-level cache); "
+        "returns the floor before");
   m.attr("compiler") = SPARSENET_COMPILER;
   m.attr("openmp_version") = _OPENMP;
 }

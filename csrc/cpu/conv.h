@@ -38,6 +38,8 @@ struct ConvArgs {
   float* y = nullptr;        // (batch, out_channels, out_h, out_w)
   const float* bias = nullptr;
   int num_threads = 1;
+  // Write y with streaming stores where a tile's outputs fill whole lines (plan::streams_conv_output).
+  bool stream_output = false;
 };
 
 // The shape of a convolution of an (batch, in_channels, in_h, in_w) input with `out_channels`

@@ -247,23 +247,36 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
   // run by run.
   const auto row_out = [&](int64_t r) { return c.y + (n * s.out_channels + r) * s.out_h * s.out_w; };
   const bool whole = runs == 1 && run_len[0] == W;
-  const auto copy_out = [&](int64_t r, const float* sums_r) {
-    const float bias = c.bias ? c.bias[r] : 0.0f;
-    float* y = row_out(r);
-    if (whole) {
+  // A whole tile's W outputs of row r, plus the bias: streamed past the caches where the call asks
+  // for it and they fill whole lines (c.stream_output), else stored.
+  static_assert(W * sizeof(float) % 64 == 0, "a whole tile's outputs are whole lines where they start on one");
+  const auto store_whole = [&](int64_t r, const V* sums_r) {
+    const V bias = Ops::set1(c.bias ? c.bias[r] : 0.0f);
+    float* y = row_out(r) + run_to[0];
+    if (c.stream_output && reinterpret_cast<uintptr_t>(y) % 64 == 0) {
 #pragma GCC unroll 8
-      for (int64_t q = 0; q < NV; ++q)
-        Ops::storeu(y + run_to[0] + q * kW, Ops::add(Ops::load(sums_r + q * kW), Ops::set1(bias)));
+      for (int64_t q = 0; q < NV; ++q) Ops::stream(y + q * kW, Ops::add(sums_r[q], bias));
       return;
     }
+#pragma GCC unroll 8
+    for (int64_t q = 0; q < NV; ++q) Ops::storeu(y + q * kW, Ops::add(sums_r[q], bias));
+  };
+  const auto copy_out = [&](int64_t r, const float* sums_r) {
+    if (whole) {
+      V row[NV];
+#pragma GCC unroll 8
+      for (int64_t q = 0; q < NV; ++q) row[q] = Ops::load(sums_r + q * kW);
+      store_whole(r, row);
+      return;
+    }
+    const float bias = c.bias ? c.bias[r] : 0.0f;
+    float* y = row_out(r);
     for (int i = 0; i < runs; ++i)
       for (int64_t j = 0; j < run_len[i]; ++j) y[run_to[i] + j] = sums_r[run_at[i] + j] + bias;
   };
   const auto write_out = [&](int64_t r, const V* acc) {
     if (whole) {
-      const V bias = Ops::set1(c.bias ? c.bias[r] : 0.0f);
-#pragma GCC unroll 8
-      for (int64_t q = 0; q < NV; ++q) Ops::storeu(row_out(r) + run_to[0] + q * kW, Ops::add(acc[q], bias));
+      store_whole(r, acc);
       return;
     }
     alignas(64) float row[W];
@@ -394,14 +407,16 @@ inline void run_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
 // column of a block: NV unaligned loads and NV aligned stores into its slot; each stored weight: one
 // broadcast, NV aligned loads, NV FMAs.
 //
-// A convolution read in place (stride 1: conv.h) copies nothing, and its threads take items from one
-// shared run. (Stride-1 3x3 layers read in place, with a lane mask per tap, instead of through a
-// padded copy: ab_conv.py, AVX-512, 0.83-0.92x the time at 90% and 0.88-0.97x at 70%, batch 8;
-// 0.83-0.96x at batch 1. The copy had been about a sixth of a 90% layer's time.)
+// Each thread takes a contiguous run of the items, then helps itself to the others' leftover items
+// when its run is done.
 //
-// Otherwise each thread takes a contiguous run of the items and writes the phase planes its own
-// tiles read into its own scratch, then helps itself to the others' leftover items (reading their
-// planes) when its run is done. Planes shared by all threads, as before, were rewritten on every call
+// A convolution read in place (stride 1: conv.h) copies nothing. (Stride-1 3x3 layers read in place,
+// with a lane mask per tap, instead of through a padded copy: ab_conv.py, AVX-512, 0.83-0.92x the
+// time at 90% and 0.88-0.97x at 70%, batch 8; 0.83-0.96x at batch 1. The copy had been about a
+// sixth of a 90% layer's time.)
+//
+// Otherwise each thread writes the phase planes its own tiles read into its own scratch (the
+// others' leftovers read theirs). Planes shared by all threads, as before, were rewritten on every call
 // into lines the other core had just read: the copy waited on the other core for each line and did
 // not scale (two threads each took longer for half the copy than one thread for all of it: 110
 // against 90 us a call at 64 channels, 56 x 56, stride 2; written again at once, 45 us).
@@ -466,9 +481,14 @@ bool csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
   {
     const int team = omp_get_num_threads(), me = omp_get_thread_num();
     typename Ops::V seen = Ops::zero();
-    // Thread t's run: [run_start(t), run_start(t + 1)). A pointwise convolution copies nothing, so
-    // there all items are one run that every thread takes from (dynamic scheduling).
-    const auto run_start = [&](int64_t t) { return in_place ? (t == 0 ? 0 : items) : items * t / team; };
+    // Thread t's run: [run_start(t), run_start(t + 1)), consecutive tiles. A stride-1 kernel larger
+    // than 1 x 1 (masked) has all items in one run that every thread takes from, item by item. (So
+    // had pointwise ones: neighbouring tiles then went to both threads, and where a plane is not a
+    // whole number of lines (14 x 14: 784 bytes) every output channel's line at their boundary passed
+    // between the cores, 2 rows per tile. 64->384 at 14 x 14, batch 8, 90%: 0.49-0.91x the time with
+    // runs; 24->144 / 144->24 at 56 x 56, batch 1: 0.61-0.80x. The 3x3 layers measured 1.00-1.12x
+    // with runs at batch 1.)
+    const auto run_start = [&](int64_t t) { return masked ? (t == 0 ? 0 : items) : items * t / team; };
     const int64_t lo = run_start(me), hi = run_start(me + 1);
     if (!in_place && hi > lo) {
       const int64_t ng0 = lo / per_image, ng1 = (hi - 1) / per_image + 1;
@@ -520,6 +540,7 @@ bool csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
         else run_tile<Ops, false>(a, s, c, d, in, n, q0, r0, r1, W, look_ahead, &seen);
       }
     }
+    if (c.stream_output) Ops::fence();
     nonfinite = Ops::any_nan(seen);
   }
   return !nonfinite;

@@ -125,6 +125,23 @@ constexpr int64_t kConvLookAheadMaxItems = 16;
 constexpr int64_t kConvLookAheadMinNnz = 32768;
 constexpr int64_t kConvLookAheadRows = 8;
 
+// Whether a convolution writes its output past the caches (streaming stores): where the output is
+// more than a third of the last-level cache. Each tile writes a line or two into every output
+// channel's plane, far apart: the core then waits on a read for ownership of every line, and an
+// output that big is written back to memory before anything reads it. A pointwise layer of 14.4 MB
+// (24->144 at 56 x 56, batch 8, 90%) took 0.50x the time streamed, 0.77x with an in-place clamp of
+// the output after it (the next layer reads it from memory, not the cache); 4.8-7.2 MB outputs took
+// 1.3-1.9x with that clamp (AMD EPYC Zen 3, 32 MiB L3). Never where the cache size is not known.
+// Defined in planner.cpp (not ISA-flagged).
+bool streams_conv_output(int64_t output_bytes);
+// For tests: stream outputs of more than `bytes` instead (-1: back to the cache's third); returns
+// the floor before.
+int64_t set_conv_stream_floor(int64_t bytes);
+// The last-level data cache in bytes as Linux lists it (/sys/devices/system/cpu/cpu0/cache), read
+// once; 0 where it lists none. (Not sysconf: glibc's answer comes from CPUID, which virtual machines
+// fill as they like: 256 MiB on a 32 MiB Zen 3 here.)
+int64_t last_level_cache_bytes();
+
 // Whether a CSR call on `isa` at this batch and density runs on the column-tiled copy (which the
 // handle then builds once and keeps). Defined in planner.cpp, compiled without ISA flags: this
 // header is included by ISA-flagged files, which must not emit a copy of it (capability.h).

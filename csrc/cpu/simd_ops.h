@@ -56,6 +56,10 @@ struct Ops256 {
   static V merge(V a, V b) { return _mm256_or_ps(a, b); }
   static void store(float* p, V v) { _mm256_store_ps(p, v); }  // 32-byte aligned
   static void storeu(float* p, V v) { _mm256_storeu_ps(p, v); }
+  // A store past the caches (32-byte aligned); fence() orders a thread's streamed stores before what
+  // it does next (they are weakly ordered), so that another thread reading after a barrier sees them.
+  static void stream(float* p, V v) { _mm256_stream_ps(p, v); }
+  static void fence() { _mm_sfence(); }
   static float sum(V v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -94,6 +98,8 @@ struct Ops512 {
   static V merge(V a, V b) { return _mm512_or_ps(a, b); }                                   // as Ops256's
   static void store(float* p, V v) { _mm512_store_ps(p, v); }  // 64-byte aligned
   static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void stream(float* p, V v) { _mm512_stream_ps(p, v); }  // 64-byte aligned; as Ops256's
+  static void fence() { _mm_sfence(); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
 };
 #endif

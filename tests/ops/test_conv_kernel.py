@@ -1,6 +1,8 @@
 """Native sparse convolution kernels against a float64 dense reference (torch's conv2d in float64),
 on every ISA this CPU runs: strides, paddings, dilations, groups, odd sizes, batch 0 and 1, both
 kernels (stride-1 direct and the panel one), and the handle's validation of what it is handed."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,3 +221,37 @@ def test_the_handle_refuses_what_does_not_fit():
     with pytest.raises(ValueError, match="overlap"):
         h.conv2d(vals, both[:1, :4].numpy(), both[:1].numpy(), None, geometry)
 
+
+
+# Outputs past a third of the last-level cache are written with streaming stores where a tile's
+# outputs fill whole lines (planner.h); the floor set to 0 here takes that path at test sizes:
+# pointwise planes of whole lines (16 x 16) and of part lines (14 x 14: tiles across images, some
+# rows' runs unaligned), a weight of several blocks (the sums written from memory), stride 2 (phase
+# planes), bias or none, against the float64 reference.
+@pytest.fixture
+def stream_everything():
+    before = _C._set_conv_stream_floor(0)
+    yield
+    _C._set_conv_stream_floor(before)
+
+
+@pytest.mark.parametrize("case", [(24, 40, 1, 1, 0, 16), (24, 40, 1, 1, 0, 14), (64, 24, 3, 1, 1, 16),
+                                  (16, 24, 1, 2, 0, 64)], ids=lambda c: "x".join(map(str, c)))
+def test_streamed_outputs(isa, threads, stream_everything, case):
+    cin, cout, k, stride, pad, size = case
+    g = torch.Generator().manual_seed(cin * cout + size)
+    w = torch.randn(cout, cin, k, k, generator=g) * (torch.rand(cout, cin, k, k, generator=g) < 0.3)
+    for batch, bias in ((1, torch.randn(cout, generator=g)), (3, None)):
+        x = torch.randn(batch, cin, size, size, generator=g)
+        assert_close(*run(w, x, bias, (stride, stride), (pad, pad), (1, 1), 1))
+
+
+def test_the_stream_floor_follows_the_cache():
+    listed = {}
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        if (entry / "type").read_text().strip() != "Instruction":
+            size = (entry / "size").read_text().strip()
+            listed[int((entry / "level").read_text())] = int(size[:-1]) << {"K": 10, "M": 20}[size[-1]]
+    assert _C.last_level_cache_bytes() == (listed[max(listed)] if listed else 0)
+    before = _C._set_conv_stream_floor(123)
+    assert _C._set_conv_stream_floor(before) == 123
