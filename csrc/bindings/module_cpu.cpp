@@ -950,11 +950,11 @@ PYBIND11_MODULE(_C, m) {
         "unmaps the freed large outputs kept for reuse; returns the bytes given back");
   m.def("max_threads", []() { return omp_get_max_threads(); });
   m.def("last_level_cache_bytes", &sparsenet::cpu::plan::last_level_cache_bytes,
-        "the last-level data cache as Linux lists it (0 where it lists none); convolutions stream outputs of "
-        "more than a third of it past the caches");
-  m.def("_set_conv_stream_floor", &sparsenet::cpu::plan::set_conv_stream_floor, py::arg("bytes"),
-        "for tests: convolutions stream outputs of more than `bytes` (-1: a third of the last-level cache); "
-        "returns the floor before");
+        "the last-level cache size the kernels plan by (0: unknown); convolutions stream outputs of more than "
+        "a third of it past the caches");
+  m.def("set_last_level_cache_bytes", &sparsenet::cpu::plan::set_last_level_cache_bytes, py::arg("bytes"),
+        "sets the last-level cache size the kernels plan by (the package hands over Linux's at import); "
+        "returns the size before");
   m.attr("compiler") = SPARSENET_COMPILER;
   m.attr("openmp_version") = _OPENMP;
 }

@@ -134,13 +134,10 @@ constexpr int64_t kConvLookAheadRows = 8;
 // 1.3-1.9x with that clamp (AMD EPYC Zen 3, 32 MiB L3). Never where the cache size is not known.
 // Defined in planner.cpp (not ISA-flagged).
 bool streams_conv_output(int64_t output_bytes);
-// For tests: stream outputs of more than `bytes` instead (-1: back to the cache's third); returns
-// the floor before.
-int64_t set_conv_stream_floor(int64_t bytes);
-// The last-level data cache in bytes as Linux lists it (/sys/devices/system/cpu/cpu0/cache), read
-// once; 0 where it lists none. (Not sysconf: glibc's answer comes from CPUID, which virtual machines
-// fill as they like: 256 MiB on a 32 MiB Zen 3 here.)
+// The last-level data cache in bytes: 0 (unknown) until the package hands over what Linux lists
+// (sparsenet/_machine.py, read once at import); set returns the size before.
 int64_t last_level_cache_bytes();
+int64_t set_last_level_cache_bytes(int64_t bytes);
 
 // Whether a CSR call on `isa` at this batch and density runs on the column-tiled copy (which the
 // handle then builds once and keeps). Defined in planner.cpp, compiled without ISA flags: this

@@ -6,6 +6,7 @@ import os
 import torch
 
 from sparsenet import _C
+from sparsenet._machine import last_level_cache_bytes
 
 _ISA_ENV = "SPARSENET_ISA"
 
@@ -104,6 +105,7 @@ def config() -> dict:
         "num_threads": get_num_threads(),
         "usable_threads": usable_threads(),
         "forked_child": _C.in_forked_child(),
+        "last_level_cache": _C.last_level_cache_bytes(),
         "cuda_built": cuda_built(),
         "cuda_architectures": cuda_architectures(),
     }
@@ -119,6 +121,8 @@ def _init_from_environment() -> None:
     # torch's count comes from OMP_NUM_THREADS and the like, which may ask for more CPUs than this
     # process has: clamped, never an import failure.
     _C.set_num_threads(min(max(1, torch.get_num_threads()), usable_threads()))
+    # The kernels plan some writes by the cache (convolutions stream outputs past a third of it).
+    _C.set_last_level_cache_bytes(last_level_cache_bytes())
     isa = os.environ.get(_ISA_ENV)
     if isa:
         try:

@@ -1,13 +1,12 @@
 """Native sparse convolution kernels against a float64 dense reference (torch's conv2d in float64),
 on every ISA this CPU runs: strides, paddings, dilations, groups, odd sizes, batch 0 and 1, both
 kernels (stride-1 direct and the panel one), and the handle's validation of what it is handed."""
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sparsenet import _C
+from sparsenet._machine import last_level_cache_bytes
 from sparsenet.formats import PackedCSR
 
 # (in, out, kernel, stride, padding, dilation, groups, height, width)
@@ -224,15 +223,15 @@ def test_the_handle_refuses_what_does_not_fit():
 
 
 # Outputs past a third of the last-level cache are written with streaming stores where a tile's
-# outputs fill whole lines (planner.h); the floor set to 0 here takes that path at test sizes:
+# outputs fill whole lines (planner.h); a cache of 3 bytes here sends every such output that way:
 # pointwise planes of whole lines (16 x 16) and of part lines (14 x 14: tiles across images, some
 # rows' runs unaligned), a weight of several blocks (the sums written from memory), stride 2 (phase
 # planes), bias or none, against the float64 reference.
 @pytest.fixture
 def stream_everything():
-    before = _C._set_conv_stream_floor(0)
+    before = _C.set_last_level_cache_bytes(3)
     yield
-    _C._set_conv_stream_floor(before)
+    _C.set_last_level_cache_bytes(before)
 
 
 @pytest.mark.parametrize("case", [(24, 40, 1, 1, 0, 16), (24, 40, 1, 1, 0, 14), (64, 24, 3, 1, 1, 16),
@@ -246,12 +245,5 @@ def test_streamed_outputs(isa, threads, stream_everything, case):
         assert_close(*run(w, x, bias, (stride, stride), (pad, pad), (1, 1), 1))
 
 
-def test_the_stream_floor_follows_the_cache():
-    listed = {}
-    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        if (entry / "type").read_text().strip() != "Instruction":
-            size = (entry / "size").read_text().strip()
-            listed[int((entry / "level").read_text())] = int(size[:-1]) << {"K": 10, "M": 20}[size[-1]]
-    assert _C.last_level_cache_bytes() == (listed[max(listed)] if listed else 0)
-    before = _C._set_conv_stream_floor(123)
-    assert _C._set_conv_stream_floor(before) == 123
+def test_the_kernels_plan_by_the_machine_s_cache():
+    assert _C.last_level_cache_bytes() == last_level_cache_bytes()
