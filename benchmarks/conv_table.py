@@ -10,6 +10,11 @@ channels keep the same columns, as ``prune(structure="block", block=(R, 1))`` le
 kernel runs R rows at a time.
 
 Dense and sparse calls are interleaved, medians reported; contiguous (NCHW) inputs. Names the CPU.
+
+glibc is told to keep the memory the process frees (common.keep_freed_memory), so neither
+contender's time includes page faults on outputs glibc had handed back to the kernel, which dense
+torch's pointwise layers paid on most calls here (and the sparse ones on some); --allocator as-is
+measures with glibc's defaults.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import statistics
 import torch
 from torch import nn
 
-from common import interleaved_medians, set_threads
+from common import interleaved_medians, keep_freed_memory, set_threads
 from machine import cpu_label
 
 from sparsenet.nn import SparseConv2d
@@ -59,12 +64,17 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", default="resnet,mobilenet")
     parser.add_argument("--block-rows", type=int, default=1)
+    parser.add_argument("--allocator", choices=["keep", "as-is"], default="keep",
+                        help="keep: glibc keeps freed memory (no page faults refilling it); as-is: glibc's defaults")
     args = parser.parse_args(argv)
+    kept = args.allocator == "keep" and keep_freed_memory()
     set_threads(args.threads)
     shapes = {"resnet": RESNET18_3X3, "mobilenet": MOBILENETV2_1X1}
     chosen = [(name, s) for name in args.set.split(",") for s in shapes[name]]
     structure = "unstructured" if args.block_rows == 1 else f"blocks of {args.block_rows} output channels x 1 column"
-    print(f"{cpu_label()}, {args.threads} threads; median of {args.rounds} interleaved calls, NCHW float32; {structure}")
+    allocator = "glibc keeps freed memory" if kept else "glibc's allocator as it comes"
+    print(f"{cpu_label()}, {args.threads} threads; median of {args.rounds} interleaved calls, NCHW float32; {structure}; "
+          f"{allocator}")
     print("| set | conv (in->out, k, stride, input) | sparsity | batch | dense ms | sparse ms | speedup |\n"
           "|---|---|---|---|---|---|---|")
     summary = {}

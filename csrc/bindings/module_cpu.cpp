@@ -466,6 +466,7 @@ class CsrHandle {
     c.bias = bias;
     c.num_threads = g_num_threads.load(std::memory_order_relaxed);
     c.stream_output = sparsenet::cpu::plan::streams_conv_output(ysize * static_cast<int64_t>(sizeof(float)));
+    c.prefetch_input = sparsenet::cpu::plan::prefetches_conv_input(xsize * static_cast<int64_t>(sizeof(float)));
     sparsenet::CsrView view = view_;
     view.values = values;
     // (held here: a call from another thread on another input size may replace the handle's plan

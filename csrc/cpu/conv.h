@@ -40,6 +40,11 @@ struct ConvArgs {
   int num_threads = 1;
   // Write y with streaming stores where a tile's outputs fill whole lines (plan::streams_conv_output).
   bool stream_output = false;
+  // A pointwise layer read in place asks for each input column's lines kConvInputAheadFloats ahead
+  // as it packs a tile (plan::prefetches_conv_input): its threads' runs of consecutive tiles read
+  // every input channel's plane front to back, a line or two a tile, more streams than the hardware
+  // prefetcher follows.
+  bool prefetch_input = false;
 };
 
 // The shape of a convolution of an (batch, in_channels, in_h, in_w) input with `out_channels`

@@ -26,6 +26,11 @@ int64_t last_level_cache_bytes() { return g_last_level_cache.load(std::memory_or
 
 int64_t set_last_level_cache_bytes(int64_t bytes) { return g_last_level_cache.exchange(bytes > 0 ? bytes : 0); }
 
+bool prefetches_conv_input(int64_t input_bytes) {
+  const int64_t cache = last_level_cache_bytes();
+  return cache > 0 && input_bytes > cache / 4;
+}
+
 bool streams_conv_output(int64_t output_bytes) {
   const int64_t cache = last_level_cache_bytes();
   return cache > 0 && output_bytes > cache / 3;

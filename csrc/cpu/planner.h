@@ -134,6 +134,16 @@ constexpr int64_t kConvLookAheadRows = 8;
 // 1.3-1.9x with that clamp (AMD EPYC Zen 3, 32 MiB L3). Never where the cache size is not known.
 // Defined in planner.cpp (not ISA-flagged).
 bool streams_conv_output(int64_t output_bytes);
+// Whether a pointwise convolution asks for its input ahead (ConvArgs::prefetch_input): where the
+// input is more than a quarter of the last-level cache, kConvInputAheadFloats (two tiles) ahead.
+// ab_conv-style A/B, 90%: 144->24 at 56 x 56, batch 3 / 5 / 8 (5.4 / 9.0 / 14.4 MB of input)
+// 1.04 / 0.69 / 0.54x the time; 96->24 batch 4 / 8 (4.8 / 9.6 MB) 1.11 / 0.57; 192->32 at 28 x 28,
+// batch 16 (9.6 MB) 0.59; 576->96 at 14 x 14, batch 16 (7.2 MB) 0.97; 56 x 56 at batch 1 1.07 (AMD
+// EPYC Zen 3, 32 MiB L3: inputs the cache holds gain nothing and pay the instructions). (An earlier
+// try, when both threads took tiles from one run, measured 0.93-1.15: the tile two ahead was then
+// often the other core's.)
+bool prefetches_conv_input(int64_t input_bytes);
+constexpr int64_t kConvInputAheadFloats = 64;
 // The last-level data cache in bytes: 0 (unknown) until the package hands over what Linux lists
 // (sparsenet/_machine.py, read once at import); set returns the size before.
 int64_t last_level_cache_bytes();

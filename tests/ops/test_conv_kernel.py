@@ -223,12 +223,13 @@ def test_the_handle_refuses_what_does_not_fit():
 
 
 # Outputs past a third of the last-level cache are written with streaming stores where a tile's
-# outputs fill whole lines (planner.h); a cache of 3 bytes here sends every such output that way:
-# pointwise planes of whole lines (16 x 16) and of part lines (14 x 14: tiles across images, some
-# rows' runs unaligned), a weight of several blocks (the sums written from memory), stride 2 (phase
-# planes), bias or none, against the float64 reference.
+# outputs fill whole lines, and pointwise layers whose input is past a quarter of it ask for their
+# input ahead (planner.h); a cache of 3 bytes here sends every layer both ways: pointwise planes of
+# whole lines (16 x 16) and of part lines (14 x 14: tiles across images, some rows' runs unaligned;
+# the last tiles' look-ahead past the input), a weight of several blocks (the sums written from
+# memory), stride 2 (phase planes), bias or none, against the float64 reference.
 @pytest.fixture
-def stream_everything():
+def tiny_cache():
     before = _C.set_last_level_cache_bytes(3)
     yield
     _C.set_last_level_cache_bytes(before)
@@ -236,7 +237,7 @@ def stream_everything():
 
 @pytest.mark.parametrize("case", [(24, 40, 1, 1, 0, 16), (24, 40, 1, 1, 0, 14), (64, 24, 3, 1, 1, 16),
                                   (16, 24, 1, 2, 0, 64)], ids=lambda c: "x".join(map(str, c)))
-def test_streamed_outputs(isa, threads, stream_everything, case):
+def test_streamed_outputs_and_input_ahead(isa, threads, tiny_cache, case):
     cin, cout, k, stride, pad, size = case
     g = torch.Generator().manual_seed(cin * cout + size)
     w = torch.randn(cout, cin, k, k, generator=g) * (torch.rand(cout, cin, k, k, generator=g) < 0.3)
