@@ -39,6 +39,11 @@ def load_baseline(path: str):
     spec = importlib.util.spec_from_file_location("sparsenet_baseline._C", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    # What the package hands its own module at import (sparsenet/ops/runtime.py), handed to this one
+    # too where it takes it: without the cache size a build plans as if it had none (no streamed
+    # convolution outputs), and an A/B then compares plans, not code.
+    if hasattr(module, "set_last_level_cache_bytes"):
+        module.set_last_level_cache_bytes(new_C.last_level_cache_bytes())
     return module
 
 
