@@ -155,11 +155,16 @@ void destroy_unconsumed(PyObject* capsule) {
   m->deleter(m);
 }
 
-py::object new_output(int64_t rows, int64_t cols, Dense2D* out) {
+// `streamed`: the kernel writes this output past the caches (a convolution's, conv.h's
+// stream_output). Such an output comes from the pool at any size: glibc's memory had faulted in
+// page by page on many calls (24->144 at 56 x 56, batch 8, 14.4 MB: 0.19-0.89x the time from the
+// pool beside dense calls, 0.94-0.99x alone), and since nothing reads it from the cache, the pool's
+// huge-page buffers cost what they cost smaller, cached outputs (output_pool.h) nowhere here.
+py::object new_output(int64_t rows, int64_t cols, Dense2D* out, bool streamed = false) {
   namespace dl = sparsenet::dlpack;
   const size_t bytes = (static_cast<size_t>(rows) * static_cast<size_t>(cols) * 4 + 63) / 64 * 64;
   auto owned = std::make_unique<OwnedOutput>();
-  void* data = bytes >= sparsenet::cpu::OutputPool::kMinBytes
+  void* data = bytes >= sparsenet::cpu::OutputPool::kMinBytes || (streamed && bytes > 0)
                    ? sparsenet::cpu::OutputPool::instance().take(bytes, &owned->pooled)
                    : std::aligned_alloc(64, bytes > 0 ? bytes : 64);
   if (data == nullptr) throw std::bad_alloc();
@@ -402,7 +407,9 @@ class CsrHandle {
     sparsenet::ConvShape s = sparsenet::conv_shape(t.shape[0], t.shape[1], t.shape[2], t.shape[3], view_.rows, geometry);
     sparsenet::validate_conv(s, view_);
     Dense2D yd;
-    py::object y = new_output(s.batch, s.out_channels * s.out_h * s.out_w, &yd);
+    const int64_t ysize = s.batch * s.out_channels * s.out_h * s.out_w;
+    py::object y = new_output(s.batch, s.out_channels * s.out_h * s.out_w, &yd,
+                              sparsenet::cpu::plan::streams_conv_output(ysize * static_cast<int64_t>(sizeof(float))));
     run_conv(view_.values, reinterpret_cast<const float*>(static_cast<const char*>(t.data) + t.byte_offset),
              reinterpret_cast<float*>(yd.ptr), bias_, s);
     return y;

@@ -11,6 +11,10 @@
 // slower on layers glibc had served from touched memory (4.8 MiB: 1.33x the time), and level on
 // whole models (ResNet-18 at batch 8, BERT-base at 4,096 tokens).
 //
+// A convolution output the kernel writes past the caches (conv.h's stream_output) comes from the
+// pool at any size: nothing reads it from the cache, so the huge-page buffers cost it nothing, and
+// glibc had faulted it in page by page beside other layers' calls (module_cpu.cpp's new_output).
+//
 // It keeps at most kMaxBuffers freed buffers and kMaxBytes in all; past either, the oldest are
 // unmapped; release() unmaps them all. Thread-safe: tensors die on any thread.
 #pragma once
@@ -30,8 +34,8 @@ class OutputPool {
   // The process's pool. Never destroyed: tensors freed during interpreter shutdown still give back.
   static OutputPool& instance();
 
-  // At least `bytes` (>= kMinBytes) of 64-byte aligned memory, contents undefined; *capacity is set
-  // to the block's real size, which give() wants back.
+  // At least `bytes` (>= kMinBytes, or a streamed output's size) of 64-byte aligned memory, contents
+  // undefined; *capacity is set to the block's real size, which give() wants back.
   void* take(size_t bytes, size_t* capacity);
   void give(void* data, size_t capacity);
 

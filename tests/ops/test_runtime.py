@@ -211,6 +211,35 @@ def test_large_outputs_are_reused_and_every_value_written_again(fmt, options):
     assert sparsenet._C.output_cache_bytes() == 0 and sparsenet.release_output_cache() == 0
 
 
+def test_streamed_convolution_outputs_come_from_the_cache_at_any_size():
+    # A convolution output written past the caches (more than a third of the last-level cache; a
+    # 3-byte cache here makes this 1 MiB one such) comes from the output cache below its 32 MiB floor.
+    # As above: the reused buffer was filled with NaN, so a value the kernel does not write shows.
+    from torch import nn
+
+    torch.manual_seed(0)
+    dense = nn.Conv2d(16, 64, 1)
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand_like(dense.weight) > 0.7)
+    layer = sparsenet.SparseConv2d.from_dense(dense)
+    x1, x2 = torch.randn(2, 16, 45, 45), torch.randn(2, 16, 45, 45)  # 2 x 64 x 45 x 45 floats: 1 MiB
+    before = sparsenet._C.set_last_level_cache_bytes(3)
+    try:
+        sparsenet.release_output_cache()
+        with torch.no_grad():
+            first = layer(x1)
+            address = first.data_ptr()
+            first.fill_(float("nan"))
+            del first
+            assert sparsenet._C.output_cache_bytes() >= 2**20
+            second = layer(x2)
+            assert second.data_ptr() == address and sparsenet._C.output_cache_bytes() == 0
+            torch.testing.assert_close(second, dense(x2), rtol=1e-4, atol=1e-4)
+    finally:
+        sparsenet._C.set_last_level_cache_bytes(before)
+        sparsenet.release_output_cache()
+
+
 def test_output_cache_keeps_at_most_four_buffers():
     from torch import nn
 
