@@ -156,10 +156,10 @@ void destroy_unconsumed(PyObject* capsule) {
 }
 
 // `streamed`: the kernel writes this output past the caches (a convolution's, conv.h's
-// stream_output). Such an output comes from the pool at any size: glibc's memory had faulted in
-// page by page on many calls (24->144 at 56 x 56, batch 8, 14.4 MB: 0.19-0.89x the time from the
-// pool beside dense calls, 0.94-0.99x alone), and since nothing reads it from the cache, the pool's
-// huge-page buffers cost what they cost smaller, cached outputs (output_pool.h) nowhere here.
+// stream_output). Such an output comes from the pool at any size. glibc's memory had faulted in page
+// by page on many calls (24->144 at 56 x 56, batch 8, 14.4 MB: 0.19-0.89x the time from the pool
+// beside dense calls, 0.94-0.99x alone). The pool's huge-page buffers measured slower for smaller
+// outputs read back from the cache (output_pool.h); nothing reads a streamed one from the cache.
 py::object new_output(int64_t rows, int64_t cols, Dense2D* out, bool streamed = false) {
   namespace dl = sparsenet::dlpack;
   const size_t bytes = (static_cast<size_t>(rows) * static_cast<size_t>(cols) * 4 + 63) / 64 * 64;
