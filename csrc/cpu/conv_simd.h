@@ -13,15 +13,34 @@
 
 namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
+// Lanes [lo, hi) from p + lane, zeros elsewhere, as Ops::load_between, for a p whose whole vector
+// may lie outside [begin, end) (the input's buffer) only where those lanes do. AVX2's masked load
+// (vmaskmovps) was most of split_phases' time on an AMD EPYC Zen 3 (a C++ probe of one thread's
+// copy at 3x3, stride 2, 64 channels of 56 x 56: 19-23 ns a vector written, 11-12 ns with plain
+// loads, zeroed lanes and the tail below): inside the buffer a plain load, its other lanes zeroed,
+// reads the same. (AVX-512's masked loads cost what plain ones do.)
+template <typename Ops>
+inline typename Ops::V load_range(const float* p, int64_t lo, int64_t hi, const float* begin, const float* end) {
+  constexpr int64_t kW = Ops::kWidth;
+  if (lo <= 0 && hi >= kW) return Ops::loadu(p);
+  if constexpr (kW == 8) {
+    const auto at = reinterpret_cast<uintptr_t>(p);
+    if (at >= reinterpret_cast<uintptr_t>(begin) && at + kW * sizeof(float) <= reinterpret_cast<uintptr_t>(end))
+      return Ops::keep_between(Ops::loadu(p), lo, hi);
+  }
+  return Ops::load_between(p, lo, hi);
+}
+
 // One input channel x (in_h x in_w) into its zero-padded phase planes at dst (see conv.h). Each
 // plane row is written once, a vector at a time: masked loads give zeros where it falls on padding
 // (filling the planes with zeros first and copying over them took a third of a stride-2 layer's
 // time at 90% sparsity; a memset and a memcpy call per row cost up to 5% of a stride-1 layer's).
 // Only plane rows [j0, j1) of each phase are written (the rows one thread's tiles read). Returns
 // `seen` with NaN lanes where an input it loaded was Inf or NaN (Ops::mark_nonfinite; conv.h).
+// [x_begin, x_end): the whole input's buffer (load_range).
 template <typename Ops>
 inline typename Ops::V split_phases(const ConvShape& s, const DirectConv& d, const float* x, float* dst, int64_t j0,
-                                    int64_t j1, typename Ops::V seen) {
+                                    int64_t j1, typename Ops::V seen, const float* x_begin, const float* x_end) {
   using V = typename Ops::V;
   constexpr int64_t kW = Ops::kWidth;
   const int64_t plane = d.hq * d.wq, sh = s.stride_h, sw = s.stride_w;
@@ -55,10 +74,11 @@ inline typename Ops::V split_phases(const ConvShape& s, const DirectConv& d, con
           V v = Ops::zero();
           if (padding || end <= i || first >= i + kW) {
           } else if (sw == 1) {
-            v = Ops::load_between(at + i, first - i, end - i);
+            v = load_range<Ops>(at + i, first - i, end - i, x_begin, x_end);
           } else if (sw == 2) {  // plane column i + lane from the even floats of the 2 kW at at + 2i
             const int64_t lo = 2 * (first - i), hi = 2 * (end - i) - 1;  // (not the odd float past the row)
-            v = Ops::even(Ops::load_between(at + 2 * i, lo, hi), Ops::load_between(at + 2 * i + kW, lo - kW, hi - kW));
+            v = Ops::even(load_range<Ops>(at + 2 * i, lo, hi, x_begin, x_end),
+                          load_range<Ops>(at + 2 * i + kW, lo - kW, hi - kW, x_begin, x_end));
           } else {
             alignas(64) float lanes[kW] = {};
             for (int64_t l = std::max(first - i, int64_t{0}); l < std::min(end - i, kW); ++l)
@@ -66,8 +86,15 @@ inline typename Ops::V split_phases(const ConvShape& s, const DirectConv& d, con
             v = Ops::load(lanes);
           }
           seen = Ops::mark_nonfinite(seen, v);
-          if (i + kW <= d.wq) Ops::storeu(row + i, v);
-          else Ops::store_first(row + i, v, d.wq - i);
+          if (i + kW <= d.wq) {
+            Ops::storeu(row + i, v);
+          } else if constexpr (kW == 8) {  // (AVX2's masked store is microcoded on AMD: a copy instead)
+            alignas(32) float lanes[kW];
+            Ops::store(lanes, v);
+            std::copy(lanes, lanes + (d.wq - i), row + i);
+          } else {
+            Ops::store_first(row + i, v, d.wq - i);
+          }
         }
       }
     }
@@ -511,7 +538,7 @@ bool csr_conv2d_simd(const CsrView& a, const ConvShape& s, const ConvArgs& c, co
         float* group = mine + (ng - ng0) * per_group;
         for (int64_t i = 0; i < cg; ++i)
           seen = split_phases<Ops>(s, d, c.x + (ng * cg + i) * s.in_h * s.in_w, group + i * channel_planes, j0, j1,
-                                   seen);
+                                   seen, c.x, c.x + s.batch * s.in_channels * s.in_h * s.in_w);
         if (t1 == tiles - 1) std::fill(group + cg * channel_planes, group + per_group, 0.0f);  // the slack
       }
     } else if (in_place) {

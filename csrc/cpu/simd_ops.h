@@ -32,6 +32,8 @@ struct Ops256 {
   }
   // The first n lanes of v to p (none for n <= 0, all 8 for n >= 8); writes nothing else.
   static void store_first(float* p, V v, int64_t n) { _mm256_maskstore_ps(p, between(0, n), v); }
+  // v with the lanes outside [lo, hi) zeroed (+0.0, whatever they held: Inf and NaN too).
+  static V keep_between(V v, int64_t lo, int64_t hi) { return _mm256_and_ps(v, _mm256_castsi256_ps(between(lo, hi))); }
   // Lanes 0, 2, 4, ... of the 16 floats a then b.
   static V even(V a, V b) {
     const __m256 pairs = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));  // a0 a2 b0 b2 a4 a6 b4 b6
