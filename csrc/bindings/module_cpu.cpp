@@ -407,9 +407,7 @@ class CsrHandle {
     sparsenet::ConvShape s = sparsenet::conv_shape(t.shape[0], t.shape[1], t.shape[2], t.shape[3], view_.rows, geometry);
     sparsenet::validate_conv(s, view_);
     Dense2D yd;
-    const int64_t ysize = s.batch * s.out_channels * s.out_h * s.out_w;
-    py::object y = new_output(s.batch, s.out_channels * s.out_h * s.out_w, &yd,
-                              sparsenet::cpu::plan::streams_conv_output(ysize * static_cast<int64_t>(sizeof(float))));
+    py::object y = new_output(s.batch, s.out_channels * s.out_h * s.out_w, &yd, streams_output(s));
     run_conv(view_.values, reinterpret_cast<const float*>(static_cast<const char*>(t.data) + t.byte_offset),
              reinterpret_cast<float*>(yd.ptr), bias_, s);
     return y;
@@ -461,6 +459,13 @@ class CsrHandle {
     return std::make_unique<const CsrHandle>(rows, cols, std::move(row_ptr), std::move(col), index_bytes);
   }
 
+  // Whether the kernel writes shape s's output past the caches (conv.h's stream_output): forward_conv2d
+  // takes such an output from the pool (new_output), run_conv tells the kernel.
+  static bool streams_output(const sparsenet::ConvShape& s) {
+    return sparsenet::cpu::plan::streams_conv_output(s.batch * s.out_channels * s.out_h * s.out_w *
+                                                     static_cast<int64_t>(sizeof(float)));
+  }
+
   // The convolution of validated shape s: x and y checked for shape and layout by the caller; here
   // the overlap check, the kernel and the non-finite pass.
   void run_conv(const float* values, const float* x, float* y, const float* bias, const sparsenet::ConvShape& s) const {
@@ -472,7 +477,7 @@ class CsrHandle {
     c.y = y;
     c.bias = bias;
     c.num_threads = g_num_threads.load(std::memory_order_relaxed);
-    c.stream_output = sparsenet::cpu::plan::streams_conv_output(ysize * static_cast<int64_t>(sizeof(float)));
+    c.stream_output = streams_output(s);
     c.prefetch_input = sparsenet::cpu::plan::prefetches_conv_input(xsize * static_cast<int64_t>(sizeof(float)));
     sparsenet::CsrView view = view_;
     view.values = values;

@@ -32,8 +32,8 @@ inline typename Ops::V load_range(const float* p, int64_t lo, int64_t hi, const 
 }
 
 // One input channel x (in_h x in_w) into its zero-padded phase planes at dst (see conv.h). Each
-// plane row is written once, a vector at a time: masked loads give zeros where it falls on padding
-// (filling the planes with zeros first and copying over them took a third of a stride-2 layer's
+// plane row is written once, a vector at a time: loads of the lanes inside the input row
+// (load_range) give zeros where it falls on padding (filling the planes with zeros first and copying over them took a third of a stride-2 layer's
 // time at 90% sparsity; a memset and a memcpy call per row cost up to 5% of a stride-1 layer's).
 // Only plane rows [j0, j1) of each phase are written (the rows one thread's tiles read). Returns
 // `seen` with NaN lanes where an input it loaded was Inf or NaN (Ops::mark_nonfinite; conv.h).
@@ -201,10 +201,14 @@ inline void accumulate_rows(const float* const* row_values, const uint16_t* offs
 // block keeps no sums per row (conv_tile's kDirect), and its items take all channels.
 constexpr int64_t kMaxRows = 128;
 
+// Asks for the line at p into L1 (p may lie past the data: a prefetch never faults). Volatile asm:
+// GCC 12 dropped __builtin_prefetch calls from inlined helpers like this.
+inline void prefetch_line(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
+
 // Asks for row `row`'s weights (values and offsets) of block b, or where that row is past the item's
 // last, the matching row of block b + 1 (whose turn comes next). Each row's weights of a block are a
 // short run at its own place in the weight: one stream per row, more than the hardware prefetcher
-// follows. (Volatile asm: GCC 12 dropped __builtin_prefetch calls from inlined helpers like this.)
+// follows.
 inline void prefetch_segment(const CsrView& a, const DirectConv& d, int64_t row, int64_t b, int64_t r0, int64_t r1) {
   if (row >= r1) {
     row -= r1 - r0;
@@ -212,14 +216,10 @@ inline void prefetch_segment(const CsrView& a, const DirectConv& d, int64_t row,
   }
   const int64_t* starts = d.block_start + row * (d.blocks + 1) + b;
   for (int64_t k = starts[0]; k < starts[1]; k += 16) {  // a line of values each step, of offsets every other
-    asm volatile("prefetcht0 %0" : : "m"(*reinterpret_cast<const char*>(a.values + k)));
-    if (((k - starts[0]) & 16) == 0)
-      asm volatile("prefetcht0 %0" : : "m"(*reinterpret_cast<const char*>(d.offsets + k)));
+    prefetch_line(a.values + k);
+    if (((k - starts[0]) & 16) == 0) prefetch_line(d.offsets + k);
   }
 }
-
-// Asks for the line at p (which may lie past the input: a prefetch never faults).
-inline void prefetch_line(const float* p) { asm volatile("prefetcht0 %0" : : "m"(*reinterpret_cast<const char*>(p))); }
 
 // One item: output channels [r0, r1) of image n (in its group's planes, which start at `in` at the
 // tile's first pixel) over the W grid pixels from q0. `readable`: how many of the W pixels' inputs may be
