@@ -1,6 +1,8 @@
 """Native sparse convolution kernels against a float64 dense reference (torch's conv2d in float64),
 on every ISA this CPU runs: strides, paddings, dilations, groups, odd sizes, batch 0 and 1, both
 kernels (stride-1 direct and the panel one), and the handle's validation of what it is handed."""
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -248,3 +250,36 @@ def test_streamed_outputs_and_input_ahead(isa, threads, tiny_cache, case):
 
 def test_the_kernels_plan_by_the_machine_s_cache():
     assert _C.last_level_cache_bytes() == last_level_cache_bytes()
+
+
+# Geometries drawn at random (seeded): combinations the hand-picked cases above do not name (groups
+# with stride 3 and dilation, rectangular kernels on odd images, batch 0 to 5), each with the machine's
+# cache size or a 3-byte one (every output streamed, every pointwise input looked ahead).
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_geometries(isa, threads, seed):
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    cache = _C.last_level_cache_bytes()
+    drawn = 0
+    try:
+        for _ in range(30):
+            groups = rng.choice([1, 1, 2, 3])
+            cin, cout = groups * rng.randint(1, 12), groups * rng.randint(1, 24)
+            kh, kw = rng.choice([(1, 1), (1, 1), (3, 3), (3, 3), (5, 5), (1, 3), (3, 2)])
+            stride = (rng.choice([1, 1, 2, 3]), rng.choice([1, 1, 2]))
+            padding = (rng.randint(0, kh // 2 + 1), rng.randint(0, kw // 2 + 1))
+            dilation = (rng.choice([1, 1, 2]), rng.choice([1, 1, 2]))
+            h, w_ = rng.randint(1, 24), rng.randint(1, 24)
+            if h + 2 * padding[0] < dilation[0] * (kh - 1) + 1 or w_ + 2 * padding[1] < dilation[1] * (kw - 1) + 1:
+                continue
+            density = rng.choice([0.0, 0.1, 0.3, 1.0, rng.random()])
+            w = torch.randn(cout, cin // groups, kh, kw, generator=g)
+            w *= torch.rand(w.shape, generator=g) < density
+            bias = torch.randn(cout, generator=g) if rng.random() < 0.5 else None
+            x = torch.randn(rng.choice([0, 1, 1, 2, 5]), cin, h, w_, generator=g)
+            _C.set_last_level_cache_bytes(3 if rng.random() < 0.5 else cache)
+            assert_close(*run(w, x, bias, stride, padding, dilation, groups))
+            drawn += 1
+    finally:
+        _C.set_last_level_cache_bytes(cache)
+    assert drawn >= 20  # (draws the kernel's reach exceeds are skipped)
