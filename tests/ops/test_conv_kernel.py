@@ -29,6 +29,7 @@ CASES = [
     (6, 10, (1, 1), (1, 1), (0, 0), (1, 1), 1, 7, 7),  # pointwise, 49 pixels: tiles run on into the next image
     (5, 9, (1, 1), (1, 1), (0, 0), (1, 1), 1, 6, 11),  # 66 pixels: a tile ends two pixels into an image
     (3, 4, (3, 5), (1, 1), (1, 2), (1, 1), 1, 7, 9),  # stride 1, read in place with lane masks per tap
+    (3, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, 5, 80),  # rows wider than two tiles: taps with every lane inside
     (4, 6, (3, 3), (1, 1), (2, 2), (1, 1), 1, 5, 6),  # stride 1, output wider than the input: planes
     (5, 4, (1, 1), (1, 1), (1, 1), (1, 1), 1, 4, 5),  # 1 x 1 with padding: planes
     (2, 3, (9, 9), (1, 1), (4, 4), (1, 1), 1, 12, 10),  # 81 taps, more than the masks kept: planes
@@ -132,26 +133,30 @@ def test_non_finite_inputs_follow_dense_semantics(isa, bad, stride):
 
 
 # The SIMD kernels check the inputs for Inf and NaN as they load them (into the phase planes, or
-# into a tile's packed slots where a pointwise convolution reads its input in place) instead of
-# scanning them afterwards: every input position some output reads must be seen. One non-finite
-# value per image, each image at another position (all of them for small inputs), in every
-# geometry, against dense semantics.
+# into a tile's packed slots where a convolution reads its input in place) instead of scanning them
+# afterwards: every input position some output reads must be seen. One non-finite value per call
+# (one value seen anywhere sends the whole call down the exact path, which would hide a position
+# missed elsewhere in it), at up to 48 positions (all of them for small inputs), in every geometry,
+# against dense semantics.
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, (c[0], c[1], *c[2], *c[3], c[6], c[7], c[8]))))
 def test_every_input_position_is_checked(isa, threads, case):
     cin, cout, k, stride, padding, dilation, groups, h, w_ = case
     g = torch.Generator().manual_seed(7 + cin * cout)
     w = torch.randn(cout, cin // groups, *k, generator=g) * (torch.rand(cout, cin // groups, *k, generator=g) < 0.5)
-    positions = torch.randperm(cin * h * w_, generator=g)[:96]
-    x = torch.randn(len(positions), cin, h, w_, generator=g)
-    flat = x.view(len(positions), -1)
-    for image, at in enumerate(positions.tolist()):
-        flat[image, at] = float("nan") if image % 2 else float("inf")
-    out, want = run(w, x, None, stride, padding, dilation, groups)
-    assert torch.isnan(want).any()
-    assert torch.equal(torch.isnan(out), torch.isnan(want))
-    assert torch.equal(torch.isinf(out), torch.isinf(want))
-    finite = torch.isfinite(want)
-    assert torch.allclose(out.double()[finite], want[finite], atol=1e-4)
+    p = PackedCSR.from_dense(w.reshape(cout, -1))
+    handle = _C.CsrHandle(cout, w[0].numel(), p.crow_indices.numpy(), p.col_indices.numpy(), p.values.numpy())
+    geometry = [*k, *stride, *padding, *dilation, groups]
+    x = torch.randn(1, cin, h, w_, generator=g)
+    for i, at in enumerate(torch.randperm(cin * h * w_, generator=g)[:48].tolist()):
+        bad = x.clone()
+        bad.view(-1)[at] = float("nan") if i % 2 else float("inf")
+        want = F.conv2d(bad.double(), w.double(), None, stride, padding, dilation, groups)
+        out = torch.full(want.shape, 7.0)
+        handle.conv2d(p.values.numpy(), bad.numpy(), out.numpy(), None, geometry)
+        assert torch.equal(torch.isnan(out), torch.isnan(want)), f"input position {at}"
+        assert torch.equal(torch.isinf(out), torch.isinf(want)), f"input position {at}"
+        finite = torch.isfinite(want)
+        assert torch.allclose(out.double()[finite], want[finite], atol=1e-4)
 
 
 # A weight of over 32K stored values on an image of few tiles (3 here): the kernel then asks for
