@@ -355,25 +355,20 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
       if constexpr (kTaps) {
         lanes = tap_lanes[tap];
         if (++tap == taps) tap = 0;
-        // A tap whose every pixel's input lies inside the image (a tile within the image's rows, away
-        // from its edges): plain loads, one test for the column where there had been one per vector
-        // (ab_conv.py, AMD EPYC Zen 3, AVX2: 64->64 at 56 x 56 0.91-0.94x the time at 90%, 0.96-0.97x
-        // at 70%; the other stride-1 3x3 shapes 0.95-1.00x).
-        if (lanes == ~uint32_t{0} && !next_image) {
-#pragma GCC unroll 8
-          for (int q = 0; q < NV; ++q) {
-            const V v = Ops::loadu(x + q * kW);
-            if constexpr (kCheck) checked = Ops::mark_nonfinite(checked, v);
-            Ops::store(slot + q * kW, v);
-          }
-          continue;
-        }
       }
+      // Every pixel's input inside the image and none from the next one (most columns: a tap of a
+      // tile within the image's rows, away from its edges): plain loads, one test for the column. (A
+      // 3x3 layer's taps had tested each vector's lanes: ab_conv.py, AMD EPYC Zen 3, AVX2: 64->64 at
+      // 56 x 56 0.91-0.94x the time at 90%, 0.96-0.97x at 70%; the other stride-1 3x3 shapes
+      // 0.95-1.00x.)
+      const bool whole = !next_image && (kTaps ? lanes == ~uint32_t{0} : readable == W);
 #pragma GCC unroll 8
       for (int q = 0; q < NV; ++q) {
         V v;
         constexpr uint32_t kLanes = (1u << kW) - 1u;
-        if constexpr (kTaps) {
+        if (whole) {
+          v = Ops::loadu(x + q * kW);
+        } else if constexpr (kTaps) {
           if (next_image) {  // lanes below `readable` from image n, the next next_pixels from image n + 1
             const auto below = [](int64_t n) { return static_cast<uint32_t>((uint64_t{1} << n) - 1u); };  // n <= 32
             const uint32_t here = below(readable), there = below(readable + next_pixels) & ~here;
@@ -385,10 +380,10 @@ inline void conv_tile(const CsrView& a, const ConvShape& s, const ConvArgs& c, c
           }
         } else {
           v = readable == W ? Ops::loadu(x + q * kW) : Ops::load_first(x + q * kW, readable - q * kW);
+          if (kCheck && next_image)  // (read in place only) slot readable + j: pixel j of the next image
+            v = Ops::merge(v, Ops::load_between(next_image + d.sources[col] + q * kW - readable, readable - q * kW,
+                                                readable + next_pixels - q * kW));
         }
-        if (!kTaps && kCheck && next_image)  // (read in place only) slot readable + j: pixel j of the next image
-          v = Ops::merge(v, Ops::load_between(next_image + d.sources[col] + q * kW - readable, readable - q * kW,
-                                              readable + next_pixels - q * kW));
         if constexpr (kCheck) checked = Ops::mark_nonfinite(checked, v);
         Ops::store(slot + q * kW, v);
       }
