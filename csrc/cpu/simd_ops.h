@@ -47,6 +47,27 @@ struct Ops256 {
   }
   static V set1(float f) { return _mm256_set1_ps(f); }
   static V broadcast_lane(V v, int lane) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(lane)); }
+  // kWidth consecutive weights, then weight l of them in every lane (l must fold to a constant: an
+  // unrolled loop's counter). Two 128-bit broadcast loads and a shuffle by immediate within each
+  // half, where one load and broadcast_lane's vpermps needed an index vector in a register per lane:
+  // the 8 of them spilled beside a 32-wide panel's 8 partial sums, and vpermps (latency 8 on Zen 3)
+  // fed every FMA of a one-vector panel.
+  struct Weights {
+    __m256 low, high;
+  };
+  static Weights load_weights(const float* p) {
+    return {_mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)),
+            _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p + 4))};
+  }
+  static V weight(const Weights& w, int l) {
+    const V quad = l < 4 ? w.low : w.high;
+    switch (l % 4) {
+      case 0: return _mm256_permute_ps(quad, 0x00);
+      case 1: return _mm256_permute_ps(quad, 0x55);
+      case 2: return _mm256_permute_ps(quad, 0xaa);
+      default: return _mm256_permute_ps(quad, 0xff);
+    }
+  }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   // acc with a NaN in each lane where v is Inf or NaN (v - v: +0 where finite, NaN where not; OR-ed
@@ -93,6 +114,10 @@ struct Ops512 {
   static V set1(float f) { return _mm512_set1_ps(f); }
   // Lane `lane` of v in every lane (a permute, no load: a constant lane once unrolled).
   static V broadcast_lane(V v, int lane) { return _mm512_permutexvar_ps(_mm512_set1_epi32(lane), v); }
+  // As Ops256's: kWidth weights by one load, each spread by broadcast_lane.
+  using Weights = V;
+  static Weights load_weights(const float* p) { return _mm512_loadu_ps(p); }
+  static V weight(Weights w, int l) { return broadcast_lane(w, l); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V mark_nonfinite(V acc, V v) { return _mm512_or_ps(acc, _mm512_sub_ps(v, v)); }  // as Ops256's
