@@ -122,17 +122,21 @@ inline void accumulate_row(const float* values, const uint16_t* offsets, int64_t
 #pragma GCC unroll 8
     for (int q = 0; q < NV; ++q) acc[c][q] = Ops::zero();
   int64_t k = begin;
-  // AVX-512: 16 weights at a time, one vector load, each lane then broadcast by a permute (a
-  // broadcast from memory per weight is a load beside the slot's NV: 0.95-0.98x the time). Not with
-  // AVX2, whose 16 registers already hold 8 accumulators and cannot also keep the 8 lane indices,
-  // nor for rows run together (their R weight vectors and the indices: 1.02-1.03x).
-  if constexpr (kW == 16) {
+  // A vector's worth of weights at a time, each spread to every lane by Ops::weight (a broadcast from
+  // memory per weight is a load beside the slot's NV). AVX-512: one load and a permute per lane,
+  // 0.95-0.98x the time. AVX2, whose 16 registers hold 8 accumulators and could not also keep 8
+  // permute indices: two 128-bit broadcasts and a shuffle by immediate per lane (ab_conv.py, AMD
+  // EPYC Zen 3, two runs: medians 0.92 at 70%, 0.96-0.99 at 90%; an earlier try of the same idea
+  // had made expanding 1x1 layers 1.05-1.25x slower, which these runs do not show: MobileNetV2's
+  // 1x1 set at 90% medians 0.98). Not for rows run together (their R weight vectors and the
+  // indices: 1.02-1.03x).
+  if constexpr (kW == 16 || kW == 8) {
     for (; k + kW <= end; k += kW) {
-      const V weights = Ops::loadu(values + k);
+      const typename Ops::Weights weights = Ops::load_weights(values + k);
 #pragma GCC unroll 16
       for (int l = 0; l < kW; ++l) {
         const float* x = packed + offsets[k + l];
-        const V w = Ops::broadcast_lane(weights, l);
+        const V w = Ops::weight(weights, l);
 #pragma GCC unroll 8
         for (int q = 0; q < NV; ++q) acc[l % kChains][q] = Ops::fma(w, Ops::load(x + q * kW), acc[l % kChains][q]);
       }
