@@ -9,7 +9,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <new>
+#include <type_traits>
 
 #include "cpu/capability.h"
 #include "cpu/planner.h"
@@ -22,6 +24,35 @@ namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 #define SPARSENET_PREFETCH_AHEAD 512
 #endif
 constexpr int64_t kPrefetchAhead = SPARSENET_PREFETCH_AHEAD;
+
+// N consecutive column indices (or offsets) read as 64-bit words, index l taken out by a shift and a
+// mask: one load per 8 / sizeof(Idx) indices, where a load each competed with the loop's vector loads
+// for the load ports (the loops that use it are bound by their loads). l must fold to a constant.
+// Used by the AVX2 loops only, as measured on AMD Zen 3, whose integer ALUs are apart from its FP
+// pipes; on Intel cores the shifts share port 0 with the FMAs, which was never measured.
+template <typename Idx, int N>
+struct WordIndices {
+  static_assert(sizeof(Idx) <= 4 && (N * sizeof(Idx)) % 8 == 0, "whole 64-bit words of indices");
+  static constexpr int kPerWord = 8 / sizeof(Idx);
+  uint64_t words[N / kPerWord];
+  explicit WordIndices(const Idx* p) { std::memcpy(words, p, sizeof words); }
+  int64_t operator[](int l) const {
+    constexpr uint64_t mask = (uint64_t{1} << (8 * sizeof(Idx))) - 1;
+    return static_cast<int64_t>((words[l / kPerWord] >> (8 * sizeof(Idx) * (l % kPerWord))) & mask);
+  }
+};
+
+// The same interface over the indices in memory, one load each.
+template <typename Idx>
+struct LoadedIndices {
+  const Idx* p;
+  explicit LoadedIndices(const Idx* first) : p(first) {}
+  int64_t operator[](int l) const { return static_cast<int64_t>(p[l]); }
+};
+
+// The indices a loop over N lanes of Ops's vectors reads (see WordIndices).
+template <typename Ops, typename Idx, int N>
+using LaneIndices = std::conditional_t<Ops::kWidth == 8, WordIndices<Idx, N>, LoadedIndices<Idx>>;
 
 // Grows, never shrinks; one per calling thread so concurrent calls from different Python threads
 // never share a panel.

@@ -39,16 +39,18 @@ inline void panel_dot_u(const Idx* col, const float* val, int64_t begin, int64_t
   // 0.92-0.99x at 90% (batch 8-64; batch 4 1.03x). Then AVX2's weights 4 a load, spread by in-lane
   // shuffles (Ops256::weight), on the same machine: 4096x4096 at 50% 0.76x the time at batch 4-8,
   // 0.84-0.94x at 16-256; at 70% 0.87x at 4-8, 0.91-0.96x at 16-256; 1536x384 at 8 / 1,024 rows
-  // 0.83 / 0.92x; 90% 0.97-1.00x.
+  // 0.83 / 0.92x; 90% 0.97-1.00x. Then AVX2's column indices 8 a load (WordIndices): 4096x4096 at
+  // 70% 0.94-0.96x at 64-256 rows (1.00 at 8), 384x1536 at 1,024 rows 0.93-0.94x.
   if constexpr ((Ops::kWidth == 16 && NV <= 2) || Ops::kWidth == 8) {
     constexpr int kLanes = Ops::kWidth;
     for (; k + kLanes <= end; k += kLanes) {
       _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetchAhead), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(col + k + kPrefetchAhead), _MM_HINT_T0);
       const typename Ops::Weights wl = Ops::load_weights(val + k);
+      const LaneIndices<Ops, Idx, kLanes> cols(col + k);
 #pragma GCC unroll 16
       for (int l = 0; l < kLanes; ++l) {
-        const float* xu = xp + static_cast<int64_t>(col[k + l]) * W;
+        const float* xu = xp + cols[l] * W;
         const V w = Ops::weight(wl, l);
         for (int v = 0; v < NV; ++v) part[l % U][v] = Ops::fma(w, Ops::load(xu + Ops::kWidth * v), part[l % U][v]);
       }
