@@ -28,8 +28,9 @@ constexpr int64_t kPrefetchAhead = SPARSENET_PREFETCH_AHEAD;
 // N consecutive column indices (or offsets) read as 64-bit words, index l taken out by a shift and a
 // mask: one load per 8 / sizeof(Idx) indices, where a load each competed with the loop's vector loads
 // for the load ports (the loops that use it are bound by their loads). l must fold to a constant.
-// Used by the AVX2 loops only, as measured on AMD Zen 3, whose integer ALUs are apart from its FP
-// pipes; on Intel cores the shifts share port 0 with the FMAs, which was never measured.
+// The AVX2 panel loops use it (LaneIndices), as measured on AMD Zen 3, whose integer ALUs are apart
+// from its FP pipes (on Intel cores the shifts share port 0 with the FMAs, never measured there);
+// the small-batch gathers of every ISA use it for 16-bit indices (gemv_simd.h).
 template <typename Idx, int N>
 struct WordIndices {
   static_assert(sizeof(Idx) <= 4 && (N * sizeof(Idx)) % 8 == 0, "whole 64-bit words of indices");
