@@ -31,6 +31,11 @@ bool prefetches_conv_input(int64_t input_bytes) {
   return cache > 0 && input_bytes > cache / 4;
 }
 
+int64_t tiled_panel_group(int64_t weight_bytes) {
+  const int64_t cache = last_level_cache_bytes();
+  return cache > 0 && weight_bytes > cache / 4 ? kTiledPanelGroupStreamed : kTiledPanelGroup;
+}
+
 bool streams_conv_output(int64_t output_bytes) {
   const int64_t cache = last_level_cache_bytes();
   return cache > 0 && output_bytes > cache / 3;

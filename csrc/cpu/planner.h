@@ -149,6 +149,17 @@ constexpr int64_t kConvInputAheadFloats = 64;
 int64_t last_level_cache_bytes();
 int64_t set_last_level_cache_bytes(int64_t bytes);
 
+// How many panels of x the column-tiled CSR kernel packs for one pass over a weight of this many
+// bytes (its copy's values and column offsets). A pass reads the weight once; more panels a pass
+// mean fewer passes but a larger packed x. 8 where the weight is more than a quarter of the
+// last-level cache (it comes from DRAM on every pass), else 4. Against 4 everywhere (ab_native.py,
+// AMD EPYC Zen 3, 32 MiB L3, 70% unless named): 4096x4096 (25 MB) at 256 / 512 rows 0.97x the time,
+// 50% 0.98, 90% (8.4 MB) 0.95; but 768x768 and 1536x384 (0.9 MB) at 4,096 / 1,024 rows 1.02 / 1.01x,
+// 3072x768 and 768x3072 (3.5 MB) 0.98-1.00. Defined in planner.cpp.
+constexpr int64_t kTiledPanelGroup = 4;
+constexpr int64_t kTiledPanelGroupStreamed = 8;
+int64_t tiled_panel_group(int64_t weight_bytes);
+
 // Whether a CSR call on `isa` at this batch and density runs on the column-tiled copy (which the
 // handle then builds once and keeps). Defined in planner.cpp, compiled without ISA flags: this
 // header is included by ISA-flagged files, which must not emit a copy of it (capability.h).

@@ -67,19 +67,20 @@ void tiled_chunks_any(const sparsenet::cpu::TiledCsr& t, int64_t c0, int64_t c1,
 }
 
 // The panel driver of driver.h, with the tiled copy's fixed 64-row chunks instead of row ranges
-// balanced by non-zeros (several chunks per thread under dynamic scheduling even them out), and up
-// to kGroup panels per pass: a chunk's blocks (about 130 KB at 4096 columns, 90% sparse) are read
-// from DRAM once and from cache for the other panels of the group.
+// balanced by non-zeros (several chunks per thread under dynamic scheduling even them out), and a
+// group of panels per pass (plan::tiled_panel_group): a chunk's blocks (about 130 KB at 4096
+// columns, 90% sparse) are read from DRAM once and from cache for the other panels of the group.
 template <typename Ops, int MaxNV>
 void run_tiled(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d) {
   using sparsenet::cpu::TiledCsr;
-  constexpr int64_t kGroup = 4;
   const TiledCsr& t = *a.tiled;
+  const int64_t group = sparsenet::cpu::plan::tiled_panel_group(
+      static_cast<int64_t>(t.values.size() * sizeof(float) + t.col.size()));
   const int nt = threads_for(a, d.batch, d.num_threads);
   constexpr int64_t max_width = Ops::kWidth * MaxNV;
   const int64_t panel_floats = t.tiles * TiledCsr::kCols * max_width;  // past `cols`: never read
   const int64_t panels_total = (d.batch + max_width - 1) / max_width;
-  float* xp = scratch_panel(panel_floats * std::min(kGroup, panels_total));
+  float* xp = scratch_panel(panel_floats * std::min(group, panels_total));
   const int64_t kblocks = std::max<int64_t>(1, std::min<int64_t>(int64_t{nt} * 8, a.cols / 64));
   auto width = [&](int64_t b0) {
     const int64_t valid = std::min(max_width, d.batch - b0);
@@ -90,14 +91,14 @@ void run_tiled(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d) {
   // time at 70%, 4096x4096 at 64 / 256 rows, 384x1536 at 1,024). Not where that leaves fewer than 4
   // jobs a thread (384x1536 at batch 16: 1.25x slower), nor for 16-wide panels (1.02x slower at
   // batch 12-16), nor AVX-512's, not measured.
-  const int64_t pair_jobs = (t.chunks + 1) / 2 * std::min(kGroup, panels_total);
+  const int64_t pair_jobs = (t.chunks + 1) / 2 * std::min(group, panels_total);
   const int64_t per_job = Ops::kWidth == 8 && d.batch >= max_width && pair_jobs >= 4 * nt ? 2 : 1;
   const int64_t chunk_jobs = (t.chunks + per_job - 1) / per_job;
   bool nonfinite = false;
 #pragma omp parallel num_threads(nt) reduction(|| : nonfinite)
   {
-    for (int64_t g0 = 0; g0 < d.batch; g0 += kGroup * max_width) {
-      const int64_t panels = std::min(kGroup, (d.batch - g0 + max_width - 1) / max_width);
+    for (int64_t g0 = 0; g0 < d.batch; g0 += group * max_width) {
+      const int64_t panels = std::min(group, (d.batch - g0 + max_width - 1) / max_width);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t job = 0; job < panels * kblocks; ++job) {
         const int64_t p = job / kblocks, kb = job % kblocks, b0 = g0 + p * max_width;

@@ -78,6 +78,22 @@ def test_large_batch_tiles_and_chunks(isa, threads, shape, density):
         assert_close(run_kernel(w, x, bias), reference(w, x, bias))
 
 
+def test_tiled_passes_of_eight_panels(isa, threads):
+    # A weight past a quarter of the last-level cache is read once per 8 panels instead of 4
+    # (planner.h): a cache of 3 bytes sends every weight there; 300 rows are a pass of 8 panels and
+    # one of the last 2 (a part-filled panel among them), 40 rows one of 2.
+    g = torch.Generator().manual_seed(8)
+    w = random_sparse(200, 1000, 0.4, g, empty_rows=(3,))
+    bias = torch.randn(200, generator=g)
+    before = _C.set_last_level_cache_bytes(3)
+    try:
+        for batch in (40, 300):
+            x = torch.randn(batch, 1000, generator=g)
+            assert_close(run_kernel(w, x, bias), reference(w, x, bias))
+    finally:
+        _C.set_last_level_cache_bytes(before)
+
+
 @pytest.mark.parametrize("cols", [65536, 65537])
 def test_index_width(isa, cols):
     # 16-bit column indices up to 65536 columns, 32-bit beyond; the largest index must be reachable.
