@@ -153,8 +153,8 @@ int64_t set_last_level_cache_bytes(int64_t bytes);
 // bytes (its copy's values and column offsets). A pass reads the weight once; more panels a pass
 // mean fewer passes but a larger packed x. 8 where the weight is more than a quarter of the
 // last-level cache (it comes from DRAM on every pass), else 4. Against 4 everywhere (ab_native.py,
-// AMD EPYC Zen 3, 32 MiB L3, 70% unless named): 4096x4096 (25 MB) at 256 / 512 rows 0.97x the time,
-// 50% 0.98, 90% (8.4 MB) 0.95; but 768x768 and 1536x384 (0.9 MB) at 4,096 / 1,024 rows 1.02 / 1.01x,
+// AMD EPYC Zen 3, 32 MiB L3, 70% unless named): 4096x4096 (25 MB) at 256 / 512 rows 0.97-0.99x the
+// time, 50% 0.98, 90% (8.4 MB) 0.95-0.99; but 768x768 and 1536x384 (0.9 MB) at 4,096 / 1,024 rows 1.02 / 1.01x,
 // 3072x768 and 768x3072 (3.5 MB) 0.98-1.00. Defined in planner.cpp.
 constexpr int64_t kTiledPanelGroup = 4;
 constexpr int64_t kTiledPanelGroupStreamed = 8;
