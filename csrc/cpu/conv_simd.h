@@ -130,16 +130,14 @@ inline void accumulate_row(const float* values, const uint16_t* offsets, int64_t
   // had made expanding 1x1 layers 1.05-1.25x slower, which these runs do not show: MobileNetV2's
   // 1x1 set at 90% medians 0.98). Not for rows run together (their R weight vectors and the
   // indices: 1.02-1.03x).
-  if constexpr (kW == 16 || kW == 8) {
-    for (; k + kW <= end; k += kW) {
-      const typename Ops::Weights weights = Ops::load_weights(values + k);
+  for (; k + kW <= end; k += kW) {
+    const typename Ops::Weights weights = Ops::load_weights(values + k);
 #pragma GCC unroll 16
-      for (int l = 0; l < kW; ++l) {
-        const float* x = packed + offsets[k + l];
-        const V w = Ops::weight(weights, l);
+    for (int l = 0; l < kW; ++l) {
+      const float* x = packed + offsets[k + l];
+      const V w = Ops::weight(weights, l);
 #pragma GCC unroll 8
-        for (int q = 0; q < NV; ++q) acc[l % kChains][q] = Ops::fma(w, Ops::load(x + q * kW), acc[l % kChains][q]);
-      }
+      for (int q = 0; q < NV; ++q) acc[l % kChains][q] = Ops::fma(w, Ops::load(x + q * kW), acc[l % kChains][q]);
     }
   }
   for (; k + kChains <= end; k += kChains)

@@ -36,6 +36,13 @@ int64_t tiled_panel_group(int64_t weight_bytes) {
   return cache > 0 && weight_bytes > cache / 4 ? kTiledPanelGroupStreamed : kTiledPanelGroup;
 }
 
+int64_t tiled_chunks_per_job(int vector_width, int64_t full_panel_width, int64_t chunks, int64_t panels,
+                             int threads) {
+  const int64_t jobs = (chunks + kTiledMaxChunksPerJob - 1) / kTiledMaxChunksPerJob * panels;
+  const bool pairs = vector_width == 8 && full_panel_width == 32 && jobs >= kTiledMinJobsPerThread * threads;
+  return pairs ? kTiledMaxChunksPerJob : 1;
+}
+
 bool streams_conv_output(int64_t output_bytes) {
   const int64_t cache = last_level_cache_bytes();
   return cache > 0 && output_bytes > cache / 3;

@@ -160,6 +160,17 @@ constexpr int64_t kTiledPanelGroup = 4;
 constexpr int64_t kTiledPanelGroupStreamed = 8;
 int64_t tiled_panel_group(int64_t weight_bytes);
 
+// How many consecutive 64-row chunks one job of the column-tiled CSR kernel takes, tile by tile:
+// two for AVX2 (vector_width 8) with full 32-wide panels (full_panel_width 32; 0 where the batch
+// fills no panel), so that each tile's 32 KB slice of a panel, which fills a usual 32 KB L1, is
+// loaded once for 128 rows (AMD EPYC Zen 3, ab_native.py: 0.95-0.98x the time at 70%, 4096x4096 at
+// 64 / 256 rows, 384x1536 at 1,024); one where pairs would leave fewer than 4 jobs a thread
+// (384x1536 at batch 16: 1.25x slower), for 16-wide panels (1.02x slower at batch 12-16), and for
+// AVX-512's panels (not measured). `panels`: those of a pass. Defined in planner.cpp.
+constexpr int64_t kTiledMaxChunksPerJob = 2;
+constexpr int64_t kTiledMinJobsPerThread = 4;
+int64_t tiled_chunks_per_job(int vector_width, int64_t full_panel_width, int64_t chunks, int64_t panels, int threads);
+
 // Whether a CSR call on `isa` at this batch and density runs on the column-tiled copy (which the
 // handle then builds once and keeps). Defined in planner.cpp, compiled without ISA flags: this
 // header is included by ISA-flagged files, which must not emit a copy of it (capability.h).

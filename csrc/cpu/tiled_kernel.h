@@ -19,18 +19,16 @@
 
 namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
-// Chunks [c0, c1) of kRows rows (at most kMaxChunksPerJob), tile by tile: the panel's slice for a
+// Chunks [c0, c1) of kRows rows (at most plan::kTiledMaxChunksPerJob), tile by tile: the panel's slice for a
 // tile (kCols x W floats) is read by every row of the chunks while it is in L1; their sums stay in
 // `acc` (L1 too).
-constexpr int64_t kMaxChunksPerJob = 2;
-
 template <typename Ops, int NV>
 void tiled_chunks(const sparsenet::cpu::TiledCsr& t, int64_t c0, int64_t c1, const float* xp, int64_t b0,
                   int64_t valid, const sparsenet::DenseArgs& d) {
   using V = typename Ops::V;
   using sparsenet::cpu::TiledCsr;
   constexpr int64_t W = Ops::kWidth * NV, R = TiledCsr::kRows;
-  alignas(64) float acc[kMaxChunksPerJob * R * W];
+  alignas(64) float acc[sparsenet::cpu::plan::kTiledMaxChunksPerJob * R * W];
   const int64_t r0 = c0 * R, nr = std::min(c1 * R, t.rows) - r0;
   std::fill(acc, acc + nr * W, 0.0f);
   for (int64_t tile = 0; tile < t.tiles; ++tile) {
@@ -86,13 +84,8 @@ void run_tiled(const sparsenet::CsrView& a, const sparsenet::DenseArgs& d) {
     const int64_t valid = std::min(max_width, d.batch - b0);
     return std::pair<int64_t, int64_t>{valid, (valid + Ops::kWidth - 1) / Ops::kWidth * Ops::kWidth};
   };
-  // AVX2, full 32-wide panels: two chunks a job, so that each tile's 32 KB slice, which fills this
-  // ISA's usual 32 KB L1, is loaded once for 128 rows (AMD EPYC Zen 3, ab_native.py: 0.95-0.98x the
-  // time at 70%, 4096x4096 at 64 / 256 rows, 384x1536 at 1,024). Not where that leaves fewer than 4
-  // jobs a thread (384x1536 at batch 16: 1.25x slower), nor for 16-wide panels (1.02x slower at
-  // batch 12-16), nor AVX-512's, not measured.
-  const int64_t pair_jobs = (t.chunks + 1) / 2 * std::min(group, panels_total);
-  const int64_t per_job = Ops::kWidth == 8 && d.batch >= max_width && pair_jobs >= 4 * nt ? 2 : 1;
+  const int64_t per_job = sparsenet::cpu::plan::tiled_chunks_per_job(
+      Ops::kWidth, d.batch >= max_width ? max_width : 0, t.chunks, std::min(group, panels_total), nt);
   const int64_t chunk_jobs = (t.chunks + per_job - 1) / per_job;
   bool nonfinite = false;
 #pragma omp parallel num_threads(nt) reduction(|| : nonfinite)
