@@ -19,9 +19,9 @@
 
 namespace sparsenet::cpu::SPARSENET_CPU_CAPABILITY {
 
-// Chunks [c0, c1) of kRows rows (at most plan::kTiledMaxChunksPerJob), tile by tile: the panel's slice for a
-// tile (kCols x W floats) is read by every row of the chunks while it is in L1; their sums stay in
-// `acc` (L1 too).
+// Chunks [c0, c1) of kRows rows (at most plan::kTiledMaxChunksPerJob), tile by tile: the panel's
+// slice for a tile (kCols x W floats) is read by every row of the chunks while it is in L1; their
+// sums stay in `acc` (L1 too).
 template <typename Ops, int NV>
 void tiled_chunks(const sparsenet::cpu::TiledCsr& t, int64_t c0, int64_t c1, const float* xp, int64_t b0,
                   int64_t valid, const sparsenet::DenseArgs& d) {
