@@ -1,7 +1,7 @@
 // AVX2 bitmap kernel: each 16-column chunk as two 8-column halves. AVX2 has no expand, so a half's
 // stored weights are loaded (masked to their count) and moved to their columns by a permutation
-// from a 256-entry table whose sign bits also zero the lanes without a weight; up to 5 samples
-// share each decoded half (from 6 the handle runs CSR's kernels over a derived structure:
+// from a 256-entry table whose sign bits also zero the lanes without a weight; up to 4 samples
+// share each decoded half (from 5 the handle runs CSR's kernels over a derived structure:
 // plan::kBitmapCsrMinBatchAvx2). Rows run in pairs, 64 columns a step (row_pair_in: at batch 1
 // 0.55-0.59x the time of one row at a time, half by half, on 4096 x 4096 at 50-70% from DRAM). The
 // tables are constant-initialised (no code runs at load: this file is compiled with AVX2 flags, and
@@ -13,6 +13,7 @@
 
 #include "cpu/bitmap_drive.h"
 #include "cpu/panel.h"  // kPrefetchAhead
+#include "cpu/planner.h"
 #include "cpu/simd_ops.h"
 
 namespace sparsenet::cpu::avx2 {
@@ -85,14 +86,15 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-// Batches 1-5: rows r and r + 1 together, for all NB samples, 64 columns (one 64-bit read of each
+// Batches 1-4: rows r and r + 1 together, for all NB samples, 64 columns (one 64-bit read of each
 // row's masks) a step. The halves' value offsets are popcounts of that word, so they do not wait on
 // each other (advanced half by half, each waited on the previous popcount); each load of x serves
 // both rows; values and the next pair's masks are prefetched into L2, as in the AVX-512 kernel. At
 // batch 1 each row's sums alternate between two accumulators (the FMA latency is not one chain);
 // from 2 samples on, the samples are the chains. (Batches 2-5 had run one row at a time, row_in: in
 // pairs 0.58-0.72x that time at 50%, 0.77-0.88x at 70%, 0.87-0.98x at 90%, 4096 x 4096 from DRAM;
-// batch 6 in pairs 1.00-1.28x slower: its 12 accumulators and the decode no longer fit 16 registers.)
+// batch 6 in pairs 1.00-1.28x slower: its 12 accumulators and the decode no longer fit 16 registers;
+// batch 5's 10 spilled too, and it runs on CSR's kernels: planner.h.)
 template <int NB, bool kInBounds, int kLookAheadLines>
 inline void row_pair_in(const BitmapView& a, const DenseArgs& d, int64_t r) {
   constexpr int kAlt = NB == 1 ? 2 : 1;
@@ -205,11 +207,11 @@ inline void row(const BitmapView& a, const DenseArgs& d, int64_t r) {
 
 }  // namespace
 
-// Rows in pairs for up to 5 inputs at a time (their plain loads read at most 7 floats past the second
+// Rows in pairs for up to 4 inputs at a time (their plain loads read at most 7 floats past the second
 // row's values). From plan::kBitmapCsrMinBatchAvx2 inputs the handle runs CSR's kernels over a
-// derived structure instead, so larger batches, served here in slices of 5, are not a case to tune.
+// derived structure instead, so larger batches, served here in slices of 4, are not a case to tune.
 void bitmap_matmul(const BitmapView& a, const DenseArgs& d) {
-  constexpr int kSlice = 5;
+  constexpr int kSlice = plan::kBitmapCsrMinBatchAvx2 - 1;
   for (int64_t m0 = 0; m0 < d.batch; m0 += kSlice) {
     DenseArgs slice = d;
     slice.batch = std::min<int64_t>(kSlice, d.batch - m0);

@@ -53,8 +53,11 @@ inline int64_t bitmap_panel_min_batch(double density) {
 // bitmap panels' time at batch 8-32 on 4096 x 4096 at 50-90%, 0.23-0.82x at 64-1,024 rows (1.05x
 // on 1536 x 384 at 1,024, whose 384 columns keep the bitmap's whole panel in L2), and at 70%
 // 0.62x / 0.49x the row kernel's at batch 6 / 7 (0.75x at 5, where the pairs, level at 50%, stay;
-// AMD EPYC Zen 3, formats_table.py). AVX-512 keeps its own kernels, not measured against CSR since.
-constexpr int64_t kBitmapCsrMinBatchAvx2 = 6;
+// AMD EPYC Zen 3, formats_table.py). Batch 5 joined them later: its pairs (10 sums, spilling)
+// took 2.7-2.8 ms on 4096 x 4096 at every density, CSR's kernels 2.03 / 1.42 / 0.64 ms at 50 / 70 /
+// 90%, where the pairs at batch 4 take 1.55 / 1.35 / 1.34 (ab_native.py). AVX-512 keeps its own
+// kernels, not measured against CSR since.
+constexpr int64_t kBitmapCsrMinBatchAvx2 = 5;
 bool bitmap_batch_on_csr(const std::string& isa, int64_t batch);
 
 // BSR weights: from this many inputs x is transposed into a panel and every block runs as a
