@@ -54,22 +54,13 @@ inline __m256i lanes(const int32_t (&row)[8]) { return _mm256_load_si256(reinter
 // The 8 weights of half `bits`, read from v, at their columns (zero where no bit is set); advances
 // v. kInBounds: the 8 floats from v are inside the values, so a plain load serves (a masked load,
 // vmaskmovps, is slow on AMD cores).
-// Keeps a loaded vector in a register: GCC would otherwise fold the load into vpermps's memory
-// form, which takes 2 cycles a permutation on Zen 3 where the register form and a plain load take 1
-// (a throughput probe: 1.98 against 1.01 cycles). ab_native.py, 4096 x 4096 from DRAM, batch 1:
-// see BENCHMARKS.md.
-inline __m256 in_register(__m256 v) {
-  asm("" : "+x"(v));
-  return v;
-}
-
 template <bool kInBounds>
 inline __m256 place(unsigned bits, const float* v) {
-  const __m256 packed = in_register(
-      kInBounds ? _mm256_loadu_ps(v) : _mm256_maskload_ps(v, lanes(kTables.prefix[__builtin_popcount(bits)])));
+  const __m256 packed =
+      kInBounds ? _mm256_loadu_ps(v) : _mm256_maskload_ps(v, lanes(kTables.prefix[__builtin_popcount(bits)]));
   // (GCC folds the 8-byte load into vpmovsxbd's memory form.)
   const __m256i index = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kTables.place[bits])));
-  const __m256 placed = _mm256_permutevar8x32_ps(packed, index);
+  const __m256 placed = Ops256::permute(packed, index);
   return _mm256_blendv_ps(_mm256_setzero_ps(), placed, _mm256_castsi256_ps(index));
 }
 

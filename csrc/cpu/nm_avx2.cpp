@@ -6,6 +6,7 @@
 
 #include "cpu/nm_drive.h"
 #include "cpu/panel.h"
+#include "cpu/simd_ops.h"
 
 namespace sparsenet::cpu::avx2 {
 
@@ -30,8 +31,8 @@ float row_dot(const NmView& a, const float* x, int64_t r) {
     std::memcpy(&w, idx + s * kBits, kBits);  // 8 slots: 2 or 4 bytes
     const __m256i cols = _mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)),
                                                                              shifts), field), bases);
-    const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 16 * s), cols);
-    const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 16 * s + 8), cols);
+    const __m256 lo = Ops256::permute(_mm256_loadu_ps(x + 16 * s), cols);
+    const __m256 hi = Ops256::permute(_mm256_loadu_ps(x + 16 * s + 8), cols);
     const __m256 xs = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(cols, seven)));
     return _mm256_fmadd_ps(_mm256_loadu_ps(v + 8 * s), xs, acc);
   };
