@@ -54,10 +54,9 @@ struct Ops256 {
     return _mm256_and_si256(_mm256_cmpgt_epi32(lanes, clamp(lo - 1)), _mm256_cmpgt_epi32(clamp(hi), lanes));
   }
   static V set1(float f) { return _mm256_set1_ps(f); }
-  static V broadcast_lane(V v, int lane) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(lane)); }
   // kWidth consecutive weights, then weight l of them in every lane (l must fold to a constant: an
   // unrolled loop's counter). Two 128-bit broadcast loads and a shuffle by immediate within each
-  // half, where one load and broadcast_lane's vpermps needed an index vector in a register per lane:
+  // half, where one load and a vpermps per lane needed an index vector in a register per lane:
   // the 8 of them spilled beside a 32-wide panel's 8 partial sums, and vpermps (latency 8 on Zen 3)
   // fed every FMA of a one-vector panel.
   struct Weights {
