@@ -10,7 +10,9 @@ from sparsenet.formats.bitmap import PackedBitmap
 from csr_testing import assert_close, assert_nonfinite_like_dense, reference
 
 DENSITIES = [0.0, 0.05, 0.5, 0.9, 1.0]
-BATCHES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 33]  # rows below 9 (AVX-512, in pairs) or 8 (AVX2), then panels
+# row pairs up to 8 (AVX-512) or 4 (AVX2), then panels (AVX-512) or CSR's kernels over the structure
+# derived from the bitmap (AVX2)
+BATCHES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 33]
 COLS = [1, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100]
 
 
