@@ -849,7 +849,7 @@ class NmHandle : public FormatHandle<NmHandle, sparsenet::NmView> {
   friend class FormatHandle<NmHandle, sparsenet::NmView>;
 
   void run(const sparsenet::NmView& view, const Dense2D& x, const Dense2D& y, const float* bias) const {
-    if (x.rows >= sparsenet::cpu::plan::kNmPanelMinBatch) {  // before the GIL is released: builds under it
+    if (sparsenet::cpu::plan::nm_batch_on_csr(x.rows)) {  // before the GIL is released: builds under it
       derived_csr().run(view.values, x, y, bias);
       return;
     }
@@ -949,6 +949,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("compiled_isas", &sparsenet::cpu::compiled_isas);
   m.def("supported_isas", &sparsenet::cpu::supported_isas);
   m.def("active_isa", &sparsenet::cpu::active_isa);
+  m.def(
+      "runs_csr_kernels",
+      [](const std::string& format, int64_t rows) {
+        return sparsenet::cpu::plan::batch_on_derived_csr(format, sparsenet::cpu::active_isa(), rows);
+      },
+      py::arg("format"), py::arg("rows"),
+      "Whether a CPU layer of `format` called on `rows` rows runs CSR's kernels over a structure derived "
+      "from its own (bitmap on AVX2 from 5 rows, N:M from 4), with the active ISA");
   m.def("set_isa", &sparsenet::cpu::set_isa, py::arg("name"));
   sparsenet::cpu::OutputPool::instance();  // created now, so that the fork handler never allocates
   pthread_atfork(nullptr, nullptr, after_fork_in_child);

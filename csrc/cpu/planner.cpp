@@ -13,6 +13,12 @@ bool bitmap_batch_on_csr(const std::string& isa, int64_t batch) {
   return isa == "avx2" && batch >= kBitmapCsrMinBatchAvx2;
 }
 
+bool batch_on_derived_csr(const std::string& format, const std::string& isa, int64_t batch) {
+  if (format == "bitmap") return bitmap_batch_on_csr(isa, batch);
+  if (format == "nm") return nm_batch_on_csr(batch);
+  return false;
+}
+
 int64_t bsr_direct_slice(const std::string& isa, int64_t r, int64_t c) {
   if (isa != "avx2" || c < kBsrDirectMinWidth) return 0;
   return r % 16 == 0 ? 16 : 0;

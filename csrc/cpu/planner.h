@@ -106,6 +106,12 @@ constexpr int kBsrPanelsPerThread = 4;
 // copy), over a CSR structure derived from theirs once; below, their own kernels read the packed
 // 2- or 4-bit indices, which is where their bytes pay.
 constexpr int64_t kNmPanelMinBatch = kPanelMinBatch;
+inline bool nm_batch_on_csr(int64_t batch) { return batch >= kNmPanelMinBatch; }
+
+// Whether a weight of `format` multiplied by `batch` inputs runs CSR's kernels over a structure
+// derived from its own (bitmap_batch_on_csr, nm_batch_on_csr): then it is CSR's speed on more bytes
+// (its own structure and the derived one), and format="auto" does not time it (autoformat.py).
+bool batch_on_derived_csr(const std::string& format, const std::string& isa, int64_t batch);
 
 // Sparse convolutions: output pixels per tile (what each stored weight is multiplied over; the
 // AVX-512 kernel: 64 measured no faster at 70% sparsity and 10-20% slower at 90% on ResNet-18's 3x3

@@ -5,7 +5,10 @@ weight is pruned in blocks) are built from its weight and
 timed at its real shape on ``rows`` rows per call (tokens x sequences for a transformer), calls
 interleaved, the caches flushed between rounds so that each call reads its weight from memory as it
 does inside a model larger than the cache. The fastest wins; a layer stays dense when nothing beats
-it.
+it. On the CPU a format that at ``rows`` rows runs CSR's kernels over a structure derived from its
+own (N:M from 4 rows, bitmap on AVX2 from 5: ``_C.runs_csr_kernels``) is not timed: it would be CSR's
+speed on more bytes, its own structure and the derived one, and timing noise alone would decide
+between the two.
 
 A layer on a CUDA device is timed there, in its dtype (every format has CUDA kernels), by CUDA
 events with the L2 cache flushed before each call.
@@ -202,6 +205,10 @@ def measure(weight: torch.Tensor, keep: Optional[torch.Tensor], bias: Optional[t
     bias = None if bias is None else bias.detach().to("cpu", torch.float32)
     kept = keep if keep is not None else weight != 0
     formats = registry.fitting(kept)
+    if not on_cuda:
+        from sparsenet import _C
+
+        formats = [f for f in formats if not _C.runs_csr_kernels(f, rows)]
     shape = tuple(weight.shape)
     density = int(kept.sum()) / weight.numel() if weight.numel() else 0.0
     key = cache.key(shape, density, rows, formats, _gpu(device, dtype) if on_cuda else None)

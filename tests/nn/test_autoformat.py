@@ -49,24 +49,24 @@ def test_choices_follow_the_measured_times_and_are_cached(cache_dir, monkeypatch
     timer = scripted_timer({32: "bitmap", 40: "dense", 8: "csr"})
     monkeypatch.setattr(autoformat, "time_calls", timer)
     dense = model()
-    x = torch.randn(5, 48)
+    x = torch.randn(4, 48)
     with torch.no_grad():
         want = dense(x)
-    sparse, report = sparsenet.sparsify(dense, format="auto", rows=5)
+    sparse, report = sparsenet.sparsify(dense, format="auto", rows=4)  # (bitmap's own kernels on every ISA)
     assert sorted(timer.seen) == [8, 32, 40]
     assert isinstance(sparse[0], SparseLinear) and sparse[0].format == "bitmap"
     assert isinstance(sparse[2], nn.Linear) and not isinstance(sparse[2], SparseLinear)  # dense was fastest
     assert isinstance(sparse[4], SparseLinear) and sparse[4].format == "csr"
     rows = {r.name: r for r in report.rows}
     assert rows["0"].gain == pytest.approx(3.0) and rows["2"].gain == pytest.approx(1.0)
-    assert "dense measured fastest at rows=5" in rows["2"].note and "gain" in str(report)
+    assert "dense measured fastest at rows=4" in rows["2"].note and "gain" in str(report)
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), want, rtol=1e-5, atol=1e-5)
 
     entries = json.loads((cache_dir / "format_timings.json").read_text())
     assert len(entries) == 3
     density = float((dense[0].weight != 0).float().mean())
-    key = (f"{autoformat.cpu_model()}|32x48|{density:.2f}|rows=5|threads={torch.get_num_threads()}|bitmap+csr"
+    key = (f"{autoformat.cpu_model()}|32x48|{density:.2f}|rows=4|threads={torch.get_num_threads()}|bitmap+csr"
            f"|build={autoformat.build_tag()}")
     assert set(entries[key]) == {"dense", "csr", "bitmap"}  # BSR does not fit an unstructured weight
 
@@ -74,7 +74,7 @@ def test_choices_follow_the_measured_times_and_are_cached(cache_dir, monkeypatch
         raise AssertionError("a cached layer must not be timed again")
 
     monkeypatch.setattr(autoformat, "time_calls", no_timing)
-    again, report = sparsenet.sparsify(model(), format="auto", rows=5)
+    again, report = sparsenet.sparsify(model(), format="auto", rows=4)
     assert [getattr(m, "format", "dense") for m in (again[0], again[2], again[4])] == ["bitmap", "dense", "csr"]
     assert all("(cached)" in r.note for r in report.rows if r.format != "dense")
     monkeypatch.setattr(autoformat, "time_calls", scripted_timer({32: "csr", 40: "csr", 8: "csr"}))
@@ -89,18 +89,42 @@ def test_block_structured_weights_are_timed_with_bsr_too(cache_dir, monkeypatch)
                           .repeat_interleave(16, 1).bool())
     timer = scripted_timer({32: "bsr"})
     monkeypatch.setattr(autoformat, "time_calls", timer)
-    x = torch.randn(5, 48)
+    x = torch.randn(4, 48)
     with torch.no_grad():
         want = layer(x)
     calls = []
     monkeypatch.setattr(autoformat, "time_calls", lambda c: calls.append(sorted(c)) or timer(c))
-    sparse, report = sparsenet.sparsify(nn.Sequential(layer), format="auto", rows=5)
+    sparse, report = sparsenet.sparsify(nn.Sequential(layer), format="auto", rows=4)
     assert calls == [["bitmap", "bsr", "csr", "dense"]]
     assert sparse[0].format == "bsr" and sparse[0].to_packed().block == (8, 16)
     assert report.rows[0].format == "bsr"
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), want, rtol=1e-5, atol=1e-5)
 
+
+
+def two_four(out_features, in_features, seed):
+    """A Linear whose weight keeps the 2 largest of every 4 (2:4)."""
+    layer = pruned(out_features, in_features, 1.0, seed)
+    with torch.no_grad():
+        groups = layer.weight.abs().view(out_features, -1, 4)
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.topk(2, dim=2).indices, True)
+        layer.weight.mul_(keep.view(out_features, in_features))
+    return layer
+
+
+def test_formats_on_csr_kernels_at_these_rows_are_not_timed(cache_dir, monkeypatch, isa):
+    """A format that at ``rows`` runs CSR's kernels over a structure derived from its own (N:M from 4
+    rows, bitmap on AVX2 from 5) is not a candidate: it is CSR's speed on more bytes."""
+    timed = []
+    monkeypatch.setattr(autoformat, "time_calls", lambda c: timed.append(sorted(c)) or {n: 1.0 for n in c})
+    for rows in (1, 3, 4, 5, 8):
+        timed.clear()
+        sparsenet.sparsify(nn.Sequential(two_four(16, 32, 5)), format="auto", rows=rows)
+        want = ["csr", "dense"] + ["bitmap"] * (rows < 5 or isa != "avx2") + ["nm"] * (rows < 4)
+        assert timed == [sorted(want)], rows
+        assert [sparsenet._C.runs_csr_kernels(f, rows) for f in ("bitmap", "nm", "csr", "bsr")] == [
+            "bitmap" not in want, "nm" not in want, False, False]
 
 def test_real_timer_and_a_corrupt_cache(cache_dir, monkeypatch):
     monkeypatch.setattr(autoformat, "time_calls", MEASURED)
