@@ -35,6 +35,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from sparsenet import _C
 from sparsenet._machine import cpu_model, last_level_cache_bytes
 from sparsenet.formats import registry
 from sparsenet.ops.handles import csr_handle
@@ -120,8 +121,6 @@ def time_calls_cuda(calls: dict[str, Callable[[], object]]) -> dict[str, float]:
 def build_tag() -> str:
     """A short digest of the native modules' files: timings measured with one build's kernels do not
     answer for another's (read once per process, when a layer is first timed)."""
-    from sparsenet import _C
-
     digest = hashlib.sha1()
     modules = [_C]
     try:
@@ -206,8 +205,6 @@ def measure(weight: torch.Tensor, keep: Optional[torch.Tensor], bias: Optional[t
     kept = keep if keep is not None else weight != 0
     formats = registry.fitting(kept)
     if not on_cuda:
-        from sparsenet import _C
-
         formats = [f for f in formats if not _C.runs_csr_kernels(f, rows)]
     shape = tuple(weight.shape)
     density = int(kept.sum()) / weight.numel() if weight.numel() else 0.0
