@@ -52,14 +52,14 @@ _HANDLES = {"csr": ("CsrHandle", "crow_indices", "col_indices"), "bitmap": ("Bit
             "nm": ("NmHandle", "pattern", "indices"), "bsr": ("BsrHandle", "block_ptr", "block_cols")}
 
 
-def handles(module, packed, bias: torch.Tensor, copies: int):
-    """`copies` handles over their own copies of the weight (keep=True: they hold them), structure
+def handles(module, packs, bias: torch.Tensor):
+    """A handle over its own copy of each packed weight in `packs` (keep=True: it holds it), structure
     stream and values in one huge-page region each, so neither build is handed slower memory."""
-    out_features, in_features = packed.shape
-    kind, offsets, stream = _HANDLES[packed.FORMAT]
-    tensors = packed.tensors()
     made = []
-    for _ in range(copies):
+    for packed in packs:
+        out_features, in_features = packed.shape
+        kind, offsets, stream = _HANDLES[packed.FORMAT]
+        tensors = packed.tensors()
         streamed, values = hugepages.copy_group([tensors[stream], packed.values])
         structure = {name: tensors[name].clone().numpy() for name in packed.STRUCTURE}  # (bsr: its block shape too)
         structure[stream] = streamed.numpy()
@@ -82,6 +82,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, sparsenet.ops.runtime.usable_threads()))
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--isa", default=None, help="the kernel family both builds run (default: the best)")
+    parser.add_argument("--distinct", action="store_true",
+                        help="a different random weight for each copy: calls that repeat one small weight's "
+                             "structure let the branch predictor learn its rows' lengths, which a model's many "
+                             "different layers do not")
     args = parser.parse_args()
 
     base_C = load_baseline(args.baseline)
@@ -96,17 +100,26 @@ def main() -> None:
     if nm:
         args.sparsity = 1 - nm[0] / nm[1]
     block = args.block if args.format == "bsr" else None
-    weight = torch.randn(out_features, in_features, generator=g) * kept(args.shape, args.sparsity, block, g, nm)
+
+    def pruned():
+        return torch.randn(out_features, in_features, generator=g) * kept(args.shape, args.sparsity, block, g, nm)
+
+    def pack(w):
+        return registry.get(args.format).from_dense(w, **({"block": block} if block else {}))
+
+    weights = [pruned()]
     bias = torch.randn(out_features)
-    packed = registry.get(args.format).from_dense(weight, **({"block": block} if block else {}))
-    weight_bytes = packed.nbytes
+    weight_bytes = pack(weights[0]).nbytes
     copies = max(2, -(-2 * last_level_cache_bytes() // weight_bytes))
-    contenders = {"baseline": handles(base_C, packed, bias, copies), "new": handles(new_C, packed, bias, copies)}
+    weights += [pruned() if args.distinct else weights[0] for _ in range(copies - 1)]
+    packs = [pack(w) for w in weights]
+    contenders = {"baseline": handles(base_C, packs, bias), "new": handles(new_C, packs, bias)}
     print(f"{cpu_name()}, {args.threads} threads; {out_features}x{in_features} at {args.sparsity:.0%} "
-          f"sparsity, {args.format}, {weight_bytes / 2**20:.1f} MiB per weight, {copies} copies per build")
+          f"sparsity, {args.format}, {weight_bytes / 2**20:.1f} MiB per weight, {copies} "
+          f"{'distinct weights' if args.distinct else 'copies'} per build")
     for batch in args.batch:
         x = torch.randn(batch, in_features)
-        reference = x.double() @ weight.double().T + bias.double()
+        references = [x.double() @ w.double().T + bias.double() for w in weights[:1 if not args.distinct else None]]
         times = {name: [] for name in contenders}
         for r in range(args.rounds):
             for i in range(copies):
@@ -116,6 +129,7 @@ def main() -> None:
                     y = from_dlpack(contenders[name][i].forward(to_dlpack(x)))
                     times[name].append(time.perf_counter() - start)
                     if r == 0:  # once per handle: the timed rounds stay free of other work
+                        reference = references[i % len(references)]
                         err = ((y.double() - reference).abs().max() / reference.abs().max()).item()
                         assert err < 1e-4, f"{name} disagrees with the float64 reference: {err:.1e}"
         base, new = (statistics.median(times[n]) * 1e6 for n in ("baseline", "new"))

@@ -9,6 +9,11 @@ bool wants_tiled_csr(const std::string& isa, int64_t batch, double density) {
   return batch > kWideBatch ? density >= kTiledMinDensityWide : density >= kTiledMinDensityNarrow;
 }
 
+int64_t tiled_row_padding(const std::string& isa, double density, int64_t row_shares) {
+  const bool pads = isa == "avx2" && density >= kTiledPadMinDensity && row_shares >= kTiledPadMinShares;
+  return pads ? kTiledPadLanes : 1;
+}
+
 bool bitmap_batch_on_csr(const std::string& isa, int64_t batch) {
   return isa == "avx2" && batch >= kBitmapCsrMinBatchAvx2;
 }

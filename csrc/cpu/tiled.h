@@ -10,7 +10,9 @@
 // Layout: non-zeros ordered by (row chunk, column tile, row, column). Block (c, t) holds chunk c's
 // non-zeros in tile t, starting at block_start[c * tiles + t]; its rows start at the uint16 offsets
 // row_start[(c * tiles + t) * (kRows + 1) + i] (i <= kRows, relative to the block), and each
-// non-zero keeps its column relative to the tile's first column as one byte.
+// non-zero keeps its column relative to the tile's first column as one byte. With `pad` > 1, each
+// row's share of a tile is padded with zero weights to a multiple of `pad` non-zeros (where the row
+// leaves a column of the tile free for them; plan::tiled_row_padding says when).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -23,13 +25,14 @@ namespace sparsenet::cpu {
 struct TiledCsr {
   static constexpr int64_t kRows = 64;
   static constexpr int64_t kCols = 256;  // local columns fit a byte
-  int64_t rows = 0, cols = 0, chunks = 0, tiles = 0;
+  int64_t rows = 0, cols = 0, chunks = 0, tiles = 0, pad = 1;
+  static int64_t tiles_for(int64_t cols) { return cols > kCols ? (cols + kCols - 1) / kCols : 1; }
   std::vector<int64_t> block_start;
   std::vector<uint16_t> row_start;  // a block holds at most kRows * kCols = 16384 non-zeros
   std::vector<uint8_t, HugePageAllocator<uint8_t>> col;  // streamed on every call: huge pages
   std::vector<float, HugePageAllocator<float>> values;
 };
 
-TiledCsr build_tiled(const CsrView& a);
+TiledCsr build_tiled(const CsrView& a, int64_t pad = 1);
 
 }  // namespace sparsenet::cpu

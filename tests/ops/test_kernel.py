@@ -1,4 +1,5 @@
 """Native CSR x dense kernels against a float64 dense reference, on every ISA this CPU runs."""
+import math
 import os
 import warnings
 
@@ -10,7 +11,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 import sparsenet
 from sparsenet import _C
 
-from csr_testing import assert_close, pack, random_sparse, reference
+from csr_testing import assert_close, assert_nonfinite_like_dense, pack, random_sparse, reference
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -92,6 +93,38 @@ def test_tiled_passes_of_eight_panels(isa, threads):
             assert_close(run_kernel(w, x, bias), reference(w, x, bias))
     finally:
         _C.set_last_level_cache_bytes(before)
+
+
+def test_tiled_rows_padded_with_zero_weights(isa, threads):
+    # On AVX2 the column-tiled copy pads each row's share of a 256-column tile with zero weights to a
+    # multiple of 8 (planner.h: weights at least 15% dense with at least 4,096 row shares; 2048 rows
+    # x 2 tiles here). Shares of every length mod 8, empty rows, and a last tile of 4 columns that
+    # some rows fill, leaving no column for padding. The zeros sit at a column the row does not
+    # hold, so an Inf in x gives the row NaN only where dense would: x's Inf at column 255 (the last
+    # column of a row's share), 0 (a share's first) and 258 (the short tile), a NaN at 100.
+    g = torch.Generator().manual_seed(12)
+    w = random_sparse(2048, 260, 0.3, g, empty_rows=(0, 77))
+    w[1:40, 256:] = torch.randn(39, 4, generator=g)
+    bias = torch.randn(2048, generator=g)
+    crow, col, values = pack(w)
+    handle = _C.CsrHandle(2048, 260, crow.numpy(), col.numpy(), values.numpy())
+    shares = torch.stack([(w[:, :256] != 0).sum(1), (w[:, 256:] != 0).sum(1)], 1)
+    widths = torch.tensor([256, 4])
+    padded = int(torch.where(shares < widths, (shares + 7) // 8 * 8, shares).sum())
+    assert padded > values.numel()
+    for batch in (8, 40):
+        x = torch.randn(batch, 260, generator=g)
+        out = torch.empty(batch, 2048)
+        handle.matmul(values.numpy(), x.numpy(), out.numpy(), bias.numpy())
+        assert_close(out, reference(w, x, bias))
+        if isa == "fallback":
+            assert handle.tiled_layout() is None  # (no tiled copy)
+        else:
+            assert handle.tiled_layout() == ((8, padded) if isa == "avx2" else (1, values.numel()))
+        for row, column, value in ((1, 255, math.inf), (2, 0, -math.inf), (3, 258, math.inf), (4, 100, math.nan)):
+            x[row, column] = value
+        handle.matmul(values.numpy(), x.numpy(), out.numpy(), bias.numpy())
+        assert_nonfinite_like_dense(out, reference(w, x, bias))
 
 
 @pytest.mark.parametrize("cols", [65536, 65537])
