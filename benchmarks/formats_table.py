@@ -11,6 +11,11 @@ format that fits such a weight (BSR, N:M too) is measured; without either, weigh
 Each contender rotates through enough independent copies of its weight to exceed twice the
 last-level cache (read from the machine), so every call reads from DRAM; contenders are interleaved
 call by call with the bandwidth probe's reads among them, medians reported. Names the CPU.
+
+With --reads, each format also gets a plain read of as many bytes as it stores (torch.sum over
+rotated huge-page buffers of that size, called like the layers): the share of the byte limit that a
+read of those bytes alone reaches under the same conditions (a call's fixed cost, its threads'
+start, a read of tens of MB rather than the probe's hundreds), beside the format's own.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import ReadProbe, Rotation, _copies, interleaved_medians, set_threads  # noqa: E402
+from sparsenet.formats import hugepages  # noqa: E402
 from machine import cpu_label  # noqa: E402
 
 from sparsenet.formats import registry  # noqa: E402
@@ -47,7 +53,14 @@ def kept(shape, sparsity: float, block, g: torch.Generator, nm=None) -> torch.Te
     return keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:shape[0], :shape[1]]
 
 
-def cell(shape, sparsity: float, batches, rounds: int, probe: ReadProbe, formats, block=None, nm=None) -> list[dict]:
+def plain_reads(nbytes: int, count: int) -> Rotation:
+    """`count` huge-page buffers of `nbytes`, each summed in turn: a read of a weight's bytes alone."""
+    return Rotation([hugepages.empty_group([(max(nbytes // 4, 1), torch.float32)])[0].fill_(1.0)
+                     for _ in range(count)])
+
+
+def cell(shape, sparsity: float, batches, rounds: int, probe: ReadProbe, formats, block=None, nm=None,
+         reads: bool = False) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     dense_bytes = 4 * shape[0] * shape[1]
     weights = [torch.randn(*shape, generator=g) * kept(shape, sparsity, block, g, nm)
@@ -59,16 +72,21 @@ def cell(shape, sparsity: float, batches, rounds: int, probe: ReadProbe, formats
         stored[fmt] = first.to_packed().nbytes
         count = _copies(stored[fmt])
         rotations[fmt] = Rotation([first] + [layer(weights[i % len(weights)], fmt) for i in range(1, count)])
+        if reads:
+            rotations[f"read {fmt}"] = plain_reads(stored[fmt], count)
+            stored[f"read {fmt}"] = stored[fmt]
     rows = []
     for batch in batches:
         x = torch.randn(batch, shape[1], generator=g)
         calls = {"dense": lambda: F.linear(x, rotations["dense"].next())}
         calls.update({fmt: (lambda r=rotations[fmt]: r.next()(x)) for fmt in formats})
+        if reads:
+            calls.update({f"read {fmt}": (lambda r=rotations[f"read {fmt}"]: r.next().sum()) for fmt in formats})
         reference = F.linear(x.double(), weights[0].double())
         for fmt in formats:
             got = rotations[fmt].items[0](x).double()
             assert (got - reference).abs().max() <= 1e-4 * reference.abs().max().clamp_min(1), fmt
-        for r in rotations.values():
+        for name, r in rotations.items():
             for _ in range(len(r.items)):
                 r.next()  # every copy once: first calls build handles and fault in pages
         for fn in calls.values():
@@ -84,7 +102,8 @@ def cell(shape, sparsity: float, batches, rounds: int, probe: ReadProbe, formats
         io = 4 * batch * (shape[0] + shape[1])  # x read, y written
         rows.append({"shape": f"{shape[0]}x{shape[1]}", "sparsity": sparsity, "batch": batch, "bandwidth": bandwidth,
                      **{f"{n}_ms": v * 1e3 for n, v in t.items()},
-                     **{f"{n}_of_limit": (stored[n] + io) / bandwidth / t[n] for n in t}})
+                     **{f"{n}_of_limit": (stored[n] + (0 if n.startswith("read ") else io)) / bandwidth / t[n]
+                        for n in t}})
     return rows
 
 
@@ -99,6 +118,9 @@ def main(argv=None) -> None:
                         help="prune in whole r x c blocks (default: every entry on its own)")
     parser.add_argument("--nm", type=lambda s: tuple(int(v) for v in s.split(":")), metavar="N:M",
                         help="keep N of every M consecutive weights of a row")
+    parser.add_argument("--reads", action="store_true",
+                        help="also time a plain read of each format's bytes (torch.sum), the share of the "
+                             "byte limit a read alone reaches here")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -112,16 +134,20 @@ def main(argv=None) -> None:
           f"{ReadProbe.BYTES / 2**20:.0f} MiB, interleaved with the calls)")
     header = ["shape", "sparsity", "batch", "dense ms"] + [f"{f} ms" for f in formats] + \
         [f"{f} vs dense" for f in formats] + [f"{f} % of byte limit" for f in formats]
+    if args.reads:
+        header += [f"read of {f}'s bytes, % of limit" for f in formats]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     with torch.inference_mode():
         for shape in shapes:
             for sparsity in (float(s) for s in args.sparsities.split(",")):
                 for r in cell(shape, sparsity, [int(b) for b in args.batches.split(",")], args.rounds, probe, formats,
-                              args.block, args.nm):
+                              args.block, args.nm, args.reads):
                     values = [r["shape"], f"{r['sparsity']:.0%}", str(r["batch"]), f"{r['dense_ms']:.3f}"]
                     values += [f"{r[f + '_ms']:.3f}" for f in formats]
                     values += [f"{r['dense_ms'] / r[f + '_ms']:.2f}x" for f in formats]
                     values += [f"{r[f + '_of_limit']:.0%}" for f in formats]
+                    if args.reads:
+                        values += [f"{r['read ' + f + '_of_limit']:.0%}" for f in formats]
                     print("| " + " | ".join(values) + " |", flush=True)
 
 
