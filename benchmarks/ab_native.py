@@ -12,6 +12,11 @@ last-level cache twice over, so every call reads its weight from DRAM.
     python benchmarks/ab_native.py /tmp/base_C.so --batch 1 64
     python benchmarks/ab_native.py /tmp/base_C.so --format nm --nm 2:4 --isa avx2   # (csr, bitmap, nm, bsr)
     python benchmarks/ab_native.py /tmp/base_C.so --format bsr --block 16x16 --sparsity 0.7 --batch 1024
+    python benchmarks/ab_native.py /tmp/base_C.so --distinct --shape 768 768 --sparsity 0.7 --batch 32
+
+--distinct gives every copy its own random weight: with copies of one weight a small weight's
+branches (its rows' lengths) repeat call after call and the branch predictor learns them, which a
+model's many different layers do not allow (BENCHMARKS.md, seventh stop on Zen 3).
 
 Prints the median time per call of each build and their ratio (new / baseline), with the CPU.
 Measures the native call only (DLPack in, DLPack out); Python-side changes need a separate look.
