@@ -12,7 +12,12 @@
 // row_start[(c * tiles + t) * (kRows + 1) + i] (i <= kRows, relative to the block), and each
 // non-zero keeps its column relative to the tile's first column as one byte. With `pad` > 1, each
 // row's share of a tile is padded with zero weights to a multiple of `pad` non-zeros (where the row
-// leaves a column of the tile free for them; plan::tiled_row_padding says when).
+// leaves a column of the tile free for them; plan::tiled_row_padding says when), and a block holds
+// its shares longest first: the panel loop's 8-weight steps then run the same count for runs of
+// rows, whose loop exits the branch predictor gets right (4096x4096 at 70%, 8-256 rows, AMD EPYC
+// Zen 3: 0.97-0.985x the time of the padded copy in row order; 50% at 256 rows 0.97; 3072x768 at
+// 64 / 1,024 rows 0.97). row_of maps a block's i-th share to its row of the chunk (the identity
+// where unpadded).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -29,6 +34,7 @@ struct TiledCsr {
   static int64_t tiles_for(int64_t cols) { return cols > kCols ? (cols + kCols - 1) / kCols : 1; }
   std::vector<int64_t> block_start;
   std::vector<uint16_t> row_start;  // a block holds at most kRows * kCols = 16384 non-zeros
+  std::vector<uint8_t> row_of;       // row_of[block * kRows + i]: the chunk row of block's i-th share
   std::vector<uint8_t, HugePageAllocator<uint8_t>> col;  // streamed on every call: huge pages
   std::vector<float, HugePageAllocator<float>> values;
 };

@@ -40,10 +40,10 @@ void tiled_chunks(const sparsenet::cpu::TiledCsr& t, int64_t c0, int64_t c1, con
       const uint8_t* col = t.col.data() + t.block_start[block];
       const float* val = t.values.data() + t.block_start[block];
       float* chunk_acc = acc + (c - c0) * R * W;
-      const int64_t rows = std::min(R, t.rows - c * R);
-      for (int64_t i = 0; i < rows; ++i) {
+      const uint8_t* row_of = &t.row_of[block * R];  // (rows past the last: empty shares)
+      for (int64_t i = 0; i < R; ++i) {
         if (starts[i] == starts[i + 1]) continue;
-        float* out = chunk_acc + i * W;
+        float* out = chunk_acc + row_of[i] * W;
         V sum[NV];
         for (int v = 0; v < NV; ++v) sum[v] = Ops::load(out + Ops::kWidth * v);
         panel_dot<Ops, NV>(col, val, starts[i], starts[i + 1], xt, sum);

@@ -97,24 +97,25 @@ def test_tiled_passes_of_eight_panels(isa, threads):
 
 def test_tiled_rows_padded_with_zero_weights(isa, threads):
     # On AVX2 the column-tiled copy pads each row's share of a 256-column tile with zero weights to a
-    # multiple of 8 (planner.h: weights at least 15% dense with at least 4,096 row shares; 2048 rows
-    # x 2 tiles here). Shares of every length mod 8, empty rows, and a last tile of 4 columns that
-    # some rows fill, leaving no column for padding. The zeros sit at a column the row does not
+    # multiple of 8 (planner.h: weights at least 15% dense with at least 4,096 row shares; 2050 rows
+    # x 2 tiles here) and takes a block's rows longest first. Shares of every length mod 8, empty
+    # rows, a last chunk of 2 rows, and a last tile of 4 columns that some rows fill, leaving no
+    # column for padding. The zeros sit at a column the row does not
     # hold, so an Inf in x gives the row NaN only where dense would: x's Inf at column 255 (the last
     # column of a row's share), 0 (a share's first) and 258 (the short tile), a NaN at 100.
     g = torch.Generator().manual_seed(12)
-    w = random_sparse(2048, 260, 0.3, g, empty_rows=(0, 77))
+    w = random_sparse(2050, 260, 0.3, g, empty_rows=(0, 77, 2049))
     w[1:40, 256:] = torch.randn(39, 4, generator=g)
-    bias = torch.randn(2048, generator=g)
+    bias = torch.randn(2050, generator=g)
     crow, col, values = pack(w)
-    handle = _C.CsrHandle(2048, 260, crow.numpy(), col.numpy(), values.numpy())
+    handle = _C.CsrHandle(2050, 260, crow.numpy(), col.numpy(), values.numpy())
     shares = torch.stack([(w[:, :256] != 0).sum(1), (w[:, 256:] != 0).sum(1)], 1)
     widths = torch.tensor([256, 4])
     padded = int(torch.where(shares < widths, (shares + 7) // 8 * 8, shares).sum())
     assert padded > values.numel()
     for batch in (8, 40):
         x = torch.randn(batch, 260, generator=g)
-        out = torch.empty(batch, 2048)
+        out = torch.empty(batch, 2050)
         handle.matmul(values.numpy(), x.numpy(), out.numpy(), bias.numpy())
         assert_close(out, reference(w, x, bias))
         if isa == "fallback":
