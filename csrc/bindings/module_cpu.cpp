@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <memory>
 #include <utility>
+#include <tuple>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -444,12 +445,12 @@ class CsrHandle {
   int64_t nnz() const { return view_.nnz; }
   int index_bytes() const { return view_.index_bytes; }
   bool keeps_buffers() const { return static_cast<bool>(owners_); }
-  // The column-tiled copy the last call built or kept (tiled.h): (padding multiple, entries stored,
-  // padding included), or None.
+  // The column-tiled copy the last call built or kept (tiled.h): (padding multiple, longest first,
+  // entries stored with the padding), or None.
   py::object tiled_layout() const {
     const auto held = tiled_.held();
     if (!held) return py::none();
-    return py::make_tuple(held->pad, static_cast<int64_t>(held->values.size()));
+    return py::make_tuple(held->pad, held->longest_first, static_cast<int64_t>(held->values.size()));
   }
 
  private:
@@ -546,7 +547,7 @@ class CsrHandle {
 
   // The column-tiled copy (cpu/tiled.h), where the planner says a call gains from it. It copies the
   // values too, so it is rebuilt when handed others, and when the kernel family (set_isa) asks for
-  // other padding.
+  // another layout.
   std::shared_ptr<const sparsenet::cpu::TiledCsr> tiled_for(int64_t batch, const float* values) const {
     if (batch < sparsenet::cpu::plan::kPanelMinBatch) return nullptr;  // batch 1 pays nothing for this
     const std::string isa = sparsenet::cpu::active_isa();
@@ -554,10 +555,11 @@ class CsrHandle {
     if (!sparsenet::cpu::plan::wants_tiled_csr(isa, batch, density)) return nullptr;
     const int64_t pad = sparsenet::cpu::plan::tiled_row_padding(
         isa, density, view_.rows * sparsenet::cpu::TiledCsr::tiles_for(view_.cols));
-    return tiled_.get({values, pad}, [&] {
+    const bool longest_first = sparsenet::cpu::plan::tiled_longest_first(isa);
+    return tiled_.get({values, pad, longest_first}, [&] {
       sparsenet::CsrView from = view_;
       from.values = values;
-      return std::make_shared<const sparsenet::cpu::TiledCsr>(sparsenet::cpu::build_tiled(from, pad));
+      return std::make_shared<const sparsenet::cpu::TiledCsr>(sparsenet::cpu::build_tiled(from, pad, longest_first));
     });
   }
 
@@ -566,7 +568,7 @@ class CsrHandle {
   std::vector<uint8_t, sparsenet::cpu::HugePageAllocator<uint8_t>> col_idx_;  // streamed on every call
   const float* bias_ = nullptr;              // keep=True: the bias given at construction, if any
   std::shared_ptr<const py::tuple> owners_;  // keep=True: the values (and bias), kept alive
-  DerivedCache<sparsenet::cpu::TiledCsr, std::pair<const float*, int64_t>> tiled_;  // by values copied, padding
+  DerivedCache<sparsenet::cpu::TiledCsr, std::tuple<const float*, int64_t, bool>> tiled_;  // values, layout
   DerivedCache<ConvPlan, std::vector<int64_t>> direct_;          // keyed by the input shape
 };
 
@@ -921,9 +923,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("bias") = py::none(),
            "out[:] = x @ A.T (+ bias), A being the validated structure with these values (nnz float32)")
       .def("tiled_layout", &CsrHandle::tiled_layout,
-           "(pad, entries) of the column-tiled copy the last call built or kept, None before one: each "
-           "row's share of a tile padded with zero weights to a multiple of pad (1: none), entries "
-           "stored with the padding")
+           "(pad, longest_first, entries) of the column-tiled copy the last call built or kept, None "
+           "before one: each row's share of a tile padded with zero weights to a multiple of pad (1: "
+           "none), a block's shares held longest first, entries stored with the padding")
       .def("rows_run_together", &CsrHandle::rows_run_together,
            "the share of rows the convolution kernels run together with others (runs of rows storing the "
            "same columns, taken 4 and 2 at a time)")

@@ -14,6 +14,8 @@ int64_t tiled_row_padding(const std::string& isa, double density, int64_t row_sh
   return pads ? kTiledPadLanes : 1;
 }
 
+bool tiled_longest_first(const std::string& isa) { return isa == "avx2"; }
+
 bool bitmap_batch_on_csr(const std::string& isa, int64_t batch) {
   return isa == "avx2" && batch >= kBitmapCsrMinBatchAvx2;
 }

@@ -57,10 +57,9 @@ void fill(const CsrView& a, TiledCsr& t) {
   t.values.resize(total);
   int64_t n = 0;
   walk<Idx>(a, t, [&](int64_t block, const Share* shares, int64_t first) {
-    // Padded copies take their shares longest first (tiled.h).
     uint8_t* order = &t.row_of[block * TiledCsr::kRows];
     for (int i = 0; i < TiledCsr::kRows; ++i) order[i] = static_cast<uint8_t>(i);
-    if (t.pad > 1)
+    if (t.longest_first)
       std::stable_sort(order, order + TiledCsr::kRows,
                        [&](uint8_t p, uint8_t q) { return shares[p].length > shares[q].length; });
     t.block_start[block] = n;
@@ -90,13 +89,14 @@ void fill(const CsrView& a, TiledCsr& t) {
 
 }  // namespace
 
-TiledCsr build_tiled(const CsrView& a, int64_t pad) {
+TiledCsr build_tiled(const CsrView& a, int64_t pad, bool longest_first) {
   TiledCsr t;
   t.rows = a.rows;
   t.cols = a.cols;
   t.chunks = (a.rows + TiledCsr::kRows - 1) / TiledCsr::kRows;
   t.tiles = TiledCsr::tiles_for(a.cols);
   t.pad = std::max<int64_t>(1, pad);
+  t.longest_first = longest_first;
   t.block_start.assign(t.chunks * t.tiles + 1, 0);
   t.row_start.assign(t.chunks * t.tiles * (TiledCsr::kRows + 1), 0);
   t.row_of.assign(t.chunks * t.tiles * TiledCsr::kRows, 0);

@@ -12,12 +12,9 @@
 // row_start[(c * tiles + t) * (kRows + 1) + i] (i <= kRows, relative to the block), and each
 // non-zero keeps its column relative to the tile's first column as one byte. With `pad` > 1, each
 // row's share of a tile is padded with zero weights to a multiple of `pad` non-zeros (where the row
-// leaves a column of the tile free for them; plan::tiled_row_padding says when), and a block holds
-// its shares longest first: the panel loop's 8-weight steps then run the same count for runs of
-// rows, whose loop exits the branch predictor gets right (4096x4096 at 70%, 8-256 rows, AMD EPYC
-// Zen 3: 0.97-0.985x the time of the padded copy in row order; 50% at 256 rows 0.97; 3072x768 at
-// 64 / 1,024 rows 0.97). row_of maps a block's i-th share to its row of the chunk (the identity
-// where unpadded).
+// leaves a column of the tile free for them; plan::tiled_row_padding says when). With
+// `longest_first`, a block holds its shares longest first (plan::tiled_longest_first); row_of maps a
+// block's i-th share to its row of the chunk either way.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -31,6 +28,7 @@ struct TiledCsr {
   static constexpr int64_t kRows = 64;
   static constexpr int64_t kCols = 256;  // local columns fit a byte
   int64_t rows = 0, cols = 0, chunks = 0, tiles = 0, pad = 1;
+  bool longest_first = false;
   static int64_t tiles_for(int64_t cols) { return cols > kCols ? (cols + kCols - 1) / kCols : 1; }
   std::vector<int64_t> block_start;
   std::vector<uint16_t> row_start;  // a block holds at most kRows * kCols = 16384 non-zeros
@@ -39,6 +37,6 @@ struct TiledCsr {
   std::vector<float, HugePageAllocator<float>> values;
 };
 
-TiledCsr build_tiled(const CsrView& a, int64_t pad = 1);
+TiledCsr build_tiled(const CsrView& a, int64_t pad = 1, bool longest_first = false);
 
 }  // namespace sparsenet::cpu

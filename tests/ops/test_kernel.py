@@ -121,7 +121,7 @@ def test_tiled_rows_padded_with_zero_weights(isa, threads):
         if isa == "fallback":
             assert handle.tiled_layout() is None  # (no tiled copy)
         else:
-            assert handle.tiled_layout() == ((8, padded) if isa == "avx2" else (1, values.numel()))
+            assert handle.tiled_layout() == ((8, True, padded) if isa == "avx2" else (1, False, values.numel()))
         for row, column, value in ((1, 255, math.inf), (2, 0, -math.inf), (3, 258, math.inf), (4, 100, math.nan)):
             x[row, column] = value
         handle.matmul(values.numpy(), x.numpy(), out.numpy(), bias.numpy())
