@@ -19,8 +19,8 @@ int64_t padding(int64_t n, int64_t width, int64_t pad) {
   return n < width ? short_by : 0;
 }
 
-// Walks the copy's blocks in order: block(index, shares, first, width) with the kRows shares of
-// the block's chunk (empty for rows past the last), the tile's first column and its width.
+// Walks the copy's blocks in order: block(index, shares, first) with the kRows shares of the block's
+// chunk in row order (empty for rows past the last) and the tile's first column.
 template <typename Idx, typename Block>
 void walk(const CsrView& a, const TiledCsr& t, Block&& block) {
   const Idx* cols = static_cast<const Idx*>(a.col_idx);

@@ -7,9 +7,10 @@
 // on 4096x4096, batch 32, standalone). Built once per handle, from the already validated view, so
 // it needs no validation of its own; it costs about 5 bytes per non-zero more memory.
 //
-// Layout: non-zeros ordered by (row chunk, column tile, row, column). Block (c, t) holds chunk c's
-// non-zeros in tile t, starting at block_start[c * tiles + t]; its rows start at the uint16 offsets
-// row_start[(c * tiles + t) * (kRows + 1) + i] (i <= kRows, relative to the block), and each
+// Layout: non-zeros ordered by (row chunk, column tile, row share, column). Block (c, t) holds chunk
+// c's non-zeros in tile t, starting at block_start[c * tiles + t]; its i-th row share starts at the
+// uint16 offset row_start[(c * tiles + t) * (kRows + 1) + i] (i <= kRows, relative to the block)
+// and belongs to row row_of[(c * tiles + t) * kRows + i] of the chunk, and each
 // non-zero keeps its column relative to the tile's first column as one byte. With `pad` > 1, each
 // row's share of a tile is padded with zero weights to a multiple of `pad` non-zeros (where the row
 // leaves a column of the tile free for them; plan::tiled_row_padding says when). With
