@@ -6,7 +6,8 @@ namespace sparsenet::cpu::plan {
 
 bool wants_tiled_csr(const std::string& isa, int64_t batch, double density) {
   if (batch < kPanelMinBatch || isa == "fallback") return false;
-  return batch > kWideBatch ? density >= kTiledMinDensityWide : density >= kTiledMinDensityNarrow;
+  if (batch > kWideBatch) return density >= kTiledMinDensityWide;
+  return density >= (isa == "avx2" ? kTiledMinDensityNarrowAvx2 : kTiledMinDensityNarrow);
 }
 
 int64_t tiled_row_padding(const std::string& isa, double density, int64_t row_shares) {

@@ -13,7 +13,7 @@ from sparsenet.nn import SparseLinear
 from call_paths import PATHS
 
 # Batch 1-3: one dot product per output (its 1-7 tail is one masked vector step that reads the
-# next row's columns); 4-16: 8-wide panels (tiled from 17% density); 17 on: wide panels.
+# next row's columns); 4-16: 8-wide panels (tiled from 17% density, 7.5% on AVX2); 17 on: wide panels.
 BATCHES = [1, 2, 3, 4, 5, 16, 17, 33]
 
 
