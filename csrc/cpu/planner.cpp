@@ -6,8 +6,9 @@ namespace sparsenet::cpu::plan {
 
 bool wants_tiled_csr(const std::string& isa, int64_t batch, double density) {
   if (batch < kPanelMinBatch || isa == "fallback") return false;
-  if (batch > kWideBatch) return density >= kTiledMinDensityWide;
-  return density >= (isa == "avx2" ? kTiledMinDensityNarrowAvx2 : kTiledMinDensityNarrow);
+  const bool avx2 = isa == "avx2";
+  if (batch > kWideBatch) return density >= (avx2 ? kTiledMinDensityWideAvx2 : kTiledMinDensityWide);
+  return density >= (avx2 ? kTiledMinDensityNarrowAvx2 : kTiledMinDensityNarrow);
 }
 
 int64_t tiled_row_padding(const std::string& isa, double density, int64_t row_shares) {

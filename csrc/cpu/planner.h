@@ -28,9 +28,13 @@ constexpr int64_t kAvx512MinBatch = 16;
 // gain from 7.5% too: at batch 4 / 8 / 16 on 4096x4096 (AMD EPYC Zen 3, ab_native.py --distinct)
 // 85% 0.74 / 0.74 / 0.89x the time, 88% 0.64 / 0.65 / 0.92, 90% 0.68-0.90 / 0.82-1.05 / 0.93-1.03
 // over three runs, 92% 0.95 / 1.00 / 0.97; 1536x384 at 90% and 384x1536 at 85%: 0.93-0.99.
+// Wide ones from 4.5%: 95% 0.92-0.95x the time at 17-256 rows (384x1536 at 64 / 1,024 rows 0.92 /
+// 0.89), 94% 0.83 at 64 rows, 96% level (0.98-1.00); from 97% the row-range panels are faster
+// (1.02-1.11x slower at 97%, 1.18-1.31x at 98%). Narrow ones below 7.5%: 1.06-1.17x slower.
 constexpr double kTiledMinDensityNarrow = 0.17;
 constexpr double kTiledMinDensityNarrowAvx2 = 0.075;
 constexpr double kTiledMinDensityWide = 0.075;
+constexpr double kTiledMinDensityWideAvx2 = 0.045;
 constexpr int64_t kWideBatch = 16;
 
 // AVX-512 tiled loop: 64-input panels (four vectors per non-zero) on weights at most 30% dense, 32

@@ -62,8 +62,8 @@ def test_long_rows_and_heavy_imbalance(isa, threads):
 @pytest.mark.parametrize("shape", [(200, 1000), (64, 256), (65, 257), (3, 65537)])
 def test_large_batch_tiles_and_chunks(isa, threads, shape, density):
     # Weights at least 17% dense (7.5% on AVX2) are read, from batch 4, through a copy cut into
-    # 64-row chunks and 256-column tiles, and from batch 17 those at least 7.5% dense (8-wide AVX2
-    # panels; AVX-512 ones from batch 16, up to 64 wide at most 30% dense, 32 above): rows and
+    # 64-row chunks and 256-column tiles, and from batch 17 those at least 7.5% (4.5%) dense (8-wide
+    # AVX2 panels; AVX-512 ones from batch 16, up to 64 wide at most 30% dense, 32 above): rows and
     # columns on both sides of those edges, an empty tile, an empty and a full row, 32-bit indices,
     # panels of every width and several per pass.
     g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
