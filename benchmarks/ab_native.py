@@ -114,17 +114,21 @@ def main() -> None:
 
     weights = [pruned()]
     bias = torch.randn(out_features)
-    weight_bytes = pack(weights[0]).nbytes
+    packs = [pack(weights[0])]
+    weight_bytes = packs[0].nbytes
     copies = max(2, -(-2 * last_level_cache_bytes() // weight_bytes))
-    weights += [pruned() if args.distinct else weights[0] for _ in range(copies - 1)]
-    packs = [pack(w) for w in weights]
+    if args.distinct:
+        weights += [pruned() for _ in range(copies - 1)]
+        packs += [pack(w) for w in weights[1:]]
+    else:
+        packs *= copies  # (each handle copies the packed buffers it is given)
     contenders = {"baseline": handles(base_C, packs, bias), "new": handles(new_C, packs, bias)}
     print(f"{cpu_name()}, {args.threads} threads; {out_features}x{in_features} at {args.sparsity:.0%} "
           f"sparsity, {args.format}, {weight_bytes / 2**20:.1f} MiB per weight, {copies} "
           f"{'distinct weights' if args.distinct else 'copies'} per build")
     for batch in args.batch:
         x = torch.randn(batch, in_features)
-        references = [x.double() @ w.double().T + bias.double() for w in weights[:1 if not args.distinct else None]]
+        references = [x.double() @ w.double().T + bias.double() for w in weights]
         times = {name: [] for name in contenders}
         for r in range(args.rounds):
             for i in range(copies):

@@ -28,10 +28,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import ReadProbe, Rotation, _copies, interleaved_medians, set_threads  # noqa: E402
-from sparsenet.formats import hugepages  # noqa: E402
 from machine import cpu_label  # noqa: E402
 
-from sparsenet.formats import registry  # noqa: E402
+from sparsenet.formats import hugepages, registry  # noqa: E402
 from sparsenet.nn import SparseLinear  # noqa: E402
 
 
@@ -86,7 +85,7 @@ def cell(shape, sparsity: float, batches, rounds: int, probe: ReadProbe, formats
         for fmt in formats:
             got = rotations[fmt].items[0](x).double()
             assert (got - reference).abs().max() <= 1e-4 * reference.abs().max().clamp_min(1), fmt
-        for name, r in rotations.items():
+        for r in rotations.values():
             for _ in range(len(r.items)):
                 r.next()  # every copy once: first calls build handles and fault in pages
         for fn in calls.values():

@@ -102,7 +102,6 @@ def test_block_structured_weights_are_timed_with_bsr_too(cache_dir, monkeypatch)
         torch.testing.assert_close(sparse(x), want, rtol=1e-5, atol=1e-5)
 
 
-
 def two_four(out_features, in_features, seed):
     """A Linear whose weight keeps the 2 largest of every 4 (2:4)."""
     layer = pruned(out_features, in_features, 1.0, seed)
@@ -125,6 +124,7 @@ def test_formats_on_csr_kernels_at_these_rows_are_not_timed(cache_dir, monkeypat
         assert timed == [sorted(want)], rows
         assert [sparsenet._C.runs_csr_kernels(f, rows) for f in ("bitmap", "nm", "csr", "bsr")] == [
             "bitmap" not in want, "nm" not in want, False, False]
+
 
 def test_real_timer_and_a_corrupt_cache(cache_dir, monkeypatch):
     monkeypatch.setattr(autoformat, "time_calls", MEASURED)
