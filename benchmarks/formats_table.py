@@ -16,6 +16,11 @@ With --reads, each format also gets a plain read of as many bytes as it stores (
 rotated huge-page buffers of that size, called like the layers): the share of the byte limit that a
 read of those bytes alone reaches under the same conditions (a call's fixed cost, its threads'
 start, a read of tens of MB rather than the probe's hundreds), beside the format's own.
+
+With --kernels, each format's native kernel is also timed alone: the same layers' prepared handles
+called directly (DLPack in and out, as the module's forward does), without the module's Python
+forward. The byte limit is a statement about the kernel; a layer's time adds the forward's fixed
+cost, which after every other contender's sweep of the caches is ~0.1-0.15 ms (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from common import ReadProbe, Rotation, _copies, interleaved_medians, set_threads  # noqa: E402
 from machine import cpu_label  # noqa: E402
+
+from torch.utils.dlpack import from_dlpack, to_dlpack  # noqa: E402
 
 from sparsenet.formats import hugepages, registry  # noqa: E402
 from sparsenet.nn import SparseLinear  # noqa: E402
@@ -59,7 +66,7 @@ def plain_reads(nbytes: int, count: int) -> Rotation:
 
 
 def cell(shape, sparsity: float, batches, rounds: int, probe: ReadProbe, formats, block=None, nm=None,
-         reads: bool = False) -> list[dict]:
+         reads: bool = False, kernels: bool = False) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     dense_bytes = 4 * shape[0] * shape[1]
     weights = [torch.randn(*shape, generator=g) * kept(shape, sparsity, block, g, nm)
@@ -88,6 +95,13 @@ def cell(shape, sparsity: float, batches, rounds: int, probe: ReadProbe, formats
         for r in rotations.values():
             for _ in range(len(r.items)):
                 r.next()  # every copy once: first calls build handles and fault in pages
+        if kernels:
+            for fmt in formats:
+                for item in rotations[fmt].items:
+                    item(x)  # (prepares the handle the kernel alone is timed on)
+                handles = Rotation([item.__dict__["_prepared"].handle for item in rotations[fmt].items])
+                calls[f"kernel {fmt}"] = lambda h=handles: from_dlpack(h.next().forward(to_dlpack(x)))
+                stored[f"kernel {fmt}"] = stored[fmt]
         for fn in calls.values():
             for _ in range(max(len(r.items) for r in rotations.values())):
                 fn()
@@ -117,6 +131,9 @@ def main(argv=None) -> None:
                         help="prune in whole r x c blocks (default: every entry on its own)")
     parser.add_argument("--nm", type=lambda s: tuple(int(v) for v in s.split(":")), metavar="N:M",
                         help="keep N of every M consecutive weights of a row")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also time each format's native kernel alone (its prepared handle, without "
+                             "the module's Python forward), against the same byte limit")
     parser.add_argument("--reads", action="store_true",
                         help="also time a plain read of each format's bytes (torch.sum), the share of the "
                              "byte limit a read alone reaches here")
@@ -133,6 +150,8 @@ def main(argv=None) -> None:
           f"{ReadProbe.BYTES / 2**20:.0f} MiB, interleaved with the calls)")
     header = ["shape", "sparsity", "batch", "dense ms"] + [f"{f} ms" for f in formats] + \
         [f"{f} vs dense" for f in formats] + [f"{f} % of byte limit" for f in formats]
+    if args.kernels:
+        header += [f"{f} kernel alone, % of limit" for f in formats]
     if args.reads:
         header += [f"read of {f}'s bytes, % of limit" for f in formats]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
@@ -140,11 +159,13 @@ def main(argv=None) -> None:
         for shape in shapes:
             for sparsity in (float(s) for s in args.sparsities.split(",")):
                 for r in cell(shape, sparsity, [int(b) for b in args.batches.split(",")], args.rounds, probe, formats,
-                              args.block, args.nm, args.reads):
+                              args.block, args.nm, args.reads, args.kernels):
                     values = [r["shape"], f"{r['sparsity']:.0%}", str(r["batch"]), f"{r['dense_ms']:.3f}"]
                     values += [f"{r[f + '_ms']:.3f}" for f in formats]
                     values += [f"{r['dense_ms'] / r[f + '_ms']:.2f}x" for f in formats]
                     values += [f"{r[f + '_of_limit']:.0%}" for f in formats]
+                    if args.kernels:
+                        values += [f"{r['kernel ' + f + '_of_limit']:.0%}" for f in formats]
                     if args.reads:
                         values += [f"{r['read ' + f + '_of_limit']:.0%}" for f in formats]
                     print("| " + " | ".join(values) + " |", flush=True)
