@@ -10,9 +10,10 @@ from sparsenet.formats.bsr import PackedBSR
 from csr_testing import assert_close, assert_nonfinite_like_dense, reference
 
 # Every kernel path: blocks 1 wide (vectorised along rows), narrower and wider than a vector, square
-# 4 / 8 / 16, rows of more than 16 (the 16-row panel group plus a remainder), the largest allowed.
+# 4 / 8 / 16, rows of more than 16 (the 16-row panel group plus a remainder), 9-15 rows (one register
+# tile of that many rows on AVX-512; 6-row tiles and a rest on AVX2), the largest allowed.
 BLOCKS = [(1, 1), (1, 3), (1, 16), (16, 1), (7, 1), (64, 1), (2, 8), (4, 4), (3, 5), (8, 8), (16, 16), (16, 4),
-          (20, 12), (32, 32), (5, 64)]
+          (9, 2), (12, 4), (20, 12), (32, 32), (5, 64)]
 SHAPES = [(1, 1), (37, 45), (64, 128), (100, 9)]  # edges the blocks do not divide, and ones they do
 BATCHES = [1, 2, 3, 4, 5, 16, 17, 33, 70]
 
