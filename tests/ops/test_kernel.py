@@ -128,6 +128,29 @@ def test_tiled_rows_padded_with_zero_weights(isa, threads):
         assert_nonfinite_like_dense(out, reference(w, x, bias))
 
 
+def test_tiled_copy_follows_the_isa_switched_between_calls():
+    # The column-tiled copy is laid out per kernel family (AVX2 pads rows and sorts them; AVX-512
+    # does neither; the fallback reads none). One handle called under each family in turn, twice over,
+    # must rebuild it for the family that runs, never read one laid out for another.
+    g = torch.Generator().manual_seed(13)
+    w = random_sparse(2050, 260, 0.3, g, empty_rows=(5,))
+    crow, col, values = pack(w)
+    handle = _C.CsrHandle(2050, 260, crow.numpy(), col.numpy(), values.numpy())
+    before = sparsenet.get_isa()
+    try:
+        for isa in sparsenet.available_isas() * 2:
+            sparsenet.set_isa(isa)
+            for batch in (8, 40):
+                x = torch.randn(batch, 260, generator=g)
+                out = torch.empty(batch, 2050)
+                handle.matmul(values.numpy(), x.numpy(), out.numpy(), None)
+                assert_close(out, reference(w, x))
+            if isa != "fallback":  # (the fallback reads no copy; one built before may stay cached)
+                assert handle.tiled_layout()[:2] == ((8, True) if isa == "avx2" else (1, False))
+    finally:
+        sparsenet.set_isa(before)
+
+
 @pytest.mark.parametrize("cols", [65536, 65537])
 def test_index_width(isa, cols):
     # 16-bit column indices up to 65536 columns, 32-bit beyond; the largest index must be reachable.
