@@ -100,9 +100,9 @@ def test_tiled_rows_padded_with_zero_weights(isa, threads):
     # multiple of 8 (planner.h: weights at least 15% dense with at least 4,096 row shares; 2050 rows
     # x 2 tiles here) and takes a block's rows longest first. Shares of every length mod 8, empty
     # rows, a last chunk of 2 rows, and a last tile of 4 columns that some rows fill, leaving no
-    # column for padding. The zeros sit at a column the row does not
-    # hold, so an Inf in x gives the row NaN only where dense would: x's Inf at column 255 (the last
-    # column of a row's share), 0 (a share's first) and 258 (the short tile), a NaN at 100.
+    # column for padding. The zeros sit at a column the row does not hold, so an Inf in x gives the
+    # row NaN only where dense would: x's Inf at column 255 (the last column of a row's share), 0 (a
+    # share's first) and 258 (the short tile), a NaN at 100.
     g = torch.Generator().manual_seed(12)
     w = random_sparse(2050, 260, 0.3, g, empty_rows=(0, 77, 2049))
     w[1:40, 256:] = torch.randn(39, 4, generator=g)
